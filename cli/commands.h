@@ -1,0 +1,57 @@
+// The `epx` subcommands as library functions: main.cc parses flags into these option structs
+// and calls one Run...() function. Each returns a Status; output goes to the given streams.
+#ifndef EPX_CLI_COMMANDS_H_
+#define EPX_CLI_COMMANDS_H_
+
+#include <cstdint>
+#include <optional>
+#include <ostream>
+#include <string>
+
+#include "absl/status/status.h"
+#include "common/model_config.h"
+
+namespace epx {
+
+struct EvalOptions {
+  std::string model_dir;
+  std::string input;    // golden file with prompt_{i}.tokens and prompt_{i}.greedy
+  std::string output;   // written in the golden layout
+  bool sequential = false;  // one prompt at a time instead of one batch
+};
+// Prefill of every prompt (logits at every position), then greedy decode through the KV cache
+// for as many tokens as the input's prompt_{i}.greedy holds.
+absl::Status RunEval(const EvalOptions& options, std::ostream& log);
+
+struct GenerateOptions {
+  std::string model_dir;
+  std::string prompt;
+  int64_t max_tokens = 64;
+  float temperature = 0.f;
+  int32_t top_k = 0;
+  float top_p = 1.f;
+  uint64_t seed = 0;
+};
+// Prints the completion to `out` as it is produced, then a newline.
+absl::Status RunGenerate(const GenerateOptions& options, std::ostream& out, std::ostream& log);
+
+struct MakeModelOptions {
+  std::string preset = "tiny";
+  std::string out_dir;
+  uint64_t seed = 0;
+  DType dtype = DType::kBF16;
+  int64_t shards = 1;
+  // Overrides of the preset (unset: keep the preset's value).
+  std::optional<int64_t> num_layers, hidden_size, intermediate_size, vocab_size, num_heads,
+      num_kv_heads, head_dim, num_experts, num_experts_per_tok, sliding_window,
+      max_position_embeddings;
+};
+// NotFound for an unknown preset (the message lists the known ones).
+absl::StatusOr<ModelConfig> PresetConfig(const std::string& preset);
+// Writes config.json, generation_config.json, tokenizer.model and random weights in the HF
+// layout (model.safetensors, or shards with model.safetensors.index.json).
+absl::Status RunMakeModel(const MakeModelOptions& options, std::ostream& log);
+
+}  // namespace epx
+
+#endif  // EPX_CLI_COMMANDS_H_

@@ -1,0 +1,67 @@
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "cli/commands.h"
+#include "common/model_weights.h"
+#include "common/status.h"
+#include "common/tokenizer.h"
+#include "coordinator/engine.h"
+#include "kernels/cpu/ops.h"
+
+namespace epx {
+
+absl::Status RunGenerate(const GenerateOptions& options, std::ostream& out, std::ostream& log) {
+  cpu::SamplingParams sampling;
+  sampling.temperature = options.temperature;
+  sampling.top_k = options.top_k;
+  sampling.top_p = options.top_p;
+  EPX_RETURN_IF_ERROR(sampling.Validate());
+  if (options.max_tokens <= 0)
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max-tokens must be positive, got ", options.max_tokens));
+  if (options.prompt.empty()) return absl::InvalidArgumentError("--prompt is empty");
+
+  EPX_ASSIGN_OR_RETURN(ModelConfig config, ModelConfig::FromDir(options.model_dir));
+  EPX_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::FromFile(
+                                           (std::filesystem::path(options.model_dir) /
+                                            "tokenizer.model").string()));
+  if (tokenizer->vocab_size() > config.vocab_size)
+    return absl::InvalidArgumentError(absl::StrCat(
+        options.model_dir, ": tokenizer.model has ", tokenizer->vocab_size(),
+        " pieces, more than vocab_size ", config.vocab_size));
+  EPX_ASSIGN_OR_RETURN(auto weights, ModelWeights::Load(options.model_dir, config,
+                                                        WeightSelection::All(config)));
+  EPX_ASSIGN_OR_RETURN(auto engine, Engine::Create(weights.get()));
+  EPX_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, tokenizer->Encode(options.prompt, true));
+  if (static_cast<int64_t>(prompt.size()) + options.max_tokens > config.max_position_embeddings)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt (", prompt.size(), " tokens) + --max-tokens ", options.max_tokens,
+        " exceed the context of ", config.max_position_embeddings, " tokens"));
+
+  EPX_RETURN_IF_ERROR(engine->AddSequence(0));
+  cpu::SamplingRng rng(options.seed);
+  StreamDecoder decoder(tokenizer.get(), prompt);
+  std::vector<int32_t> input = prompt;
+  int64_t generated = 0;
+  while (generated < options.max_tokens) {
+    SequenceInput in{0, input, false};
+    EPX_ASSIGN_OR_RETURN(Tensor logits, engine->Step({&in, 1}));
+    EPX_ASSIGN_OR_RETURN(int32_t token,
+                         cpu::Sample({logits.data<float>(), static_cast<size_t>(config.vocab_size)},
+                                     sampling, rng));
+    ++generated;
+    if (std::find(config.eos_token_ids.begin(), config.eos_token_ids.end(), token) !=
+        config.eos_token_ids.end())
+      break;
+    if (token < tokenizer->vocab_size()) {
+      EPX_ASSIGN_OR_RETURN(std::string text, decoder.Push(token));
+      out << text << std::flush;
+    }
+    input.assign(1, token);
+  }
+  out << "\n";
+  log << "generated " << generated << " tokens from a " << prompt.size() << "-token prompt\n";
+  return absl::OkStatus();
+}
+
+}  // namespace epx

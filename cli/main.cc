@@ -1,0 +1,85 @@
+// epx: the command-line entry point. Parses flags and calls one Run...() of cli/commands.h.
+#include <iostream>
+
+#include "CLI/CLI.hpp"
+#include "cli/commands.h"
+
+namespace {
+
+int Finish(const absl::Status& status) {
+  if (status.ok()) return 0;
+  std::cerr << "epx: error: " << status.message() << "\n";
+  return 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"epx: expert-parallel inference for Mixtral-family MoE models"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "epx 0.1.0");
+
+  epx::EvalOptions eval;
+  CLI::App* eval_cmd = app.add_subcommand(
+      "eval", "Prefill and greedy-decode the prompts of a golden file; write logits and tokens");
+  eval_cmd->add_option("--model", eval.model_dir, "HF model directory")->required();
+  eval_cmd->add_option("--input", eval.input, "safetensors with prompt_{i}.tokens/.greedy")
+      ->required();
+  eval_cmd->add_option("--output", eval.output, "safetensors to write")->required();
+  eval_cmd->add_flag("--sequential", eval.sequential, "one prompt at a time, not one batch");
+
+  epx::GenerateOptions gen;
+  CLI::App* gen_cmd = app.add_subcommand("generate", "Generate text from a prompt on the CPU");
+  gen_cmd->add_option("--model", gen.model_dir, "HF model directory")->required();
+  gen_cmd->add_option("--prompt", gen.prompt, "prompt text")->required();
+  gen_cmd->add_option("--max-tokens", gen.max_tokens, "tokens to generate at most")
+      ->capture_default_str();
+  gen_cmd->add_option("--temperature", gen.temperature, "0 = greedy")->capture_default_str();
+  gen_cmd->add_option("--top-k", gen.top_k, "keep the k most likely tokens (0 = all)")
+      ->capture_default_str();
+  gen_cmd->add_option("--top-p", gen.top_p, "nucleus probability mass in (0, 1]")
+      ->capture_default_str();
+  gen_cmd->add_option("--seed", gen.seed, "sampling seed")->capture_default_str();
+
+  epx::MakeModelOptions mm;
+  std::string dtype = "bf16";
+  CLI::App* mm_cmd =
+      app.add_subcommand("make-model", "Write a random checkpoint in the Hugging Face layout");
+  mm_cmd->add_option("--preset", mm.preset, "tiny, small, mixtral-8x7b, mixtral-8x22b")
+      ->capture_default_str();
+  mm_cmd->add_option("--out", mm.out_dir, "output directory")->required();
+  mm_cmd->add_option("--seed", mm.seed, "weight seed")->capture_default_str();
+  mm_cmd->add_option("--dtype", dtype, "bf16, fp16 or fp32")->capture_default_str();
+  mm_cmd->add_option("--shards", mm.shards, "number of safetensors files")->capture_default_str();
+  mm_cmd->add_option("--num-layers", mm.num_layers, "override num_hidden_layers");
+  mm_cmd->add_option("--hidden-size", mm.hidden_size, "override hidden_size");
+  mm_cmd->add_option("--intermediate-size", mm.intermediate_size, "override intermediate_size");
+  mm_cmd->add_option("--vocab-size", mm.vocab_size, "override vocab_size (>= 512)");
+  mm_cmd->add_option("--num-heads", mm.num_heads, "override num_attention_heads");
+  mm_cmd->add_option("--num-kv-heads", mm.num_kv_heads, "override num_key_value_heads");
+  mm_cmd->add_option("--head-dim", mm.head_dim, "override head_dim");
+  mm_cmd->add_option("--num-experts", mm.num_experts, "override num_local_experts");
+  mm_cmd->add_option("--top-k", mm.num_experts_per_tok, "override num_experts_per_tok");
+  mm_cmd->add_option("--sliding-window", mm.sliding_window, "override sliding_window (0 = none)");
+  mm_cmd->add_option("--max-position-embeddings", mm.max_position_embeddings,
+                     "override max_position_embeddings");
+
+  CLI11_PARSE(app, argc, argv);
+
+  if (eval_cmd->parsed()) return Finish(epx::RunEval(eval, std::cerr));
+  if (gen_cmd->parsed()) return Finish(epx::RunGenerate(gen, std::cout, std::cerr));
+  if (mm_cmd->parsed()) {
+    if (dtype == "bf16" || dtype == "bfloat16") {
+      mm.dtype = epx::DType::kBF16;
+    } else if (dtype == "fp16" || dtype == "float16") {
+      mm.dtype = epx::DType::kF16;
+    } else if (dtype == "fp32" || dtype == "float32") {
+      mm.dtype = epx::DType::kF32;
+    } else {
+      std::cerr << "epx: error: --dtype must be bf16, fp16 or fp32, got " << dtype << "\n";
+      return 2;
+    }
+    return Finish(epx::RunMakeModel(mm, std::cerr));
+  }
+  return 2;
+}

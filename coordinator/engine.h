@@ -1,0 +1,75 @@
+// The model forward pass on the CPU for a batch that mixes prefill chunks and decode tokens of
+// many sequences. The engine owns the KV cache; each Step appends the given tokens to their
+// sequences and returns logits. The expert FFNs run through an ExpertExecutor, local by default,
+// so that the same code drives single-process and distributed runs.
+//
+// Batch invariance: a sequence's logits are bitwise identical whatever else is in the batch
+// (every kernel computes a row independently of the others; see kernels/cpu/ops.h).
+//
+// Not thread-safe: one thread calls Step at a time.
+#ifndef EPX_COORDINATOR_ENGINE_H_
+#define EPX_COORDINATOR_ENGINE_H_
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "common/model_weights.h"
+#include "common/tensor.h"
+#include "coordinator/expert_executor.h"
+#include "coordinator/kv_cache.h"
+
+namespace epx {
+
+// One sequence's part of a step.
+struct SequenceInput {
+  int64_t seq_id = 0;
+  absl::Span<const int32_t> tokens;  // appended at the sequence's current length
+  bool all_logits = false;           // logits for every token, or only for the last
+};
+
+// Per-layer wall time of the last Step, in microseconds.
+struct StepTimings {
+  std::vector<double> attention_us;
+  std::vector<double> moe_us;
+};
+
+class Engine {
+ public:
+  // `weights` must hold the non-expert tensors; `experts` runs the FFNs (nullptr: local, which
+  // needs every expert in `weights`). Both must outlive the engine.
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(const ModelWeights* weights,
+                                                        ExpertExecutor* experts = nullptr);
+
+  // AlreadyExists if the id is taken.
+  absl::Status AddSequence(int64_t seq_id);
+  // Frees the sequence's cache. NotFound if absent.
+  absl::Status RemoveSequence(int64_t seq_id);
+  // Committed tokens; -1 if the sequence does not exist.
+  int64_t SequenceLength(int64_t seq_id) const { return cache_.Length(seq_id); }
+
+  // Runs one forward step. Returns logits [num_rows, vocab] F32: for each input in order, one
+  // row per token if all_logits, else one row for its last token. On an invalid input (unknown
+  // sequence, empty tokens, a sequence twice, token id outside the vocabulary, positions beyond
+  // max_position_embeddings) returns InvalidArgument/NotFound and changes nothing.
+  absl::StatusOr<Tensor> Step(absl::Span<const SequenceInput> batch);
+
+  const StepTimings& last_timings() const { return timings_; }
+  const ModelConfig& config() const { return weights_->config(); }
+
+ private:
+  Engine(const ModelWeights* weights, ExpertExecutor* experts);
+  absl::Status Validate(absl::Span<const SequenceInput> batch) const;
+
+  const ModelWeights* weights_;
+  std::unique_ptr<ExpertExecutor> owned_experts_;
+  ExpertExecutor* experts_;
+  KvCache cache_;
+  StepTimings timings_;
+};
+
+}  // namespace epx
+
+#endif  // EPX_COORDINATOR_ENGINE_H_

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages epx builds and tests with. Idempotent: installs only what is
+# missing. Run as root (or with sudo available). The CUDA toolkit is optional and not installed
+# here: CUDA sources are built when nvcc is on PATH.
+set -euo pipefail
+
+packages=(
+  build-essential cmake ninja-build ccache pkg-config git
+  libabsl-dev                       # Status/StatusOr, strings, flags, synchronization
+  nlohmann-json3-dev                # config.json / safetensors header parsing
+  libcli11-dev                      # command-line parsing of the epx subcommands
+  libsentencepiece-dev              # tokenizer.model
+  libopenblas-dev                   # fp32 GEMMs on the CPU
+  libgtest-dev libgmock-dev         # unit tests
+  libbenchmark-dev                  # bench/
+  python3
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all ${#packages[@]} packages present"
+  exit 0
+fi
+
+echo "install-deps: installing ${missing[*]}"
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
