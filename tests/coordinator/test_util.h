@@ -1,0 +1,41 @@
+// Helpers shared by the coordinator and CLI tests: reading golden files and comparing logits.
+#ifndef EPX_TESTS_COORDINATOR_TEST_UTIL_H_
+#define EPX_TESTS_COORDINATOR_TEST_UTIL_H_
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "absl/types/span.h"
+#include "common/safetensors.h"
+#include "gtest/gtest.h"
+
+namespace epx::testing {
+
+inline std::string TinyModelDir() { return std::string(EPX_TEST_DATA_DIR) + "/tiny-mixtral"; }
+inline std::string GoldenPath() { return TinyModelDir() + "/golden.safetensors"; }
+
+template <typename T>
+std::vector<T> ReadVector(SafetensorsFile& file, const std::string& name) {
+  auto view = file.Get(name);
+  EXPECT_TRUE(view.ok()) << view.status();
+  if (!view.ok()) return {};
+  return std::vector<T>(view->data<const T>(), view->data<const T>() + view->numel());
+}
+
+// max |a - b| / max |b|: the golden README's measure.
+template <typename A, typename B>
+double MaxRelativeError(absl::Span<const A> a, absl::Span<const B> b) {
+  EXPECT_EQ(a.size(), b.size());
+  double max_diff = 0, max_ref = 0;
+  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) {
+    max_diff = std::max(max_diff, std::abs(static_cast<double>(a[i]) - static_cast<double>(b[i])));
+    max_ref = std::max(max_ref, std::abs(static_cast<double>(b[i])));
+  }
+  return max_ref == 0 ? max_diff : max_diff / max_ref;
+}
+
+}  // namespace epx::testing
+
+#endif  // EPX_TESTS_COORDINATOR_TEST_UTIL_H_
