@@ -59,7 +59,8 @@ absl::Status RunGenerate(const GenerateOptions& options, std::ostream& out, std:
     }
     input.assign(1, token);
   }
-  out << "\n";
+  EPX_ASSIGN_OR_RETURN(std::string rest, decoder.Flush());
+  out << rest << "\n";
   log << "generated " << generated << " tokens from a " << prompt.size() << "-token prompt\n";
   return absl::OkStatus();
 }

@@ -75,9 +75,9 @@ absl::StatusOr<ModelConfig> PresetConfig(const std::string& preset) {
     c.vocab_size = 512, c.hidden_size = 128, c.intermediate_size = 448, c.num_hidden_layers = 3;
     c.num_attention_heads = 4, c.num_key_value_heads = 2, c.head_dim = 32;
     c.max_position_embeddings = 4096;
-  } else if (preset == "small") {  // a few hundred MB: quickstart and CPU benchmarks
-    c.vocab_size = 32000, c.hidden_size = 1024, c.intermediate_size = 3584;
-    c.num_hidden_layers = 4, c.num_attention_heads = 16, c.num_key_value_heads = 4;
+  } else if (preset == "small") {  // ~240 MB, Mixtral's vocabulary: quickstart and demos
+    c.vocab_size = 32000, c.hidden_size = 512, c.intermediate_size = 1792;
+    c.num_hidden_layers = 4, c.num_attention_heads = 8, c.num_key_value_heads = 2;
     c.head_dim = 64, c.max_position_embeddings = 32768, c.sliding_window = 4096;
   } else if (preset == "mixtral-8x7b") {
     c.vocab_size = 32000, c.hidden_size = 4096, c.intermediate_size = 14336;

@@ -126,4 +126,14 @@ absl::StatusOr<std::string> StreamDecoder::Push(int32_t id) {
   return out;
 }
 
+absl::StatusOr<std::string> StreamDecoder::Flush() {
+  auto window = absl::MakeConstSpan(ids_);
+  EPX_ASSIGN_OR_RETURN(std::string prefix,
+                       tokenizer_->Decode(window.subspan(prefix_offset_,
+                                                         read_offset_ - prefix_offset_)));
+  EPX_ASSIGN_OR_RETURN(std::string full, tokenizer_->Decode(window.subspan(prefix_offset_)));
+  prefix_offset_ = read_offset_ = ids_.size();
+  return full.size() > prefix.size() ? full.substr(prefix.size()) : std::string();
+}
+
 }  // namespace epx

@@ -50,6 +50,9 @@ class StreamDecoder {
   StreamDecoder(const Tokenizer* tokenizer, absl::Span<const int32_t> context);
   // Appends one id; returns the text that became complete (maybe empty).
   absl::StatusOr<std::string> Push(int32_t id);
+  // At the end of generation: whatever Push() held back (an incomplete byte sequence decodes
+  // to U+FFFD here).
+  absl::StatusOr<std::string> Flush();
 
  private:
   const Tokenizer* tokenizer_;

@@ -20,6 +20,8 @@ struct Variant {
   MakeModelOptions options;
 };
 
+void PrintTo(const Variant& v, std::ostream* os) { *os << v.name; }
+
 std::vector<Variant> Variants() {
   auto base = [](const std::string& name) {
     Variant v;

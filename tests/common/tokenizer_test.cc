@@ -1,0 +1,112 @@
+// The SentencePiece tokenizer against tests/data/tiny-mixtral/tokenizer_cases.json (ids and
+// pieces exact, decode round trip), streaming decode, and the built-in padded tokenizer.
+#include "common/tokenizer.h"
+
+#include <fstream>
+
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+
+namespace epx {
+namespace {
+
+const std::string kDir = std::string(EPX_TEST_DATA_DIR) + "/tiny-mixtral";
+
+std::unique_ptr<Tokenizer> Load() {
+  auto t = Tokenizer::FromFile(kDir + "/tokenizer.model");
+  EXPECT_TRUE(t.ok()) << t.status();
+  return t.ok() ? std::move(*t) : nullptr;
+}
+
+nlohmann::json Cases() {
+  std::ifstream in(kDir + "/tokenizer_cases.json");
+  return nlohmann::json::parse(in)["cases"];
+}
+
+TEST(TokenizerTest, CasesEncodeExactlyAndDecodeBack) {
+  auto tok = Load();
+  ASSERT_NE(tok, nullptr);
+  EXPECT_EQ(tok->vocab_size(), 512);
+  EXPECT_EQ(tok->bos_id(), 1);
+  EXPECT_EQ(tok->eos_id(), 2);
+  const nlohmann::json cases = Cases();
+  ASSERT_GE(cases.size(), 5u);
+  for (const auto& c : cases) {
+    const std::string text = c["text"];
+    SCOPED_TRACE(text);
+    auto ids = tok->Encode(text, /*add_bos=*/false);
+    ASSERT_TRUE(ids.ok());
+    EXPECT_EQ(*ids, c["ids"].get<std::vector<int32_t>>());
+    auto pieces = tok->EncodeAsPieces(text);
+    ASSERT_TRUE(pieces.ok());
+    EXPECT_EQ(*pieces, c["pieces"].get<std::vector<std::string>>());
+    auto decoded = tok->Decode(*ids);
+    ASSERT_TRUE(decoded.ok());
+    EXPECT_EQ(*decoded, text);
+    auto with_bos = tok->Encode(text, /*add_bos=*/true);
+    ASSERT_TRUE(with_bos.ok());
+    ASSERT_EQ(with_bos->size(), ids->size() + 1);
+    EXPECT_EQ((*with_bos)[0], 1);
+  }
+}
+
+TEST(TokenizerTest, DecodeRejectsIdsOutsideTheVocabulary) {
+  auto tok = Load();
+  ASSERT_NE(tok, nullptr);
+  auto s = tok->Decode(std::vector<int32_t>{5, 512});
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.status().message().find("512"), std::string::npos);
+  EXPECT_FALSE(tok->Decode(std::vector<int32_t>{-1}).ok());
+}
+
+TEST(TokenizerTest, MissingFileIsAnError) {
+  auto t = Tokenizer::FromFile(kDir + "/no-such-tokenizer.model");
+  EXPECT_FALSE(t.ok());
+  EXPECT_NE(t.status().message().find("no-such-tokenizer.model"), std::string::npos);
+}
+
+// Pushing ids one at a time yields exactly the text of decoding them together after the
+// context, including multi-byte characters spelled by byte-fallback pieces.
+TEST(StreamDecoderTest, IncrementsConcatenateToTheFullText) {
+  auto tok = Load();
+  ASSERT_NE(tok, nullptr);
+  const std::vector<int32_t> context = *tok->Encode("Hello", true);
+  for (const auto& c : Cases()) {
+    const std::string text = c["text"];
+    if (text.empty()) continue;
+    SCOPED_TRACE(text);
+    const std::vector<int32_t> ids = *tok->Encode(" " + text, false);
+    StreamDecoder stream(tok.get(), context);
+    std::string streamed;
+    for (int32_t id : ids) {
+      auto piece = stream.Push(id);
+      ASSERT_TRUE(piece.ok());
+      // Never a partial UTF-8 sequence.
+      EXPECT_EQ(piece->find("\xEF\xBF\xBD"), std::string::npos);
+      streamed += *piece;
+    }
+    std::vector<int32_t> all = context;
+    all.insert(all.end(), ids.begin(), ids.end());
+    EXPECT_EQ(*tok->Decode(context) + streamed, *tok->Decode(all));
+  }
+}
+
+TEST(BuiltinTokenizerTest, PaddedToTheModelVocabularyAndEncodesLikeTheFile) {
+  auto proto = BuiltinTokenizerModel(32000);
+  ASSERT_TRUE(proto.ok());
+  auto padded = Tokenizer::FromSerialized(*proto);
+  ASSERT_TRUE(padded.ok()) << padded.status();
+  EXPECT_EQ((*padded)->vocab_size(), 32000);
+  auto file = Load();
+  ASSERT_NE(file, nullptr);
+  for (const auto& c : Cases()) {
+    const std::string text = c["text"];
+    EXPECT_EQ(*(*padded)->Encode(text, false), *file->Encode(text, false));
+  }
+  // The padding pieces are unused: they decode to nothing.
+  EXPECT_EQ(*(*padded)->Decode(std::vector<int32_t>{31999}), "");
+  EXPECT_FALSE(BuiltinTokenizerModel(100).ok());
+}
+
+}  // namespace
+}  // namespace epx
