@@ -1,6 +1,8 @@
 #include "common/model_config.h"
 
+#include <bit>
 #include <fstream>
+#include <limits>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
@@ -79,20 +81,29 @@ absl::StatusOr<ModelConfig> ModelConfig::FromJson(const std::string& text,
   }
   EPX_RETURN_IF_ERROR(
       ReadInt(j, source, "max_position_embeddings", false, &c.max_position_embeddings));
+  // Token ids are stored as int32: a wider value must not wrap into the vocabulary. Validate()
+  // checks the range.
+  auto token_id = [&](const char* key, int64_t id) -> absl::StatusOr<int32_t> {
+    if (id < std::numeric_limits<int32_t>::min() || id > std::numeric_limits<int32_t>::max())
+      return Bad(source, absl::StrCat(key, " ", id, " does not fit in 32 bits"));
+    return static_cast<int32_t>(id);
+  };
   int64_t bos = c.bos_token_id;
   EPX_RETURN_IF_ERROR(ReadInt(j, source, "bos_token_id", false, &bos));
-  c.bos_token_id = static_cast<int32_t>(bos);
+  EPX_ASSIGN_OR_RETURN(c.bos_token_id, token_id("bos_token_id", bos));
   if (j.contains("eos_token_id") && !j["eos_token_id"].is_null()) {
     const json& e = j["eos_token_id"];
     c.eos_token_ids.clear();
     if (e.is_number_integer()) {
-      c.eos_token_ids.push_back(e.get<int32_t>());
+      EPX_ASSIGN_OR_RETURN(int32_t eos, token_id("eos_token_id", e.get<int64_t>()));
+      c.eos_token_ids.push_back(eos);
     } else if (e.is_array()) {
       for (const json& id : e) {
         if (!id.is_number_integer())
           return Bad(source, absl::StrCat("\"eos_token_id\" entries must be integers, got ",
                                           e.dump()));
-        c.eos_token_ids.push_back(id.get<int32_t>());
+        EPX_ASSIGN_OR_RETURN(int32_t eos, token_id("eos_token_id", id.get<int64_t>()));
+        c.eos_token_ids.push_back(eos);
       }
     } else {
       return Bad(source, absl::StrCat("\"eos_token_id\" must be an integer or a list, got ",
@@ -202,12 +213,14 @@ std::string ModelConfig::ToJson() const {
 }
 
 uint64_t ModelConfig::Hash() const {
-  // FNV-1a over a canonical text of the computation-defining fields.
-  const std::string canon = absl::StrCat(
-      vocab_size, ",", hidden_size, ",", intermediate_size, ",", num_hidden_layers, ",",
-      num_attention_heads, ",", num_key_value_heads, ",", head_dim, ",", num_local_experts, ",",
-      num_experts_per_tok, ",", rope_theta, ",", rms_norm_eps, ",",
-      sliding_window.value_or(-1), ",", tie_word_embeddings);
+  // FNV-1a over a canonical text of the computation-defining fields. Doubles enter as their bit
+  // patterns: StrCat would print only six significant digits.
+  const std::string canon =
+      absl::StrCat(vocab_size, ",", hidden_size, ",", intermediate_size, ",", num_hidden_layers,
+                   ",", num_attention_heads, ",", num_key_value_heads, ",", head_dim, ",",
+                   num_local_experts, ",", num_experts_per_tok, ",",
+                   std::bit_cast<uint64_t>(rope_theta), ",", std::bit_cast<uint64_t>(rms_norm_eps),
+                   ",", sliding_window.value_or(-1), ",", tie_word_embeddings);
   uint64_t h = 1469598103934665603ull;
   for (unsigned char ch : canon) {
     h ^= ch;

@@ -50,6 +50,8 @@ absl::StatusOr<SafetensorsEntry> ParseEntry(const std::string& path, const std::
     numel *= dim;
     e.shape.push_back(static_cast<int64_t>(dim));
   }
+  // The byte count must not wrap either: 2^62 F32 elements are 2^64 bytes, i.e. 0.
+  if (numel > (uint64_t{1} << 62) / DTypeSize(e.dtype)) return bad("shape overflows");
   for (const json& o : j["data_offsets"]) {
     if (!o.is_number_unsigned() && !(o.is_number_integer() && o.get<int64_t>() >= 0))
       return bad(absl::StrCat("data_offsets ", j["data_offsets"].dump(), " are not unsigned"));
@@ -130,14 +132,16 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
             [](const auto& a, const auto& b) {
               return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
             });
-  for (size_t i = 1; i < file->entries_.size(); ++i) {
-    const auto& prev = file->entries_[i - 1];
-    const auto& cur = file->entries_[i];
-    // Zero-size tensors occupy no bytes and may share an offset.
-    if (cur.begin < prev.end && cur.end > cur.begin)
-      return FileError(path, absl::StrCat("tensors '", prev.name, "' [", prev.begin, ", ",
-                                          prev.end, ") and '", cur.name, "' [", cur.begin, ", ",
-                                          cur.end, ") overlap"));
+  // Zero-size tensors occupy no bytes and may share an offset, so each non-empty tensor is
+  // compared with the previous non-empty one, not merely its neighbour in the sorted order.
+  const SafetensorsEntry* prev = nullptr;
+  for (const SafetensorsEntry& cur : file->entries_) {
+    if (cur.end == cur.begin) continue;
+    if (prev != nullptr && cur.begin < prev->end)
+      return FileError(
+          path, absl::StrCat("tensors '", prev->name, "' [", prev->begin, ", ", prev->end,
+                             ") and '", cur.name, "' [", cur.begin, ", ", cur.end, ") overlap"));
+    prev = &cur;
   }
   for (size_t i = 0; i < file->entries_.size(); ++i) file->index_[file->entries_[i].name] = i;
   return file;
@@ -173,7 +177,7 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
         return absl::InvalidArgumentError(absl::StrCat(index_path.string(), ": weight_map['",
                                                        it.key(), "'] is not a file name"));
       const std::string file = it.value().get<std::string>();
-      if (file.find('/') != std::string::npos || file == "..")
+      if (file.find('/') != std::string::npos || file == ".." || file == "." || file.empty())
         return absl::InvalidArgumentError(absl::StrCat(
             index_path.string(), ": weight_map['", it.key(), "'] = '", file,
             "' must name a file in the same directory"));

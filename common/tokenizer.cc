@@ -93,8 +93,8 @@ absl::StatusOr<std::string> BuiltinTokenizerModel(int64_t vocab_size) {
     piece += text;
     piece.push_back(0x15);  // SentencePiece.score (2, float) = 0
     piece.append(4, '\0');
-    piece.push_back(0x18);  // SentencePiece.type (3, enum) = UNUSED (5)
-    piece.push_back(0x05);
+    piece.push_back(0x18);  // SentencePiece.type (3, enum) = CONTROL (3): never produced by
+    piece.push_back(0x03);  // encoding, decoded as nothing
     proto.push_back(0x0a);  // ModelProto.pieces (1)
     PutVarint(piece.size(), &proto);
     proto += piece;

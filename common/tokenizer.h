@@ -40,7 +40,8 @@ class Tokenizer {
 };
 
 // A built-in SentencePiece BPE model (512 pieces, byte fallback; <unk>=0, <s>=1, </s>=2),
-// padded with unused pieces `<extra_N>` to `vocab_size` pieces. For synthetic checkpoints.
+// padded with control pieces `<extra_N>` (never produced by Encode, decoded as nothing) to
+// `vocab_size` pieces. For synthetic checkpoints.
 // REQUIRES: vocab_size >= 512.
 absl::StatusOr<std::string> BuiltinTokenizerModel(int64_t vocab_size);
 

@@ -23,13 +23,14 @@ constexpr char kSource[] = "/models/m/config.json";
 
 // The required keys only, with the fixture's values.
 json Minimal() {
-  return json{{"vocab_size", 512},          {"hidden_size", 128},
-              {"intermediate_size", 448},   {"num_hidden_layers", 3},
-              {"num_attention_heads", 4},   {"num_local_experts", 8},
+  return json{{"vocab_size", 512},       {"hidden_size", 128},       {"intermediate_size", 448},
+              {"num_hidden_layers", 3},  {"num_attention_heads", 4}, {"num_local_experts", 8},
               {"num_experts_per_tok", 2}};
 }
 
-absl::StatusOr<ModelConfig> Parse(const json& j) { return ModelConfig::FromJson(j.dump(), kSource); }
+absl::StatusOr<ModelConfig> Parse(const json& j) {
+  return ModelConfig::FromJson(j.dump(), kSource);
+}
 
 // Parsing `j` fails with InvalidArgument naming the source and every one of `mentions`.
 void ExpectInvalid(const json& j, const std::vector<std::string>& mentions) {
@@ -279,6 +280,18 @@ TEST(ModelConfigTest, BosOutsideVocabulary) {
   json j = Minimal();
   j["bos_token_id"] = 512;
   ExpectInvalid(j, {"bos_token_id 512"});
+}
+
+TEST(ModelConfigTest, TokenIdsBeyond32BitsAreRejectedNotWrapped) {
+  // 2^32 + 1 would wrap to 1, a valid id.
+  json j = Minimal();
+  j["bos_token_id"] = 4294967297LL;
+  ExpectInvalid(j, {"bos_token_id 4294967297"});
+  j = Minimal();
+  j["eos_token_id"] = 4294967298LL;
+  ExpectInvalid(j, {"eos_token_id 4294967298"});
+  j["eos_token_id"] = {2, 4294967298LL};
+  ExpectInvalid(j, {"eos_token_id 4294967298"});
 }
 
 TEST(ModelConfigTest, TextThatIsNotAJsonObject) {

@@ -150,15 +150,16 @@ TEST_F(ModelWeightsTest, IntermediateSizeDisagreeingWithTensorsNamesFileTensorAn
   MakeDirWithFixtureWeights(config);
   auto parsed = ModelConfig::FromDir(dir());
   ASSERT_TRUE(parsed.ok()) << parsed.status();
-  ExpectLoadError(*parsed, absl::StatusCode::kInvalidArgument,
-                  {Path("model.safetensors"),
-                   "'model.layers.0.block_sparse_moe.experts.0.w1.weight'", "[448, 128]",
-                   "[512, 128]", "intermediate_size"});
+  ExpectLoadError(
+      *parsed, absl::StatusCode::kInvalidArgument,
+      {Path("model.safetensors"), "'model.layers.0.block_sparse_moe.experts.0.w1.weight'",
+       "[448, 128]", "[512, 128]", "intermediate_size"});
 }
 
 TEST_F(ModelWeightsTest, MissingTensorIsNamed) {
   const std::string missing = "model.layers.1.self_attn.v_proj.weight";
-  CopyFixtureWeights([&](SafetensorsWriteEntry& w, const TensorView&) { return w.name != missing; });
+  CopyFixtureWeights(
+      [&](SafetensorsWriteEntry& w, const TensorView&) { return w.name != missing; });
   WriteConfig(TinyConfig());
   ExpectLoadError(TinyConfig(), absl::StatusCode::kNotFound, {dir(), missing});
 }

@@ -51,9 +51,7 @@ void ExpectFormatError(const absl::Status& status, const std::string& path,
   for (const std::string& m : mentions) EXPECT_THAT(std::string(status.message()), HasSubstr(m));
 }
 
-absl::Status OpenStatus(const std::string& path) {
-  return SafetensorsFile::Open(path).status();
-}
+absl::Status OpenStatus(const std::string& path) { return SafetensorsFile::Open(path).status(); }
 
 SafetensorsWriteEntry BytesEntry(const std::string& name, DType dtype, Shape shape,
                                  std::vector<uint8_t> bytes) {
@@ -164,10 +162,9 @@ TEST_F(SafetensorsTest, GetOfUnknownTensorIsNotFoundNamingFileAndTensor) {
 
 TEST_F(SafetensorsTest, FailingFillLeavesNoFile) {
   const std::string path = Path("failed.safetensors");
-  const absl::Status s = WriteSafetensors(
-      path, {{"x", DType::kF32, {4}, [](uint8_t*, size_t) {
-                return absl::InternalError("source went away");
-              }}});
+  const absl::Status s = WriteSafetensors(path, {{"x", DType::kF32, {4}, [](uint8_t*, size_t) {
+                                                    return absl::InternalError("source went away");
+                                                  }}});
   EXPECT_EQ(s.code(), absl::StatusCode::kInternal);
   EXPECT_FALSE(std::filesystem::exists(path));
   EXPECT_FALSE(std::filesystem::exists(path + ".tmp"));
@@ -202,9 +199,9 @@ TEST_F(SafetensorsTest, HeaderLengthAboveFormatLimit) {
   const std::string path = Path("huge_header.safetensors");
   // The file itself is small: the limit must be checked before the length is trusted.
   WriteRaw(path, kMaxSafetensorsHeaderBytes + 1, "{}", "");
-  ExpectFormatError(OpenStatus(path), path,
-                    {absl::StrCat(kMaxSafetensorsHeaderBytes + 1),
-                     absl::StrCat(kMaxSafetensorsHeaderBytes)});
+  ExpectFormatError(
+      OpenStatus(path), path,
+      {absl::StrCat(kMaxSafetensorsHeaderBytes + 1), absl::StrCat(kMaxSafetensorsHeaderBytes)});
 }
 
 TEST_F(SafetensorsTest, HeaderLengthPastEndOfFile) {
@@ -229,8 +226,7 @@ TEST_F(SafetensorsTest, HeaderJsonButNotAnObject) {
 TEST_F(SafetensorsTest, UnknownDtypeFp8) {
   const std::string path = Path("fp8.safetensors");
   WriteWithHeader(
-      path, R"({"model.layers.0.mlp.w1":{"dtype":"F8_E4M3","shape":[4],"data_offsets":[0,4]}})",
-      4);
+      path, R"({"model.layers.0.mlp.w1":{"dtype":"F8_E4M3","shape":[4],"data_offsets":[0,4]}})", 4);
   ExpectFormatError(OpenStatus(path), path, {"model.layers.0.mlp.w1", "F8_E4M3"});
 }
 
@@ -243,8 +239,7 @@ TEST_F(SafetensorsTest, UnknownDtypeQ4) {
 TEST_F(SafetensorsTest, DataOffsetsDisagreeWithDtypeTimesShape) {
   const std::string path = Path("size_mismatch.safetensors");
   // F32 [2, 3] needs 24 bytes; the offsets give it 20.
-  WriteWithHeader(path, R"({"attn.q":{"dtype":"F32","shape":[2,3],"data_offsets":[0,20]}})",
-                  24);
+  WriteWithHeader(path, R"({"attn.q":{"dtype":"F32","shape":[2,3],"data_offsets":[0,20]}})", 24);
   ExpectFormatError(OpenStatus(path), path, {"attn.q", "20 bytes", "24"});
 }
 
