@@ -40,7 +40,7 @@ struct MakeModelOptions {
   std::string out_dir;
   uint64_t seed = 0;
   DType dtype = DType::kBF16;
-  int64_t shards = 1;
+  int64_t shards = 0;  // 0: files of at most 5 GB
   // Overrides of the preset (unset: keep the preset's value).
   std::optional<int64_t> num_layers, hidden_size, intermediate_size, vocab_size, num_heads,
       num_kv_heads, head_dim, num_experts, num_experts_per_tok, sliding_window,

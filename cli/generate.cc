@@ -1,3 +1,4 @@
+#include <chrono>
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
@@ -43,13 +44,15 @@ absl::Status RunGenerate(const GenerateOptions& options, std::ostream& out, std:
   StreamDecoder decoder(tokenizer.get(), prompt);
   std::vector<int32_t> input = prompt;
   int64_t generated = 0;
+  const auto start = std::chrono::steady_clock::now();
+  auto first_token = start;
   while (generated < options.max_tokens) {
     SequenceInput in{0, input, false};
     EPX_ASSIGN_OR_RETURN(Tensor logits, engine->Step({&in, 1}));
     EPX_ASSIGN_OR_RETURN(int32_t token,
                          cpu::Sample({logits.data<float>(), static_cast<size_t>(config.vocab_size)},
                                      sampling, rng));
-    ++generated;
+    if (++generated == 1) first_token = std::chrono::steady_clock::now();
     if (std::find(config.eos_token_ids.begin(), config.eos_token_ids.end(), token) !=
         config.eos_token_ids.end())
       break;
@@ -60,8 +63,13 @@ absl::Status RunGenerate(const GenerateOptions& options, std::ostream& out, std:
     input.assign(1, token);
   }
   EPX_ASSIGN_OR_RETURN(std::string rest, decoder.Flush());
-  out << rest << "\n";
-  log << "generated " << generated << " tokens from a " << prompt.size() << "-token prompt\n";
+  out << rest << std::endl;
+  const auto end = std::chrono::steady_clock::now();
+  const double prefill_s = std::chrono::duration<double>(first_token - start).count();
+  const double decode_s = std::chrono::duration<double>(end - first_token).count();
+  log << "generated " << generated << " tokens from a " << prompt.size() << "-token prompt: "
+      << "prefill " << prefill_s * 1e3 << " ms, decode "
+      << (generated > 1 && decode_s > 0 ? (generated - 1) / decode_s : 0.0) << " tokens/s\n";
   return absl::OkStatus();
 }
 

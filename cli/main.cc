@@ -50,7 +50,8 @@ int main(int argc, char** argv) {
   mm_cmd->add_option("--out", mm.out_dir, "output directory")->required();
   mm_cmd->add_option("--seed", mm.seed, "weight seed")->capture_default_str();
   mm_cmd->add_option("--dtype", dtype, "bf16, fp16 or fp32")->capture_default_str();
-  mm_cmd->add_option("--shards", mm.shards, "number of safetensors files")->capture_default_str();
+  mm_cmd->add_option("--shards", mm.shards, "number of safetensors files (0: at most 5 GB each)")
+      ->capture_default_str();
   mm_cmd->add_option("--num-layers", mm.num_layers, "override num_hidden_layers");
   mm_cmd->add_option("--hidden-size", mm.hidden_size, "override hidden_size");
   mm_cmd->add_option("--intermediate-size", mm.intermediate_size, "override intermediate_size");

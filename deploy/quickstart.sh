@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Quickstart: build epx, make a small random Mixtral-layout model, and generate from it on the
+# Quickstart: build epx, make a small random Mixtral-layout model (~180 MB), and generate from it on the
 # CPU, greedy and sampled. Everything lands in ${EPX_BUILD_DIR:-build} and ${EPX_MODEL_DIR}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,7 +8,7 @@ build_dir=${EPX_BUILD_DIR:-build}
 model_dir=${EPX_MODEL_DIR:-$build_dir/models/small}
 epx="$build_dir/cli/epx"
 
-echo "== making a small random model (Mixtral layout, 32000-token vocabulary) in $model_dir"
+echo "== making a small random model (Mixtral layout: 4 layers, 8 experts, top-2, GQA 8:2) in $model_dir"
 [ -f "$model_dir/config.json" ] || "$epx" make-model --preset small --out "$model_dir" --seed 1
 
 echo "== greedy generation"
