@@ -1,6 +1,7 @@
 // CPU benchmarks of one Mixtral MoE layer and one attention layer, each printed next to the
-// memory-read bandwidth measured in the same run (DESIGN.md §11), and the MoE layer next to a peer:
-// the same layer with its expert GEMMs done by OpenBLAS on fp32 weights. See bench/README.md.
+// memory-read bandwidth and fp32 FMA peak measured in the same run (DESIGN.md §11), and the MoE
+// layer next to a peer: the same layer with its expert GEMMs done by OpenBLAS on fp32 weights.
+// See bench/README.md.
 //
 // Environment:
 //   EPX_BENCH_SCALE  "mixtral" (default: hidden 4096, intermediate 14336, 32/8 heads, 2.8 GB of
@@ -11,13 +12,16 @@
 // Every layer benchmark reports "bytes that must move" (the weights it reads, plus the KV cache
 // for attention) through SetBytesProcessed and the counters
 //   GB/s             those bytes per wall-clock second (decimal GB),
-//   frac_of_read_bw  GB/s as a fraction of BM_MemoryReadBandwidth's result in this process,
-//   TFLOP/s          2 * multiply-adds per wall-clock second.
+//   read_GB/s        the memory-read bandwidth probed just before and after this row's loop,
+//   frac_of_read_bw  GB/s / read_GB/s,
+//   TFLOP/s          2 * multiply-adds per wall-clock second,
+//   frac_of_fma_peak TFLOP/s as a fraction of BM_Fp32FmaPeak's best pass (the compute limit).
 #include <benchmark/benchmark.h>
 #include <cblas.h>
 #include <omp.h>
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -58,8 +62,8 @@ struct Scale {
 
 Scale g_scale;  // set in main() before any benchmark runs
 int64_t g_read_buffer_bytes = int64_t{1} << 30;
-// Bytes/s of BM_MemoryReadBandwidth in this process (0 until it has run).
-double g_read_bytes_per_second = 0;
+// FLOP/s of BM_Fp32FmaPeak's best pass in this process (0 until it has run).
+double g_fma_flops_per_second = 0;
 
 absl::Status ParseEnvironment() {
   const char* scale = std::getenv("EPX_BENCH_SCALE");
@@ -74,11 +78,12 @@ absl::Status ParseEnvironment() {
   if (const char* bytes = std::getenv("EPX_BENCH_BYTES"); bytes != nullptr && bytes[0] != '\0') {
     char* end = nullptr;
     double value = std::strtod(bytes, &end);
-    switch (*end) {
-      case 'K': case 'k': value *= 1024.0; ++end; break;
-      case 'M': case 'm': value *= 1024.0 * 1024.0; ++end; break;
-      case 'G': case 'g': value *= 1024.0 * 1024.0 * 1024.0; ++end; break;
-      default: break;
+    constexpr char kUnits[] = "KMG";  // binary prefixes
+    if (*end != '\0') {
+      if (const char* u = std::strchr(kUnits, std::toupper(static_cast<unsigned char>(*end)))) {
+        value *= std::pow(1024.0, static_cast<double>(1 + (u - kUnits)));
+        ++end;
+      }
     }
     if (end == bytes || *end != '\0' || !(value >= 1024.0 * 1024.0))
       return absl::InvalidArgumentError(absl::StrCat(
@@ -150,15 +155,25 @@ Tensor WidenBf16(const TensorView& src) {
   return out;
 }
 
-void ReportLayerCounters(benchmark::State& state, double bytes, double flops) {
+double SecondsSince(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// `bytes` and `flops` are totals over the measured loop, which took `seconds` of wall-clock time
+// (timed around the loop by the caller; the same span as Google Benchmark's real time);
+// `read_bytes_per_second` is the read bandwidth probed around that loop. The counters are
+// computed here rather than as kIsRate counters so that they print as plain numbers
+// ("GB/s=31.2", not "GB/s=31.2/s").
+void ReportLayerCounters(benchmark::State& state, double bytes, double flops, double seconds,
+                         double read_bytes_per_second) {
   state.SetBytesProcessed(static_cast<int64_t>(bytes));
-  state.counters["GB/s"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsRate);
-  state.counters["TFLOP/s"] = benchmark::Counter(flops * 1e-12, benchmark::Counter::kIsRate);
-  // (bytes / read bandwidth) is the time the bytes need at the measured bandwidth; as a rate over
-  // the measured time it is the fraction of that bandwidth achieved.
-  if (g_read_bytes_per_second > 0)
-    state.counters["frac_of_read_bw"] =
-        benchmark::Counter(bytes / g_read_bytes_per_second, benchmark::Counter::kIsRate);
+  if (seconds <= 0) return;
+  state.counters["GB/s"] = bytes / seconds * 1e-9;
+  state.counters["TFLOP/s"] = flops / seconds * 1e-12;
+  state.counters["read_GB/s"] = read_bytes_per_second * 1e-9;
+  state.counters["frac_of_read_bw"] = bytes / seconds / read_bytes_per_second;
+  if (g_fma_flops_per_second > 0)
+    state.counters["frac_of_fma_peak"] = flops / seconds / g_fma_flops_per_second;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -215,33 +230,103 @@ uint64_t ReadAll(const ReadBuffer& b) {
 void BM_MemoryReadBandwidth(benchmark::State& state) {
   const ReadBuffer& b = GetReadBuffer();
   benchmark::DoNotOptimize(ReadAll(b));  // warm: TLB, page tables, thread team
-  double seconds = 0;
-  int64_t passes = 0;
+  const double pass_bytes = static_cast<double>(b.bytes());
+  double seconds = 0, best = 0;
   for (auto _ : state) {
     const auto start = std::chrono::steady_clock::now();
     benchmark::DoNotOptimize(ReadAll(b));
-    seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    ++passes;
+    const double s = SecondsSince(start);
+    seconds += s;
+    best = std::max(best, pass_bytes / s);
   }
-  // The last call of this function is the measured run; later benchmarks divide by its mean.
-  g_read_bytes_per_second = static_cast<double>(b.bytes()) * passes / seconds;
-  const double bytes = static_cast<double>(b.bytes()) * state.iterations();
-  state.SetBytesProcessed(static_cast<int64_t>(bytes));
-  state.counters["GB/s"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsRate);
+  state.SetBytesProcessed(b.bytes() * state.iterations());
+  state.counters["GB/s"] = pass_bytes * state.iterations() / seconds * 1e-9;
+  state.counters["best_GB/s"] = best * 1e-9;
   state.SetLabel(absl::StrCat(b.bytes() >> 20, " MiB, ", omp_get_max_threads(), " threads"));
 }
 
-// Layer benchmarks call this first, so that a --benchmark_filter that leaves out
-// BM_MemoryReadBandwidth still reports frac_of_read_bw against a measurement of this run.
-void EnsureReadBandwidth() {
-  if (g_read_bytes_per_second > 0) return;
+// The read bandwidth each layer row is divided by: the best of a few passes just before and just
+// after its timed loop. Not one number for the whole process, because on a shared VM the memory
+// bandwidth the host gives can change 2x from one second to the next (measured on the 2-vCPU
+// development VM: about 40 and about 76 GB/s over the same buffer in one process); the best pass,
+// not the mean, so that a pass that loses a core to another process does not lower the limit and
+// flatter the fraction.
+constexpr int kProbePasses = 3;
+
+double ProbeReadBandwidth() {
   const ReadBuffer& b = GetReadBuffer();
-  benchmark::DoNotOptimize(ReadAll(b));
-  constexpr int kPasses = 5;
-  const auto start = std::chrono::steady_clock::now();
-  for (int i = 0; i < kPasses; ++i) benchmark::DoNotOptimize(ReadAll(b));
-  g_read_bytes_per_second = static_cast<double>(b.bytes()) * kPasses /
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  double best = 0;
+  for (int i = 0; i < kProbePasses; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    benchmark::DoNotOptimize(ReadAll(b));
+    best = std::max(best, static_cast<double>(b.bytes()) / SecondsSince(start));
+  }
+  return best;
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp32 FMA peak: the compute limit. Every thread runs independent chains of 16-lane fused
+// multiply-adds from registers (12 chains cover the FMA latency times the FMA ports of current
+// x86 cores), so this is what the vector units can do, not what any GEMM achieves.
+
+typedef float F32x16 __attribute__((vector_size(64)));
+constexpr int kFmaChains = 12;
+constexpr int64_t kFmaIterations = int64_t{1} << 21;
+
+// Returns the FLOPs done; `*sink` keeps the chains alive.
+double FmaPass(float* sink) {
+  float total = 0;
+#pragma omp parallel reduction(+ : total)
+  {
+    // Start values the compiler cannot see (a constant start at the fixed point would let it
+    // fold that chain away).
+    F32x16 acc[kFmaChains];
+    for (int j = 0; j < kFmaChains; ++j)
+      acc[j] = F32x16{} + static_cast<float>(2 + j + omp_get_thread_num());
+    // acc -> acc * a + b converges to b / (1 - a) = 1: no overflow, no subnormals.
+    const F32x16 a = F32x16{} + 0.999f, b = F32x16{} + 0.001f;
+    for (int64_t i = 0; i < kFmaIterations; ++i)
+      for (int j = 0; j < kFmaChains; ++j) acc[j] = acc[j] * a + b;
+    for (int j = 0; j < kFmaChains; ++j)
+      for (int l = 0; l < 16; ++l) total += acc[j][l];
+  }
+  *sink = total;
+  return 2.0 * 16 * kFmaChains * static_cast<double>(kFmaIterations) * omp_get_max_threads();
+}
+
+void BM_Fp32FmaPeak(benchmark::State& state) {
+  float sink = 0;
+  FmaPass(&sink);  // warm: clocks, thread team
+  double flops = 0, seconds = 0, best = 0;
+  for (auto _ : state) {
+    const auto start = std::chrono::steady_clock::now();
+    const double f = FmaPass(&sink);
+    const double s = SecondsSince(start);
+    benchmark::DoNotOptimize(sink);
+    flops += f;
+    seconds += s;
+    best = std::max(best, f / s);
+  }
+  g_fma_flops_per_second = best;  // best pass, as for the read bandwidth
+  state.counters["TFLOP/s"] = flops / seconds * 1e-12;
+  state.counters["best_TFLOP/s"] = best * 1e-12;
+  state.SetLabel(absl::StrCat("16-lane fp32 FMA, ", omp_get_max_threads(), " threads"));
+}
+
+void EnsureFmaPeak() {
+  if (g_fma_flops_per_second > 0) return;
+  float sink = 0;
+  FmaPass(&sink);
+  for (int i = 0; i < 5; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    const double f = FmaPass(&sink);
+    g_fma_flops_per_second = std::max(g_fma_flops_per_second, f / SecondsSince(start));
+  }
+  benchmark::DoNotOptimize(sink);
+  std::fprintf(stderr,
+               "cpu_layers_bench: BM_Fp32FmaPeak filtered out; measured %.3f TFLOP/s "
+               "for frac_of_fma_peak\n",
+               g_fma_flops_per_second * 1e-12);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -249,8 +334,8 @@ void EnsureReadBandwidth() {
 // combine with the residual.
 
 struct MoeWeights {
-  Tensor norm;  // [hidden] F32
-  Tensor gate;  // [num_experts, hidden] BF16
+  Tensor norm;                     // [hidden] F32
+  Tensor gate;                     // [num_experts, hidden] BF16
   std::vector<Tensor> w1, w2, w3;  // per expert: [intermediate, hidden], [hidden, intermediate]
 };
 
@@ -325,16 +410,16 @@ absl::Status RunMoeLayer(const Scale& s, const MoeWeights& w, MoeBuffers& b, int
   EPX_RETURN_IF_ERROR(cpu::RmsNorm(x, w.norm, 1e-5f, b.xn));
   EPX_RETURN_IF_ERROR(cpu::Linear(b.xn, w.gate, b.logits));
   EPX_RETURN_IF_ERROR(cpu::RouterTopK(b.logits, b.topk_ids, b.topk_weights));
-  EPX_RETURN_IF_ERROR(cpu::ExpertPermutation(b.topk_ids, s.num_experts,
-                                             absl::MakeSpan(b.offsets), absl::MakeSpan(b.slots)));
+  EPX_RETURN_IF_ERROR(cpu::ExpertPermutation(b.topk_ids, s.num_experts, absl::MakeSpan(b.offsets),
+                                             absl::MakeSpan(b.slots)));
   EPX_RETURN_IF_ERROR(cpu::PermuteRows(b.xn, b.slots, s.num_topk, b.permuted));
   *experts_hit = 0;
   for (int64_t e = 0; e < s.num_experts; ++e) {
     const int64_t begin = b.offsets[e], end = b.offsets[e + 1];
     if (begin == end) continue;
     ++*experts_hit;
-    EPX_RETURN_IF_ERROR(expert_ffn(e, b.permuted.view().Slice(begin, end),
-                                   b.expert_out.view().Slice(begin, end)));
+    EPX_RETURN_IF_ERROR(
+        expert_ffn(e, b.permuted.view().Slice(begin, end), b.expert_out.view().Slice(begin, end)));
   }
   EPX_RETURN_IF_ERROR(cpu::UnpermuteRows(b.expert_out, b.slots, b.slot_out));
   // Into a separate output, so the residual does not drift across iterations.
@@ -343,13 +428,15 @@ absl::Status RunMoeLayer(const Scale& s, const MoeWeights& w, MoeBuffers& b, int
 
 template <typename ExpertFfn>
 void MoeLayerLoop(benchmark::State& state, double bytes_per_expert, ExpertFfn&& expert_ffn) {
-  EnsureReadBandwidth();
+  EnsureFmaPeak();
   const Scale& s = g_scale;
   const MoeWeights& w = GetMoeWeights();
   const int64_t num_tokens = state.range(0);
   MoeBuffers b(s, num_tokens);
   int64_t total_hit = 0;
   int input = 0;
+  const double read_before = ProbeReadBandwidth();
+  const auto start = std::chrono::steady_clock::now();
   for (auto _ : state) {
     int64_t hit = 0;
     const absl::Status status = RunMoeLayer(s, w, b, input, expert_ffn, &hit);
@@ -360,12 +447,14 @@ void MoeLayerLoop(benchmark::State& state, double bytes_per_expert, ExpertFfn&& 
     total_hit += hit;
     input = (input + 1) % kInputSets;
   }
+  const double seconds = SecondsSince(start);
+  const double read_bw = std::max(read_before, ProbeReadBandwidth());
   const double router_bytes = static_cast<double>(w.gate.nbytes()) * state.iterations();
   const double bytes = bytes_per_expert * static_cast<double>(total_hit) + router_bytes;
   const double flops = 2.0 * static_cast<double>(state.iterations()) * num_tokens *
-      (static_cast<double>(s.num_topk) * 3 * s.hidden * s.intermediate +
-       static_cast<double>(s.num_experts) * s.hidden);
-  ReportLayerCounters(state, bytes, flops);
+                       (static_cast<double>(s.num_topk) * 3 * s.hidden * s.intermediate +
+                        static_cast<double>(s.num_experts) * s.hidden);
+  ReportLayerCounters(state, bytes, flops, seconds, read_bw);
   state.counters["experts_hit"] =
       benchmark::Counter(static_cast<double>(total_hit), benchmark::Counter::kAvgIterations);
 }
@@ -377,8 +466,8 @@ void BM_MoeLayer(benchmark::State& state) {
   std::vector<float> scratch(cpu::SwiGluScratchFloats(state.range(0) * s.num_topk, s.intermediate));
   MoeLayerLoop(state, 3.0 * s.hidden * s.intermediate * DTypeSize(DType::kBF16),
                [&](int64_t e, const TensorView& rows, const TensorView& out) {
-                 return cpu::SwiGluExpert(rows, w.w1[e], w.w2[e], w.w3[e],
-                                          absl::MakeSpan(scratch), out);
+                 return cpu::SwiGluExpert(rows, w.w1[e], w.w2[e], w.w3[e], absl::MakeSpan(scratch),
+                                          out);
                });
 }
 
@@ -427,8 +516,8 @@ void BM_MoeLayerOpenBlasPeer(benchmark::State& state) {
 // cached keys/values (fp32, as coordinator/kv_cache keeps them). The steps of engine.cc.
 
 struct AttentionWeights {
-  Tensor norm;                // [hidden] F32
-  Tensor q, k, v, o;          // BF16: [heads*d, hidden], [kv*d, hidden] x2, [hidden, heads*d]
+  Tensor norm;        // [hidden] F32
+  Tensor q, k, v, o;  // BF16: [heads*d, hidden], [kv*d, hidden] x2, [hidden, heads*d]
 };
 
 const AttentionWeights& GetAttentionWeights() {
@@ -447,7 +536,7 @@ const AttentionWeights& GetAttentionWeights() {
 }
 
 void BM_AttentionLayer(benchmark::State& state) {
-  EnsureReadBandwidth();
+  EnsureFmaPeak();
   const Scale& s = g_scale;
   const AttentionWeights& w = GetAttentionWeights();
   const int64_t batch = state.range(0), context = state.range(1);
@@ -497,26 +586,35 @@ void BM_AttentionLayer(benchmark::State& state) {
     EPX_RETURN_IF_ERROR(cpu::Linear(attn, w.o, proj));
     return cpu::Add(x, proj, out);
   };
+  const double read_before = ProbeReadBandwidth();
+  const auto start = std::chrono::steady_clock::now();
   for (auto _ : state) {
     if (absl::Status st = layer(); !st.ok()) {
       state.SkipWithError(std::string(st.message()).c_str());
       break;
     }
   }
+  const double seconds = SecondsSince(start);
+  const double read_bw = std::max(read_before, ProbeReadBandwidth());
   const double n = static_cast<double>(state.iterations());
   const double weight_bytes =
       static_cast<double>(w.q.nbytes() + w.k.nbytes() + w.v.nbytes() + w.o.nbytes());
   const double kv_bytes = static_cast<double>(batch) * context * 2 * kv_dim * sizeof(float);
   const double proj_flops = 2.0 * batch * s.hidden * (2.0 * q_dim + 2.0 * kv_dim);
   const double attn_flops = 4.0 * batch * s.num_heads * context * s.head_dim;  // QK^T and PV
-  ReportLayerCounters(state, n * (weight_bytes + kv_bytes), n * (proj_flops + attn_flops));
+  ReportLayerCounters(state, n * (weight_bytes + kv_bytes), n * (proj_flops + attn_flops), seconds,
+                      read_bw);
 }
 
 void RegisterBenchmarks() {
-  // Registration order is run order: the limit first, so that it prints first and the layers can
-  // divide by it; the OpenBLAS peer last, because its idle pool threads keep spinning for a while
-  // after each call and would steal cycles from the OpenMP kernels measured after it.
+  // Registration order is run order: the limits first, so that they print first (the layers
+  // divide by the FMA peak, and probe the read bandwidth again around their own loops); the
+  // OpenBLAS peer last, because its idle pool threads keep spinning for a
+  // while after each call and would steal cycles from the OpenMP kernels measured after it.
   benchmark::RegisterBenchmark("BM_MemoryReadBandwidth", BM_MemoryReadBandwidth)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("BM_Fp32FmaPeak", BM_Fp32FmaPeak)
       ->UseRealTime()
       ->Unit(benchmark::kMillisecond);
   const std::vector<int64_t> tokens = {1, 4, 16, 64, 256};
