@@ -11,6 +11,13 @@
 namespace epx::cpu {
 namespace {
 
+// Keys and values of one KV head are `row_stride` floats apart, usually a page or more, which
+// the hardware prefetchers do not follow; fetch a few rows ahead by hand.
+constexpr int64_t kPrefetchRows = 6;
+inline void PrefetchRow(const float* row, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(row + i);
+}
+
 float Dot(const float* a, const float* b, int64_t n) {
   simd::F32x16 acc = {};
   int64_t i = 0;
@@ -31,39 +38,58 @@ absl::Status Attention(const TensorView& q, absl::Span<const AttentionKv> kv,
       q.dim(1) != p.num_heads * p.head_dim || static_cast<int64_t>(kv.size()) != q.dim(0))
     return absl::InvalidArgumentError("Attention: shapes or head counts do not agree");
   const int64_t tokens = q.dim(0), d = p.head_dim, group = p.num_heads / p.num_kv_heads;
-  const int64_t tasks = tokens * p.num_heads;
+  // One task is a (token, KV head) pair: each key and value row is read once for the `group`
+  // query heads that share it. Per head, the operations and their order are those of a
+  // head-at-a-time loop.
+  const int64_t tasks = tokens * p.num_kv_heads;
 #pragma omp parallel if (tasks > 1)
   {
-    std::vector<float> scores;
-    std::vector<float> acc(d);
-#pragma omp for schedule(dynamic, 4)
+    std::vector<float> scores;       // [group, n]
+    std::vector<float> acc(group * d);
+    std::vector<float> max_score(group), sum(group);
+#pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t t = task / p.num_heads, h = task % p.num_heads, kvh = h / group;
+      const int64_t t = task / p.num_kv_heads, kvh = task % p.num_kv_heads;
       const AttentionKv& s = kv[t];
       const int64_t first =
           p.sliding_window > 0 ? std::max<int64_t>(0, s.position - p.sliding_window + 1) : 0;
       const int64_t n = s.position + 1 - first;
-      scores.resize(n);
-      const float* qh = q.data<const float>() + t * q.dim(1) + h * d;
-      float max_score = -INFINITY;
+      scores.resize(group * n);
+      const float* q0 = q.data<const float>() + t * q.dim(1) + kvh * group * d;
+      std::fill(max_score.begin(), max_score.end(), -INFINITY);
       for (int64_t j = 0; j < n; ++j) {
-        scores[j] = Dot(qh, s.k + (first + j) * s.row_stride + kvh * d, d) * p.scale;
-        max_score = std::max(max_score, scores[j]);
+        const float* kj = s.k + (first + j) * s.row_stride + kvh * d;
+        if (j + kPrefetchRows < n) PrefetchRow(kj + kPrefetchRows * s.row_stride, d);
+        for (int64_t g = 0; g < group; ++g) {
+          const float x = Dot(q0 + g * d, kj, d) * p.scale;
+          scores[g * n + j] = x;
+          max_score[g] = std::max(max_score[g], x);
+        }
       }
-      float sum = 0.f;
-      for (int64_t j = 0; j < n; ++j) {
-        scores[j] = std::exp(scores[j] - max_score);
-        sum += scores[j];
+      for (int64_t g = 0; g < group; ++g) {
+        float total = 0.f;
+        float* sg = scores.data() + g * n;
+        for (int64_t j = 0; j < n; ++j) {
+          sg[j] = std::exp(sg[j] - max_score[g]);
+          total += sg[j];
+        }
+        sum[g] = total;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t j = 0; j < n; ++j) {
         const float* vj = s.v + (first + j) * s.row_stride + kvh * d;
-        const float pj = scores[j];
-        for (int64_t i = 0; i < d; ++i) acc[i] += pj * vj[i];
+        if (j + kPrefetchRows < n) PrefetchRow(vj + kPrefetchRows * s.row_stride, d);
+        for (int64_t g = 0; g < group; ++g) {
+          const float pj = scores[g * n + j];
+          float* ag = acc.data() + g * d;
+          for (int64_t i = 0; i < d; ++i) ag[i] += pj * vj[i];
+        }
       }
-      float* o = out.data<float>() + t * q.dim(1) + h * d;
-      const float inv = 1.f / sum;
-      for (int64_t i = 0; i < d; ++i) o[i] = acc[i] * inv;
+      for (int64_t g = 0; g < group; ++g) {
+        float* o = out.data<float>() + t * q.dim(1) + (kvh * group + g) * d;
+        const float inv = 1.f / sum[g];
+        for (int64_t i = 0; i < d; ++i) o[i] = acc[g * d + i] * inv;
+      }
     }
   }
   return absl::OkStatus();

@@ -6,6 +6,10 @@
 
 #include <cstdint>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace epx::cpu::simd {
 
 inline constexpr int kLanes = 16;
@@ -25,8 +29,15 @@ struct F16 {
 
 inline F32x16 Load(const float* p) { return *reinterpret_cast<const F32x16U*>(p); }
 inline F32x16 Load(const Bf16* p) {
+#if defined(__AVX512F__)
+  // One vpmovzxwd from memory; the generic form below compiles to two halves and a merge.
+  const __m512i w = _mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+  return __builtin_bit_cast(F32x16, w);
+#else
   const U32x16 w = __builtin_convertvector(*reinterpret_cast<const U16x16U*>(p), U32x16) << 16;
   return __builtin_bit_cast(F32x16, w);
+#endif
 }
 inline F32x16 Load(const F16* p) {
   return __builtin_convertvector(*reinterpret_cast<const F16x16U*>(p), F32x16);
