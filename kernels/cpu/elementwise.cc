@@ -98,6 +98,7 @@ absl::Status ApplyRope(const TensorView& x, int64_t head_dim, const TensorView& 
   if (x.dim(1) % head_dim != 0 || table.dim(0) != x.dim(0) || table.dim(1) != head_dim)
     return absl::InvalidArgumentError("ApplyRope: shapes do not agree");
   const int64_t rows = x.dim(0), heads = x.dim(1) / head_dim, half = head_dim / 2;
+#pragma omp parallel for schedule(static) if (rows * x.dim(1) >= (1 << 16))
   for (int64_t t = 0; t < rows; ++t) {
     const float* cs = table.data<const float>() + t * head_dim;
     for (int64_t h = 0; h < heads; ++h) {
@@ -120,6 +121,7 @@ absl::Status Add(const TensorView& a, const TensorView& b, const TensorView& out
   const float* ap = a.data<const float>();
   const float* bp = b.data<const float>();
   float* op = out.data<float>();
+#pragma omp parallel for schedule(static) if (n >= (1 << 18))
   for (int64_t i = 0; i < n; ++i) op[i] = ap[i] + bp[i];
   return absl::OkStatus();
 }
@@ -133,6 +135,7 @@ absl::Status MoeCombine(const TensorView& h, const TensorView& expert_out,
   if (weights.dim(0) != tokens || expert_out.dim(0) != tokens * topk ||
       expert_out.dim(1) != hidden || x_out.shape() != h.shape())
     return absl::InvalidArgumentError("MoeCombine: shapes do not agree");
+#pragma omp parallel for schedule(static) if (tokens * hidden >= (1 << 16))
   for (int64_t t = 0; t < tokens; ++t) {
     const float* wt = weights.data<const float>() + t * topk;
     const float* hr = h.data<const float>() + t * hidden;

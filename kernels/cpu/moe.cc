@@ -113,7 +113,9 @@ absl::Status SwiGluExpert(const TensorView& x, const TensorView& w1, const Tenso
   EPX_RETURN_IF_ERROR(Linear(x, w3, up));
   float* g = gate.data<float>();
   const float* u = up.data<const float>();
-  for (int64_t i = 0; i < rows * inter; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+  const int64_t n = rows * inter;
+#pragma omp parallel for schedule(static) if (n >= (1 << 16))
+  for (int64_t i = 0; i < n; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
   return Linear(gate, w2, out);
 }
 
