@@ -157,6 +157,7 @@ absl::StatusOr<Tensor> Engine::Step(absl::Span<const SequenceInput> batch) {
   Tensor logits = Tensor::Empty(DType::kF32, {R, c.vocab_size});
   EPX_RETURN_IF_ERROR(cpu::Linear(last, weights_->lm_head(), logits));
 
+  tokens_computed_ += T;
   for (const SequenceInput& in : batch)
     cache_.SetLength(in.seq_id, cache_.Length(in.seq_id) + static_cast<int64_t>(in.tokens.size()));
   return logits;

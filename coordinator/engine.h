@@ -57,6 +57,8 @@ class Engine {
   absl::StatusOr<Tensor> Step(absl::Span<const SequenceInput> batch);
 
   const StepTimings& last_timings() const { return timings_; }
+  // Tokens that went through the layers since creation: prefill and decode tokens, each once.
+  int64_t tokens_computed() const { return tokens_computed_; }
   const ModelConfig& config() const { return weights_->config(); }
 
  private:
@@ -68,6 +70,7 @@ class Engine {
   ExpertExecutor* experts_;
   KvCache cache_;
   StepTimings timings_;
+  int64_t tokens_computed_ = 0;
 };
 
 }  // namespace epx

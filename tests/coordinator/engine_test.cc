@@ -124,6 +124,14 @@ TEST_F(EngineTest, EachPromptAloneMatchesGolden) {
   }
 }
 
+// Decode goes through the KV cache: each step computes one new token, never the prefix again.
+TEST_F(EngineTest, DecodeComputesOnlyTheNewToken) {
+  const GoldenPrompt& g = prompts_[2];
+  RunBatch({2}, static_cast<int>(g.greedy.size()));
+  EXPECT_EQ(engine_->tokens_computed(),
+            static_cast<int64_t>(g.tokens.size() + g.greedy.size()));
+}
+
 TEST_F(EngineTest, BatchedPromptsMatchGoldenAndAreBitwiseEqualToAlone) {
   const int steps = static_cast<int>(prompts_[0].greedy.size());
   std::vector<RunResult> batched = RunBatch({0, 1, 2}, steps);
