@@ -23,6 +23,8 @@ absl::Status RunGenerate(const GenerateOptions& options, std::ostream& out, std:
   if (options.prompt.empty()) return absl::InvalidArgumentError("--prompt is empty");
 
   EPX_ASSIGN_OR_RETURN(ModelConfig config, ModelConfig::FromDir(options.model_dir));
+  EPX_RETURN_IF_ERROR(config.ApplyGenerationConfig(
+      (std::filesystem::path(options.model_dir) / "generation_config.json").string()));
   EPX_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::FromFile(
                                            (std::filesystem::path(options.model_dir) /
                                             "tokenizer.model").string()));

@@ -44,6 +44,41 @@ absl::Status ReadDouble(const json& j, const std::string& source, const char* ke
   return absl::OkStatus();
 }
 
+// bos_token_id and eos_token_id (an integer or a list); absent keys leave `c` as it is.
+absl::Status ReadTokenIds(const json& j, const std::string& source, ModelConfig* config) {
+  ModelConfig& c = *config;
+  // Token ids are stored as int32: a wider value must not wrap into the vocabulary. Validate()
+  // checks the range.
+  auto token_id = [&](const char* key, int64_t id) -> absl::StatusOr<int32_t> {
+    if (id < std::numeric_limits<int32_t>::min() || id > std::numeric_limits<int32_t>::max())
+      return Bad(source, absl::StrCat(key, " ", id, " does not fit in 32 bits"));
+    return static_cast<int32_t>(id);
+  };
+  int64_t bos = c.bos_token_id;
+  EPX_RETURN_IF_ERROR(ReadInt(j, source, "bos_token_id", false, &bos));
+  EPX_ASSIGN_OR_RETURN(c.bos_token_id, token_id("bos_token_id", bos));
+  if (j.contains("eos_token_id") && !j["eos_token_id"].is_null()) {
+    const json& e = j["eos_token_id"];
+    c.eos_token_ids.clear();
+    if (e.is_number_integer()) {
+      EPX_ASSIGN_OR_RETURN(int32_t eos, token_id("eos_token_id", e.get<int64_t>()));
+      c.eos_token_ids.push_back(eos);
+    } else if (e.is_array()) {
+      for (const json& id : e) {
+        if (!id.is_number_integer())
+          return Bad(source, absl::StrCat("\"eos_token_id\" entries must be integers, got ",
+                                          e.dump()));
+        EPX_ASSIGN_OR_RETURN(int32_t eos, token_id("eos_token_id", id.get<int64_t>()));
+        c.eos_token_ids.push_back(eos);
+      }
+    } else {
+      return Bad(source, absl::StrCat("\"eos_token_id\" must be an integer or a list, got ",
+                                      e.dump()));
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<ModelConfig> ModelConfig::FromJson(const std::string& text,
@@ -81,35 +116,7 @@ absl::StatusOr<ModelConfig> ModelConfig::FromJson(const std::string& text,
   }
   EPX_RETURN_IF_ERROR(
       ReadInt(j, source, "max_position_embeddings", false, &c.max_position_embeddings));
-  // Token ids are stored as int32: a wider value must not wrap into the vocabulary. Validate()
-  // checks the range.
-  auto token_id = [&](const char* key, int64_t id) -> absl::StatusOr<int32_t> {
-    if (id < std::numeric_limits<int32_t>::min() || id > std::numeric_limits<int32_t>::max())
-      return Bad(source, absl::StrCat(key, " ", id, " does not fit in 32 bits"));
-    return static_cast<int32_t>(id);
-  };
-  int64_t bos = c.bos_token_id;
-  EPX_RETURN_IF_ERROR(ReadInt(j, source, "bos_token_id", false, &bos));
-  EPX_ASSIGN_OR_RETURN(c.bos_token_id, token_id("bos_token_id", bos));
-  if (j.contains("eos_token_id") && !j["eos_token_id"].is_null()) {
-    const json& e = j["eos_token_id"];
-    c.eos_token_ids.clear();
-    if (e.is_number_integer()) {
-      EPX_ASSIGN_OR_RETURN(int32_t eos, token_id("eos_token_id", e.get<int64_t>()));
-      c.eos_token_ids.push_back(eos);
-    } else if (e.is_array()) {
-      for (const json& id : e) {
-        if (!id.is_number_integer())
-          return Bad(source, absl::StrCat("\"eos_token_id\" entries must be integers, got ",
-                                          e.dump()));
-        EPX_ASSIGN_OR_RETURN(int32_t eos, token_id("eos_token_id", id.get<int64_t>()));
-        c.eos_token_ids.push_back(eos);
-      }
-    } else {
-      return Bad(source, absl::StrCat("\"eos_token_id\" must be an integer or a list, got ",
-                                      e.dump()));
-    }
-  }
+  EPX_RETURN_IF_ERROR(ReadTokenIds(j, source, &c));
   if (j.contains("tie_word_embeddings") && !j["tie_word_embeddings"].is_null()) {
     if (!j["tie_word_embeddings"].is_boolean())
       return Bad(source, "\"tie_word_embeddings\" must be true or false");
@@ -169,6 +176,20 @@ absl::Status ModelConfig::Validate(const std::string& source) const {
       return Bad(source, absl::StrCat("eos_token_id ", eos, " is outside the vocabulary [0, ",
                                       vocab_size, ")"));
   }
+  return absl::OkStatus();
+}
+
+absl::Status ModelConfig::ApplyGenerationConfig(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::OkStatus();
+  std::stringstream ss;
+  ss << in.rdbuf();
+  json j = json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) return Bad(path, "not a valid JSON object");
+  ModelConfig updated = *this;
+  EPX_RETURN_IF_ERROR(ReadTokenIds(j, path, &updated));
+  EPX_RETURN_IF_ERROR(updated.Validate(path));
+  *this = std::move(updated);
   return absl::OkStatus();
 }
 

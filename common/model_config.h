@@ -40,6 +40,11 @@ struct ModelConfig {
   // `dir`/config.json.
   static absl::StatusOr<ModelConfig> FromDir(const std::string& dir);
 
+  // Applies the token ids of an optional `generation_config.json` (bos_token_id, eos_token_id
+  // as an integer or a list), as Hugging Face generate() does. A missing file is OK; a malformed
+  // one is InvalidArgument naming it.
+  absl::Status ApplyGenerationConfig(const std::string& path);
+
   // Checks the relations between fields (positivity, divisibility, top-k <= experts, ...).
   absl::Status Validate(const std::string& source = "config") const;
   // The HF config.json for this configuration (what make-model writes).

@@ -90,6 +90,33 @@ TEST_F(ModelConfigFileTest, ErrorsInAFileNameThatFile) {
               AllOf(HasSubstr(Path("config.json")), HasSubstr("\"vocab_size\"")));
 }
 
+TEST_F(ModelConfigFileTest, GenerationConfigOverridesTokenIds) {
+  auto c = ModelConfig::FromJson(Minimal().dump());
+  ASSERT_TRUE(c.ok()) << c.status();
+  // Absent file: nothing changes.
+  ASSERT_TRUE(c->ApplyGenerationConfig(Path("generation_config.json")).ok());
+  EXPECT_EQ(c->eos_token_ids, std::vector<int32_t>{2});
+  {
+    std::ofstream out(Path("generation_config.json"));
+    out << R"({"bos_token_id": 1, "eos_token_id": [2, 7], "temperature": 0.6})";
+  }
+  ASSERT_TRUE(c->ApplyGenerationConfig(Path("generation_config.json")).ok());
+  EXPECT_EQ(c->eos_token_ids, (std::vector<int32_t>{2, 7}));
+  {
+    std::ofstream out(Path("generation_config.json"));
+    out << R"({"eos_token_id": 100000})";
+  }
+  absl::Status s = c->ApplyGenerationConfig(Path("generation_config.json"));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("generation_config.json"));
+  EXPECT_EQ(c->eos_token_ids, (std::vector<int32_t>{2, 7}));  // unchanged on error
+  {
+    std::ofstream out(Path("generation_config.json"));
+    out << "{not json";
+  }
+  EXPECT_FALSE(c->ApplyGenerationConfig(Path("generation_config.json")).ok());
+}
+
 TEST(ModelConfigTest, OptionalKeysTakeDefaults) {
   auto c = Parse(Minimal());
   ASSERT_TRUE(c.ok()) << c.status();
