@@ -1,6 +1,7 @@
 #include "common/model_config.h"
 
 #include <bit>
+#include <cmath>
 #include <fstream>
 #include <limits>
 #include <sstream>
@@ -28,8 +29,9 @@ absl::Status ReadInt(const json& j, const std::string& source, const char* key, 
   const json& v = j[key];
   if (v.is_number_integer()) {
     *out = v.get<int64_t>();
-  } else if (v.is_number_float() && v.get<double>() == static_cast<double>(v.get<int64_t>())) {
-    *out = v.get<int64_t>();
+  } else if (v.is_number_float() && std::abs(v.get<double>()) < 0x1p62 &&
+             v.get<double>() == std::floor(v.get<double>())) {  // e.g. 4096.0; range first
+    *out = static_cast<int64_t>(v.get<double>());
   } else {
     return Bad(source, absl::StrCat("\"", key, "\" must be an integer, got ", v.dump()));
   }

@@ -282,8 +282,9 @@ absl::Status WriteSafetensors(const std::string& path,
 absl::Status WriteSafetensors(const std::string& path,
                               const std::vector<std::pair<std::string, TensorView>>& tensors) {
   std::vector<SafetensorsWriteEntry> entries;
-  for (const auto& [name, view] : tensors) {
-    entries.push_back({name, view.dtype(), view.shape(), [view](uint8_t* dst, size_t n) {
+  for (const auto& tensor : tensors) {
+    const TensorView view = tensor.second;
+    entries.push_back({tensor.first, view.dtype(), view.shape(), [view](uint8_t* dst, size_t n) {
                          std::memcpy(dst, view.raw(), n);
                          return absl::OkStatus();
                        }});
