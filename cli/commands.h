@@ -9,28 +9,32 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "cli/runtime.h"
 #include "common/model_config.h"
 
 namespace epx {
 
 struct EvalOptions {
-  std::string model_dir;
+  RuntimeOptions runtime;  // model directory, placement, role, timeouts
   std::string input;    // golden file with prompt_{i}.tokens and prompt_{i}.greedy
   std::string output;   // written in the golden layout
   bool sequential = false;  // one prompt at a time instead of one batch
+  bool stats = false;       // print per-layer timings and expert load at the end
 };
 // Prefill of every prompt (logits at every position), then greedy decode through the KV cache
-// for as many tokens as the input's prompt_{i}.greedy holds.
+// for as many tokens as the input's prompt_{i}.greedy holds. Under mpirun, rank 0 does this and
+// the other ranks serve the experts.
 absl::Status RunEval(const EvalOptions& options, std::ostream& log);
 
 struct GenerateOptions {
-  std::string model_dir;
+  RuntimeOptions runtime;
   std::string prompt;
   int64_t max_tokens = 64;
   float temperature = 0.f;
   int32_t top_k = 0;
   float top_p = 1.f;
   uint64_t seed = 0;
+  bool stats = false;
 };
 // Prints the completion to `out` as it is produced, then a newline.
 absl::Status RunGenerate(const GenerateOptions& options, std::ostream& out, std::ostream& log);

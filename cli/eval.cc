@@ -66,6 +66,7 @@ absl::Status RunGroup(Engine& engine, const std::vector<size_t>& group,
     next[i] = cpu::ArgMax(absl::MakeConstSpan(p.logits.data<float>() + (n - 1) * vocab, vocab));
   }
   for (int64_t step = 0;; ++step) {
+    if (Runtime::stop_requested()) return absl::CancelledError("stopped by a signal");
     batch.clear();
     std::vector<size_t> active;
     for (size_t i : group) {
@@ -90,21 +91,16 @@ absl::Status RunGroup(Engine& engine, const std::vector<size_t>& group,
   return absl::OkStatus();
 }
 
-}  // namespace
-
-absl::Status RunEval(const EvalOptions& options, std::ostream& log) {
-  EPX_ASSIGN_OR_RETURN(ModelConfig config, ModelConfig::FromDir(options.model_dir));
-  EPX_ASSIGN_OR_RETURN(auto weights, ModelWeights::Load(options.model_dir, config,
-                                                        WeightSelection::All(config)));
-  EPX_ASSIGN_OR_RETURN(auto engine, Engine::Create(weights.get()));
+absl::Status EvalOnEngine(const EvalOptions& options, Engine& engine, std::ostream& log) {
   EPX_ASSIGN_OR_RETURN(std::vector<Prompt> prompts, ReadPrompts(options.input));
-  const int64_t vocab = config.vocab_size;
+  const int64_t vocab = engine.config().vocab_size;
   if (options.sequential) {
-    for (size_t i = 0; i < prompts.size(); ++i) EPX_RETURN_IF_ERROR(RunGroup(*engine, {i}, prompts, vocab));
+    for (size_t i = 0; i < prompts.size(); ++i)
+      EPX_RETURN_IF_ERROR(RunGroup(engine, {i}, prompts, vocab));
   } else {
     std::vector<size_t> all(prompts.size());
     for (size_t i = 0; i < all.size(); ++i) all[i] = i;
-    EPX_RETURN_IF_ERROR(RunGroup(*engine, all, prompts, vocab));
+    EPX_RETURN_IF_ERROR(RunGroup(engine, all, prompts, vocab));
   }
   std::vector<std::pair<std::string, TensorView>> out;
   for (size_t i = 0; i < prompts.size(); ++i) {
@@ -121,6 +117,16 @@ absl::Status RunEval(const EvalOptions& options, std::ostream& log) {
         << " greedy tokens\n";
   }
   return WriteSafetensors(options.output, out);
+}
+
+}  // namespace
+
+absl::Status RunEval(const EvalOptions& options, std::ostream& log) {
+  EPX_ASSIGN_OR_RETURN(auto runtime, Runtime::Start(options.runtime));
+  if (runtime->is_worker()) return runtime->ServeAsWorker();
+  absl::Status result = EvalOnEngine(options, runtime->engine(), log);
+  if (result.ok() && options.stats) runtime->PrintStats(log);
+  return runtime->Finish(result);
 }
 
 }  // namespace epx

@@ -11,7 +11,10 @@
 
 namespace epx {
 
-absl::Status RunGenerate(const GenerateOptions& options, std::ostream& out, std::ostream& log) {
+namespace {
+
+absl::Status GenerateOnEngine(const GenerateOptions& options, Engine& engine, std::ostream& out,
+                              std::ostream& log) {
   cpu::SamplingParams sampling;
   sampling.temperature = options.temperature;
   sampling.top_k = options.top_k;
@@ -22,35 +25,30 @@ absl::Status RunGenerate(const GenerateOptions& options, std::ostream& out, std:
         absl::StrCat("--max-tokens must be positive, got ", options.max_tokens));
   if (options.prompt.empty()) return absl::InvalidArgumentError("--prompt is empty");
 
-  EPX_ASSIGN_OR_RETURN(ModelConfig config, ModelConfig::FromDir(options.model_dir));
-  EPX_RETURN_IF_ERROR(config.ApplyGenerationConfig(
-      (std::filesystem::path(options.model_dir) / "generation_config.json").string()));
-  EPX_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::FromFile(
-                                           (std::filesystem::path(options.model_dir) /
-                                            "tokenizer.model").string()));
+  const std::filesystem::path dir(options.runtime.model_dir);
+  ModelConfig config = engine.config();
+  EPX_RETURN_IF_ERROR(config.ApplyGenerationConfig((dir / "generation_config.json").string()));
+  EPX_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::FromFile((dir / "tokenizer.model").string()));
   if (tokenizer->vocab_size() > config.vocab_size)
     return absl::InvalidArgumentError(absl::StrCat(
-        options.model_dir, ": tokenizer.model has ", tokenizer->vocab_size(),
+        options.runtime.model_dir, ": tokenizer.model has ", tokenizer->vocab_size(),
         " pieces, more than vocab_size ", config.vocab_size));
-  EPX_ASSIGN_OR_RETURN(auto weights, ModelWeights::Load(options.model_dir, config,
-                                                        WeightSelection::All(config)));
-  EPX_ASSIGN_OR_RETURN(auto engine, Engine::Create(weights.get()));
   EPX_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, tokenizer->Encode(options.prompt, true));
   if (static_cast<int64_t>(prompt.size()) + options.max_tokens > config.max_position_embeddings)
     return absl::InvalidArgumentError(absl::StrCat(
         "prompt (", prompt.size(), " tokens) + --max-tokens ", options.max_tokens,
         " exceed the context of ", config.max_position_embeddings, " tokens"));
 
-  EPX_RETURN_IF_ERROR(engine->AddSequence(0));
+  EPX_RETURN_IF_ERROR(engine.AddSequence(0));
   cpu::SamplingRng rng(options.seed);
   StreamDecoder decoder(tokenizer.get(), prompt);
   std::vector<int32_t> input = prompt;
   int64_t generated = 0;
   const auto start = std::chrono::steady_clock::now();
   auto first_token = start;
-  while (generated < options.max_tokens) {
+  while (generated < options.max_tokens && !Runtime::stop_requested()) {
     SequenceInput in{0, input, false};
-    EPX_ASSIGN_OR_RETURN(Tensor logits, engine->Step({&in, 1}));
+    EPX_ASSIGN_OR_RETURN(Tensor logits, engine.Step({&in, 1}));
     EPX_ASSIGN_OR_RETURN(int32_t token,
                          cpu::Sample({logits.data<float>(), static_cast<size_t>(config.vocab_size)},
                                      sampling, rng));
@@ -73,6 +71,16 @@ absl::Status RunGenerate(const GenerateOptions& options, std::ostream& out, std:
       << "prefill " << prefill_s * 1e3 << " ms, decode "
       << (generated > 1 && decode_s > 0 ? (generated - 1) / decode_s : 0.0) << " tokens/s\n";
   return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status RunGenerate(const GenerateOptions& options, std::ostream& out, std::ostream& log) {
+  EPX_ASSIGN_OR_RETURN(auto runtime, Runtime::Start(options.runtime));
+  if (runtime->is_worker()) return runtime->ServeAsWorker();
+  absl::Status result = GenerateOnEngine(options, runtime->engine(), out, log);
+  if (result.ok() && options.stats) runtime->PrintStats(log);
+  return runtime->Finish(result);
 }
 
 }  // namespace epx

@@ -19,18 +19,38 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   app.set_version_flag("--version", "epx 0.1.0");
 
+  // Options of every command that runs the model, alone or as one rank of an mpirun job.
+  auto add_runtime_options = [](CLI::App* cmd, epx::RuntimeOptions* rt, double* timeout_s,
+                                bool* stats) {
+    cmd->add_option("--model", rt->model_dir, "HF model directory")->required();
+    cmd->add_option("--placement", rt->placement,
+                    "expert placement under mpirun: round-robin or a JSON file "
+                    "{\"experts\": {\"0\": [1, 2], ...}}")
+        ->capture_default_str();
+    cmd->add_option("--role", rt->role, "coordinator or worker (MPMD launches; default: by rank)")
+        ->check(CLI::IsMember({"coordinator", "worker"}));
+    cmd->add_option("--comm-timeout", *timeout_s,
+                    "seconds a rank waits for a peer before reporting it")
+        ->capture_default_str()
+        ->check(CLI::PositiveNumber);
+    cmd->add_flag("--stats", *stats,
+                  "print per-layer attention/dispatch/expert/combine time and expert load");
+  };
+
   epx::EvalOptions eval;
+  double eval_timeout_s = 30;
   CLI::App* eval_cmd = app.add_subcommand(
       "eval", "Prefill and greedy-decode the prompts of a golden file; write logits and tokens");
-  eval_cmd->add_option("--model", eval.model_dir, "HF model directory")->required();
+  add_runtime_options(eval_cmd, &eval.runtime, &eval_timeout_s, &eval.stats);
   eval_cmd->add_option("--input", eval.input, "safetensors with prompt_{i}.tokens/.greedy")
       ->required();
   eval_cmd->add_option("--output", eval.output, "safetensors to write")->required();
   eval_cmd->add_flag("--sequential", eval.sequential, "one prompt at a time, not one batch");
 
   epx::GenerateOptions gen;
+  double gen_timeout_s = 30;
   CLI::App* gen_cmd = app.add_subcommand("generate", "Generate text from a prompt on the CPU");
-  gen_cmd->add_option("--model", gen.model_dir, "HF model directory")->required();
+  add_runtime_options(gen_cmd, &gen.runtime, &gen_timeout_s, &gen.stats);
   gen_cmd->add_option("--prompt", gen.prompt, "prompt text")->required();
   gen_cmd->add_option("--max-tokens", gen.max_tokens, "tokens to generate at most")
       ->capture_default_str();
@@ -67,6 +87,8 @@ int main(int argc, char** argv) {
 
   CLI11_PARSE(app, argc, argv);
 
+  eval.runtime.comm_timeout = absl::Seconds(eval_timeout_s);
+  gen.runtime.comm_timeout = absl::Seconds(gen_timeout_s);
   if (eval_cmd->parsed()) return Finish(epx::RunEval(eval, std::cerr));
   if (gen_cmd->parsed()) return Finish(epx::RunGenerate(gen, std::cout, std::cerr));
   if (mm_cmd->parsed()) {

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "cli/commands.h"
+#include "common/hash.h"
 #include "common/safetensors.h"
 #include "common/status.h"
 #include "common/tokenizer.h"
@@ -22,15 +23,6 @@ uint64_t SplitMix64(uint64_t& state) {
   return z ^ (z >> 31);
 }
 
-uint64_t HashName(const std::string& name, uint64_t seed) {
-  uint64_t h = 1469598103934665603ull ^ seed;
-  for (unsigned char ch : name) {
-    h ^= ch;
-    h *= 1099511628211ull;
-  }
-  return h;
-}
-
 // Uniform values with mean `mean` and standard deviation `stddev`, from a stream keyed by the
 // tensor name and seed: the same tensor gets the same values whatever the sharding or threads.
 absl::Status FillRandom(const std::string& name, uint64_t seed, float mean, float stddev,
@@ -38,7 +30,7 @@ absl::Status FillRandom(const std::string& name, uint64_t seed, float mean, floa
   const int64_t n = static_cast<int64_t>(nbytes / DTypeSize(dtype));
   const int64_t kChunk = 1 << 16;
   const float half_width = stddev * std::sqrt(3.f);
-  const uint64_t key = HashName(name, seed);
+  const uint64_t key = Fnv1a64(name, kFnv1aOffset ^ seed);
 #pragma omp parallel for schedule(static)
   for (int64_t c = 0; c < (n + kChunk - 1) / kChunk; ++c) {
     uint64_t state = key ^ (static_cast<uint64_t>(c) * 0xd1342543de82ef95ull);

@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "common/hash.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
 
@@ -244,12 +245,7 @@ uint64_t ModelConfig::Hash() const {
                    num_local_experts, ",", num_experts_per_tok, ",",
                    std::bit_cast<uint64_t>(rope_theta), ",", std::bit_cast<uint64_t>(rms_norm_eps),
                    ",", sliding_window.value_or(-1), ",", tie_word_embeddings);
-  uint64_t h = 1469598103934665603ull;
-  for (unsigned char ch : canon) {
-    h ^= ch;
-    h *= 1099511628211ull;
-  }
-  return h;
+  return Fnv1a64(canon);
 }
 
 }  // namespace epx

@@ -14,6 +14,7 @@
 
 #include "absl/status/statusor.h"
 #include "common/model_config.h"
+#include "common/placement.h"
 #include "common/safetensors.h"
 #include "common/tensor.h"
 
@@ -27,6 +28,11 @@ struct WeightSelection {
   static WeightSelection All(const ModelConfig& config);
   static WeightSelection Coordinator() { return {true, {}}; }
   static WeightSelection Experts(std::vector<int> experts) { return {false, std::move(experts)}; }
+  // What rank `rank` of an expert-parallel job needs: rank 0 the non-expert tensors, a worker
+  // the experts its placement gives it.
+  static WeightSelection ForRank(const Placement& placement, int rank) {
+    return rank == 0 ? Coordinator() : Experts(placement.experts_of(rank));
+  }
 };
 
 struct ExpertWeights {

@@ -22,7 +22,12 @@ double MicrosSince(std::chrono::steady_clock::time_point start) {
 Engine::Engine(const ModelWeights* weights, ExpertExecutor* experts)
     : weights_(weights),
       experts_(experts),
-      cache_(weights->config().num_hidden_layers, weights->config().kv_size()) {}
+      cache_(weights->config().num_hidden_layers, weights->config().kv_size()) {
+  const ModelConfig& c = weights->config();
+  stats_.attention_us.assign(c.num_hidden_layers, 0);
+  stats_.moe_us.assign(c.num_hidden_layers, 0);
+  stats_.expert_tokens.assign(c.num_hidden_layers, std::vector<int64_t>(c.num_local_experts, 0));
+}
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weights,
                                                        ExpertExecutor* experts) {
@@ -71,6 +76,7 @@ absl::Status Engine::Validate(absl::Span<const SequenceInput> batch) const {
 
 absl::StatusOr<Tensor> Engine::Step(absl::Span<const SequenceInput> batch) {
   EPX_RETURN_IF_ERROR(Validate(batch));
+  EPX_RETURN_IF_ERROR(experts_->BeginStep());
   const ModelConfig& c = config();
   const int64_t H = c.hidden_size, Q = c.q_size(), KV = c.kv_size(), K = c.num_experts_per_tok;
 
@@ -116,8 +122,6 @@ absl::StatusOr<Tensor> Engine::Step(absl::Span<const SequenceInput> batch) {
   std::vector<cpu::AttentionKv> kv(T);
   const float eps = static_cast<float>(c.rms_norm_eps);
 
-  timings_.attention_us.assign(c.num_hidden_layers, 0);
-  timings_.moe_us.assign(c.num_hidden_layers, 0);
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const LayerWeights& lw = weights_->layer(l);
     auto start = std::chrono::steady_clock::now();
@@ -138,7 +142,7 @@ absl::StatusOr<Tensor> Engine::Step(absl::Span<const SequenceInput> batch) {
     EPX_RETURN_IF_ERROR(cpu::Attention(q, kv, ap, attn));
     EPX_RETURN_IF_ERROR(cpu::Linear(attn, lw.o_proj, proj));
     EPX_RETURN_IF_ERROR(cpu::Add(x, proj, x));  // x now holds h
-    timings_.attention_us[l] = MicrosSince(start);
+    stats_.attention_us[l] += MicrosSince(start);
 
     start = std::chrono::steady_clock::now();
     EPX_RETURN_IF_ERROR(cpu::RmsNorm(x, lw.post_attention_norm, eps, xn));
@@ -146,7 +150,9 @@ absl::StatusOr<Tensor> Engine::Step(absl::Span<const SequenceInput> batch) {
     EPX_RETURN_IF_ERROR(cpu::RouterTopK(router_logits, topk_ids, topk_weights));
     EPX_RETURN_IF_ERROR(experts_->Run(static_cast<int>(l), xn, topk_ids, slot_out));
     EPX_RETURN_IF_ERROR(cpu::MoeCombine(x, slot_out, topk_weights, x));
-    timings_.moe_us[l] = MicrosSince(start);
+    stats_.moe_us[l] += MicrosSince(start);
+    const int32_t* routed = topk_ids.data<const int32_t>();
+    for (int64_t i = 0; i < T * K; ++i) ++stats_.expert_tokens[l][routed[i]];
   }
 
   const int64_t R = static_cast<int64_t>(logit_rows.size());
@@ -157,7 +163,8 @@ absl::StatusOr<Tensor> Engine::Step(absl::Span<const SequenceInput> batch) {
   Tensor logits = Tensor::Empty(DType::kF32, {R, c.vocab_size});
   EPX_RETURN_IF_ERROR(cpu::Linear(last, weights_->lm_head(), logits));
 
-  tokens_computed_ += T;
+  stats_.tokens += T;
+  ++stats_.steps;
   for (const SequenceInput& in : batch)
     cache_.SetLength(in.seq_id, cache_.Length(in.seq_id) + static_cast<int64_t>(in.tokens.size()));
   return logits;

@@ -30,10 +30,13 @@ struct SequenceInput {
   bool all_logits = false;           // logits for every token, or only for the last
 };
 
-// Per-layer wall time of the last Step, in microseconds.
-struct StepTimings {
-  std::vector<double> attention_us;
-  std::vector<double> moe_us;
+// Per-layer totals since the engine was created.
+struct EngineStats {
+  int64_t steps = 0;
+  int64_t tokens = 0;                  // tokens through the layers (prefill + decode)
+  std::vector<double> attention_us;    // [layer] norm, q/k/v, RoPE, attention, o_proj, residual
+  std::vector<double> moe_us;          // [layer] norm, router, experts (wherever they run), combine
+  std::vector<std::vector<int64_t>> expert_tokens;  // [layer][expert] rows routed
 };
 
 class Engine {
@@ -56,9 +59,9 @@ class Engine {
   // max_position_embeddings) returns InvalidArgument/NotFound and changes nothing.
   absl::StatusOr<Tensor> Step(absl::Span<const SequenceInput> batch);
 
-  const StepTimings& last_timings() const { return timings_; }
+  const EngineStats& stats() const { return stats_; }
   // Tokens that went through the layers since creation: prefill and decode tokens, each once.
-  int64_t tokens_computed() const { return tokens_computed_; }
+  int64_t tokens_computed() const { return stats_.tokens; }
   const ModelConfig& config() const { return weights_->config(); }
 
  private:
@@ -69,8 +72,7 @@ class Engine {
   std::unique_ptr<ExpertExecutor> owned_experts_;
   ExpertExecutor* experts_;
   KvCache cache_;
-  StepTimings timings_;
-  int64_t tokens_computed_ = 0;
+  EngineStats stats_;
 };
 
 }  // namespace epx

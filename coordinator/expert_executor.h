@@ -19,6 +19,8 @@ namespace epx {
 class ExpertExecutor {
  public:
   virtual ~ExpertExecutor() = default;
+  // Called once at the start of every engine step, before the layers' Run() calls.
+  virtual absl::Status BeginStep() { return absl::OkStatus(); }
   // x: [num_tokens, hidden] F32, the normalised hidden states; topk_ids: [num_tokens, num_topk]
   // I32; slot_out: [num_tokens * num_topk, hidden] F32, row t * num_topk + j gets expert
   // topk_ids[t, j] applied to x[t].

@@ -10,7 +10,8 @@ packages=(
   nlohmann-json3-dev                # config.json / safetensors header parsing
   libcli11-dev                      # command-line parsing of the epx subcommands
   libsentencepiece-dev              # tokenizer.model
-  libopenblas-dev                   # fp32 GEMMs on the CPU
+  libopenblas-dev                   # the BLAS peer in bench/
+  libopenmpi-dev openmpi-bin        # the CPU data plane (mpirun -np 1+W)
   libgtest-dev libgmock-dev         # unit tests
   libbenchmark-dev                  # bench/
   python3

@@ -1,0 +1,86 @@
+// What one `epx` process is in a job, set up from the command line: with no launcher, the whole
+// model in this process; under mpirun (-np 1+W), rank 0 the coordinator (attention, routing,
+// sampling; experts on the workers) and ranks 1..W expert workers. Loads the weights of the
+// process's role only, checks that all ranks agree (build, config, placement), and shuts the
+// workers down at the end.
+//
+// Not thread-safe; the command's thread owns it.
+#ifndef EPX_CLI_RUNTIME_H_
+#define EPX_CLI_RUNTIME_H_
+
+#include <memory>
+#include <ostream>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "comm/communicator.h"
+#include "common/model_weights.h"
+#include "common/placement.h"
+#include "coordinator/distributed_expert_executor.h"
+#include "coordinator/engine.h"
+
+namespace epx {
+
+struct RuntimeOptions {
+  std::string model_dir;
+  std::string placement = "round-robin";  // or a placement file (common/placement.h)
+  std::string role;                       // "", "coordinator" or "worker" (MPMD launches)
+  absl::Duration comm_timeout = absl::Seconds(30);
+  // Use this communicator instead of MPI (tests: in-process ranks). Not owned.
+  comm::Communicator* comm = nullptr;
+};
+
+// The build identity all ranks of a job must share.
+std::string BuildId();
+
+class Runtime {
+ public:
+  // Errors: bad options or files (InvalidArgument/NotFound naming them), ranks that disagree
+  // (FailedPrecondition naming the rank), communication failures.
+  static absl::StatusOr<std::unique_ptr<Runtime>> Start(const RuntimeOptions& options);
+  // A coordinator that was not finished shuts its workers down (or aborts the job if a step was
+  // cut short).
+  ~Runtime();
+
+  int rank() const { return comm_ == nullptr ? 0 : comm_->rank(); }
+  int world_size() const { return comm_ == nullptr ? 1 : comm_->world_size(); }
+  bool is_worker() const { return rank() != 0; }
+  const ModelConfig& config() const { return config_; }
+  const ModelWeights& weights() const { return *weights_; }
+
+  // Worker ranks: serves expert work until the coordinator shuts the job down.
+  absl::Status ServeAsWorker();
+  // Coordinator: the engine (experts local or remote).
+  Engine& engine() { return *engine_; }
+
+  // Coordinator: ends the job with `result`. OK or an input error: the workers are told to stop
+  // and `result` is returned. A failure in the middle of a step (a worker lost or silent): the
+  // failure is reported and the whole job aborted, since the workers cannot be reached cleanly.
+  absl::Status Finish(absl::Status result);
+
+  // Coordinator: SIGTERM or SIGINT arrived; commands stop between steps and Finish() cleanly.
+  static bool stop_requested();
+
+  // Per-layer time in attention, dispatch, expert compute and combine; tokens per expert and
+  // per worker; weight bytes this rank mapped.
+  void PrintStats(std::ostream& out) const;
+
+ private:
+  Runtime() = default;
+  absl::Status Handshake(const Placement& placement);
+
+  RuntimeOptions options_;
+  ModelConfig config_;
+  std::unique_ptr<comm::Communicator> owned_comm_;
+  comm::Communicator* comm_ = nullptr;
+  std::unique_ptr<Placement> placement_;
+  std::unique_ptr<ModelWeights> weights_;
+  std::unique_ptr<DistributedExpertExecutor> remote_experts_;
+  std::unique_ptr<Engine> engine_;
+  bool finished_ = false;
+};
+
+}  // namespace epx
+
+#endif  // EPX_CLI_RUNTIME_H_

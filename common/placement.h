@@ -1,0 +1,52 @@
+// Which expert workers hold which experts. Ranks: 0 is the coordinator, 1..num_workers the
+// workers. An expert may sit on several workers (replicas); its routed rows are then split among
+// them deterministically (row i of the expert's group goes to replica i mod num_replicas), so
+// results never depend on the placement.
+//
+// Immutable after construction; thread-safe to share.
+#ifndef EPX_COMMON_PLACEMENT_H_
+#define EPX_COMMON_PLACEMENT_H_
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace epx {
+
+class Placement {
+ public:
+  // Expert e on worker 1 + e % W when W <= E; with W > E, worker w holds expert (w - 1) % E, so
+  // every worker works and experts get replicas. InvalidArgument for W < 1 or E < 1.
+  static absl::StatusOr<Placement> RoundRobin(int num_experts, int num_workers);
+
+  // Parses a placement file: JSON {"experts": {"0": [1, 2], "1": [3], ...}} mapping every expert
+  // to the worker ranks holding it. Errors name the file and the offending entry: an expert
+  // missing or unknown, a rank outside 1..num_workers, a repeated rank, a worker with no expert.
+  static absl::StatusOr<Placement> FromFile(const std::string& path, int num_experts,
+                                            int num_workers);
+  static absl::StatusOr<Placement> FromJson(const std::string& text, int num_experts,
+                                            int num_workers, const std::string& source);
+
+  int num_experts() const { return static_cast<int>(replicas_.size()); }
+  int num_workers() const { return num_workers_; }
+  // Worker ranks holding `expert`, ascending.
+  const std::vector<int>& replicas(int expert) const { return replicas_[expert]; }
+  // Experts held by worker `rank`, ascending (its local expert order).
+  const std::vector<int>& experts_of(int rank) const { return experts_of_[rank]; }
+  // Index of `expert` among experts_of(rank), or -1.
+  int LocalIndex(int rank, int expert) const;
+  // "expert 0 -> [1, 2]; expert 1 -> [3]; ..."
+  std::string ToString() const;
+
+ private:
+  static absl::StatusOr<Placement> Build(std::vector<std::vector<int>> replicas, int num_workers,
+                                         const std::string& source);
+  int num_workers_ = 0;
+  std::vector<std::vector<int>> replicas_;    // [expert] -> ranks
+  std::vector<std::vector<int>> experts_of_;  // [rank] -> experts (index 0 unused)
+};
+
+}  // namespace epx
+
+#endif  // EPX_COMMON_PLACEMENT_H_

@@ -1,0 +1,68 @@
+// The coordinator's side of expert parallelism: an ExpertExecutor that sends each layer's routed
+// rows to the workers holding their experts (comm/protocol.h) and brings the outputs back in
+// slot order. Rows of a replicated expert are dealt to its replicas in turn (row i of the
+// expert's group to replica i mod R), which changes nothing in the results: every row is
+// computed the same way wherever it goes.
+//
+// Used from the engine's thread only. Every call blocks; a worker that does not answer within
+// the timeout turns into DeadlineExceeded naming it and the layer.
+#ifndef EPX_COORDINATOR_DISTRIBUTED_EXPERT_EXECUTOR_H_
+#define EPX_COORDINATOR_DISTRIBUTED_EXPERT_EXECUTOR_H_
+
+#include <memory>
+#include <vector>
+
+#include "absl/time/time.h"
+#include "comm/communicator.h"
+#include "common/model_config.h"
+#include "common/placement.h"
+#include "coordinator/expert_executor.h"
+
+namespace epx {
+
+// Per-layer totals since creation (or the last ResetStats()).
+struct ExpertParallelStats {
+  std::vector<double> dispatch_us;  // [layer] counts + rows out, coordinator's wall time
+  std::vector<double> expert_us;    // [layer] slowest worker's compute time, summed over steps
+  std::vector<double> combine_us;   // [layer] rows back, minus the slowest worker's compute
+  std::vector<std::vector<int64_t>> expert_tokens;  // [layer][expert] rows routed
+  std::vector<int64_t> worker_tokens;               // [rank] rows received, all layers
+};
+
+class DistributedExpertExecutor : public ExpertExecutor {
+ public:
+  // REQUIRES: comm->rank() == 0; placement.num_workers() == comm->world_size() - 1.
+  DistributedExpertExecutor(const ModelConfig& config, const Placement& placement,
+                            comm::Communicator* comm, absl::Duration timeout);
+
+  // Broadcasts the step header that precedes the layers of one engine step. The engine's
+  // Step() calls Run() once per layer after this.
+  absl::Status BeginStep() override;
+  absl::Status Run(int layer, const TensorView& x, const TensorView& topk_ids,
+                   const TensorView& slot_out) override;
+  // Tells every worker to leave its loop. Idempotent.
+  absl::Status Shutdown();
+
+  const ExpertParallelStats& stats() const { return stats_; }
+  // True between BeginStep() and the last layer's Run(): the workers are inside a step, and a
+  // failure now leaves them where only aborting the job reaches them.
+  bool in_step() const { return layers_done_ < config_.num_hidden_layers; }
+
+ private:
+  const ModelConfig config_;
+  const Placement placement_;
+  comm::Communicator* comm_;
+  const absl::Duration timeout_;
+  int64_t step_ = 0;
+  int64_t layers_done_ = 0;  // in the current step
+  bool shut_down_ = false;
+  ExpertParallelStats stats_;
+  // Scratch kept between layers.
+  std::vector<int64_t> order_;  // send-buffer row -> slot
+  std::vector<float> send_;
+  std::vector<float> recv_;
+};
+
+}  // namespace epx
+
+#endif  // EPX_COORDINATOR_DISTRIBUTED_EXPERT_EXECUTOR_H_
