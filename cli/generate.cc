@@ -33,8 +33,11 @@ absl::Status GenerateOnEngine(const GenerateOptions& options, Engine& engine, st
     return absl::InvalidArgumentError(absl::StrCat(
         options.runtime.model_dir, ": tokenizer.model has ", tokenizer->vocab_size(),
         " pieces, more than vocab_size ", config.vocab_size));
-  EPX_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, tokenizer->Encode(options.prompt, true));
-  if (static_cast<int64_t>(prompt.size()) + options.max_tokens > config.max_position_embeddings)
+  EPX_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, tokenizer->Encode(options.prompt, false));
+  prompt.insert(prompt.begin(), config.bos_token_id);
+  // The last sampled token is never fed back, so the cache holds prompt + max_tokens - 1.
+  const int64_t room = config.max_position_embeddings - static_cast<int64_t>(prompt.size()) + 1;
+  if (options.max_tokens > room)
     return absl::InvalidArgumentError(absl::StrCat(
         "prompt (", prompt.size(), " tokens) + --max-tokens ", options.max_tokens,
         " exceed the context of ", config.max_position_embeddings, " tokens"));

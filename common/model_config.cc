@@ -2,12 +2,14 @@
 
 #include <bit>
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "common/hash.h"
+#include "common/json.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
 
@@ -86,8 +88,8 @@ absl::Status ReadTokenIds(const json& j, const std::string& source, ModelConfig*
 
 absl::StatusOr<ModelConfig> ModelConfig::FromJson(const std::string& text,
                                                   const std::string& source) {
-  json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded() || !j.is_object()) return Bad(source, "not a valid JSON object");
+  EPX_ASSIGN_OR_RETURN(json j, ParseJson(text, source));
+  if (!j.is_object()) return Bad(source, "not a JSON object");
   ModelConfig c;
   if (j.contains("model_type")) {
     if (!j["model_type"].is_string()) return Bad(source, "\"model_type\" must be a string");
@@ -96,6 +98,9 @@ absl::StatusOr<ModelConfig> ModelConfig::FromJson(const std::string& text,
       return Bad(source, absl::StrCat("model_type \"", c.model_type,
                                       "\" is not supported (epx runs \"mixtral\")"));
   }
+  if (j.contains("rope_scaling") && !j["rope_scaling"].is_null())
+    return Bad(source, absl::StrCat("rope_scaling ", j["rope_scaling"].dump(),
+                                    " is not supported (Mixtral uses plain RoPE)"));
   if (j.contains("hidden_act") && j["hidden_act"] != "silu")
     return Bad(source, absl::StrCat("hidden_act ", j["hidden_act"].dump(),
                                     " is not supported (Mixtral experts use \"silu\")"));
@@ -143,20 +148,25 @@ absl::StatusOr<ModelConfig> ModelConfig::FromJson(const std::string& text,
 }
 
 absl::Status ModelConfig::Validate(const std::string& source) const {
-  auto positive = [&](const char* key, int64_t v) -> absl::Status {
+  // Positive and bounded: far above any real model, low enough that no size computed from them
+  // overflows (the largest product, vocab * hidden, stays below 2^44).
+  auto in_range = [&](const char* key, int64_t v, int64_t max) -> absl::Status {
     if (v <= 0) return Bad(source, absl::StrCat("\"", key, "\" must be positive, got ", v));
+    if (v > max)
+      return Bad(source, absl::StrCat("\"", key, "\" = ", v, " exceeds the supported ", max));
     return absl::OkStatus();
   };
-  EPX_RETURN_IF_ERROR(positive("vocab_size", vocab_size));
-  EPX_RETURN_IF_ERROR(positive("hidden_size", hidden_size));
-  EPX_RETURN_IF_ERROR(positive("intermediate_size", intermediate_size));
-  EPX_RETURN_IF_ERROR(positive("num_hidden_layers", num_hidden_layers));
-  EPX_RETURN_IF_ERROR(positive("num_attention_heads", num_attention_heads));
-  EPX_RETURN_IF_ERROR(positive("num_key_value_heads", num_key_value_heads));
-  EPX_RETURN_IF_ERROR(positive("head_dim", head_dim));
-  EPX_RETURN_IF_ERROR(positive("num_local_experts", num_local_experts));
-  EPX_RETURN_IF_ERROR(positive("num_experts_per_tok", num_experts_per_tok));
-  EPX_RETURN_IF_ERROR(positive("max_position_embeddings", max_position_embeddings));
+  EPX_RETURN_IF_ERROR(in_range("vocab_size", vocab_size, int64_t{1} << 24));
+  EPX_RETURN_IF_ERROR(in_range("hidden_size", hidden_size, int64_t{1} << 20));
+  EPX_RETURN_IF_ERROR(in_range("intermediate_size", intermediate_size, int64_t{1} << 22));
+  EPX_RETURN_IF_ERROR(in_range("num_hidden_layers", num_hidden_layers, 4096));
+  EPX_RETURN_IF_ERROR(in_range("num_attention_heads", num_attention_heads, 4096));
+  EPX_RETURN_IF_ERROR(in_range("num_key_value_heads", num_key_value_heads, 4096));
+  EPX_RETURN_IF_ERROR(in_range("head_dim", head_dim, 65536));
+  EPX_RETURN_IF_ERROR(in_range("num_local_experts", num_local_experts, 4096));
+  EPX_RETURN_IF_ERROR(in_range("num_experts_per_tok", num_experts_per_tok, 4096));
+  EPX_RETURN_IF_ERROR(
+      in_range("max_position_embeddings", max_position_embeddings, int64_t{1} << 26));
   if (num_attention_heads % num_key_value_heads != 0)
     return Bad(source, absl::StrCat("num_attention_heads (", num_attention_heads,
                                     ") must be a multiple of num_key_value_heads (",
@@ -166,6 +176,9 @@ absl::Status ModelConfig::Validate(const std::string& source) const {
   if (num_experts_per_tok > num_local_experts)
     return Bad(source, absl::StrCat("num_experts_per_tok (", num_experts_per_tok,
                                     ") exceeds num_local_experts (", num_local_experts, ")"));
+  if (q_size() > (int64_t{1} << 24))
+    return Bad(source, absl::StrCat("num_attention_heads * head_dim = ", q_size(),
+                                    " exceeds the supported ", int64_t{1} << 24));
   if (sliding_window.has_value() && *sliding_window <= 0)
     return Bad(source, absl::StrCat("\"sliding_window\" must be positive or null, got ",
                                     *sliding_window));
@@ -183,12 +196,10 @@ absl::Status ModelConfig::Validate(const std::string& source) const {
 }
 
 absl::Status ModelConfig::ApplyGenerationConfig(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return absl::OkStatus();
-  std::stringstream ss;
-  ss << in.rdbuf();
-  json j = json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded() || !j.is_object()) return Bad(path, "not a valid JSON object");
+  std::error_code ec;
+  if (!std::filesystem::exists(path, ec) && !ec) return absl::OkStatus();
+  EPX_ASSIGN_OR_RETURN(json j, ParseJsonFile(path));
+  if (!j.is_object()) return Bad(path, "not a JSON object");
   ModelConfig updated = *this;
   EPX_RETURN_IF_ERROR(ReadTokenIds(j, path, &updated));
   EPX_RETURN_IF_ERROR(updated.Validate(path));

@@ -70,7 +70,7 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(
     EPX_ASSIGN_OR_RETURN(w->embed_tokens_,
                          l.Get("model.embed_tokens.weight", {V, H}, "vocab_size, hidden_size"));
     EPX_ASSIGN_OR_RETURN(w->final_norm_, l.GetF32("model.norm.weight", {H}, "hidden_size"));
-    if (config.tie_word_embeddings && !w->checkpoint_->Contains("lm_head.weight")) {
+    if (config.tie_word_embeddings) {  // as Hugging Face ties them, even if lm_head is stored
       w->lm_head_ = w->embed_tokens_;
     } else {
       EPX_ASSIGN_OR_RETURN(w->lm_head_,

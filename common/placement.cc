@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/json.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
 
@@ -40,8 +41,8 @@ absl::StatusOr<Placement> Placement::FromJson(const std::string& text, int num_e
   auto bad = [&](const std::string& what) {
     return absl::InvalidArgumentError(absl::StrCat(source, ": ", what));
   };
-  json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded() || !j.is_object() || !j.contains("experts") || !j["experts"].is_object())
+  EPX_ASSIGN_OR_RETURN(json j, ParseJson(text, source));
+  if (!j.is_object() || !j.contains("experts") || !j["experts"].is_object())
     return bad("expected a JSON object {\"experts\": {\"0\": [1, 2], \"1\": [3], ...}}");
   std::vector<std::vector<int>> replicas(num_experts);
   std::vector<bool> seen(num_experts, false);

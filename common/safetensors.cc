@@ -13,7 +13,7 @@
 #include <fstream>
 
 #include "absl/strings/str_cat.h"
-#include "nlohmann/json.hpp"
+#include "common/json.h"
 
 namespace epx {
 namespace {
@@ -110,9 +110,11 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   if (header_len > size - 8)
     return FileError(path, absl::StrCat("header length ", header_len, " runs past the end of the ",
                                         size, "-byte file (truncated?)"));
-  json header = json::parse(base + 8, base + 8 + header_len, nullptr, /*allow_exceptions=*/false);
-  if (header.is_discarded() || !header.is_object())
-    return FileError(path, "header is not a valid JSON object");
+  EPX_ASSIGN_OR_RETURN(json header,
+                       ParseJson(reinterpret_cast<const char*>(base + 8),
+                                 reinterpret_cast<const char*>(base + 8 + header_len),
+                                 path + " header"));
+  if (!header.is_object()) return FileError(path, "header is not a JSON object");
   const uint64_t data_size = size - 8 - header_len;
   file->data_ = base + 8 + header_len;
   for (auto it = header.begin(); it != header.end(); ++it) {
@@ -166,9 +168,8 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
   const fs::path single_path = fs::path(dir) / "model.safetensors";
   std::error_code ec;
   if (fs::exists(index_path, ec)) {
-    std::ifstream in(index_path);
-    json index = json::parse(in, nullptr, /*allow_exceptions=*/false);
-    if (index.is_discarded() || !index.is_object() || !index.contains("weight_map") ||
+    EPX_ASSIGN_OR_RETURN(json index, ParseJsonFile(index_path.string()));
+    if (!index.is_object() || !index.contains("weight_map") ||
         !index["weight_map"].is_object())
       return absl::InvalidArgumentError(absl::StrCat(
           index_path.string(), ": not a JSON object with a \"weight_map\" object"));

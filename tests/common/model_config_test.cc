@@ -128,6 +128,30 @@ TEST(ModelConfigTest, HugeOrNonIntegralFloatsAreRejectedNotConverted) {
   }
 }
 
+TEST(ModelConfigTest, SizesBeyondTheSupportedRangeAreRejected) {
+  // Each would overflow a size computation or allocate absurdly before any tensor is checked.
+  for (const char* text : {R"({"num_hidden_layers": 1000000000000})",
+                           R"({"num_local_experts": 3000000000, "num_experts_per_tok": 2})",
+                           R"({"num_attention_heads": 4096, "num_key_value_heads": 4096,
+                               "head_dim": 65536})",
+                           R"({"vocab_size": 100000000})"}) {
+    json j = Minimal();
+    j.merge_patch(json::parse(text));
+    auto c = ModelConfig::FromJson(j.dump());
+    EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument) << text;
+    EXPECT_THAT(std::string(c.status().message()), HasSubstr("supported")) << text;
+  }
+}
+
+TEST(ModelConfigTest, RopeScalingIsRejected) {
+  json j = Minimal();
+  j["rope_scaling"] = {{"type", "yarn"}, {"factor", 4.0}};
+  auto c = ModelConfig::FromJson(j.dump());
+  EXPECT_THAT(std::string(c.status().message()), HasSubstr("rope_scaling"));
+  j["rope_scaling"] = nullptr;
+  EXPECT_TRUE(ModelConfig::FromJson(j.dump()).ok());
+}
+
 TEST(ModelConfigTest, OptionalKeysTakeDefaults) {
   auto c = Parse(Minimal());
   ASSERT_TRUE(c.ok()) << c.status();
@@ -137,7 +161,7 @@ TEST(ModelConfigTest, OptionalKeysTakeDefaults) {
   EXPECT_EQ(c->rope_theta, 1e6);
   EXPECT_EQ(c->rms_norm_eps, 1e-5);
   EXPECT_FALSE(c->sliding_window.has_value());
-  EXPECT_EQ(c->max_position_embeddings, 32768);
+  EXPECT_EQ(c->max_position_embeddings, 131072);
   EXPECT_EQ(c->bos_token_id, 1);
   EXPECT_THAT(c->eos_token_ids, ElementsAre(2));
   EXPECT_FALSE(c->tie_word_embeddings);

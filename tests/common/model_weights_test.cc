@@ -198,6 +198,14 @@ TEST_F(ModelWeightsTest, TiedEmbeddingsWithoutLmHeadReuseTheEmbedding) {
   EXPECT_THAT(std::string(untied.status().message()), HasSubstr("lm_head.weight"));
 }
 
+TEST_F(ModelWeightsTest, TiedEmbeddingsIgnoreAStoredLmHeadAsHuggingFaceDoes) {
+  ModelConfig config = TinyConfig();
+  config.tie_word_embeddings = true;
+  auto w = ModelWeights::Load(test::TinyModelDir(), config, WeightSelection::Coordinator());
+  ASSERT_TRUE(w.ok()) << w.status();
+  EXPECT_EQ((*w)->lm_head().raw(), (*w)->embed_tokens().raw());
+}
+
 // --- Role-based loading. ---
 
 TEST_F(ModelWeightsTest, CoordinatorMapsOnlyNonExpertWeights) {
