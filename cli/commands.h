@@ -20,6 +20,10 @@ struct EvalOptions {
   std::string output;   // written in the golden layout
   bool sequential = false;  // one prompt at a time instead of one batch
   bool stats = false;       // print per-layer timings and expert load at the end
+  // Compare with the reference outputs in the input (golden layout): logits within `tolerance`
+  // of the largest reference magnitude, greedy tokens exact; FailedPrecondition if not.
+  bool check = false;
+  double tolerance = 1e-4;
 };
 // Prefill of every prompt (logits at every position), then greedy decode through the KV cache
 // for as many tokens as the input's prompt_{i}.greedy holds. Under mpirun, rank 0 does this and
@@ -50,6 +54,8 @@ struct MakeModelOptions {
       num_kv_heads, head_dim, num_experts, num_experts_per_tok, sliding_window,
       max_position_embeddings;
 };
+// "bf16"/"bfloat16", "fp16"/"float16", "fp32"/"float32"; InvalidArgument otherwise.
+absl::StatusOr<DType> ParseWeightDType(const std::string& name);
 // NotFound for an unknown preset (the message lists the known ones).
 absl::StatusOr<ModelConfig> PresetConfig(const std::string& preset);
 // Writes config.json, generation_config.json, tokenizer.model and random weights in the HF

@@ -1,4 +1,6 @@
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -37,12 +39,22 @@ absl::StatusOr<std::vector<Prompt>> ReadPrompts(const std::string& path) {
           absl::StrCat(path, ": ", p, "greedy (a vector; its length sets the decode steps) is missing"));
     EPX_ASSIGN_OR_RETURN(TensorView view, file->Get(p + "tokens"));
     Prompt prompt;
-    prompt.tokens.assign(view.data<const int32_t>(), view.data<const int32_t>() + view.numel());
+    prompt.tokens.resize(view.numel());  // copied: the mapped data need not be 4-byte aligned
+    std::memcpy(prompt.tokens.data(), view.raw(), view.nbytes());
     prompt.num_greedy = greedy->shape[0];
     prompts.push_back(std::move(prompt));
   }
   if (prompts.empty())
     return absl::InvalidArgumentError(absl::StrCat(path, ": no prompt_0.tokens"));
+  size_t listed = 0;
+  for (const auto& e : file->entries())
+    if (e.name.rfind("prompt_", 0) == 0 && e.name.size() > 7 &&
+        e.name.compare(e.name.size() - 7, 7, ".tokens") == 0)
+      ++listed;
+  if (listed != prompts.size())
+    return absl::InvalidArgumentError(absl::StrCat(
+        path, ": holds ", listed, " prompt_{i}.tokens but they are not numbered 0..",
+        listed - 1, " (prompt_", prompts.size(), " is missing)"));
   return prompts;
 }
 
@@ -91,6 +103,65 @@ absl::Status RunGroup(Engine& engine, const std::vector<size_t>& group,
   return absl::OkStatus();
 }
 
+// max |a - b| / max |ref| over two equally long float arrays.
+double RelativeError(const float* a, const float* ref, int64_t n) {
+  double diff = 0, mag = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    diff = std::max(diff, std::abs(static_cast<double>(a[i]) - ref[i]));
+    mag = std::max(mag, std::abs(static_cast<double>(ref[i])));
+  }
+  return mag > 0 ? diff / mag : diff;
+}
+
+// Compares each prompt's outputs with the reference ones the input file holds (the golden
+// layout): logits and greedy_logits within `tolerance` of the largest reference magnitude, greedy
+// tokens exact.
+absl::Status CheckAgainstReference(const EvalOptions& options, const std::vector<Prompt>& prompts,
+                                   int64_t vocab, std::ostream& log) {
+  EPX_ASSIGN_OR_RETURN(auto ref, SafetensorsFile::Open(options.input));
+  std::string failures;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const Prompt& p = prompts[i];
+    const std::string n = absl::StrCat("prompt_", i, ".");
+    auto read = [&](const std::string& name, DType dtype,
+                    int64_t numel) -> absl::StatusOr<std::vector<uint8_t>> {
+      const SafetensorsEntry* e = ref->Find(n + name);
+      if (e == nullptr || e->dtype != dtype || NumElements(e->shape) != numel)
+        return absl::InvalidArgumentError(absl::StrCat(options.input, ": --check needs ", n,
+                                                       name, " of ", numel, " ",
+                                                       DTypeName(dtype), " values"));
+      EPX_ASSIGN_OR_RETURN(TensorView v, ref->Get(n + name));
+      std::vector<uint8_t> bytes(v.nbytes());  // copied: the mapping need not be aligned
+      if (!bytes.empty()) std::memcpy(bytes.data(), v.raw(), bytes.size());
+      return bytes;
+    };
+    const int64_t t = static_cast<int64_t>(p.tokens.size()), g = p.num_greedy;
+    EPX_ASSIGN_OR_RETURN(auto logits, read("logits", DType::kF32, t * vocab));
+    EPX_ASSIGN_OR_RETURN(auto greedy, read("greedy", DType::kI32, g));
+    EPX_ASSIGN_OR_RETURN(auto greedy_logits, read("greedy_logits", DType::kF32, g * vocab));
+    const double prefill_err = RelativeError(p.logits.data<float>(),
+                                             reinterpret_cast<const float*>(logits.data()),
+                                             t * vocab);
+    const double decode_err = RelativeError(
+        p.greedy_logits.data(), reinterpret_cast<const float*>(greedy_logits.data()), g * vocab);
+    int64_t same = 0;
+    for (int64_t j = 0; j < g; ++j)
+      same += p.greedy[j] == reinterpret_cast<const int32_t*>(greedy.data())[j];
+    log << "check prompt " << i << ": prefill logits rel err " << prefill_err
+        << ", decode logits rel err " << decode_err << ", greedy tokens " << same << "/" << g
+        << " equal\n";
+    if (prefill_err > options.tolerance || decode_err > options.tolerance || same != g)
+      absl::StrAppend(&failures, failures.empty() ? "" : "; ", "prompt ", i);
+  }
+  if (!failures.empty())
+    return absl::FailedPreconditionError(absl::StrCat(
+        "outputs differ from the reference in ", options.input, " (tolerance ",
+        options.tolerance, " relative, greedy tokens exact): ", failures));
+  log << "check passed: every prompt within " << options.tolerance
+      << " of the reference, every greedy token equal\n";
+  return absl::OkStatus();
+}
+
 absl::Status EvalOnEngine(const EvalOptions& options, Engine& engine, std::ostream& log) {
   EPX_ASSIGN_OR_RETURN(std::vector<Prompt> prompts, ReadPrompts(options.input));
   const int64_t vocab = engine.config().vocab_size;
@@ -116,7 +187,8 @@ absl::Status EvalOnEngine(const EvalOptions& options, Engine& engine, std::ostre
     log << "prompt " << i << ": " << p.tokens.size() << " prompt tokens, " << g
         << " greedy tokens\n";
   }
-  return WriteSafetensors(options.output, out);
+  EPX_RETURN_IF_ERROR(WriteSafetensors(options.output, out));
+  return options.check ? CheckAgainstReference(options, prompts, vocab, log) : absl::OkStatus();
 }
 
 }  // namespace

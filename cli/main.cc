@@ -14,7 +14,21 @@ int Finish(const absl::Status& status) {
 
 }  // namespace
 
+int Run(int argc, char** argv);
+
 int main(int argc, char** argv) {
+  // Library code returns Status; what can still escape is the standard library's: out of memory.
+  try {
+    return Run(argc, argv);
+  } catch (const std::bad_alloc&) {
+    std::cerr << "epx: error: out of memory\n";
+  } catch (const std::exception& e) {
+    std::cerr << "epx: error: " << e.what() << "\n";
+  }
+  return 1;
+}
+
+int Run(int argc, char** argv) {
   CLI::App app{"epx: expert-parallel inference for Mixtral-family MoE models"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "epx 0.1.0");
@@ -46,6 +60,13 @@ int main(int argc, char** argv) {
       ->required();
   eval_cmd->add_option("--output", eval.output, "safetensors to write")->required();
   eval_cmd->add_flag("--sequential", eval.sequential, "one prompt at a time, not one batch");
+  eval_cmd->add_flag("--check", eval.check,
+                     "compare with the input's reference logits and greedy tokens; fail if they "
+                     "differ");
+  eval_cmd->add_option("--tolerance", eval.tolerance,
+                       "--check: largest error relative to the largest reference logit")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
 
   epx::GenerateOptions gen;
   double gen_timeout_s = 30;
@@ -70,7 +91,7 @@ int main(int argc, char** argv) {
   mm_cmd->add_option("--out", mm.out_dir, "output directory")->required();
   mm_cmd->add_option("--seed", mm.seed, "weight seed")->capture_default_str();
   mm_cmd->add_option("--dtype", dtype, "bf16, fp16 or fp32")->capture_default_str();
-  mm_cmd->add_option("--shards", mm.shards, "number of safetensors files (0: at most 5 GB each)")
+  mm_cmd->add_option("--shards", mm.shards, "split the weights into up to N files of about equal size (0: files of at most 5 GB)")
       ->capture_default_str();
   mm_cmd->add_option("--num-layers", mm.num_layers, "override num_hidden_layers");
   mm_cmd->add_option("--hidden-size", mm.hidden_size, "override hidden_size");
@@ -80,7 +101,8 @@ int main(int argc, char** argv) {
   mm_cmd->add_option("--num-kv-heads", mm.num_kv_heads, "override num_key_value_heads");
   mm_cmd->add_option("--head-dim", mm.head_dim, "override head_dim");
   mm_cmd->add_option("--num-experts", mm.num_experts, "override num_local_experts");
-  mm_cmd->add_option("--top-k", mm.num_experts_per_tok, "override num_experts_per_tok");
+  mm_cmd->add_option("--experts-per-tok", mm.num_experts_per_tok,
+                     "override num_experts_per_tok (top-k of the router)");
   mm_cmd->add_option("--sliding-window", mm.sliding_window, "override sliding_window (0 = none)");
   mm_cmd->add_option("--max-position-embeddings", mm.max_position_embeddings,
                      "override max_position_embeddings");
@@ -92,16 +114,9 @@ int main(int argc, char** argv) {
   if (eval_cmd->parsed()) return Finish(epx::RunEval(eval, std::cerr));
   if (gen_cmd->parsed()) return Finish(epx::RunGenerate(gen, std::cout, std::cerr));
   if (mm_cmd->parsed()) {
-    if (dtype == "bf16" || dtype == "bfloat16") {
-      mm.dtype = epx::DType::kBF16;
-    } else if (dtype == "fp16" || dtype == "float16") {
-      mm.dtype = epx::DType::kF16;
-    } else if (dtype == "fp32" || dtype == "float32") {
-      mm.dtype = epx::DType::kF32;
-    } else {
-      std::cerr << "epx: error: --dtype must be bf16, fp16 or fp32, got " << dtype << "\n";
-      return 2;
-    }
+    absl::StatusOr<epx::DType> parsed = epx::ParseWeightDType(dtype);
+    if (!parsed.ok()) return Finish(parsed.status());
+    mm.dtype = *parsed;
     return Finish(epx::RunMakeModel(mm, std::cerr));
   }
   return 2;

@@ -58,6 +58,14 @@ absl::Status WriteText(const std::filesystem::path& path, const std::string& tex
 
 }  // namespace
 
+absl::StatusOr<DType> ParseWeightDType(const std::string& name) {
+  if (name == "bf16" || name == "bfloat16") return DType::kBF16;
+  if (name == "fp16" || name == "float16") return DType::kF16;
+  if (name == "fp32" || name == "float32") return DType::kF32;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--dtype must be bf16, fp16 or fp32, got \"", name, "\""));
+}
+
 absl::StatusOr<ModelConfig> PresetConfig(const std::string& preset) {
   ModelConfig c;
   c.rope_theta = 1e6;
@@ -150,30 +158,43 @@ absl::Status RunMakeModel(const MakeModelOptions& o, std::ostream& log) {
 
   uint64_t total_bytes = 0;
   for (const Spec& s : specs) total_bytes += NumElements(s.shape) * DTypeSize(o.dtype);
-  // Automatic sharding keeps files under 5 GB, as Hugging Face checkpoints do.
+  // Shards: with --shards N, a contiguous split into N parts of about equal bytes; by default,
+  // files packed up to 5 GB, as Hugging Face checkpoints are. Only non-empty shards are written
+  // and numbered.
   constexpr uint64_t kAutoShardBytes = uint64_t{5} << 30;
-  const int64_t wanted = o.shards > 0 ? o.shards
-                                      : static_cast<int64_t>((total_bytes + kAutoShardBytes - 1) /
-                                                             kAutoShardBytes);
-  const int64_t shards =
-      std::clamp<int64_t>(wanted, 1, static_cast<int64_t>(specs.size()));
-  // Contiguous split by bytes: shard k takes tensors until it holds its share.
-  std::vector<std::vector<SafetensorsWriteEntry>> per_shard(shards);
-  uint64_t running = 0;
+  const int64_t wanted = std::min<int64_t>(o.shards, static_cast<int64_t>(specs.size()));
+  std::vector<std::vector<SafetensorsWriteEntry>> per_shard(1);
+  uint64_t running = 0, in_shard = 0;
   for (const Spec& s : specs) {
     const uint64_t bytes = NumElements(s.shape) * DTypeSize(o.dtype);
-    int64_t k = static_cast<int64_t>(running * shards / std::max<uint64_t>(total_bytes, 1));
-    k = std::min(k, shards - 1);
+    const bool next = wanted > 0
+        ? static_cast<int64_t>(per_shard.size()) < wanted &&
+              running * wanted >= per_shard.size() * std::max<uint64_t>(total_bytes, 1)
+        : in_shard > 0 && in_shard + bytes > kAutoShardBytes;
+    if (next && !per_shard.back().empty()) {
+      per_shard.emplace_back();
+      in_shard = 0;
+    }
     running += bytes;
+    in_shard += bytes;
     const uint64_t seed = o.seed;
     const DType dtype = o.dtype;
-    per_shard[k].push_back({s.name, o.dtype, s.shape, [s, seed, dtype](uint8_t* dst, size_t n) {
-                              return FillRandom(s.name, seed, s.mean, s.stddev, dtype, dst, n);
-                            }});
+    per_shard.back().push_back(
+        {s.name, o.dtype, s.shape, [s, seed, dtype](uint8_t* dst, size_t n) {
+           return FillRandom(s.name, seed, s.mean, s.stddev, dtype, dst, n);
+         }});
+  }
+  const int64_t shards = static_cast<int64_t>(per_shard.size());
+  // Weights of an earlier run in the same directory must not mix with these.
+  for (const auto& entry : fs::directory_iterator(dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (name == "model.safetensors" || name == "model.safetensors.index.json" ||
+        (name.rfind("model-", 0) == 0 && name.size() > 12 &&
+         name.compare(name.size() - 12, 12, ".safetensors") == 0))
+      fs::remove(entry.path(), ec);
   }
   nlohmann::json weight_map = nlohmann::json::object();
   for (int64_t k = 0; k < shards; ++k) {
-    if (per_shard[k].empty()) continue;
     const std::string file = shards == 1 ? "model.safetensors"
                                          : absl::StrFormat("model-%05d-of-%05d.safetensors",
                                                            k + 1, shards);
@@ -185,8 +206,6 @@ absl::Status RunMakeModel(const MakeModelOptions& o, std::ostream& log) {
     nlohmann::json index = {{"metadata", {{"total_size", total_bytes}}},
                             {"weight_map", weight_map}};
     EPX_RETURN_IF_ERROR(WriteText(dir / "model.safetensors.index.json", index.dump(2) + "\n"));
-  } else {
-    fs::remove(dir / "model.safetensors.index.json", ec);
   }
   EPX_RETURN_IF_ERROR(WriteText(dir / "config.json", c.ToJson()));
   nlohmann::json gen = {{"bos_token_id", c.bos_token_id}, {"eos_token_id", c.eos_token_ids[0]}};

@@ -1,5 +1,6 @@
 #include "common/model_weights.h"
 
+#include <cstring>
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
@@ -10,7 +11,8 @@ namespace {
 
 class Loader {
  public:
-  Loader(Checkpoint* ckpt, std::string config_path) : ckpt_(ckpt), config_path_(std::move(config_path)) {}
+  Loader(Checkpoint* ckpt, std::string config_path, std::vector<Tensor>* copies)
+      : ckpt_(ckpt), config_path_(std::move(config_path)), copies_(copies) {}
 
   // A matrix or vector view with the expected shape and a floating-point dtype.
   absl::StatusOr<TensorView> Get(const std::string& name, Shape expected, const char* meaning) {
@@ -29,6 +31,14 @@ class Loader {
       return absl::InvalidArgumentError(absl::StrCat(
           file, ": tensor '", name, "' has shape ", ShapeString(view.shape()), " but ",
           config_path_, " implies ", ShapeString(expected), " (", meaning, ")"));
+    // The format does not align data to the element size; kernels read whole elements, so a
+    // misaligned tensor is copied once.
+    if (reinterpret_cast<uintptr_t>(view.raw()) % DTypeSize(view.dtype()) != 0) {
+      Tensor copy = Tensor::Empty(view.dtype(), view.shape());
+      std::memcpy(copy.data<uint8_t>(), view.raw(), view.nbytes());
+      view = copy.view();
+      copies_->push_back(std::move(copy));
+    }
     return view;
   }
 
@@ -40,6 +50,7 @@ class Loader {
  private:
   Checkpoint* ckpt_;
   std::string config_path_;
+  std::vector<Tensor>* copies_;
 };
 
 }  // namespace
@@ -62,7 +73,8 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(
   w->config_ = config;
   w->selection_ = selection;
   EPX_ASSIGN_OR_RETURN(w->checkpoint_, Checkpoint::Open(dir));
-  Loader l(w->checkpoint_.get(), (std::filesystem::path(dir) / "config.json").string());
+  Loader l(w->checkpoint_.get(), (std::filesystem::path(dir) / "config.json").string(),
+           &w->aligned_copies_);
   const int64_t H = config.hidden_size, V = config.vocab_size, I = config.intermediate_size;
   const int64_t Q = config.q_size(), KV = config.kv_size(), E = config.num_local_experts;
 

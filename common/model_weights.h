@@ -73,6 +73,7 @@ class ModelWeights {
   ModelConfig config_;
   WeightSelection selection_;
   std::unique_ptr<Checkpoint> checkpoint_;
+  std::vector<Tensor> aligned_copies_;  // tensors whose mapped data was misaligned for its dtype
   TensorView embed_tokens_;
   Tensor final_norm_;
   TensorView lm_head_;

@@ -86,6 +86,10 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     ::close(fd);
     return absl::InternalError(absl::StrCat(path, ": fstat: ", strerror(errno)));
   }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file"));
+  }
   const uint64_t size = static_cast<uint64_t>(st.st_size);
   if (size < 8) {
     ::close(fd);
@@ -252,8 +256,13 @@ absl::Status WriteSafetensors(const std::string& path,
   while (text.size() % 8 != 0) text.push_back(' ');  // keeps the data section 8-byte aligned
   const std::string tmp = path + ".tmp";
   std::FILE* f = std::fopen(tmp.c_str(), "wb");
-  if (f == nullptr)
-    return absl::PermissionDeniedError(absl::StrCat(tmp, ": cannot create: ", strerror(errno)));
+  if (f == nullptr) {
+    const int err = errno;
+    const std::string message = absl::StrCat(tmp, ": cannot create: ", strerror(err));
+    if (err == ENOENT || err == ENOTDIR) return absl::NotFoundError(message);
+    if (err == EACCES || err == EPERM || err == EROFS) return absl::PermissionDeniedError(message);
+    return absl::InternalError(message);
+  }
   uint8_t len[8];
   for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(text.size() >> (8 * i));
   bool ok = std::fwrite(len, 1, 8, f) == 8 && std::fwrite(text.data(), 1, text.size(), f) == text.size();
@@ -275,8 +284,11 @@ absl::Status WriteSafetensors(const std::string& path,
     std::remove(tmp.c_str());
     return absl::DataLossError(absl::StrCat(path, ": write failed: ", strerror(errno)));
   }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0)
-    return absl::DataLossError(absl::StrCat(path, ": rename failed: ", strerror(errno)));
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    const std::string message = absl::StrCat(path, ": rename failed: ", strerror(errno));
+    std::remove(tmp.c_str());
+    return absl::DataLossError(message);
+  }
   return absl::OkStatus();
 }
 
@@ -286,7 +298,7 @@ absl::Status WriteSafetensors(const std::string& path,
   for (const auto& tensor : tensors) {
     const TensorView view = tensor.second;
     entries.push_back({tensor.first, view.dtype(), view.shape(), [view](uint8_t* dst, size_t n) {
-                         std::memcpy(dst, view.raw(), n);
+                         if (n > 0) std::memcpy(dst, view.raw(), n);
                          return absl::OkStatus();
                        }});
   }

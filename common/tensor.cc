@@ -2,6 +2,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <new>
 
 #include "absl/strings/str_join.h"
 
@@ -37,7 +38,8 @@ Tensor Tensor::Empty(DType dtype, Shape shape) {
   const size_t bytes = static_cast<size_t>(NumElements(shape)) * DTypeSize(dtype);
   const size_t rounded = (bytes + 63) / 64 * 64;
   t.buffer_.reset(static_cast<uint8_t*>(std::aligned_alloc(64, rounded == 0 ? 64 : rounded)));
-  EPX_CHECK(t.buffer_ != nullptr);
+  // Out of memory is not a programmer error: it surfaces like any failed allocation.
+  if (t.buffer_ == nullptr) throw std::bad_alloc();
   t.dtype_ = dtype;
   t.shape_ = std::move(shape);
   return t;

@@ -53,7 +53,8 @@ class TensorView {
 class Tensor {
  public:
   Tensor() = default;
-  // Uninitialised storage.
+  // Uninitialised storage. Throws std::bad_alloc when memory runs out, as containers do; the
+  // binaries report it (cli/main.cc).
   static Tensor Empty(DType dtype, Shape shape);
   static Tensor Zeros(DType dtype, Shape shape);
 

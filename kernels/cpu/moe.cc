@@ -20,6 +20,11 @@ absl::Status RouterTopK(const TensorView& logits, const TensorView& topk_ids,
   std::vector<int32_t> order(experts);
   for (int64_t t = 0; t < tokens; ++t) {
     const float* l = logits.data<const float>() + t * experts;
+    for (int64_t e = 0; e < experts; ++e) {
+      if (std::isnan(l[e]))
+        return absl::InvalidArgumentError(
+            absl::StrCat("RouterTopK: router logit of token ", t, ", expert ", e, " is NaN"));
+    }
     float max_logit = l[0];
     for (int64_t e = 1; e < experts; ++e) max_logit = std::max(max_logit, l[e]);
     float sum = 0.f;

@@ -31,6 +31,10 @@ absl::StatusOr<int32_t> Sample(absl::Span<const float> logits, const SamplingPar
                                SamplingRng& rng) {
   EPX_RETURN_IF_ERROR(params.Validate());
   if (logits.empty()) return absl::InvalidArgumentError("Sample: no logits");
+  for (size_t i = 0; i < logits.size(); ++i) {
+    if (std::isnan(logits[i]))
+      return absl::InvalidArgumentError(absl::StrCat("Sample: logit of token ", i, " is NaN"));
+  }
   if (params.temperature == 0.f) return ArgMax(logits);
   const int64_t vocab = static_cast<int64_t>(logits.size());
   // Candidates by descending logit, ties by ascending id: a total order, so the draw is

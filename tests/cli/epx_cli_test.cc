@@ -76,6 +76,24 @@ TEST(EpxCliTest, EvalMatchesGoldenAndSequentialIsBitwiseEqualToBatched) {
   fs::remove(sequential);
 }
 
+TEST(EpxCliTest, EvalCheckPassesOnTheGoldenModelAndFailsOnAnother) {
+  const std::string out = TempPath("eval_check.safetensors");
+  Result r = RunEpx("eval --check --model " + TinyModelDir() + " --input " + GoldenPath() +
+                    " --output " + out);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("check passed"), std::string::npos) << r.output;
+
+  // Same layout, other weights: the check must fail and say which prompts differ.
+  const std::string other = TempPath("other_tiny");
+  ASSERT_EQ(RunEpx("make-model --preset tiny --seed 5 --out " + other).exit_code, 0);
+  r = RunEpx("eval --check --model " + other + " --input " + GoldenPath() + " --output " + out);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("differ from the reference"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("prompt 0"), std::string::npos) << r.output;
+  fs::remove_all(other);
+  fs::remove(out);
+}
+
 TEST(EpxCliTest, MakeModelThenGenerate) {
   const std::string dir = TempPath("model_small");
   Result r = RunEpx("make-model --preset tiny --num-layers 2 --vocab-size 1000 --shards 2 --seed 3 --out " + dir);
