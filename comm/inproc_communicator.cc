@@ -149,6 +149,7 @@ absl::Status InProcGroup::Recv(int src, int dst, Tag tag, absl::Time deadline,
   const Key key{src, dst, static_cast<int>(tag)};
   while (true) {
     if (aborted_) return absl::AbortedError(abort_message_);
+    if (dead_.count(dst)) return absl::UnavailableError(absl::StrCat("rank ", dst, " was killed"));
     if (dead_.count(src))
       return absl::UnavailableError(absl::StrCat("rank ", src, " is gone"));
     auto it = mailboxes_.find(key);

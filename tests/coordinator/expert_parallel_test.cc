@@ -1,0 +1,228 @@
+// Expert parallelism with ranks as threads (comm::InProcGroup): the real Runtime, handshake,
+// distributed executor and worker loop. Outputs must be bitwise identical to the single-process
+// engine for any worker count and placement; failures must name the rank.
+#include <atomic>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "cli/commands.h"
+#include "cli/runtime.h"
+#include "comm/inproc_communicator.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "kernels/cpu/ops.h"
+#include "tests/coordinator/test_util.h"
+
+namespace epx {
+namespace {
+
+using ::testing::HasSubstr;
+using testing::GoldenPath;
+using testing::ReadVector;
+using testing::TinyModelDir;
+
+// Logits of the three golden prompts: one batched prefill, then `steps` batched greedy steps.
+absl::StatusOr<std::vector<float>> RunPrompts(Engine& engine, int steps, int64_t seq_base = 0) {
+  auto golden = SafetensorsFile::Open(GoldenPath());
+  if (!golden.ok()) return golden.status();
+  std::vector<std::vector<int32_t>> tokens;
+  for (int i = 0; i < 3; ++i)
+    tokens.push_back(ReadVector<int32_t>(**golden, "prompt_" + std::to_string(i) + ".tokens"));
+  const int64_t vocab = engine.config().vocab_size;
+  std::vector<float> all;
+  std::vector<SequenceInput> batch;
+  for (int i = 0; i < 3; ++i) {
+    EPX_RETURN_IF_ERROR(engine.AddSequence(seq_base + i));
+    batch.push_back({seq_base + i, tokens[i], true});
+  }
+  std::vector<int32_t> next(3);
+  for (int s = 0; s <= steps; ++s) {
+    EPX_ASSIGN_OR_RETURN(Tensor logits, engine.Step(batch));
+    all.insert(all.end(), logits.data<float>(), logits.data<float>() + logits.numel());
+    for (int i = 0; i < 3; ++i) {
+      const float* last = logits.data<float>() + (logits.dim(0) - 3 + i) * vocab;
+      next[i] = cpu::ArgMax({last, static_cast<size_t>(vocab)});
+    }
+    batch.clear();
+    for (int i = 0; i < 3; ++i)
+      batch.push_back({seq_base + i, absl::MakeConstSpan(&next[i], 1), false});
+  }
+  return all;
+}
+
+struct ClusterResult {
+  absl::Status coordinator;
+  std::vector<float> logits;
+  std::vector<absl::Status> ranks;      // Start/serve status of every rank
+  std::vector<uint64_t> bytes_mapped;   // per rank
+};
+
+// Runs a job of 1 + workers ranks as threads. `tweak(rank, options)` may change a rank's
+// options; `silent` ranks start (handshake) but never serve.
+ClusterResult RunCluster(int workers, const std::string& placement, int steps,
+                         std::function<void(int, RuntimeOptions&)> tweak = nullptr,
+                         std::set<int> silent = {}, absl::Duration timeout = absl::Seconds(30),
+                         std::function<void(comm::InProcGroup&)> after_first_step = nullptr) {
+  const int world = workers + 1;
+  comm::InProcGroup group(world);
+  ClusterResult result;
+  result.ranks.resize(world);
+  result.bytes_mapped.resize(world);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < world; ++r) {
+    threads.emplace_back([&, r] {
+      std::unique_ptr<comm::Communicator> comm = group.Join(r);
+      RuntimeOptions options;
+      options.model_dir = TinyModelDir();
+      options.placement = placement;
+      options.comm = comm.get();
+      options.comm_timeout = timeout;
+      if (tweak) tweak(r, options);
+      auto rt = Runtime::Start(options);
+      if (!rt.ok()) {
+        result.ranks[r] = rt.status();
+        return;
+      }
+      result.bytes_mapped[r] = (*rt)->weights().bytes_mapped();
+      if ((*rt)->is_worker()) {
+        if (silent.count(r)) {
+          while (!group.aborted()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+          result.ranks[r] = absl::AbortedError("silent");
+          return;
+        }
+        result.ranks[r] = (*rt)->ServeAsWorker();
+        return;
+      }
+      absl::StatusOr<std::vector<float>> logits;
+      if (after_first_step) {
+        logits = RunPrompts((*rt)->engine(), 0);
+        after_first_step(group);
+        if (logits.ok()) logits = RunPrompts((*rt)->engine(), steps, /*seq_base=*/10);
+      } else {
+        logits = RunPrompts((*rt)->engine(), steps);
+      }
+      if (logits.ok()) result.logits = *logits;
+      result.coordinator = (*rt)->Finish(logits.status());
+      result.ranks[0] = result.coordinator;
+    });
+  }
+  for (auto& t : threads) t.join();
+  return result;
+}
+
+std::vector<float> SingleProcessLogits(int steps) {
+  RuntimeOptions options;
+  options.model_dir = TinyModelDir();
+  auto rt = Runtime::Start(options);
+  EXPECT_TRUE(rt.ok()) << rt.status();
+  auto logits = RunPrompts((*rt)->engine(), steps);
+  EXPECT_TRUE(logits.ok()) << logits.status();
+  return *logits;
+}
+
+bool BitwiseEqual(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+constexpr int kSteps = 6;
+
+class WorkerCountTest : public ::testing::TestWithParam<int> {};
+
+TEST_P(WorkerCountTest, BitwiseIdenticalToSingleProcess) {
+  const std::vector<float> want = SingleProcessLogits(kSteps);
+  ClusterResult got = RunCluster(GetParam(), "round-robin", kSteps);
+  for (size_t r = 0; r < got.ranks.size(); ++r) EXPECT_TRUE(got.ranks[r].ok()) << r << ": " << got.ranks[r];
+  EXPECT_TRUE(BitwiseEqual(got.logits, want));
+}
+
+// W < E, W = E, W > E (replicas), with decode steps where most workers get no rows.
+INSTANTIATE_TEST_SUITE_P(Workers, WorkerCountTest, ::testing::Values(1, 2, 3, 8, 11));
+
+TEST(ExpertParallelTest, PlacementFileWithReplicasIsBitwiseIdentical) {
+  const std::string path =
+      (std::filesystem::path(::testing::TempDir()) / "epx_placement.json").string();
+  std::ofstream(path) << R"({"experts": {"0": [1, 2, 3], "1": [2], "2": [3], "3": [1, 3],
+                             "4": [1], "5": [2], "6": [3], "7": [1, 2]}})";
+  ClusterResult got = RunCluster(3, path, kSteps);
+  ASSERT_TRUE(got.coordinator.ok()) << got.coordinator;
+  EXPECT_TRUE(BitwiseEqual(got.logits, SingleProcessLogits(kSteps)));
+  std::filesystem::remove(path);
+}
+
+TEST(ExpertParallelTest, EachRankMapsOnlyItsRolesTensors) {
+  ClusterResult got = RunCluster(3, "round-robin", 0);
+  ASSERT_TRUE(got.coordinator.ok()) << got.coordinator;
+  auto config = ModelConfig::FromDir(TinyModelDir());
+  ASSERT_TRUE(config.ok());
+  const uint64_t per_expert = 3ull * config->hidden_size * config->intermediate_size * 2 *
+                              config->num_hidden_layers;  // bf16 w1, w2, w3 in every layer
+  uint64_t total = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(TinyModelDir())) (void)entry;
+  auto all = SafetensorsFile::Open(TinyModelDir() + "/model.safetensors");
+  ASSERT_TRUE(all.ok());
+  for (const auto& e : (*all)->entries()) total += e.end - e.begin;
+  // Round-robin over 3 workers: 3, 3 and 2 of the 8 experts.
+  EXPECT_EQ(got.bytes_mapped[1], 3 * per_expert);
+  EXPECT_EQ(got.bytes_mapped[2], 3 * per_expert);
+  EXPECT_EQ(got.bytes_mapped[3], 2 * per_expert);
+  EXPECT_EQ(got.bytes_mapped[0], total - 8 * per_expert);
+}
+
+TEST(ExpertParallelTest, ConfigMismatchStopsEveryRankNamingIt) {
+  const std::string other = (std::filesystem::path(::testing::TempDir()) / "epx_other").string();
+  MakeModelOptions mm;
+  mm.preset = "tiny";
+  mm.num_layers = 2;
+  mm.out_dir = other;
+  std::ostringstream log;
+  ASSERT_TRUE(RunMakeModel(mm, log).ok());
+  ClusterResult got = RunCluster(2, "round-robin", 0, [&](int rank, RuntimeOptions& o) {
+    if (rank == 2) o.model_dir = other;
+  });
+  for (size_t r = 0; r < got.ranks.size(); ++r) {
+    EXPECT_EQ(got.ranks[r].code(), absl::StatusCode::kFailedPrecondition) << got.ranks[r];
+    EXPECT_THAT(std::string(got.ranks[r].message()), HasSubstr("rank 2")) << got.ranks[r];
+  }
+  std::filesystem::remove_all(other);
+}
+
+TEST(ExpertParallelTest, RoleMismatchNamesTheRank) {
+  ClusterResult got = RunCluster(2, "round-robin", 0, [](int rank, RuntimeOptions& o) {
+    if (rank == 1) o.role = "coordinator";
+  });
+  EXPECT_THAT(std::string(got.ranks[0].message()), HasSubstr("rank 1 started as coordinator"));
+}
+
+TEST(ExpertParallelTest, BadPlacementFileIsRejectedEverywhere) {
+  const std::string path =
+      (std::filesystem::path(::testing::TempDir()) / "epx_bad_placement.json").string();
+  std::ofstream(path) << R"({"experts": {"0": [1], "1": [4]}})";
+  ClusterResult got = RunCluster(2, path, 0);
+  for (const absl::Status& s : got.ranks) {
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    EXPECT_THAT(std::string(s.message()), HasSubstr(path));
+  }
+  std::filesystem::remove(path);
+}
+
+TEST(ExpertParallelTest, LostWorkerFailsTheStepNamingIt) {
+  ClusterResult got = RunCluster(3, "round-robin", kSteps, nullptr, {}, absl::Seconds(30),
+                                 [](comm::InProcGroup& group) { group.Kill(2); });
+  EXPECT_FALSE(got.coordinator.ok());
+  EXPECT_THAT(std::string(got.coordinator.message()), HasSubstr("rank 2"));
+}
+
+TEST(ExpertParallelTest, SilentWorkerTimesOutNamingIt) {
+  const auto start = absl::Now();
+  ClusterResult got =
+      RunCluster(3, "round-robin", kSteps, nullptr, {3}, absl::Milliseconds(300));
+  EXPECT_EQ(got.coordinator.code(), absl::StatusCode::kDeadlineExceeded) << got.coordinator;
+  EXPECT_THAT(std::string(got.coordinator.message()), HasSubstr("rank(s) 3 did not answer"));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(10));
+}
+
+}  // namespace
+}  // namespace epx
