@@ -1,0 +1,183 @@
+// epx under mpirun (label mpi): rank 0 coordinator, ranks 1..W expert workers over Open MPI.
+// The golden eval must be bitwise identical to the single-process run for any W and placement;
+// bad placements and lost, silent or signalled ranks must end the job with a message naming the
+// rank, never a hang.
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+
+const std::string kEpx = std::string(EPX_BINARY_DIR) + "/cli/epx";
+const std::string kModel = std::string(EPX_TEST_DATA_DIR) + "/tiny-mixtral";
+const std::string kGolden = kModel + "/golden.safetensors";
+
+struct Result {
+  int exit_code = -1;
+  std::string output;
+  double seconds = 0;
+};
+
+Result Shell(const std::string& command) {
+  Result r;
+  const auto start = std::chrono::steady_clock::now();
+  FILE* pipe = popen(("bash -c '" + command + "' 2>&1").c_str(), "r");
+  if (pipe == nullptr) return r;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) r.output.append(buf, n);
+  const int status = pclose(pipe);
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return r;
+}
+
+// mpirun with what a CI container needs: oversubscription of 2 cores, root allowed, one OpenMP
+// thread per rank.
+std::string Mpirun(int np) {
+  std::string cmd = std::string(EPX_MPIRUN) + " --oversubscribe -x OMP_NUM_THREADS=1";
+  if (geteuid() == 0) cmd += " --allow-run-as-root";
+  return cmd + " -np " + std::to_string(np) + " ";
+}
+
+std::string Temp(const std::string& name) {
+  return (fs::path(::testing::TempDir()) / ("epx_mpi_" + name)).string();
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// The single-process output everything is compared with.
+const std::string& Reference() {
+  static const std::string* bytes = [] {
+    const std::string out = Temp("reference.safetensors");
+    Result r = Shell(kEpx + " eval --model " + kModel + " --input " + kGolden + " --output " + out);
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return new std::string(ReadFile(out));
+  }();
+  return *bytes;
+}
+
+class MpiWorkersTest : public ::testing::TestWithParam<int> {};
+
+TEST_P(MpiWorkersTest, GoldenEvalIsBitwiseIdenticalToOneProcess) {
+  const int workers = GetParam();
+  const std::string out = Temp("eval_w" + std::to_string(workers) + ".safetensors");
+  Result r = Shell(Mpirun(1 + workers) + kEpx + " eval --stats --model " + kModel + " --input " +
+                   kGolden + " --output " + out);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(ReadFile(out), Reference()) << "W=" << workers;
+  EXPECT_THAT(r.output, HasSubstr("tokens per worker"));
+  EXPECT_THAT(r.output, HasSubstr("rank" + std::to_string(workers) + "="));
+}
+
+INSTANTIATE_TEST_SUITE_P(Workers, MpiWorkersTest, ::testing::Values(1, 2, 3, 8));
+
+TEST(MpiTest, MoreWorkersThanExpertsWithAPlacementFile) {
+  const std::string placement = Temp("placement9.json");
+  // 9 workers for 8 experts: experts 0 and 5 have two replicas, the others one.
+  std::ofstream(placement) << R"({"experts": {"0": [1, 9], "1": [2], "2": [3], "3": [4],
+                                 "4": [5], "5": [6, 9], "6": [7], "7": [8]}})";
+  const std::string out = Temp("eval_w9.safetensors");
+  Result r = Shell(Mpirun(10) + kEpx + " eval --placement " + placement + " --model " + kModel +
+                   " --input " + kGolden + " --output " + out);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(ReadFile(out), Reference());
+}
+
+TEST(MpiTest, MpmdFormWithRoles) {
+  const std::string out = Temp("eval_mpmd.safetensors");
+  const std::string args = " eval --model " + kModel + " --input " + kGolden + " --output " + out;
+  std::string cmd = Mpirun(1) + kEpx + args + " --role coordinator : -np 2 " + kEpx + args +
+                    " --role worker";
+  Result r = Shell(cmd);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(ReadFile(out), Reference());
+}
+
+TEST(MpiTest, BadPlacementFileIsReported) {
+  const std::string placement = Temp("bad_placement.json");
+  std::ofstream(placement) << R"({"experts": {"0": [1], "1": [2], "2": [1]}})";
+  Result r = Shell(Mpirun(3) + kEpx + " eval --placement " + placement + " --model " + kModel +
+                   " --input " + kGolden + " --output " + Temp("never.safetensors"));
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.output, HasSubstr(placement));
+  EXPECT_THAT(r.output, HasSubstr("expert 3 is not placed"));
+}
+
+TEST(MpiTest, PlacementForMoreRanksThanTheJobHasIsReported) {
+  const std::string placement = Temp("ranks_placement.json");
+  std::ofstream(placement) << R"({"experts": {"0": [1], "1": [2], "2": [3], "3": [1],
+                                 "4": [2], "5": [3], "6": [1], "7": [2]}})";
+  Result r = Shell(Mpirun(3) + kEpx + " eval --placement " + placement + " --model " + kModel +
+                   " --input " + kGolden + " --output " + Temp("never.safetensors"));
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.output, HasSubstr("rank 3"));
+  EXPECT_THAT(r.output, HasSubstr("workers are ranks 1..2"));
+}
+
+// A model with room for a long generation, so that a rank can be signalled mid-run.
+const std::string& LongModel() {
+  static const std::string* dir = [] {
+    auto* d = new std::string(Temp("long_model"));
+    Result r = Shell(kEpx + " make-model --preset tiny --num-layers 2 --max-position-embeddings " +
+                     "2000000 --out " + *d);
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return d;
+  }();
+  return *dir;
+}
+
+// Starts a long generation under mpirun, sends `signal` to `rank` after it has run a while, and
+// waits for the job to end.
+Result GenerateAndSignal(int np, const std::string& signal, int rank, const std::string& extra) {
+  const std::string log = Temp("signal_" + signal + ".log");
+  const std::string cmd =
+      Mpirun(np) + kEpx + " generate --model " + LongModel() +
+      " --prompt hello --max-tokens 1900000 " + extra + " > " + log + " 2>&1 & job=$!; " +
+      std::string(EPX_TEST_SOURCE_DIR) + "/mpi/signal_rank.sh " + signal + " " +
+      std::to_string(rank) + " " + LongModel() + "; wait $job; code=$?; cat " + log +
+      "; exit $code";
+  return Shell(cmd);
+}
+
+TEST(MpiTest, KilledWorkerEndsTheJobNamingTheRank) {
+  Result r = GenerateAndSignal(4, "KILL", 2, "");
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("sent SIGKILL to rank 2"));
+  EXPECT_THAT(r.output, HasSubstr("rank 2"));
+  EXPECT_LT(r.seconds, 60) << r.output;
+}
+
+TEST(MpiTest, SilentWorkerIsReportedByTheCoordinatorWithinTheTimeout) {
+  Result r = GenerateAndSignal(4, "STOP", 3, "--comm-timeout 3");
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("rank(s) 3 did not answer rank 0 within 3s"));
+  EXPECT_LT(r.seconds, 60) << r.output;
+}
+
+TEST(MpiTest, SigtermAtTheCoordinatorShutsTheJobDownCleanly) {
+  Result r = GenerateAndSignal(3, "TERM", 0, "");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("sent SIGTERM to rank 0"));
+  EXPECT_THAT(r.output, HasSubstr("generated"));  // the coordinator finished its report
+  EXPECT_LT(r.seconds, 60) << r.output;
+}
+
+}  // namespace
