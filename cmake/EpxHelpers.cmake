@@ -24,7 +24,12 @@ function(epx_cc_test)
   target_compile_definitions(${ARG_NAME} PRIVATE
     EPX_TEST_DATA_DIR="${PROJECT_SOURCE_DIR}/tests/data"
     EPX_BINARY_DIR="${PROJECT_BINARY_DIR}")
+  # mpirun jobs oversubscribe the cores and find their processes by name: one at a time.
+  set(serial FALSE)
+  if("mpi" IN_LIST ARG_LABELS)
+    set(serial TRUE)
+  endif()
   gtest_discover_tests(${ARG_NAME}
-    PROPERTIES LABELS "${ARG_LABELS}" TIMEOUT ${ARG_TIMEOUT}
+    PROPERTIES LABELS "${ARG_LABELS}" TIMEOUT ${ARG_TIMEOUT} RUN_SERIAL ${serial}
     DISCOVERY_TIMEOUT 60)
 endfunction()

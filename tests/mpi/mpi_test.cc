@@ -132,29 +132,22 @@ TEST(MpiTest, PlacementForMoreRanksThanTheJobHasIsReported) {
   EXPECT_THAT(r.output, HasSubstr("workers are ranks 1..2"));
 }
 
-// A model with room for a long generation, so that a rank can be signalled mid-run.
-const std::string& LongModel() {
-  static const std::string* dir = [] {
-    auto* d = new std::string(Temp("long_model"));
-    Result r = Shell(kEpx + " make-model --preset tiny --num-layers 2 --max-position-embeddings " +
-                     "2000000 --out " + *d);
-    EXPECT_EQ(r.exit_code, 0) << r.output;
-    return d;
-  }();
-  return *dir;
-}
-
-// Starts a long generation under mpirun, sends `signal` to `rank` after it has run a while, and
-// waits for the job to end.
+// Starts a long generation under mpirun on a model of its own (its directory marks the job's
+// processes), sends `signal` to `rank` after it has run a while, and waits for the job to end.
 Result GenerateAndSignal(int np, const std::string& signal, int rank, const std::string& extra) {
+  const std::string model = Temp("long_model_" + signal);
+  Result made = Shell(kEpx + " make-model --preset tiny --num-layers 2 " +
+                      "--max-position-embeddings 300000 --out " + model);
+  EXPECT_EQ(made.exit_code, 0) << made.output;
   const std::string log = Temp("signal_" + signal + ".log");
   const std::string cmd =
-      Mpirun(np) + kEpx + " generate --model " + LongModel() +
-      " --prompt hello --max-tokens 1900000 " + extra + " > " + log + " 2>&1 & job=$!; " +
-      std::string(EPX_TEST_SOURCE_DIR) + "/mpi/signal_rank.sh " + signal + " " +
-      std::to_string(rank) + " " + LongModel() + "; wait $job; code=$?; cat " + log +
-      "; exit $code";
-  return Shell(cmd);
+      Mpirun(np) + kEpx + " generate --model " + model + " --prompt hello --max-tokens 200000 " +
+      extra + " > " + log + " 2>&1 & job=$!; " + std::string(EPX_TEST_SOURCE_DIR) +
+      "/mpi/signal_rank.sh " + signal + " " + std::to_string(rank) + " " + model +
+      " || kill $job; wait $job; code=$?; cat " + log + "; exit $code";
+  Result r = Shell(cmd);
+  fs::remove_all(model);
+  return r;
 }
 
 TEST(MpiTest, KilledWorkerEndsTheJobNamingTheRank) {
