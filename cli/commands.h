@@ -15,9 +15,9 @@
 namespace epx {
 
 struct EvalOptions {
-  RuntimeOptions runtime;  // model directory, placement, role, timeouts
-  std::string input;    // golden file with prompt_{i}.tokens and prompt_{i}.greedy
-  std::string output;   // written in the golden layout
+  RuntimeOptions runtime;   // model directory, placement, role, timeouts
+  std::string input;        // golden file with prompt_{i}.tokens and prompt_{i}.greedy
+  std::string output;       // written in the golden layout
   bool sequential = false;  // one prompt at a time instead of one batch
   bool stats = false;       // print per-layer timings and expert load at the end
   // Compare with the reference outputs in the input (golden layout): logits within `tolerance`

@@ -18,9 +18,9 @@ namespace {
 struct Prompt {
   std::vector<int32_t> tokens;
   int64_t num_greedy = 0;
-  Tensor logits;                       // [T, vocab]
-  std::vector<int32_t> greedy;         // [N]
-  std::vector<float> greedy_logits;    // [N * vocab]
+  Tensor logits;                     // [T, vocab]
+  std::vector<int32_t> greedy;       // [N]
+  std::vector<float> greedy_logits;  // [N * vocab]
 };
 
 absl::StatusOr<std::vector<Prompt>> ReadPrompts(const std::string& path) {
@@ -35,8 +35,8 @@ absl::StatusOr<std::vector<Prompt>> ReadPrompts(const std::string& path) {
       return absl::InvalidArgumentError(
           absl::StrCat(path, ": ", p, "tokens must be a non-empty I32 vector"));
     if (greedy == nullptr || greedy->shape.size() != 1)
-      return absl::InvalidArgumentError(
-          absl::StrCat(path, ": ", p, "greedy (a vector; its length sets the decode steps) is missing"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          path, ": ", p, "greedy (a vector; its length sets the decode steps) is missing"));
     EPX_ASSIGN_OR_RETURN(TensorView view, file->Get(p + "tokens"));
     Prompt prompt;
     prompt.tokens.resize(view.numel());  // copied: the mapped data need not be 4-byte aligned
@@ -52,9 +52,9 @@ absl::StatusOr<std::vector<Prompt>> ReadPrompts(const std::string& path) {
         e.name.compare(e.name.size() - 7, 7, ".tokens") == 0)
       ++listed;
   if (listed != prompts.size())
-    return absl::InvalidArgumentError(absl::StrCat(
-        path, ": holds ", listed, " prompt_{i}.tokens but they are not numbered 0..",
-        listed - 1, " (prompt_", prompts.size(), " is missing)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": holds ", listed, " prompt_{i}.tokens but they are not numbered 0..",
+                     listed - 1, " (prompt_", prompts.size(), " is missing)"));
   return prompts;
 }
 
@@ -89,8 +89,8 @@ absl::Status RunGroup(Engine& engine, const std::vector<size_t>& group,
     }
     if (active.empty()) break;
     for (size_t i : active)
-      batch.push_back({static_cast<int64_t>(i), absl::MakeConstSpan(&prompts[i].greedy.back(), 1),
-                       false});
+      batch.push_back(
+          {static_cast<int64_t>(i), absl::MakeConstSpan(&prompts[i].greedy.back(), 1), false});
     EPX_ASSIGN_OR_RETURN(Tensor step_logits, engine.Step(batch));
     for (size_t r = 0; r < active.size(); ++r) {
       const float* l = step_logits.data<float>() + r * vocab;
@@ -127,9 +127,9 @@ absl::Status CheckAgainstReference(const EvalOptions& options, const std::vector
                     int64_t numel) -> absl::StatusOr<std::vector<uint8_t>> {
       const SafetensorsEntry* e = ref->Find(n + name);
       if (e == nullptr || e->dtype != dtype || NumElements(e->shape) != numel)
-        return absl::InvalidArgumentError(absl::StrCat(options.input, ": --check needs ", n,
-                                                       name, " of ", numel, " ",
-                                                       DTypeName(dtype), " values"));
+        return absl::InvalidArgumentError(absl::StrCat(options.input, ": --check needs ", n, name,
+                                                       " of ", numel, " ", DTypeName(dtype),
+                                                       " values"));
       EPX_ASSIGN_OR_RETURN(TensorView v, ref->Get(n + name));
       std::vector<uint8_t> bytes(v.nbytes());  // copied: the mapping need not be aligned
       if (!bytes.empty()) std::memcpy(bytes.data(), v.raw(), bytes.size());
@@ -139,9 +139,8 @@ absl::Status CheckAgainstReference(const EvalOptions& options, const std::vector
     EPX_ASSIGN_OR_RETURN(auto logits, read("logits", DType::kF32, t * vocab));
     EPX_ASSIGN_OR_RETURN(auto greedy, read("greedy", DType::kI32, g));
     EPX_ASSIGN_OR_RETURN(auto greedy_logits, read("greedy_logits", DType::kF32, g * vocab));
-    const double prefill_err = RelativeError(p.logits.data<float>(),
-                                             reinterpret_cast<const float*>(logits.data()),
-                                             t * vocab);
+    const double prefill_err = RelativeError(
+        p.logits.data<float>(), reinterpret_cast<const float*>(logits.data()), t * vocab);
     const double decode_err = RelativeError(
         p.greedy_logits.data(), reinterpret_cast<const float*>(greedy_logits.data()), g * vocab);
     int64_t same = 0;
@@ -154,9 +153,9 @@ absl::Status CheckAgainstReference(const EvalOptions& options, const std::vector
       absl::StrAppend(&failures, failures.empty() ? "" : "; ", "prompt ", i);
   }
   if (!failures.empty())
-    return absl::FailedPreconditionError(absl::StrCat(
-        "outputs differ from the reference in ", options.input, " (tolerance ",
-        options.tolerance, " relative, greedy tokens exact): ", failures));
+    return absl::FailedPreconditionError(
+        absl::StrCat("outputs differ from the reference in ", options.input, " (tolerance ",
+                     options.tolerance, " relative, greedy tokens exact): ", failures));
   log << "check passed: every prompt within " << options.tolerance
       << " of the reference, every greedy token equal\n";
   return absl::OkStatus();
@@ -178,8 +177,8 @@ absl::Status EvalOnEngine(const EvalOptions& options, Engine& engine, std::ostre
     const Prompt& p = prompts[i];
     const std::string n = absl::StrCat("prompt_", i, ".");
     const int64_t g = static_cast<int64_t>(p.greedy.size());
-    out.emplace_back(n + "tokens",
-                     TensorView(p.tokens.data(), DType::kI32, {static_cast<int64_t>(p.tokens.size())}));
+    out.emplace_back(n + "tokens", TensorView(p.tokens.data(), DType::kI32,
+                                              {static_cast<int64_t>(p.tokens.size())}));
     out.emplace_back(n + "logits", p.logits.view());
     out.emplace_back(n + "greedy", TensorView(p.greedy.data(), DType::kI32, {g}));
     out.emplace_back(n + "greedy_logits",

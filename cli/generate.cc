@@ -30,17 +30,17 @@ absl::Status GenerateOnEngine(const GenerateOptions& options, Engine& engine, st
   EPX_RETURN_IF_ERROR(config.ApplyGenerationConfig((dir / "generation_config.json").string()));
   EPX_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::FromFile((dir / "tokenizer.model").string()));
   if (tokenizer->vocab_size() > config.vocab_size)
-    return absl::InvalidArgumentError(absl::StrCat(
-        options.runtime.model_dir, ": tokenizer.model has ", tokenizer->vocab_size(),
-        " pieces, more than vocab_size ", config.vocab_size));
+    return absl::InvalidArgumentError(
+        absl::StrCat(options.runtime.model_dir, ": tokenizer.model has ", tokenizer->vocab_size(),
+                     " pieces, more than vocab_size ", config.vocab_size));
   EPX_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, tokenizer->Encode(options.prompt, false));
   prompt.insert(prompt.begin(), config.bos_token_id);
   // The last sampled token is never fed back, so the cache holds prompt + max_tokens - 1.
   const int64_t room = config.max_position_embeddings - static_cast<int64_t>(prompt.size()) + 1;
   if (options.max_tokens > room)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "prompt (", prompt.size(), " tokens) + --max-tokens ", options.max_tokens,
-        " exceed the context of ", config.max_position_embeddings, " tokens"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompt (", prompt.size(), " tokens) + --max-tokens ", options.max_tokens,
+                     " exceed the context of ", config.max_position_embeddings, " tokens"));
 
   EPX_RETURN_IF_ERROR(engine.AddSequence(0));
   cpu::SamplingRng rng(options.seed);
@@ -52,9 +52,9 @@ absl::Status GenerateOnEngine(const GenerateOptions& options, Engine& engine, st
   while (generated < options.max_tokens && !Runtime::stop_requested()) {
     SequenceInput in{0, input, false};
     EPX_ASSIGN_OR_RETURN(Tensor logits, engine.Step({&in, 1}));
-    EPX_ASSIGN_OR_RETURN(int32_t token,
-                         cpu::Sample({logits.data<float>(), static_cast<size_t>(config.vocab_size)},
-                                     sampling, rng));
+    EPX_ASSIGN_OR_RETURN(
+        int32_t token,
+        cpu::Sample({logits.data<float>(), static_cast<size_t>(config.vocab_size)}, sampling, rng));
     if (++generated == 1) first_token = std::chrono::steady_clock::now();
     if (std::find(config.eos_token_ids.begin(), config.eos_token_ids.end(), token) !=
         config.eos_token_ids.end())

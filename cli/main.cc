@@ -63,8 +63,9 @@ int Run(int argc, char** argv) {
   eval_cmd->add_flag("--check", eval.check,
                      "compare with the input's reference logits and greedy tokens; fail if they "
                      "differ");
-  eval_cmd->add_option("--tolerance", eval.tolerance,
-                       "--check: largest error relative to the largest reference logit")
+  eval_cmd
+      ->add_option("--tolerance", eval.tolerance,
+                   "--check: largest error relative to the largest reference logit")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
 
@@ -91,7 +92,10 @@ int Run(int argc, char** argv) {
   mm_cmd->add_option("--out", mm.out_dir, "output directory")->required();
   mm_cmd->add_option("--seed", mm.seed, "weight seed")->capture_default_str();
   mm_cmd->add_option("--dtype", dtype, "bf16, fp16 or fp32")->capture_default_str();
-  mm_cmd->add_option("--shards", mm.shards, "split the weights into up to N files of about equal size (0: files of at most 5 GB)")
+  mm_cmd
+      ->add_option(
+          "--shards", mm.shards,
+          "split the weights into up to N files of about equal size (0: files of at most 5 GB)")
       ->capture_default_str();
   mm_cmd->add_option("--num-layers", mm.num_layers, "override num_hidden_layers");
   mm_cmd->add_option("--hidden-size", mm.hidden_size, "override hidden_size");

@@ -39,9 +39,15 @@ absl::Status FillRandom(const std::string& name, uint64_t seed, float mean, floa
       const float u = static_cast<float>(SplitMix64(state) >> 40) * 0x1.0p-24f;  // [0, 1)
       const float v = mean + (2.f * u - 1.f) * half_width;
       switch (dtype) {
-        case DType::kF32: reinterpret_cast<float*>(dst)[i] = v; break;
-        case DType::kBF16: reinterpret_cast<uint16_t*>(dst)[i] = F32ToBf16(v); break;
-        default: reinterpret_cast<uint16_t*>(dst)[i] = F32ToF16(v); break;
+        case DType::kF32:
+          reinterpret_cast<float*>(dst)[i] = v;
+          break;
+        case DType::kBF16:
+          reinterpret_cast<uint16_t*>(dst)[i] = F32ToBf16(v);
+          break;
+        default:
+          reinterpret_cast<uint16_t*>(dst)[i] = F32ToF16(v);
+          break;
       }
     }
   }
@@ -90,8 +96,8 @@ absl::StatusOr<ModelConfig> PresetConfig(const std::string& preset) {
     c.num_hidden_layers = 56, c.num_attention_heads = 48, c.num_key_value_heads = 8;
     c.head_dim = 128, c.max_position_embeddings = 65536;
   } else {
-    return absl::NotFoundError(absl::StrCat("unknown preset \"", preset,
-                                            "\" (known: tiny, small, mixtral-8x7b, mixtral-8x22b)"));
+    return absl::NotFoundError(absl::StrCat(
+        "unknown preset \"", preset, "\" (known: tiny, small, mixtral-8x7b, mixtral-8x22b)"));
   }
   return c;
 }
@@ -114,7 +120,10 @@ absl::Status RunMakeModel(const MakeModelOptions& o, std::ostream& log) {
   if (o.num_experts_per_tok) c.num_experts_per_tok = *o.num_experts_per_tok;
   if (o.max_position_embeddings) c.max_position_embeddings = *o.max_position_embeddings;
   if (o.sliding_window) {
-    if (*o.sliding_window == 0) c.sliding_window.reset(); else c.sliding_window = *o.sliding_window;
+    if (*o.sliding_window == 0)
+      c.sliding_window.reset();
+    else
+      c.sliding_window = *o.sliding_window;
   }
   c.torch_dtype = o.dtype;
   EPX_RETURN_IF_ERROR(c.Validate("make-model"));
@@ -142,7 +151,9 @@ absl::Status RunMakeModel(const MakeModelOptions& o, std::ostream& log) {
     specs.push_back({p + "self_attn.q_proj.weight", {c.q_size(), H}, 0.f, sh});
     specs.push_back({p + "self_attn.k_proj.weight", {c.kv_size(), H}, 0.f, sh});
     specs.push_back({p + "self_attn.v_proj.weight", {c.kv_size(), H}, 0.f, sh});
-    specs.push_back({p + "self_attn.o_proj.weight", {H, c.q_size()}, 0.f,
+    specs.push_back({p + "self_attn.o_proj.weight",
+                     {H, c.q_size()},
+                     0.f,
                      1.f / std::sqrt(static_cast<float>(c.q_size()))});
     specs.push_back({p + "post_attention_layernorm.weight", {H}, 1.f, 0.1f});
     specs.push_back({p + "block_sparse_moe.gate.weight", {c.num_local_experts, H}, 0.f, sh});
@@ -167,10 +178,10 @@ absl::Status RunMakeModel(const MakeModelOptions& o, std::ostream& log) {
   uint64_t running = 0, in_shard = 0;
   for (const Spec& s : specs) {
     const uint64_t bytes = NumElements(s.shape) * DTypeSize(o.dtype);
-    const bool next = wanted > 0
-        ? static_cast<int64_t>(per_shard.size()) < wanted &&
-              running * wanted >= per_shard.size() * std::max<uint64_t>(total_bytes, 1)
-        : in_shard > 0 && in_shard + bytes > kAutoShardBytes;
+    const bool next =
+        wanted > 0 ? static_cast<int64_t>(per_shard.size()) < wanted &&
+                         running * wanted >= per_shard.size() * std::max<uint64_t>(total_bytes, 1)
+                   : in_shard > 0 && in_shard + bytes > kAutoShardBytes;
     if (next && !per_shard.back().empty()) {
       per_shard.emplace_back();
       in_shard = 0;
@@ -179,10 +190,9 @@ absl::Status RunMakeModel(const MakeModelOptions& o, std::ostream& log) {
     in_shard += bytes;
     const uint64_t seed = o.seed;
     const DType dtype = o.dtype;
-    per_shard.back().push_back(
-        {s.name, o.dtype, s.shape, [s, seed, dtype](uint8_t* dst, size_t n) {
-           return FillRandom(s.name, seed, s.mean, s.stddev, dtype, dst, n);
-         }});
+    per_shard.back().push_back({s.name, o.dtype, s.shape, [s, seed, dtype](uint8_t* dst, size_t n) {
+                                  return FillRandom(s.name, seed, s.mean, s.stddev, dtype, dst, n);
+                                }});
   }
   const int64_t shards = static_cast<int64_t>(per_shard.size());
   // Weights of an earlier run in the same directory must not mix with these.
@@ -195,9 +205,9 @@ absl::Status RunMakeModel(const MakeModelOptions& o, std::ostream& log) {
   }
   nlohmann::json weight_map = nlohmann::json::object();
   for (int64_t k = 0; k < shards; ++k) {
-    const std::string file = shards == 1 ? "model.safetensors"
-                                         : absl::StrFormat("model-%05d-of-%05d.safetensors",
-                                                           k + 1, shards);
+    const std::string file = shards == 1
+                                 ? "model.safetensors"
+                                 : absl::StrFormat("model-%05d-of-%05d.safetensors", k + 1, shards);
     EPX_RETURN_IF_ERROR(WriteSafetensors((dir / file).string(), per_shard[k], {{"format", "pt"}}));
     for (const auto& e : per_shard[k]) weight_map[e.name] = file;
     log << "wrote " << (dir / file).string() << "\n";
@@ -211,8 +221,8 @@ absl::Status RunMakeModel(const MakeModelOptions& o, std::ostream& log) {
   nlohmann::json gen = {{"bos_token_id", c.bos_token_id}, {"eos_token_id", c.eos_token_ids[0]}};
   EPX_RETURN_IF_ERROR(WriteText(dir / "generation_config.json", gen.dump(2) + "\n"));
   EPX_RETURN_IF_ERROR(WriteText(dir / "tokenizer.model", tokenizer));
-  log << "made " << o.preset << " model in " << o.out_dir << ": " << total_bytes / 1e6
-      << " MB of " << DTypeName(o.dtype) << " weights in " << shards << " file(s)\n";
+  log << "made " << o.preset << " model in " << o.out_dir << ": " << total_bytes / 1e6 << " MB of "
+      << DTypeName(o.dtype) << " weights in " << shards << " file(s)\n";
   return absl::OkStatus();
 }
 

@@ -87,8 +87,7 @@ absl::Status Runtime::Handshake(const Placement& placement) {
   hello.config_hash = config_.Hash();
   hello.placement_hash = Fnv1a64(placement.ToString());
   hello.rank = rank();
-  const bool wants_worker =
-      options_.role.empty() ? rank() != 0 : options_.role == "worker";
+  const bool wants_worker = options_.role.empty() ? rank() != 0 : options_.role == "worker";
   hello.role = wants_worker ? comm::Role::kWorker : comm::Role::kCoordinator;
   hello.world_size = world_size();
   std::vector<comm::Hello> all(world_size());
@@ -138,8 +137,8 @@ void Runtime::PrintStats(std::ostream& out) const {
         << es.attention_us[l] << std::setw(8) << es.moe_us[l];
     if (remote_experts_ != nullptr) {
       const ExpertParallelStats& ps = remote_experts_->stats();
-      out << std::setw(13) << ps.dispatch_us[l] << std::setw(11) << ps.expert_us[l]
-          << std::setw(12) << ps.combine_us[l];
+      out << std::setw(13) << ps.dispatch_us[l] << std::setw(11) << ps.expert_us[l] << std::setw(12)
+          << ps.combine_us[l];
     } else {
       out << std::setw(13) << 0 << std::setw(11) << "(local)" << std::setw(12) << 0;
     }

@@ -8,11 +8,16 @@ namespace epx::comm {
 
 const char* TagName(Tag tag) {
   switch (tag) {
-    case Tag::kHandshake: return "handshake";
-    case Tag::kStepHeader: return "step header";
-    case Tag::kCounts: return "counts";
-    case Tag::kDispatch: return "dispatch";
-    case Tag::kCombine: return "combine";
+    case Tag::kHandshake:
+      return "handshake";
+    case Tag::kStepHeader:
+      return "step header";
+    case Tag::kCounts:
+      return "counts";
+    case Tag::kDispatch:
+      return "dispatch";
+    case Tag::kCombine:
+      return "combine";
   }
   return "?";
 }

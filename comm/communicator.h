@@ -41,8 +41,8 @@ class Communicator {
   // and receives recv_bytes[p] bytes from each rank p into `recv` (same layout). Both sides must
   // agree on every size; zero-byte entries send nothing. `what` names the exchange in errors
   // (e.g. "layer 3 dispatch").
-  virtual absl::Status AllToAllV(const void* send, absl::Span<const int64_t> send_bytes,
-                                 void* recv, absl::Span<const int64_t> recv_bytes, Tag tag,
+  virtual absl::Status AllToAllV(const void* send, absl::Span<const int64_t> send_bytes, void* recv,
+                                 absl::Span<const int64_t> recv_bytes, Tag tag,
                                  absl::Duration timeout, const std::string& what) = 0;
 
   // `bytes` bytes from `root` into `data` on every rank. timeout = absl::InfiniteDuration() waits

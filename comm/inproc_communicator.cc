@@ -61,8 +61,8 @@ class InProcCommunicator : public Communicator {
     }
     return ReceiveAll({root}, tag, timeout, what, [&](int p, const std::string& msg) {
       if (static_cast<int64_t>(msg.size()) != bytes)
-        return absl::InternalError(absl::StrCat(what, ": broadcast of ", msg.size(),
-                                                " bytes, expected ", bytes));
+        return absl::InternalError(
+            absl::StrCat(what, ": broadcast of ", msg.size(), " bytes, expected ", bytes));
       std::memcpy(data, msg.data(), bytes);
       return absl::OkStatus();
     });
@@ -83,8 +83,8 @@ class InProcCommunicator : public Communicator {
     }
     return ReceiveAll(pending, tag, timeout, what, [&](int p, const std::string& msg) {
       if (static_cast<int64_t>(msg.size()) != bytes)
-        return absl::InternalError(absl::StrCat(what, ": rank ", p, " sent ", msg.size(),
-                                                " bytes, expected ", bytes));
+        return absl::InternalError(
+            absl::StrCat(what, ": rank ", p, " sent ", msg.size(), " bytes, expected ", bytes));
       std::memcpy(dst + p * bytes, msg.data(), bytes);
       return absl::OkStatus();
     });
@@ -132,8 +132,7 @@ std::unique_ptr<Communicator> InProcGroup::Join(int rank) {
 void InProcGroup::Send(int src, int dst, Tag tag, const void* data, int64_t bytes) {
   std::lock_guard<std::mutex> lock(mu_);
   if (dead_.count(src) || dead_.count(dst)) return;
-  mailboxes_[{src, dst, static_cast<int>(tag)}].emplace_back(static_cast<const char*>(data),
-                                                             bytes);
+  mailboxes_[{src, dst, static_cast<int>(tag)}].emplace_back(static_cast<const char*>(data), bytes);
   cv_.notify_all();
 }
 
@@ -143,15 +142,13 @@ bool InProcGroup::Ready(int src, int dst, Tag tag) const {
   return it != mailboxes_.end() && !it->second.empty();
 }
 
-absl::Status InProcGroup::Recv(int src, int dst, Tag tag, absl::Time deadline,
-                               std::string* out) {
+absl::Status InProcGroup::Recv(int src, int dst, Tag tag, absl::Time deadline, std::string* out) {
   std::unique_lock<std::mutex> lock(mu_);
   const Key key{src, dst, static_cast<int>(tag)};
   while (true) {
     if (aborted_) return absl::AbortedError(abort_message_);
     if (dead_.count(dst)) return absl::UnavailableError(absl::StrCat("rank ", dst, " was killed"));
-    if (dead_.count(src))
-      return absl::UnavailableError(absl::StrCat("rank ", src, " is gone"));
+    if (dead_.count(src)) return absl::UnavailableError(absl::StrCat("rank ", src, " is gone"));
     auto it = mailboxes_.find(key);
     if (it != mailboxes_.end() && !it->second.empty()) {
       *out = std::move(it->second.front());

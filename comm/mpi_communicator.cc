@@ -20,12 +20,13 @@ absl::Status MpiError(int code, const char* call, const std::string& what) {
   char text[MPI_MAX_ERROR_STRING];
   int len = 0;
   MPI_Error_string(code, text, &len);
-  return absl::UnavailableError(absl::StrCat(what, ": ", call, " failed: ", std::string(text, len)));
+  return absl::UnavailableError(
+      absl::StrCat(what, ": ", call, " failed: ", std::string(text, len)));
 }
 
-#define EPX_MPI_CALL(call, what)                                   \
-  do {                                                             \
-    const int epx_mpi_rc_ = (call);                                \
+#define EPX_MPI_CALL(call, what)                                               \
+  do {                                                                         \
+    const int epx_mpi_rc_ = (call);                                            \
     if (epx_mpi_rc_ != MPI_SUCCESS) return MpiError(epx_mpi_rc_, #call, what); \
   } while (0)
 
@@ -56,8 +57,8 @@ class MpiCommunicator : public Communicator {
     int64_t send_offset = 0, recv_offset = 0;
     for (int p = 0; p < n; ++p) {
       if (send_bytes[p] > INT_MAX || recv_bytes[p] > INT_MAX)
-        return absl::ResourceExhaustedError(absl::StrCat(
-            what, ": a message of more than 2 GiB between ranks ", rank_, " and ", p));
+        return absl::ResourceExhaustedError(
+            absl::StrCat(what, ": a message of more than 2 GiB between ranks ", rank_, " and ", p));
       if (p == rank_) {
         if (send_bytes[p] != recv_bytes[p])
           return absl::InternalError(absl::StrCat(what, ": rank ", rank_, " sends itself ",
@@ -128,8 +129,8 @@ class MpiCommunicator : public Communicator {
  private:
   // Polls until every request completes or the deadline passes. Spins briefly (latency of a
   // decode step), then backs off to short sleeps (an idle worker waiting for the next step).
-  absl::Status WaitAll(std::vector<MPI_Request>& requests, const std::vector<int>& peers,
-                       Tag tag, absl::Duration timeout, const std::string& what) {
+  absl::Status WaitAll(std::vector<MPI_Request>& requests, const std::vector<int>& peers, Tag tag,
+                       absl::Duration timeout, const std::string& what) {
     if (requests.empty()) return absl::OkStatus();
     const absl::Time start = absl::Now();
     const absl::Time deadline = start + timeout;
@@ -145,8 +146,8 @@ class MpiCommunicator : public Communicator {
         const absl::Time now = absl::Now();
         if (now >= deadline) break;
         if (now - start > absl::Milliseconds(2))
-          std::this_thread::sleep_for(std::chrono::microseconds(
-              now - start > absl::Seconds(1) ? 1000 : 50));
+          std::this_thread::sleep_for(
+              std::chrono::microseconds(now - start > absl::Seconds(1) ? 1000 : 50));
       }
     }
     std::vector<int> missing;
@@ -155,9 +156,9 @@ class MpiCommunicator : public Communicator {
       MPI_Test(&requests[i], &flag, MPI_STATUS_IGNORE);
       if (!flag && (missing.empty() || missing.back() != peers[i])) missing.push_back(peers[i]);
     }
-    return absl::DeadlineExceededError(absl::StrCat(
-        what, " (", TagName(tag), "): rank(s) ", absl::StrJoin(missing, ", "),
-        " did not answer rank ", rank_, " within ", absl::FormatDuration(timeout)));
+    return absl::DeadlineExceededError(
+        absl::StrCat(what, " (", TagName(tag), "): rank(s) ", absl::StrJoin(missing, ", "),
+                     " did not answer rank ", rank_, " within ", absl::FormatDuration(timeout)));
   }
 
   MPI_Comm comm_;

@@ -24,9 +24,9 @@ namespace epx::comm {
 enum class Role : int32_t { kCoordinator = 0, kWorker = 1 };
 
 struct Hello {
-  char build[64] = {};         // BuildId(), NUL-padded
-  uint64_t config_hash = 0;    // ModelConfig::Hash()
-  uint64_t placement_hash = 0; // hash of Placement::ToString()
+  char build[64] = {};          // BuildId(), NUL-padded
+  uint64_t config_hash = 0;     // ModelConfig::Hash()
+  uint64_t placement_hash = 0;  // hash of Placement::ToString()
   int32_t rank = 0;
   Role role = Role::kWorker;
   int32_t world_size = 0;

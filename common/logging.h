@@ -27,9 +27,9 @@ class LogMessage {
 
 }  // namespace epx
 
-#define EPX_LOG(level)                                                                 \
-  if (::epx::LogLevel::k##level < ::epx::MinLogLevel()) {                              \
-  } else                                                                               \
+#define EPX_LOG(level)                                    \
+  if (::epx::LogLevel::k##level < ::epx::MinLogLevel()) { \
+  } else                                                  \
     ::epx::LogMessage(::epx::LogLevel::k##level, __FILE__, __LINE__).stream()
 
 #endif  // EPX_COMMON_LOGGING_H_

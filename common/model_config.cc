@@ -71,14 +71,14 @@ absl::Status ReadTokenIds(const json& j, const std::string& source, ModelConfig*
     } else if (e.is_array()) {
       for (const json& id : e) {
         if (!id.is_number_integer())
-          return Bad(source, absl::StrCat("\"eos_token_id\" entries must be integers, got ",
-                                          e.dump()));
+          return Bad(source,
+                     absl::StrCat("\"eos_token_id\" entries must be integers, got ", e.dump()));
         EPX_ASSIGN_OR_RETURN(int32_t eos, token_id("eos_token_id", id.get<int64_t>()));
         c.eos_token_ids.push_back(eos);
       }
     } else {
-      return Bad(source, absl::StrCat("\"eos_token_id\" must be an integer or a list, got ",
-                                      e.dump()));
+      return Bad(source,
+                 absl::StrCat("\"eos_token_id\" must be an integer or a list, got ", e.dump()));
     }
   }
   return absl::OkStatus();
@@ -180,13 +180,13 @@ absl::Status ModelConfig::Validate(const std::string& source) const {
     return Bad(source, absl::StrCat("num_attention_heads * head_dim = ", q_size(),
                                     " exceeds the supported ", int64_t{1} << 24));
   if (sliding_window.has_value() && *sliding_window <= 0)
-    return Bad(source, absl::StrCat("\"sliding_window\" must be positive or null, got ",
-                                    *sliding_window));
+    return Bad(source,
+               absl::StrCat("\"sliding_window\" must be positive or null, got ", *sliding_window));
   if (!(rope_theta > 0)) return Bad(source, "\"rope_theta\" must be positive");
   if (!(rms_norm_eps > 0)) return Bad(source, "\"rms_norm_eps\" must be positive");
   if (bos_token_id < 0 || bos_token_id >= vocab_size)
-    return Bad(source, absl::StrCat("bos_token_id ", bos_token_id, " is outside the vocabulary [0, ",
-                                    vocab_size, ")"));
+    return Bad(source, absl::StrCat("bos_token_id ", bos_token_id,
+                                    " is outside the vocabulary [0, ", vocab_size, ")"));
   for (int32_t eos : eos_token_ids) {
     if (eos < 0 || eos >= vocab_size)
       return Bad(source, absl::StrCat("eos_token_id ", eos, " is outside the vocabulary [0, ",
@@ -240,7 +240,7 @@ std::string ModelConfig::ToJson() const {
   j["bos_token_id"] = bos_token_id;
   j["eos_token_id"] = eos_token_ids.size() == 1 ? json(eos_token_ids[0]) : json(eos_token_ids);
   j["tie_word_embeddings"] = tie_word_embeddings;
-  j["torch_dtype"] = torch_dtype == DType::kBF16 ? "bfloat16"
+  j["torch_dtype"] = torch_dtype == DType::kBF16  ? "bfloat16"
                      : torch_dtype == DType::kF16 ? "float16"
                                                   : "float32";
   j["use_cache"] = true;

@@ -26,7 +26,7 @@ struct ModelConfig {
   int64_t num_experts_per_tok = 0;
   double rope_theta = 1e6;
   double rms_norm_eps = 1e-5;
-  std::optional<int64_t> sliding_window;  // null or absent: full causal attention
+  std::optional<int64_t> sliding_window;     // null or absent: full causal attention
   int64_t max_position_embeddings = 131072;  // Hugging Face MixtralConfig's default
   int32_t bos_token_id = 1;
   std::vector<int32_t> eos_token_ids = {2};

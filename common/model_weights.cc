@@ -19,18 +19,16 @@ class Loader {
     if (!ckpt_->Contains(name))
       return absl::NotFoundError(absl::StrCat(ckpt_->dir(), ": the checkpoint has no tensor '",
                                               name, "' (", meaning, ")"));
-    const std::string file =
-        (std::filesystem::path(ckpt_->dir()) / ckpt_->FileOf(name)).string();
+    const std::string file = (std::filesystem::path(ckpt_->dir()) / ckpt_->FileOf(name)).string();
     EPX_ASSIGN_OR_RETURN(TensorView view, ckpt_->Get(name));
-    if (view.dtype() != DType::kBF16 && view.dtype() != DType::kF16 &&
-        view.dtype() != DType::kF32)
-      return absl::InvalidArgumentError(absl::StrCat(
-          file, ": tensor '", name, "' has dtype ", DTypeName(view.dtype()),
-          "; weights must be BF16, F16 or F32"));
+    if (view.dtype() != DType::kBF16 && view.dtype() != DType::kF16 && view.dtype() != DType::kF32)
+      return absl::InvalidArgumentError(absl::StrCat(file, ": tensor '", name, "' has dtype ",
+                                                     DTypeName(view.dtype()),
+                                                     "; weights must be BF16, F16 or F32"));
     if (view.shape() != expected)
-      return absl::InvalidArgumentError(absl::StrCat(
-          file, ": tensor '", name, "' has shape ", ShapeString(view.shape()), " but ",
-          config_path_, " implies ", ShapeString(expected), " (", meaning, ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(file, ": tensor '", name, "' has shape ", ShapeString(view.shape()), " but ",
+                       config_path_, " implies ", ShapeString(expected), " (", meaning, ")"));
     // The format does not align data to the element size; kernels read whole elements, so a
     // misaligned tensor is copied once.
     if (reinterpret_cast<uintptr_t>(view.raw()) % DTypeSize(view.dtype()) != 0) {
@@ -61,13 +59,14 @@ WeightSelection WeightSelection::All(const ModelConfig& config) {
   return s;
 }
 
-absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(
-    const std::string& dir, const ModelConfig& config, const WeightSelection& selection) {
+absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(const std::string& dir,
+                                                                 const ModelConfig& config,
+                                                                 const WeightSelection& selection) {
   EPX_RETURN_IF_ERROR(config.Validate());
   for (int e : selection.experts) {
     if (e < 0 || e >= config.num_local_experts)
-      return absl::InvalidArgumentError(absl::StrCat("expert ", e, " does not exist (the model has ",
-                                                     config.num_local_experts, " experts)"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "expert ", e, " does not exist (the model has ", config.num_local_experts, " experts)"));
   }
   auto w = std::unique_ptr<ModelWeights>(new ModelWeights());
   w->config_ = config;
@@ -85,8 +84,7 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(
     if (config.tie_word_embeddings) {  // as Hugging Face ties them, even if lm_head is stored
       w->lm_head_ = w->embed_tokens_;
     } else {
-      EPX_ASSIGN_OR_RETURN(w->lm_head_,
-                           l.Get("lm_head.weight", {V, H}, "vocab_size, hidden_size"));
+      EPX_ASSIGN_OR_RETURN(w->lm_head_, l.Get("lm_head.weight", {V, H}, "vocab_size, hidden_size"));
     }
   }
   w->layers_.resize(config.num_hidden_layers);

@@ -22,8 +22,8 @@ namespace epx {
 
 // Which tensors a process loads.
 struct WeightSelection {
-  bool non_expert = true;     // embedding, attention, norms, router, lm_head
-  std::vector<int> experts;   // experts whose FFNs this process holds (all layers)
+  bool non_expert = true;    // embedding, attention, norms, router, lm_head
+  std::vector<int> experts;  // experts whose FFNs this process holds (all layers)
 
   static WeightSelection All(const ModelConfig& config);
   static WeightSelection Coordinator() { return {true, {}}; }
@@ -43,13 +43,13 @@ struct ExpertWeights {
 };
 
 struct LayerWeights {
-  Tensor input_norm;          // [hidden] fp32
-  Tensor post_attention_norm; // [hidden] fp32
-  TensorView q_proj;          // [num_heads * head_dim, hidden]
-  TensorView k_proj;          // [num_kv_heads * head_dim, hidden]
-  TensorView v_proj;          // [num_kv_heads * head_dim, hidden]
-  TensorView o_proj;          // [hidden, num_heads * head_dim]
-  TensorView gate;            // [num_experts, hidden]
+  Tensor input_norm;                   // [hidden] fp32
+  Tensor post_attention_norm;          // [hidden] fp32
+  TensorView q_proj;                   // [num_heads * head_dim, hidden]
+  TensorView k_proj;                   // [num_kv_heads * head_dim, hidden]
+  TensorView v_proj;                   // [num_kv_heads * head_dim, hidden]
+  TensorView o_proj;                   // [hidden, num_heads * head_dim]
+  TensorView gate;                     // [num_experts, hidden]
   std::vector<ExpertWeights> experts;  // [num_experts]; unloaded entries are empty
 };
 

@@ -14,9 +14,10 @@ namespace epx {
 
 absl::StatusOr<Placement> Placement::RoundRobin(int num_experts, int num_workers) {
   if (num_experts < 1 || num_workers < 1)
-    return absl::InvalidArgumentError(absl::StrCat("round-robin placement needs experts >= 1 and "
-                                                   "workers >= 1, got ", num_experts, " and ",
-                                                   num_workers));
+    return absl::InvalidArgumentError(
+        absl::StrCat("round-robin placement needs experts >= 1 and "
+                     "workers >= 1, got ",
+                     num_experts, " and ", num_workers));
   std::vector<std::vector<int>> replicas(num_experts);
   if (num_workers <= num_experts) {
     for (int e = 0; e < num_experts; ++e) replicas[e].push_back(1 + e % num_workers);
@@ -75,8 +76,8 @@ absl::StatusOr<Placement> Placement::FromJson(const std::string& text, int num_e
   return Build(std::move(replicas), num_workers, source);
 }
 
-absl::StatusOr<Placement> Placement::Build(std::vector<std::vector<int>> replicas,
-                                           int num_workers, const std::string& source) {
+absl::StatusOr<Placement> Placement::Build(std::vector<std::vector<int>> replicas, int num_workers,
+                                           const std::string& source) {
   Placement p;
   p.num_workers_ = num_workers;
   p.experts_of_.resize(num_workers + 1);
@@ -84,8 +85,8 @@ absl::StatusOr<Placement> Placement::Build(std::vector<std::vector<int>> replica
     std::sort(replicas[e].begin(), replicas[e].end());
     for (size_t i = 1; i < replicas[e].size(); ++i)
       if (replicas[e][i] == replicas[e][i - 1])
-        return absl::InvalidArgumentError(absl::StrCat(source, ": expert ", e,
-                                                       " lists rank ", replicas[e][i], " twice"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(source, ": expert ", e, " lists rank ", replicas[e][i], " twice"));
     for (int rank : replicas[e]) p.experts_of_[rank].push_back(static_cast<int>(e));
   }
   for (int w = 1; w <= num_workers; ++w)

@@ -33,8 +33,7 @@ absl::StatusOr<SafetensorsEntry> ParseEntry(const std::string& path, const std::
   if (!j.is_object()) return bad("header entry is not an object");
   if (!j.contains("dtype") || !j["dtype"].is_string()) return bad("missing string 'dtype'");
   if (!j.contains("shape") || !j["shape"].is_array()) return bad("missing array 'shape'");
-  if (!j.contains("data_offsets") || !j["data_offsets"].is_array() ||
-      j["data_offsets"].size() != 2)
+  if (!j.contains("data_offsets") || !j["data_offsets"].is_array() || j["data_offsets"].size() != 2)
     return bad("missing 'data_offsets' [begin, end]");
   SafetensorsEntry e;
   e.name = name;
@@ -63,8 +62,8 @@ absl::StatusOr<SafetensorsEntry> ParseEntry(const std::string& path, const std::
   const uint64_t nbytes = numel * DTypeSize(e.dtype);
   if (e.end - e.begin != nbytes)
     return bad(absl::StrCat("data_offsets [", e.begin, ", ", e.end, "] hold ", e.end - e.begin,
-                            " bytes but ", DTypeName(e.dtype), " ", ShapeString(e.shape),
-                            " needs ", nbytes));
+                            " bytes but ", DTypeName(e.dtype), " ", ShapeString(e.shape), " needs ",
+                            nbytes));
   if (e.end > data_size)
     return bad(absl::StrCat("data_offsets [", e.begin, ", ", e.end,
                             "] run past the end of the data section (", data_size,
@@ -93,8 +92,8 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   const uint64_t size = static_cast<uint64_t>(st.st_size);
   if (size < 8) {
     ::close(fd);
-    return FileError(path, absl::StrCat("file is ", size,
-                                        " bytes, too short for the 8-byte header length"));
+    return FileError(
+        path, absl::StrCat("file is ", size, " bytes, too short for the 8-byte header length"));
   }
   auto file = std::unique_ptr<SafetensorsFile>(new SafetensorsFile());
   file->path_ = path;
@@ -114,10 +113,9 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   if (header_len > size - 8)
     return FileError(path, absl::StrCat("header length ", header_len, " runs past the end of the ",
                                         size, "-byte file (truncated?)"));
-  EPX_ASSIGN_OR_RETURN(json header,
-                       ParseJson(reinterpret_cast<const char*>(base + 8),
-                                 reinterpret_cast<const char*>(base + 8 + header_len),
-                                 path + " header"));
+  EPX_ASSIGN_OR_RETURN(json header, ParseJson(reinterpret_cast<const char*>(base + 8),
+                                              reinterpret_cast<const char*>(base + 8 + header_len),
+                                              path + " header"));
   if (!header.is_object()) return FileError(path, "header is not a JSON object");
   const uint64_t data_size = size - 8 - header_len;
   file->data_ = base + 8 + header_len;
@@ -126,7 +124,8 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
       if (!it.value().is_object()) return FileError(path, "__metadata__ is not an object");
       for (auto m = it.value().begin(); m != it.value().end(); ++m) {
         if (!m.value().is_string())
-          return FileError(path, absl::StrCat("__metadata__ value '", m.key(), "' is not a string"));
+          return FileError(path,
+                           absl::StrCat("__metadata__ value '", m.key(), "' is not a string"));
         file->metadata_[m.key()] = m.value().get<std::string>();
       }
       continue;
@@ -134,10 +133,9 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     EPX_ASSIGN_OR_RETURN(SafetensorsEntry e, ParseEntry(path, it.key(), it.value(), data_size));
     file->entries_.push_back(std::move(e));
   }
-  std::sort(file->entries_.begin(), file->entries_.end(),
-            [](const auto& a, const auto& b) {
-              return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
-            });
+  std::sort(file->entries_.begin(), file->entries_.end(), [](const auto& a, const auto& b) {
+    return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
+  });
   // Zero-size tensors occupy no bytes and may share an offset, so each non-empty tensor is
   // compared with the previous non-empty one, not merely its neighbour in the sorted order.
   const SafetensorsEntry* prev = nullptr;
@@ -173,19 +171,18 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
   std::error_code ec;
   if (fs::exists(index_path, ec)) {
     EPX_ASSIGN_OR_RETURN(json index, ParseJsonFile(index_path.string()));
-    if (!index.is_object() || !index.contains("weight_map") ||
-        !index["weight_map"].is_object())
-      return absl::InvalidArgumentError(absl::StrCat(
-          index_path.string(), ": not a JSON object with a \"weight_map\" object"));
+    if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object())
+      return absl::InvalidArgumentError(
+          absl::StrCat(index_path.string(), ": not a JSON object with a \"weight_map\" object"));
     for (auto it = index["weight_map"].begin(); it != index["weight_map"].end(); ++it) {
       if (!it.value().is_string())
-        return absl::InvalidArgumentError(absl::StrCat(index_path.string(), ": weight_map['",
-                                                       it.key(), "'] is not a file name"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(index_path.string(), ": weight_map['", it.key(), "'] is not a file name"));
       const std::string file = it.value().get<std::string>();
       if (file.find('/') != std::string::npos || file == ".." || file == "." || file.empty())
-        return absl::InvalidArgumentError(absl::StrCat(
-            index_path.string(), ": weight_map['", it.key(), "'] = '", file,
-            "' must name a file in the same directory"));
+        return absl::InvalidArgumentError(absl::StrCat(index_path.string(), ": weight_map['",
+                                                       it.key(), "'] = '", file,
+                                                       "' must name a file in the same directory"));
       ckpt->file_of_[it.key()] = file;
     }
   } else if (fs::exists(single_path, ec)) {
@@ -265,7 +262,8 @@ absl::Status WriteSafetensors(const std::string& path,
   }
   uint8_t len[8];
   for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(text.size() >> (8 * i));
-  bool ok = std::fwrite(len, 1, 8, f) == 8 && std::fwrite(text.data(), 1, text.size(), f) == text.size();
+  bool ok =
+      std::fwrite(len, 1, 8, f) == 8 && std::fwrite(text.data(), 1, text.size(), f) == text.size();
   std::vector<uint8_t> buffer;
   for (const auto& e : entries) {
     if (!ok) break;

@@ -17,7 +17,9 @@ std::string Message(const sentencepiece::util::Status& s) {
 SentencePieceShim::SentencePieceShim() : impl_(std::make_unique<Impl>()) {}
 SentencePieceShim::~SentencePieceShim() = default;
 
-std::string SentencePieceShim::Load(const std::string& path) { return Message(impl_->sp.Load(path)); }
+std::string SentencePieceShim::Load(const std::string& path) {
+  return Message(impl_->sp.Load(path));
+}
 std::string SentencePieceShim::LoadFromSerialized(const std::string& proto) {
   return Message(impl_->sp.LoadFromSerializedProto(proto));
 }

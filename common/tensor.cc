@@ -91,8 +91,7 @@ absl::StatusOr<Tensor> FromF32(const TensorView& src, DType dtype) {
       for (int64_t i = 0; i < n; ++i) out.data<uint16_t>()[i] = F32ToF16(s[i]);
       break;
     default:
-      return absl::InvalidArgumentError(
-          absl::StrCat("cannot convert F32 to ", DTypeName(dtype)));
+      return absl::InvalidArgumentError(absl::StrCat("cannot convert F32 to ", DTypeName(dtype)));
   }
   return out;
 }

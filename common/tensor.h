@@ -29,7 +29,9 @@ class TensorView {
       : data_(const_cast<void*>(data)), dtype_(dtype), shape_(std::move(shape)) {}
 
   template <typename T>
-  T* data() const { return static_cast<T*>(data_); }
+  T* data() const {
+    return static_cast<T*>(data_);
+  }
   void* raw() const { return data_; }
   DType dtype() const { return dtype_; }
   const Shape& shape() const { return shape_; }
@@ -65,7 +67,9 @@ class Tensor {
   operator TensorView() const { return view(); }  // NOLINT: tensors pass where views are taken
 
   template <typename T>
-  T* data() const { return reinterpret_cast<T*>(buffer_.get()); }
+  T* data() const {
+    return reinterpret_cast<T*>(buffer_.get());
+  }
   DType dtype() const { return dtype_; }
   const Shape& shape() const { return shape_; }
   int64_t dim(int i) const { return view().dim(i); }

@@ -2,8 +2,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/builtin_tokenizer.h"
-#include "common/status.h"
 #include "common/sentencepiece_shim.h"
+#include "common/status.h"
 
 namespace epx {
 namespace {
@@ -80,9 +80,9 @@ absl::StatusOr<std::string> BuiltinTokenizerModel(int64_t vocab_size) {
   std::string proto(reinterpret_cast<const char*>(kBuiltinTokenizerModel),
                     kBuiltinTokenizerModelSize);
   if (vocab_size < kBuiltinTokenizerPieces)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "vocab_size ", vocab_size, " is smaller than the ", kBuiltinTokenizerPieces,
-        " pieces of the built-in tokenizer"));
+    return absl::InvalidArgumentError(absl::StrCat("vocab_size ", vocab_size,
+                                                   " is smaller than the ", kBuiltinTokenizerPieces,
+                                                   " pieces of the built-in tokenizer"));
   // Appending `pieces` fields (ModelProto field 1) to the serialized message adds pieces at the
   // end: protobuf merges repeated fields by concatenation.
   for (int64_t i = kBuiltinTokenizerPieces; i < vocab_size; ++i) {
@@ -112,9 +112,8 @@ StreamDecoder::StreamDecoder(const Tokenizer* tokenizer, absl::Span<const int32_
 absl::StatusOr<std::string> StreamDecoder::Push(int32_t id) {
   ids_.push_back(id);
   auto window = absl::MakeConstSpan(ids_);
-  EPX_ASSIGN_OR_RETURN(std::string prefix,
-                       tokenizer_->Decode(window.subspan(prefix_offset_,
-                                                         read_offset_ - prefix_offset_)));
+  EPX_ASSIGN_OR_RETURN(std::string prefix, tokenizer_->Decode(window.subspan(
+                                               prefix_offset_, read_offset_ - prefix_offset_)));
   EPX_ASSIGN_OR_RETURN(std::string full, tokenizer_->Decode(window.subspan(prefix_offset_)));
   // U+FFFD at the end: a byte-fallback sequence is not complete yet.
   if (full.size() <= prefix.size() ||
@@ -128,9 +127,8 @@ absl::StatusOr<std::string> StreamDecoder::Push(int32_t id) {
 
 absl::StatusOr<std::string> StreamDecoder::Flush() {
   auto window = absl::MakeConstSpan(ids_);
-  EPX_ASSIGN_OR_RETURN(std::string prefix,
-                       tokenizer_->Decode(window.subspan(prefix_offset_,
-                                                         read_offset_ - prefix_offset_)));
+  EPX_ASSIGN_OR_RETURN(std::string prefix, tokenizer_->Decode(window.subspan(
+                                               prefix_offset_, read_offset_ - prefix_offset_)));
   EPX_ASSIGN_OR_RETURN(std::string full, tokenizer_->Decode(window.subspan(prefix_offset_)));
   prefix_offset_ = read_offset_ = ids_.size();
   return full.size() > prefix.size() ? full.substr(prefix.size()) : std::string();

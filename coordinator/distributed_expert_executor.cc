@@ -49,8 +49,7 @@ absl::Status DistributedExpertExecutor::Shutdown() {
   if (shut_down_) return absl::OkStatus();
   shut_down_ = true;
   comm::StepHeader header{comm::StepKind::kShutdown, 0, step_};
-  return comm_->Broadcast(&header, sizeof(header), 0, comm::Tag::kStepHeader, timeout_,
-                          "shutdown");
+  return comm_->Broadcast(&header, sizeof(header), 0, comm::Tag::kStepHeader, timeout_, "shutdown");
 }
 
 absl::Status DistributedExpertExecutor::Run(int layer, const TensorView& x,

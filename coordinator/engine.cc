@@ -54,7 +54,8 @@ absl::Status Engine::Validate(absl::Span<const SequenceInput> batch) const {
   std::set<int64_t> seen;
   for (const SequenceInput& in : batch) {
     const int64_t length = cache_.Length(in.seq_id);
-    if (length < 0) return absl::NotFoundError(absl::StrCat("sequence ", in.seq_id, " does not exist"));
+    if (length < 0)
+      return absl::NotFoundError(absl::StrCat("sequence ", in.seq_id, " does not exist"));
     if (!seen.insert(in.seq_id).second)
       return absl::InvalidArgumentError(
           absl::StrCat("sequence ", in.seq_id, " appears twice in one step"));
@@ -62,14 +63,14 @@ absl::Status Engine::Validate(absl::Span<const SequenceInput> batch) const {
       return absl::InvalidArgumentError(absl::StrCat("sequence ", in.seq_id, " has no tokens"));
     for (size_t i = 0; i < in.tokens.size(); ++i) {
       if (in.tokens[i] < 0 || in.tokens[i] >= c.vocab_size)
-        return absl::InvalidArgumentError(absl::StrCat(
-            "sequence ", in.seq_id, ": token id ", in.tokens[i], " at index ", i,
-            " is outside the vocabulary [0, ", c.vocab_size, ")"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("sequence ", in.seq_id, ": token id ", in.tokens[i], " at index ", i,
+                         " is outside the vocabulary [0, ", c.vocab_size, ")"));
     }
     if (length + static_cast<int64_t>(in.tokens.size()) > c.max_position_embeddings)
-      return absl::InvalidArgumentError(absl::StrCat(
-          "sequence ", in.seq_id, ": ", length, " + ", in.tokens.size(),
-          " tokens exceed max_position_embeddings ", c.max_position_embeddings));
+      return absl::InvalidArgumentError(
+          absl::StrCat("sequence ", in.seq_id, ": ", length, " + ", in.tokens.size(),
+                       " tokens exceed max_position_embeddings ", c.max_position_embeddings));
   }
   return absl::OkStatus();
 }

@@ -33,9 +33,9 @@ struct SequenceInput {
 // Per-layer totals since the engine was created.
 struct EngineStats {
   int64_t steps = 0;
-  int64_t tokens = 0;                  // tokens through the layers (prefill + decode)
-  std::vector<double> attention_us;    // [layer] norm, q/k/v, RoPE, attention, o_proj, residual
-  std::vector<double> moe_us;          // [layer] norm, router, experts (wherever they run), combine
+  int64_t tokens = 0;                // tokens through the layers (prefill + decode)
+  std::vector<double> attention_us;  // [layer] norm, q/k/v, RoPE, attention, o_proj, residual
+  std::vector<double> moe_us;        // [layer] norm, router, experts (wherever they run), combine
   std::vector<std::vector<int64_t>> expert_tokens;  // [layer][expert] rows routed
 };
 

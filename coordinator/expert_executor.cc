@@ -17,9 +17,8 @@ class LocalExpertExecutor : public ExpertExecutor {
     const int64_t num_topk = topk_ids.dim(1);
     offsets_.resize(c.num_local_experts + 1);
     slots_.resize(num_slots);
-    EPX_RETURN_IF_ERROR(
-        cpu::ExpertPermutation(topk_ids, c.num_local_experts, absl::MakeSpan(offsets_),
-                               absl::MakeSpan(slots_)));
+    EPX_RETURN_IF_ERROR(cpu::ExpertPermutation(topk_ids, c.num_local_experts,
+                                               absl::MakeSpan(offsets_), absl::MakeSpan(slots_)));
     EnsureSize(&permuted_, num_slots * hidden);
     EnsureSize(&expert_out_, num_slots * hidden);
     TensorView permuted(permuted_.data(), DType::kF32, {num_slots, hidden});

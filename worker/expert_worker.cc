@@ -55,10 +55,10 @@ absl::Status RunExpertWorker(comm::Communicator* comm, const ModelWeights& weigh
         const ExpertWeights& ew = weights.layer(static_cast<int>(layer)).experts[local[i]];
         if (static_cast<int64_t>(scratch.size()) < cpu::SwiGluScratchFloats(m, c.intermediate_size))
           scratch.resize(cpu::SwiGluScratchFloats(m, c.intermediate_size));
-        EPX_RETURN_IF_ERROR(cpu::SwiGluExpert(
-            TensorView(rows.data() + begin * hidden, DType::kF32, {m, hidden}), ew.w1, ew.w2,
-            ew.w3, absl::MakeSpan(scratch),
-            TensorView(out.data() + begin * hidden, DType::kF32, {m, hidden})));
+        EPX_RETURN_IF_ERROR(
+            cpu::SwiGluExpert(TensorView(rows.data() + begin * hidden, DType::kF32, {m, hidden}),
+                              ew.w1, ew.w2, ew.w3, absl::MakeSpan(scratch),
+                              TensorView(out.data() + begin * hidden, DType::kF32, {m, hidden})));
         begin += m;
       }
       const double compute_us =

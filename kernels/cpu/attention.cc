@@ -44,7 +44,7 @@ absl::Status Attention(const TensorView& q, absl::Span<const AttentionKv> kv,
   const int64_t tasks = tokens * p.num_kv_heads;
 #pragma omp parallel if (tasks > 1)
   {
-    std::vector<float> scores;       // [group, n]
+    std::vector<float> scores;  // [group, n]
     std::vector<float> acc(group * d);
     std::vector<float> max_score(group), sum(group);
 #pragma omp for schedule(dynamic, 1)

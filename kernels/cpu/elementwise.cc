@@ -32,9 +32,8 @@ absl::Status Embedding(absl::Span<const int32_t> ids, const TensorView& table,
   const int64_t vocab = table.dim(0), hidden = table.dim(1);
   for (size_t i = 0; i < ids.size(); ++i) {
     if (ids[i] < 0 || ids[i] >= vocab)
-      return absl::InvalidArgumentError(absl::StrCat("token id ", ids[i], " at index ", i,
-                                                     " is outside the vocabulary [0, ", vocab,
-                                                     ")"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "token id ", ids[i], " at index ", i, " is outside the vocabulary [0, ", vocab, ")"));
   }
   for (size_t i = 0; i < ids.size(); ++i) {
     float* dst = out.data<float>() + i * hidden;

@@ -15,10 +15,10 @@ namespace {
 using simd::F32x16;
 using simd::kLanes;
 
-constexpr int kMr = 4;         // rows of x per micro tile
-constexpr int kNr = 4;         // rows of w per micro tile
-constexpr int64_t kNb = 64;    // rows of w per thread task (kept in L2 across row tiles)
-constexpr int64_t kMc = 256;   // rows of x per pass
+constexpr int kMr = 4;        // rows of x per micro tile
+constexpr int kNr = 4;        // rows of w per micro tile
+constexpr int64_t kNb = 64;   // rows of w per thread task (kept in L2 across row tiles)
+constexpr int64_t kMc = 256;  // rows of x per pass
 
 template <typename W, int MR, int NR>
 void MicroTile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t k, float* y,
@@ -46,10 +46,14 @@ template <typename W, int MR>
 void MicroRow(int nr, const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t k, float* y,
               int64_t ldy) {
   switch (nr) {
-    case 4: return MicroTile<W, MR, 4>(x, ldx, w, ldw, k, y, ldy);
-    case 3: return MicroTile<W, MR, 3>(x, ldx, w, ldw, k, y, ldy);
-    case 2: return MicroTile<W, MR, 2>(x, ldx, w, ldw, k, y, ldy);
-    default: return MicroTile<W, MR, 1>(x, ldx, w, ldw, k, y, ldy);
+    case 4:
+      return MicroTile<W, MR, 4>(x, ldx, w, ldw, k, y, ldy);
+    case 3:
+      return MicroTile<W, MR, 3>(x, ldx, w, ldw, k, y, ldy);
+    case 2:
+      return MicroTile<W, MR, 2>(x, ldx, w, ldw, k, y, ldy);
+    default:
+      return MicroTile<W, MR, 1>(x, ldx, w, ldw, k, y, ldy);
   }
 }
 
@@ -57,10 +61,14 @@ template <typename W>
 void Micro(int mr, int nr, const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t k,
            float* y, int64_t ldy) {
   switch (mr) {
-    case 4: return MicroRow<W, 4>(nr, x, ldx, w, ldw, k, y, ldy);
-    case 3: return MicroRow<W, 3>(nr, x, ldx, w, ldw, k, y, ldy);
-    case 2: return MicroRow<W, 2>(nr, x, ldx, w, ldw, k, y, ldy);
-    default: return MicroRow<W, 1>(nr, x, ldx, w, ldw, k, y, ldy);
+    case 4:
+      return MicroRow<W, 4>(nr, x, ldx, w, ldw, k, y, ldy);
+    case 3:
+      return MicroRow<W, 3>(nr, x, ldx, w, ldw, k, y, ldy);
+    case 2:
+      return MicroRow<W, 2>(nr, x, ldx, w, ldw, k, y, ldy);
+    default:
+      return MicroRow<W, 1>(nr, x, ldx, w, ldw, k, y, ldy);
   }
 }
 
@@ -96,9 +104,9 @@ absl::Status Linear(const TensorView& x, const TensorView& w, const TensorView& 
     return absl::InvalidArgumentError("Linear: x and y must be 2-D F32, w 2-D");
   const int64_t m = x.dim(0), k = x.dim(1), n = w.dim(0);
   if (w.dim(1) != k || y.dim(0) != m || y.dim(1) != n)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "Linear: shapes x ", ShapeString(x.shape()), ", w ", ShapeString(w.shape()), ", y ",
-        ShapeString(y.shape()), " do not agree"));
+    return absl::InvalidArgumentError(absl::StrCat("Linear: shapes x ", ShapeString(x.shape()),
+                                                   ", w ", ShapeString(w.shape()), ", y ",
+                                                   ShapeString(y.shape()), " do not agree"));
   if (m == 0 || n == 0) return absl::OkStatus();
   switch (w.dtype()) {
     case DType::kF32:

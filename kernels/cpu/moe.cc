@@ -12,8 +12,8 @@ absl::Status RouterTopK(const TensorView& logits, const TensorView& topk_ids,
                         const TensorView& topk_weights) {
   if (logits.rank() != 2 || logits.dtype() != DType::kF32 || topk_ids.dtype() != DType::kI32 ||
       topk_weights.dtype() != DType::kF32 || topk_ids.shape() != topk_weights.shape() ||
-      topk_ids.rank() != 2 || topk_ids.dim(0) != logits.dim(0) ||
-      topk_ids.dim(1) > logits.dim(1) || topk_ids.dim(1) <= 0)
+      topk_ids.rank() != 2 || topk_ids.dim(0) != logits.dim(0) || topk_ids.dim(1) > logits.dim(1) ||
+      topk_ids.dim(1) <= 0)
     return absl::InvalidArgumentError("RouterTopK: shapes or dtypes do not agree");
   const int64_t tokens = logits.dim(0), experts = logits.dim(1), k = topk_ids.dim(1);
   std::vector<float> p(experts);
@@ -34,9 +34,8 @@ absl::Status RouterTopK(const TensorView& logits, const TensorView& topk_ids,
     }
     for (int64_t e = 0; e < experts; ++e) p[e] /= sum;
     for (int64_t e = 0; e < experts; ++e) order[e] = static_cast<int32_t>(e);
-    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
-      return p[a] != p[b] ? p[a] > p[b] : a < b;
-    });
+    std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                      [&](int32_t a, int32_t b) { return p[a] != p[b] ? p[a] > p[b] : a < b; });
     float top_sum = 0.f;
     for (int64_t j = 0; j < k; ++j) top_sum += p[order[j]];
     int32_t* ids = topk_ids.data<int32_t>() + t * k;
@@ -60,8 +59,8 @@ absl::Status ExpertPermutation(const TensorView& topk_ids, int64_t num_experts,
   std::fill(expert_offsets.begin(), expert_offsets.end(), 0);
   for (int64_t s = 0; s < n; ++s) {
     if (ids[s] < 0 || ids[s] >= num_experts)
-      return absl::InvalidArgumentError(absl::StrCat("ExpertPermutation: expert id ", ids[s],
-                                                     " outside [0, ", num_experts, ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("ExpertPermutation: expert id ", ids[s], " outside [0, ", num_experts, ")"));
     ++expert_offsets[ids[s] + 1];
   }
   for (int64_t e = 0; e < num_experts; ++e) expert_offsets[e + 1] += expert_offsets[e];

@@ -52,8 +52,8 @@ struct AttentionParams {
   int64_t num_heads = 0;
   int64_t num_kv_heads = 0;
   int64_t head_dim = 0;
-  float scale = 0.f;            // softmax scale, head_dim^-0.5 for Mixtral
-  int64_t sliding_window = 0;   // 0: none; else key k visible from q when q - k < window
+  float scale = 0.f;           // softmax scale, head_dim^-0.5 for Mixtral
+  int64_t sliding_window = 0;  // 0: none; else key k visible from q when q - k < window
 };
 
 // GQA attention with causal mask and optional sliding window, softmax in fp32.

@@ -59,14 +59,16 @@ TEST(EpxCliTest, EvalMatchesGoldenAndSequentialIsBitwiseEqualToBatched) {
   for (int i = 0; i < 3; ++i) {
     const std::string p = "prompt_" + std::to_string(i) + ".";
     SCOPED_TRACE(p);
-    EXPECT_EQ(ReadVector<int32_t>(**out, p + "tokens"), ReadVector<int32_t>(**golden, p + "tokens"));
-    EXPECT_EQ(ReadVector<int32_t>(**out, p + "greedy"), ReadVector<int32_t>(**golden, p + "greedy"));
+    EXPECT_EQ(ReadVector<int32_t>(**out, p + "tokens"),
+              ReadVector<int32_t>(**golden, p + "tokens"));
+    EXPECT_EQ(ReadVector<int32_t>(**out, p + "greedy"),
+              ReadVector<int32_t>(**golden, p + "greedy"));
     for (const char* name : {"logits", "greedy_logits"}) {
       const auto got = ReadVector<float>(**out, p + name);
       EXPECT_EQ((*out)->Find(p + name)->shape, (*golden)->Find(p + name)->shape);
-      EXPECT_LT((testing::MaxRelativeError<float, float>(got,
-                                                         ReadVector<float>(**golden, p + name))),
-                1e-4);
+      EXPECT_LT(
+          (testing::MaxRelativeError<float, float>(got, ReadVector<float>(**golden, p + name))),
+          1e-4);
       const auto alone = ReadVector<float>(**seq, p + name);
       ASSERT_EQ(got.size(), alone.size());
       EXPECT_EQ(0, std::memcmp(got.data(), alone.data(), got.size() * sizeof(float)));
@@ -96,11 +98,12 @@ TEST(EpxCliTest, EvalCheckPassesOnTheGoldenModelAndFailsOnAnother) {
 
 TEST(EpxCliTest, MakeModelThenGenerate) {
   const std::string dir = TempPath("model_small");
-  Result r = RunEpx("make-model --preset tiny --num-layers 2 --vocab-size 1000 --shards 2 --seed 3 --out " + dir);
+  Result r = RunEpx(
+      "make-model --preset tiny --num-layers 2 --vocab-size 1000 --shards 2 --seed 3 --out " + dir);
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  for (const char* f : {"config.json", "generation_config.json", "tokenizer.model",
-                        "model.safetensors.index.json", "model-00001-of-00002.safetensors",
-                        "model-00002-of-00002.safetensors"})
+  for (const char* f :
+       {"config.json", "generation_config.json", "tokenizer.model", "model.safetensors.index.json",
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"})
     EXPECT_TRUE(fs::exists(fs::path(dir) / f)) << f;
 
   r = RunEpx("generate --model " + dir + " --prompt \"Hello world\" --max-tokens 12");
@@ -108,9 +111,9 @@ TEST(EpxCliTest, MakeModelThenGenerate) {
   EXPECT_NE(r.output.find("generated"), std::string::npos) << r.output;
 
   // Seeded sampling is reproducible (stdout only: stderr carries timings).
-  const std::string sampled =
-      "generate --model " + dir + " --prompt \"Mixture of experts\" --max-tokens 16 "
-      "--temperature 0.9 --top-k 50 --top-p 0.95 --seed 11";
+  const std::string sampled = "generate --model " + dir +
+                              " --prompt \"Mixture of experts\" --max-tokens 16 "
+                              "--temperature 0.9 --top-k 50 --top-p 0.95 --seed 11";
   Result a = RunEpx(sampled, false), b = RunEpx(sampled, false);
   ASSERT_EQ(a.exit_code, 0) << a.output;
   EXPECT_EQ(a.output, b.output);

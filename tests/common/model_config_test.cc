@@ -119,8 +119,8 @@ TEST_F(ModelConfigFileTest, GenerationConfigOverridesTokenIds) {
 
 TEST(ModelConfigTest, HugeOrNonIntegralFloatsAreRejectedNotConverted) {
   // Found by tests/fuzz/model_config_fuzzer: the range is checked before any conversion.
-  for (const char* text : {R"({"hidden_size": 1e30})", R"({"hidden_size": -5.12e130})",
-                           R"({"hidden_size": 128.5})"}) {
+  for (const char* text :
+       {R"({"hidden_size": 1e30})", R"({"hidden_size": -5.12e130})", R"({"hidden_size": 128.5})"}) {
     json j = Minimal();
     j.merge_patch(json::parse(text));
     auto c = ModelConfig::FromJson(j.dump());

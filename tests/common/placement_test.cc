@@ -38,8 +38,8 @@ TEST(PlacementTest, RoundRobinMoreWorkersThanExpertsMakesReplicas) {
 }
 
 TEST(PlacementTest, FileWithReplicas) {
-  auto p = Placement::FromJson(R"({"experts": {"0": [1, 2], "1": [2], "2": [3, 1]}})", 3, 3,
-                               "p.json");
+  auto p =
+      Placement::FromJson(R"({"experts": {"0": [1, 2], "1": [2], "2": [3, 1]}})", 3, 3, "p.json");
   ASSERT_TRUE(p.ok()) << p.status();
   EXPECT_THAT(p->replicas(2), ElementsAre(1, 3));
   EXPECT_THAT(p->experts_of(1), ElementsAre(0, 2));

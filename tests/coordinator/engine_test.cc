@@ -82,8 +82,8 @@ class EngineTest : public ::testing::Test {
       const size_t n = prompts_[ids[i]].tokens.size() * vocab();
       runs[i].logits.assign(row, row + n);
       row += n;
-      runs[i].greedy.push_back(cpu::ArgMax({runs[i].logits.data() + n - vocab(),
-                                            static_cast<size_t>(vocab())}));
+      runs[i].greedy.push_back(
+          cpu::ArgMax({runs[i].logits.data() + n - vocab(), static_cast<size_t>(vocab())}));
     }
     for (int s = 0; s < steps; ++s) {
       batch.clear();
@@ -98,8 +98,7 @@ class EngineTest : public ::testing::Test {
         if (s + 1 < steps) runs[i].greedy.push_back(cpu::ArgMax({l, static_cast<size_t>(vocab())}));
       }
     }
-    for (size_t i = 0; i < ids.size(); ++i)
-      EXPECT_TRUE(engine_->RemoveSequence(seq_base + i).ok());
+    for (size_t i = 0; i < ids.size(); ++i) EXPECT_TRUE(engine_->RemoveSequence(seq_base + i).ok());
     return runs;
   }
 
@@ -119,8 +118,7 @@ TEST_F(EngineTest, EachPromptAloneMatchesGolden) {
     RunResult r = RunBatch({i}, static_cast<int>(g.greedy.size()))[0];
     EXPECT_LT((MaxRelativeError<float, float>(r.logits, g.logits)), kLogitTolerance);
     EXPECT_EQ(r.greedy, g.greedy);
-    EXPECT_LT((MaxRelativeError<float, float>(r.greedy_logits, g.greedy_logits)),
-              kLogitTolerance);
+    EXPECT_LT((MaxRelativeError<float, float>(r.greedy_logits, g.greedy_logits)), kLogitTolerance);
   }
 }
 
@@ -128,8 +126,7 @@ TEST_F(EngineTest, EachPromptAloneMatchesGolden) {
 TEST_F(EngineTest, DecodeComputesOnlyTheNewToken) {
   const GoldenPrompt& g = prompts_[2];
   RunBatch({2}, static_cast<int>(g.greedy.size()));
-  EXPECT_EQ(engine_->tokens_computed(),
-            static_cast<int64_t>(g.tokens.size() + g.greedy.size()));
+  EXPECT_EQ(engine_->tokens_computed(), static_cast<int64_t>(g.tokens.size() + g.greedy.size()));
 }
 
 TEST_F(EngineTest, BatchedPromptsMatchGoldenAndAreBitwiseEqualToAlone) {

@@ -19,8 +19,8 @@
 namespace epx {
 namespace {
 
-using ::testing::HasSubstr;
 using testing::GoldenPath;
+using ::testing::HasSubstr;
 using testing::ReadVector;
 using testing::TinyModelDir;
 
@@ -56,8 +56,8 @@ absl::StatusOr<std::vector<float>> RunPrompts(Engine& engine, int steps, int64_t
 struct ClusterResult {
   absl::Status coordinator;
   std::vector<float> logits;
-  std::vector<absl::Status> ranks;      // Start/serve status of every rank
-  std::vector<uint64_t> bytes_mapped;   // per rank
+  std::vector<absl::Status> ranks;     // Start/serve status of every rank
+  std::vector<uint64_t> bytes_mapped;  // per rank
 };
 
 // Runs a job of 1 + workers ranks as threads. `tweak(rank, options)` may change a rank's
@@ -134,7 +134,8 @@ class WorkerCountTest : public ::testing::TestWithParam<int> {};
 TEST_P(WorkerCountTest, BitwiseIdenticalToSingleProcess) {
   const std::vector<float> want = SingleProcessLogits(kSteps);
   ClusterResult got = RunCluster(GetParam(), "round-robin", kSteps);
-  for (size_t r = 0; r < got.ranks.size(); ++r) EXPECT_TRUE(got.ranks[r].ok()) << r << ": " << got.ranks[r];
+  for (size_t r = 0; r < got.ranks.size(); ++r)
+    EXPECT_TRUE(got.ranks[r].ok()) << r << ": " << got.ranks[r];
   EXPECT_TRUE(BitwiseEqual(got.logits, want));
 }
 
@@ -217,8 +218,7 @@ TEST(ExpertParallelTest, LostWorkerFailsTheStepNamingIt) {
 
 TEST(ExpertParallelTest, SilentWorkerTimesOutNamingIt) {
   const auto start = absl::Now();
-  ClusterResult got =
-      RunCluster(3, "round-robin", kSteps, nullptr, {3}, absl::Milliseconds(300));
+  ClusterResult got = RunCluster(3, "round-robin", kSteps, nullptr, {3}, absl::Milliseconds(300));
   EXPECT_EQ(got.coordinator.code(), absl::StatusCode::kDeadlineExceeded) << got.coordinator;
   EXPECT_THAT(std::string(got.coordinator.message()), HasSubstr("rank(s) 3 did not answer"));
   EXPECT_LT(absl::Now() - start, absl::Seconds(10));

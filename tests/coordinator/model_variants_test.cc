@@ -83,7 +83,8 @@ class ModelVariantTest : public ::testing::TestWithParam<Variant> {};
 TEST_P(ModelVariantTest, PrefillAndDecodeMatchReference) {
   const Variant& v = GetParam();
   MakeModelOptions options = v.options;
-  options.out_dir = (std::filesystem::path(::testing::TempDir()) / ("epx_variant_" + v.name)).string();
+  options.out_dir =
+      (std::filesystem::path(::testing::TempDir()) / ("epx_variant_" + v.name)).string();
   std::ostringstream log;
   ASSERT_TRUE(RunMakeModel(options, log).ok());
   EXPECT_EQ(options.shards > 1,

@@ -145,7 +145,8 @@ class ReferenceModel {
   }
 
   Mat Expert(int64_t layer, int64_t e, const Mat& y) {
-    const std::string p = absl::StrCat("model.layers.", layer, ".block_sparse_moe.experts.", e, ".");
+    const std::string p =
+        absl::StrCat("model.layers.", layer, ".block_sparse_moe.experts.", e, ".");
     const int64_t H = config_.hidden_size, I = config_.intermediate_size;
     Mat g = MatMul(y, Load(p + "w1.weight"), 1, H, I);
     Mat u = MatMul(y, Load(p + "w3.weight"), 1, H, I);

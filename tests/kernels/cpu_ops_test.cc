@@ -136,7 +136,8 @@ TEST(AttentionTest, GqaCausalSlidingWindowMatchesFloat64) {
   const int64_t heads = 4, kv_heads = 2, d = 19, len = 11;
   for (int64_t window : {0, 1, 4}) {
     SCOPED_TRACE(absl::StrCat("window=", window));
-    std::vector<float> k = RandomVector(len * kv_heads * d, 1), v = RandomVector(len * kv_heads * d, 2);
+    std::vector<float> k = RandomVector(len * kv_heads * d, 1),
+                       v = RandomVector(len * kv_heads * d, 2);
     std::vector<float> q = RandomVector(len * heads * d, 3);
     std::vector<AttentionKv> kv(len);
     for (int64_t t = 0; t < len; ++t) kv[t] = {k.data(), v.data(), kv_heads * d, t};
@@ -153,7 +154,8 @@ TEST(AttentionTest, GqaCausalSlidingWindowMatchesFloat64) {
             continue;
           }
           double dot = 0;
-          for (int64_t i = 0; i < d; ++i) dot += double(q[(t * heads + h) * d + i]) * k[(j * kv_heads + g) * d + i];
+          for (int64_t i = 0; i < d; ++i)
+            dot += double(q[(t * heads + h) * d + i]) * k[(j * kv_heads + g) * d + i];
           s.push_back(dot / std::sqrt(double(d)));
         }
         const double mx = *std::max_element(s.begin(), s.end());

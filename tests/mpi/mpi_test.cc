@@ -104,8 +104,8 @@ TEST(MpiTest, MoreWorkersThanExpertsWithAPlacementFile) {
 TEST(MpiTest, MpmdFormWithRoles) {
   const std::string out = Temp("eval_mpmd.safetensors");
   const std::string args = " eval --model " + kModel + " --input " + kGolden + " --output " + out;
-  std::string cmd = Mpirun(1) + kEpx + args + " --role coordinator : -np 2 " + kEpx + args +
-                    " --role worker";
+  std::string cmd =
+      Mpirun(1) + kEpx + args + " --role coordinator : -np 2 " + kEpx + args + " --role worker";
   Result r = Shell(cmd);
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_EQ(ReadFile(out), Reference());
@@ -140,11 +140,11 @@ Result GenerateAndSignal(int np, const std::string& signal, int rank, const std:
                       "--max-position-embeddings 300000 --out " + model);
   EXPECT_EQ(made.exit_code, 0) << made.output;
   const std::string log = Temp("signal_" + signal + ".log");
-  const std::string cmd =
-      Mpirun(np) + kEpx + " generate --model " + model + " --prompt hello --max-tokens 200000 " +
-      extra + " > " + log + " 2>&1 & job=$!; " + std::string(EPX_TEST_SOURCE_DIR) +
-      "/mpi/signal_rank.sh " + signal + " " + std::to_string(rank) + " " + model +
-      " || kill $job; wait $job; code=$?; cat " + log + "; exit $code";
+  const std::string cmd = Mpirun(np) + kEpx + " generate --model " + model +
+                          " --prompt hello --max-tokens 200000 " + extra + " > " + log +
+                          " 2>&1 & job=$!; " + std::string(EPX_TEST_SOURCE_DIR) +
+                          "/mpi/signal_rank.sh " + signal + " " + std::to_string(rank) + " " +
+                          model + " || kill $job; wait $job; code=$?; cat " + log + "; exit $code";
   Result r = Shell(cmd);
   fs::remove_all(model);
   return r;
