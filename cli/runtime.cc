@@ -128,19 +128,21 @@ Runtime::~Runtime() {
 void Runtime::PrintStats(std::ostream& out) const {
   const EngineStats& es = engine_->stats();
   const int64_t layers = config_.num_hidden_layers;
+  const double steps = static_cast<double>(std::max<int64_t>(es.steps, 1));
   out << "epx stats: " << es.steps << " steps, " << es.tokens << " tokens, " << world_size()
-      << " rank(s); weights mapped by the coordinator: " << weights_->bytes_mapped() / 1e6
-      << " MB\n";
+      << " rank(s); coordinator mapped " << weights_->bytes_mapped() / 1e6
+      << " MB of weights\n";
+  out << "per step, microseconds (expert compute: the slowest worker's):\n";
   out << "layer  attention_us  moe_us  dispatch_us  expert_us  combine_us  tokens_per_expert\n";
   for (int64_t l = 0; l < layers; ++l) {
-    out << std::setw(5) << l << std::fixed << std::setprecision(0) << std::setw(14)
-        << es.attention_us[l] << std::setw(8) << es.moe_us[l];
+    out << std::setw(5) << l << std::fixed << std::setprecision(1) << std::setw(14)
+        << es.attention_us[l] / steps << std::setw(8) << es.moe_us[l] / steps;
     if (remote_experts_ != nullptr) {
       const ExpertParallelStats& ps = remote_experts_->stats();
-      out << std::setw(13) << ps.dispatch_us[l] << std::setw(11) << ps.expert_us[l] << std::setw(12)
-          << ps.combine_us[l];
+      out << std::setw(13) << ps.dispatch_us[l] / steps << std::setw(11)
+          << ps.expert_us[l] / steps << std::setw(12) << ps.combine_us[l] / steps;
     } else {
-      out << std::setw(13) << 0 << std::setw(11) << "(local)" << std::setw(12) << 0;
+      out << std::setw(13) << "-" << std::setw(11) << "(in moe)" << std::setw(12) << "-";
     }
     out << "  ";
     for (int64_t n : es.expert_tokens[l]) out << ' ' << n;
