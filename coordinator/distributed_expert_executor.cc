@@ -1,23 +1,14 @@
 #include "coordinator/distributed_expert_executor.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "comm/protocol.h"
 #include "common/status.h"
+#include "common/stopwatch.h"
 
 namespace epx {
-namespace {
-
-double MicrosSince(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start)
-      .count();
-}
-
-}  // namespace
-
 DistributedExpertExecutor::DistributedExpertExecutor(const ModelConfig& config,
                                                      const Placement& placement,
                                                      comm::Communicator* comm,
@@ -81,7 +72,7 @@ absl::Status DistributedExpertExecutor::Run(int layer, const TensorView& x,
     for (const auto& local : rows[w]) counts_send.push_back(static_cast<int64_t>(local.size()));
     count_bytes[w] = static_cast<int64_t>(rows[w].size() * sizeof(int64_t));
   }
-  auto start = std::chrono::steady_clock::now();
+  Stopwatch watch;
   EPX_RETURN_IF_ERROR(comm_->AllToAllV(counts_send.data(), count_bytes, nullptr, no_bytes,
                                        comm::Tag::kCounts, timeout_,
                                        absl::StrCat("layer ", layer, " counts")));
@@ -106,17 +97,17 @@ absl::Status DistributedExpertExecutor::Run(int layer, const TensorView& x,
   EPX_RETURN_IF_ERROR(comm_->AllToAllV(send_.data(), row_bytes, nullptr, no_bytes,
                                        comm::Tag::kDispatch, timeout_,
                                        absl::StrCat("layer ", layer, " dispatch")));
-  stats_.dispatch_us[layer] += MicrosSince(start);
+  stats_.dispatch_us[layer] += watch.Micros();
 
   // Outputs back, each worker's block followed by its compute time.
-  start = std::chrono::steady_clock::now();
+  watch.Restart();
   int64_t total_back = 0;
   for (int w = 0; w < world; ++w) total_back += back_bytes[w];
   recv_.resize((total_back + sizeof(float) - 1) / sizeof(float));
   EPX_RETURN_IF_ERROR(comm_->AllToAllV(nullptr, no_bytes, recv_.data(), back_bytes,
                                        comm::Tag::kCombine, timeout_,
                                        absl::StrCat("layer ", layer, " combine")));
-  const double wall_us = MicrosSince(start);
+  const double wall_us = watch.Micros();
   double slowest_us = 0;
   const auto* bytes = reinterpret_cast<const uint8_t*>(recv_.data());
   size_t r = 0;

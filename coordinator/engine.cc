@@ -1,24 +1,15 @@
 #include "coordinator/engine.h"
 
-#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <set>
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
+#include "common/stopwatch.h"
 #include "kernels/cpu/ops.h"
 
 namespace epx {
-namespace {
-
-double MicrosSince(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start)
-      .count();
-}
-
-}  // namespace
-
 Engine::Engine(const ModelWeights* weights, ExpertExecutor* experts)
     : weights_(weights),
       experts_(experts),
@@ -125,7 +116,7 @@ absl::StatusOr<Tensor> Engine::Step(absl::Span<const SequenceInput> batch) {
 
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const LayerWeights& lw = weights_->layer(l);
-    auto start = std::chrono::steady_clock::now();
+    Stopwatch watch;
     EPX_RETURN_IF_ERROR(cpu::RmsNorm(x, lw.input_norm, eps, xn));
     EPX_RETURN_IF_ERROR(cpu::Linear(xn, lw.q_proj, q));
     EPX_RETURN_IF_ERROR(cpu::Linear(xn, lw.k_proj, k));
@@ -143,15 +134,15 @@ absl::StatusOr<Tensor> Engine::Step(absl::Span<const SequenceInput> batch) {
     EPX_RETURN_IF_ERROR(cpu::Attention(q, kv, ap, attn));
     EPX_RETURN_IF_ERROR(cpu::Linear(attn, lw.o_proj, proj));
     EPX_RETURN_IF_ERROR(cpu::Add(x, proj, x));  // x now holds h
-    stats_.attention_us[l] += MicrosSince(start);
+    stats_.attention_us[l] += watch.Micros();
 
-    start = std::chrono::steady_clock::now();
+    watch.Restart();
     EPX_RETURN_IF_ERROR(cpu::RmsNorm(x, lw.post_attention_norm, eps, xn));
     EPX_RETURN_IF_ERROR(cpu::Linear(xn, lw.gate, router_logits));
     EPX_RETURN_IF_ERROR(cpu::RouterTopK(router_logits, topk_ids, topk_weights));
     EPX_RETURN_IF_ERROR(experts_->Run(static_cast<int>(l), xn, topk_ids, slot_out));
     EPX_RETURN_IF_ERROR(cpu::MoeCombine(x, slot_out, topk_weights, x));
-    stats_.moe_us[l] += MicrosSince(start);
+    stats_.moe_us[l] += watch.Micros();
     const int32_t* routed = topk_ids.data<const int32_t>();
     for (int64_t i = 0; i < T * K; ++i) ++stats_.expert_tokens[l][routed[i]];
   }

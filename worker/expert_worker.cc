@@ -1,11 +1,11 @@
 #include "worker/expert_worker.h"
 
-#include <chrono>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "comm/protocol.h"
 #include "common/status.h"
+#include "common/stopwatch.h"
 #include "kernels/cpu/ops.h"
 
 namespace epx {
@@ -45,7 +45,7 @@ absl::Status RunExpertWorker(comm::Communicator* comm, const ModelWeights& weigh
       EPX_RETURN_IF_ERROR(comm->AllToAllV(nullptr, none, rows.data(), row_bytes,
                                           comm::Tag::kDispatch, options.timeout,
                                           absl::StrCat("layer ", layer, " dispatch")));
-      const auto start = std::chrono::steady_clock::now();
+      const Stopwatch watch;
       // The outputs, then the compute time, in one buffer.
       out.resize(n * hidden + (sizeof(double) + sizeof(float) - 1) / sizeof(float));
       int64_t begin = 0;
@@ -61,9 +61,7 @@ absl::Status RunExpertWorker(comm::Communicator* comm, const ModelWeights& weigh
                               TensorView(out.data() + begin * hidden, DType::kF32, {m, hidden})));
         begin += m;
       }
-      const double compute_us =
-          std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start)
-              .count();
+      const double compute_us = watch.Micros();
       std::memcpy(out.data() + n * hidden, &compute_us, sizeof(double));
       back_bytes[0] = row_bytes[0] + static_cast<int64_t>(sizeof(double));
       EPX_RETURN_IF_ERROR(comm->AllToAllV(out.data(), back_bytes, nullptr, none,

@@ -9,6 +9,7 @@
 #include "common/safetensors.h"
 #include "gtest/gtest.h"
 #include "tests/coordinator/test_util.h"
+#include "tests/test_process.h"
 
 namespace epx {
 namespace {
@@ -18,24 +19,12 @@ using testing::GoldenPath;
 using testing::ReadVector;
 using testing::TinyModelDir;
 
-struct Result {
-  int exit_code = -1;
-  std::string output;  // stdout and stderr together
-};
+using Result = testing::CommandResult;
 
 // `stderr_too`: capture stderr (errors, timings) along with stdout.
 Result RunEpx(const std::string& args, bool stderr_too = true) {
-  const std::string cmd =
-      std::string(EPX_BINARY_DIR) + "/cli/epx " + args + (stderr_too ? " 2>&1" : " 2>/dev/null");
-  Result r;
-  FILE* pipe = popen(cmd.c_str(), "r");
-  if (pipe == nullptr) return r;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) r.output.append(buf, n);
-  const int status = pclose(pipe);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
+  return testing::RunCommand(std::string(EPX_BINARY_DIR) + "/cli/epx " + args +
+                             (stderr_too ? " 2>&1" : " 2>/dev/null"));
 }
 
 std::string TempPath(const std::string& name) {

@@ -14,6 +14,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/test_process.h"
 
 namespace {
 
@@ -24,24 +25,11 @@ const std::string kEpx = std::string(EPX_BINARY_DIR) + "/cli/epx";
 const std::string kModel = std::string(EPX_TEST_DATA_DIR) + "/tiny-mixtral";
 const std::string kGolden = kModel + "/golden.safetensors";
 
-struct Result {
-  int exit_code = -1;
-  std::string output;
-  double seconds = 0;
-};
+using Result = epx::testing::CommandResult;
 
+// Under bash (the signal tests use job control), stderr captured too.
 Result Shell(const std::string& command) {
-  Result r;
-  const auto start = std::chrono::steady_clock::now();
-  FILE* pipe = popen(("bash -c '" + command + "' 2>&1").c_str(), "r");
-  if (pipe == nullptr) return r;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) r.output.append(buf, n);
-  const int status = pclose(pipe);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  return r;
+  return epx::testing::RunCommand("bash -c '" + command + "' 2>&1");
 }
 
 // mpirun with what a CI container needs: oversubscription of 2 cores, root allowed, one OpenMP
@@ -134,7 +122,8 @@ TEST(MpiTest, PlacementForMoreRanksThanTheJobHasIsReported) {
 
 // Starts a long generation under mpirun on a model of its own (its directory marks the job's
 // processes), sends `signal` to `rank` after it has run a while, and waits for the job to end.
-Result GenerateAndSignal(int np, const std::string& signal, int rank, const std::string& extra) {
+Result GenerateAndSignal(int np, const std::string& signal, int rank, const std::string& extra,
+                         const std::string& resume_after = "") {
   const std::string model = Temp("long_model_" + signal);
   Result made = Shell(kEpx + " make-model --preset tiny --num-layers 2 " +
                       "--max-position-embeddings 300000 --out " + model);
@@ -144,7 +133,7 @@ Result GenerateAndSignal(int np, const std::string& signal, int rank, const std:
                           " --prompt hello --max-tokens 200000 " + extra + " > " + log +
                           " 2>&1 & job=$!; " + std::string(EPX_TEST_SOURCE_DIR) +
                           "/mpi/signal_rank.sh " + signal + " " + std::to_string(rank) + " " +
-                          model + " || kill $job; wait $job; code=$?; cat " + log + "; exit $code";
+                          model + " 1.5 " + resume_after + " || kill $job; wait $job; code=$?; cat " + log + "; exit $code";
   Result r = Shell(cmd);
   fs::remove_all(model);
   return r;
@@ -159,7 +148,8 @@ TEST(MpiTest, KilledWorkerEndsTheJobNamingTheRank) {
 }
 
 TEST(MpiTest, SilentWorkerIsReportedByTheCoordinatorWithinTheTimeout) {
-  Result r = GenerateAndSignal(4, "STOP", 3, "--comm-timeout 3");
+  // Resumed 8 s later, after the coordinator reported it, so that mpirun can finish ending it.
+  Result r = GenerateAndSignal(4, "STOP", 3, "--comm-timeout 3", "8");
   EXPECT_NE(r.exit_code, 0) << r.output;
   EXPECT_THAT(r.output, HasSubstr("rank(s) 3 did not answer rank 0 within 3s"));
   EXPECT_LT(r.seconds, 60) << r.output;
