@@ -40,39 +40,38 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Start(const RuntimeOptions& op
   }
   const int rank = rt->rank(), world = rt->world_size();
   SetLogRank(rank);
-  if (!options.role.empty() && options.role != "coordinator" && options.role != "worker")
-    return absl::InvalidArgumentError(
-        absl::StrCat("--role must be coordinator or worker, got \"", options.role, "\""));
-  if (world == 1 && options.role == "worker")
-    return absl::InvalidArgumentError(
-        "--role worker needs a launcher with more ranks (mpirun -np 1+W ...)");
-
-  EPX_ASSIGN_OR_RETURN(rt->config_, ModelConfig::FromDir(options.model_dir));
+  if (rank == 0 && options.comm == nullptr) {
+    // A signal ends the job between steps (with the workers told to stop), not in the middle.
+    static_assert(std::atomic<bool>::is_always_lock_free);
+    std::signal(SIGTERM, OnStopSignal);
+    std::signal(SIGINT, OnStopSignal);
+  }
   if (world == 1) {
+    EPX_RETURN_IF_ERROR(rt->Configure());
     EPX_ASSIGN_OR_RETURN(rt->weights_, ModelWeights::Load(options.model_dir, rt->config_,
                                                           WeightSelection::All(rt->config_)));
     EPX_ASSIGN_OR_RETURN(rt->engine_, Engine::Create(rt->weights_.get()));
     return rt;
   }
 
-  const int experts = static_cast<int>(rt->config_.num_local_experts);
-  absl::StatusOr<Placement> placement =
-      options.placement == "round-robin"
-          ? Placement::RoundRobin(experts, world - 1)
-          : Placement::FromFile(options.placement, experts, world - 1);
-  if (!placement.ok()) return placement.status();
-  rt->placement_ = std::make_unique<Placement>(*std::move(placement));
-  // Every rank checks the others before loading anything large.
-  EPX_RETURN_IF_ERROR(rt->Handshake(*rt->placement_));
-  EPX_ASSIGN_OR_RETURN(rt->weights_,
-                       ModelWeights::Load(options.model_dir, rt->config_,
-                                          WeightSelection::ForRank(*rt->placement_, rank)));
+  // Every rank reaches both exchanges, whatever failed locally, so that all stop together with
+  // the same message naming the rank at fault.
+  EPX_RETURN_IF_ERROR(rt->Handshake(rt->Configure()));
+  absl::Status loaded = [&]() -> absl::Status {
+    EPX_ASSIGN_OR_RETURN(rt->weights_,
+                         ModelWeights::Load(options.model_dir, rt->config_,
+                                            WeightSelection::ForRank(*rt->placement_, rank)));
+    return absl::OkStatus();
+  }();
+  comm::StartupReport mine = comm::MakeReport(loaded);
+  std::vector<comm::StartupReport> reports(world);
+  EPX_RETURN_IF_ERROR(rt->comm_->AllGather(&mine, sizeof(mine), reports.data(),
+                                           comm::Tag::kReady, options.comm_timeout,
+                                           "start-up (weights loaded)"));
+  EPX_RETURN_IF_ERROR(comm::VerifyReports(reports, "loading its weights"));
   EPX_LOG(Info) << (rank == 0 ? "coordinator" : "worker") << " mapped "
                 << rt->weights_->bytes_mapped() << " bytes of weights";
   if (rank == 0) {
-    // A signal ends the job between steps, with the workers told to stop.
-    std::signal(SIGTERM, OnStopSignal);
-    std::signal(SIGINT, OnStopSignal);
     rt->remote_experts_ = std::make_unique<DistributedExpertExecutor>(
         rt->config_, *rt->placement_, rt->comm_, options.comm_timeout);
     EPX_ASSIGN_OR_RETURN(rt->engine_,
@@ -81,11 +80,33 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Start(const RuntimeOptions& op
   return rt;
 }
 
-absl::Status Runtime::Handshake(const Placement& placement) {
+absl::Status Runtime::Configure() {
+  if (!options_.role.empty() && options_.role != "coordinator" && options_.role != "worker")
+    return absl::InvalidArgumentError(
+        absl::StrCat("--role must be coordinator or worker, got \"", options_.role, "\""));
+  if (world_size() == 1 && options_.role == "worker")
+    return absl::InvalidArgumentError(
+        "--role worker needs a launcher with more ranks (mpirun -np 1+W ...)");
+  EPX_ASSIGN_OR_RETURN(config_, ModelConfig::FromDir(options_.model_dir));
+  if (world_size() == 1) return absl::OkStatus();
+  const int experts = static_cast<int>(config_.num_local_experts);
+  absl::StatusOr<Placement> placement =
+      options_.placement == "round-robin"
+          ? Placement::RoundRobin(experts, world_size() - 1)
+          : Placement::FromFile(options_.placement, experts, world_size() - 1);
+  if (!placement.ok()) return placement.status();
+  placement_ = std::make_unique<Placement>(*std::move(placement));
+  return absl::OkStatus();
+}
+
+absl::Status Runtime::Handshake(const absl::Status& configured) {
   comm::Hello hello;
+  hello.setup = comm::MakeReport(configured);
   std::strncpy(hello.build, BuildId().c_str(), sizeof(hello.build) - 1);
-  hello.config_hash = config_.Hash();
-  hello.placement_hash = Fnv1a64(placement.ToString());
+  if (configured.ok()) {
+    hello.config_hash = config_.Hash();
+    hello.placement_hash = Fnv1a64(placement_->ToString());
+  }
   hello.rank = rank();
   const bool wants_worker = options_.role.empty() ? rank() != 0 : options_.role == "worker";
   hello.role = wants_worker ? comm::Role::kWorker : comm::Role::kCoordinator;
@@ -93,14 +114,17 @@ absl::Status Runtime::Handshake(const Placement& placement) {
   std::vector<comm::Hello> all(world_size());
   EPX_RETURN_IF_ERROR(comm_->AllGather(&hello, sizeof(hello), all.data(), comm::Tag::kHandshake,
                                        options_.comm_timeout, "start-up handshake"));
+  // The local error, if any, is in the verdict too (every rank reports the first failed rank).
   return comm::VerifyHellos(all);
 }
 
 absl::Status Runtime::ServeAsWorker() {
   if (!is_worker()) return absl::FailedPreconditionError("rank 0 is the coordinator");
-  ExpertWorkerOptions worker_options;
-  worker_options.timeout = options_.comm_timeout;
-  return RunExpertWorker(comm_, *weights_, *placement_, worker_options);
+  absl::Status status = RunExpertWorker(comm_, *weights_, *placement_, ExpertWorkerOptions());
+  // The coordinator is waiting on this rank mid-step: only aborting the job reaches it, and the
+  // message names this rank.
+  if (!status.ok()) comm_->Abort(1, std::string(status.message()));
+  return status;
 }
 
 absl::Status Runtime::Finish(absl::Status result) {

@@ -49,7 +49,8 @@ class Runtime {
   const ModelConfig& config() const { return config_; }
   const ModelWeights& weights() const { return *weights_; }
 
-  // Worker ranks: serves expert work until the coordinator shuts the job down.
+  // Worker ranks: serves expert work until the coordinator shuts the job down. On an error the
+  // job is aborted (the coordinator cannot be reached otherwise) and the error returned.
   absl::Status ServeAsWorker();
   // Coordinator: the engine (experts local or remote).
   Engine& engine() { return *engine_; }
@@ -65,10 +66,17 @@ class Runtime {
   // Per-layer time in attention, dispatch, expert compute and combine; tokens per expert and
   // per worker; weight bytes this rank mapped.
   void PrintStats(std::ostream& out) const;
+  // Coordinator of a multi-rank job: the executor's counters; nullptr otherwise.
+  const ExpertParallelStats* expert_parallel_stats() const {
+    return remote_experts_ ? &remote_experts_->stats() : nullptr;
+  }
 
  private:
   Runtime() = default;
-  absl::Status Handshake(const Placement& placement);
+  // Role, config and placement from the options.
+  absl::Status Configure();
+  // Exchanges Hellos (carrying `configured`) and checks that all ranks agree.
+  absl::Status Handshake(const absl::Status& configured);
 
   RuntimeOptions options_;
   ModelConfig config_;

@@ -18,6 +18,8 @@ const char* TagName(Tag tag) {
       return "dispatch";
     case Tag::kCombine:
       return "combine";
+    case Tag::kReady:
+      return "ready";
   }
   return "?";
 }

@@ -27,6 +27,7 @@ enum class Tag : int {
   kCounts = 3,
   kDispatch = 4,
   kCombine = 5,
+  kReady = 6,
 };
 const char* TagName(Tag tag);
 

@@ -33,7 +33,7 @@ class InProcCommunicator : public Communicator {
           return absl::InternalError(absl::StrCat(what, ": rank ", rank_, " sends itself ",
                                                   send_bytes[p], " bytes but expects ",
                                                   recv_bytes[p]));
-        std::memcpy(dst + recv_offset[p], src + offset, send_bytes[p]);
+        if (send_bytes[p] > 0) std::memcpy(dst + recv_offset[p], src + offset, send_bytes[p]);
       } else if (send_bytes[p] > 0) {
         group_->Send(rank_, p, tag, src + offset, send_bytes[p]);
       }

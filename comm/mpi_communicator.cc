@@ -2,7 +2,9 @@
 
 #include <mpi.h>
 
+#include <chrono>
 #include <climits>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <thread>
@@ -24,11 +26,12 @@ absl::Status MpiError(int code, const char* call, const std::string& what) {
       absl::StrCat(what, ": ", call, " failed: ", std::string(text, len)));
 }
 
-#define EPX_MPI_CALL(call, what)                                               \
-  do {                                                                         \
-    const int epx_mpi_rc_ = (call);                                            \
-    if (epx_mpi_rc_ != MPI_SUCCESS) return MpiError(epx_mpi_rc_, #call, what); \
-  } while (0)
+// Posted requests of one exchange: for each, the peer and, for a receive, the bytes expected.
+struct Pending {
+  std::vector<MPI_Request> requests;
+  std::vector<int> peers;
+  std::vector<int64_t> expect;  // -1 for a send
+};
 
 class MpiCommunicator : public Communicator {
  public:
@@ -36,7 +39,13 @@ class MpiCommunicator : public Communicator {
     MPI_Comm_rank(comm_, &rank_);
     MPI_Comm_size(comm_, &world_size_);
   }
+  // After a failed exchange, requests may still be in flight and peers may be mid-protocol:
+  // MPI_Finalize could wait forever, so the job is aborted instead.
   ~MpiCommunicator() override {
+    if (broken_) {
+      std::fflush(stderr);
+      MPI_Abort(comm_, 1);
+    }
     MPI_Comm_free(&comm_);
     MPI_Finalize();
   }
@@ -50,65 +59,51 @@ class MpiCommunicator : public Communicator {
     const int n = world_size_;
     if (static_cast<int>(send_bytes.size()) != n || static_cast<int>(recv_bytes.size()) != n)
       return absl::InvalidArgumentError("AllToAllV: one size per rank is needed");
-    std::vector<MPI_Request> requests;
-    std::vector<int> peers;
+    // Every size is checked before anything is posted.
+    for (int p = 0; p < n; ++p) {
+      if (send_bytes[p] < 0 || recv_bytes[p] < 0 || send_bytes[p] > INT_MAX ||
+          recv_bytes[p] > INT_MAX)
+        return absl::ResourceExhaustedError(absl::StrCat(
+            what, ": a message of ", std::max(send_bytes[p], recv_bytes[p]),
+            " bytes between ranks ", rank_, " and ", p, " (the limit is 2 GiB)"));
+    }
+    if (send_bytes[rank_] != recv_bytes[rank_])
+      return absl::InternalError(absl::StrCat(what, ": rank ", rank_, " sends itself ",
+                                              send_bytes[rank_], " bytes but expects ",
+                                              recv_bytes[rank_]));
+    Pending pending;
     const auto* src = static_cast<const uint8_t*>(send);
     auto* dst = static_cast<uint8_t*>(recv);
     int64_t send_offset = 0, recv_offset = 0;
     for (int p = 0; p < n; ++p) {
-      if (send_bytes[p] > INT_MAX || recv_bytes[p] > INT_MAX)
-        return absl::ResourceExhaustedError(
-            absl::StrCat(what, ": a message of more than 2 GiB between ranks ", rank_, " and ", p));
       if (p == rank_) {
-        if (send_bytes[p] != recv_bytes[p])
-          return absl::InternalError(absl::StrCat(what, ": rank ", rank_, " sends itself ",
-                                                  send_bytes[p], " bytes but expects ",
-                                                  recv_bytes[p]));
-        std::memcpy(dst + recv_offset, src + send_offset, send_bytes[p]);
+        if (send_bytes[p] > 0) std::memcpy(dst + recv_offset, src + send_offset, send_bytes[p]);
       } else {
-        if (recv_bytes[p] > 0) {
-          requests.emplace_back();
-          peers.push_back(p);
-          EPX_MPI_CALL(MPI_Irecv(dst + recv_offset, static_cast<int>(recv_bytes[p]), MPI_BYTE, p,
-                                 static_cast<int>(tag), comm_, &requests.back()),
-                       what);
-        }
-        if (send_bytes[p] > 0) {
-          requests.emplace_back();
-          peers.push_back(p);
-          EPX_MPI_CALL(MPI_Isend(src + send_offset, static_cast<int>(send_bytes[p]), MPI_BYTE, p,
-                                 static_cast<int>(tag), comm_, &requests.back()),
-                       what);
-        }
+        if (recv_bytes[p] > 0)
+          EPX_RETURN_IF_ERROR(Post(/*is_send=*/false, dst + recv_offset, recv_bytes[p], p, tag,
+                                   what, &pending));
+        if (send_bytes[p] > 0)
+          EPX_RETURN_IF_ERROR(Post(/*is_send=*/true, const_cast<uint8_t*>(src + send_offset),
+                                   send_bytes[p], p, tag, what, &pending));
       }
       send_offset += send_bytes[p];
       recv_offset += recv_bytes[p];
     }
-    return WaitAll(requests, peers, tag, timeout, what);
+    return WaitAll(pending, tag, timeout, what);
   }
 
   absl::Status Broadcast(void* data, int64_t bytes, int root, Tag tag, absl::Duration timeout,
                          const std::string& what) override {
-    if (bytes > INT_MAX) return absl::InvalidArgumentError("Broadcast: more than 2 GiB");
-    std::vector<MPI_Request> requests;
-    std::vector<int> peers;
+    if (bytes < 0 || bytes > INT_MAX)
+      return absl::InvalidArgumentError("Broadcast: size outside [0, 2 GiB]");
+    Pending pending;
     if (rank_ == root) {
-      for (int p = 0; p < world_size_; ++p) {
-        if (p == root) continue;
-        requests.emplace_back();
-        peers.push_back(p);
-        EPX_MPI_CALL(MPI_Isend(data, static_cast<int>(bytes), MPI_BYTE, p, static_cast<int>(tag),
-                               comm_, &requests.back()),
-                     what);
-      }
+      for (int p = 0; p < world_size_; ++p)
+        if (p != root) EPX_RETURN_IF_ERROR(Post(true, data, bytes, p, tag, what, &pending));
     } else {
-      requests.emplace_back();
-      peers.push_back(root);
-      EPX_MPI_CALL(MPI_Irecv(data, static_cast<int>(bytes), MPI_BYTE, root, static_cast<int>(tag),
-                             comm_, &requests.back()),
-                   what);
+      EPX_RETURN_IF_ERROR(Post(false, data, bytes, root, tag, what, &pending));
     }
-    return WaitAll(requests, peers, tag, timeout, what);
+    return WaitAll(pending, tag, timeout, what);
   }
 
   absl::Status AllGather(const void* send, int64_t bytes, void* recv, Tag tag,
@@ -127,43 +122,80 @@ class MpiCommunicator : public Communicator {
   }
 
  private:
-  // Polls until every request completes or the deadline passes. Spins briefly (latency of a
+  absl::Status Post(bool is_send, void* buffer, int64_t bytes, int peer, Tag tag,
+                    const std::string& what, Pending* pending) {
+    MPI_Request request;
+    const int rc = is_send ? MPI_Isend(buffer, static_cast<int>(bytes), MPI_BYTE, peer,
+                                       static_cast<int>(tag), comm_, &request)
+                           : MPI_Irecv(buffer, static_cast<int>(bytes), MPI_BYTE, peer,
+                                       static_cast<int>(tag), comm_, &request);
+    if (rc != MPI_SUCCESS) {
+      broken_ = true;
+      return MpiError(rc, is_send ? "MPI_Isend" : "MPI_Irecv", what);
+    }
+    pending->requests.push_back(request);
+    pending->peers.push_back(peer);
+    pending->expect.push_back(is_send ? -1 : bytes);
+    return absl::OkStatus();
+  }
+
+  // Polls until every request completes or the deadline passes: spins briefly (the latency of a
   // decode step), then backs off to short sleeps (an idle worker waiting for the next step).
-  absl::Status WaitAll(std::vector<MPI_Request>& requests, const std::vector<int>& peers, Tag tag,
-                       absl::Duration timeout, const std::string& what) {
-    if (requests.empty()) return absl::OkStatus();
+  // Checks that each receive got exactly the bytes expected.
+  absl::Status WaitAll(Pending& pending, Tag tag, absl::Duration timeout,
+                       const std::string& what) {
+    if (pending.requests.empty()) return absl::OkStatus();
+    const int count = static_cast<int>(pending.requests.size());
+    std::vector<MPI_Status> statuses(count);
     const absl::Time start = absl::Now();
     const absl::Time deadline = start + timeout;
-    int64_t polls = 0;
-    while (true) {
+    for (int64_t polls = 1;; ++polls) {
       int done = 0;
-      const int rc = MPI_Testall(static_cast<int>(requests.size()), requests.data(), &done,
-                                 MPI_STATUSES_IGNORE);
-      if (rc != MPI_SUCCESS) return MpiError(rc, "MPI_Testall", what);
-      if (done) return absl::OkStatus();
-      ++polls;
+      const int rc = MPI_Testall(count, pending.requests.data(), &done, statuses.data());
+      if (rc != MPI_SUCCESS) {
+        broken_ = true;
+        return MpiError(rc, "MPI_Testall", what);
+      }
+      if (done) break;
       if (polls % 256 == 0) {
         const absl::Time now = absl::Now();
-        if (now >= deadline) break;
+        if (now >= deadline) {
+          broken_ = true;
+          std::vector<int> missing;
+          for (int i = 0; i < count; ++i) {
+            int flag = 0;
+            MPI_Test(&pending.requests[i], &flag, MPI_STATUS_IGNORE);
+            if (!flag && (missing.empty() || missing.back() != pending.peers[i]))
+              missing.push_back(pending.peers[i]);
+          }
+          return absl::DeadlineExceededError(absl::StrCat(
+              what, " (", TagName(tag), "): rank(s) ", absl::StrJoin(missing, ", "),
+              " did not answer rank ", rank_, " within ", absl::FormatDuration(timeout)));
+        }
         if (now - start > absl::Milliseconds(2))
           std::this_thread::sleep_for(
               std::chrono::microseconds(now - start > absl::Seconds(1) ? 1000 : 50));
       }
     }
-    std::vector<int> missing;
-    for (size_t i = 0; i < requests.size(); ++i) {
-      int flag = 0;
-      MPI_Test(&requests[i], &flag, MPI_STATUS_IGNORE);
-      if (!flag && (missing.empty() || missing.back() != peers[i])) missing.push_back(peers[i]);
+    for (int i = 0; i < count; ++i) {
+      if (pending.expect[i] < 0) continue;
+      int received = 0;
+      MPI_Get_count(&statuses[i], MPI_BYTE, &received);
+      if (received != pending.expect[i]) {
+        broken_ = true;
+        return absl::InternalError(absl::StrCat(what, " (", TagName(tag), "): rank ",
+                                                pending.peers[i], " sent ", received,
+                                                " bytes, rank ", rank_, " expected ",
+                                                pending.expect[i], " (a protocol mismatch)"));
+      }
     }
-    return absl::DeadlineExceededError(
-        absl::StrCat(what, " (", TagName(tag), "): rank(s) ", absl::StrJoin(missing, ", "),
-                     " did not answer rank ", rank_, " within ", absl::FormatDuration(timeout)));
+    return absl::OkStatus();
   }
 
   MPI_Comm comm_;
   int rank_ = 0;
   int world_size_ = 1;
+  bool broken_ = false;
 };
 
 }  // namespace
@@ -172,10 +204,18 @@ absl::StatusOr<std::unique_ptr<Communicator>> CreateMpiCommunicator(int* argc, c
   int provided = 0;
   int rc = MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided);
   if (rc != MPI_SUCCESS) return MpiError(rc, "MPI_Init_thread", "MPI start-up");
+  if (provided < MPI_THREAD_FUNNELED) {
+    MPI_Abort(MPI_COMM_WORLD, 1);
+    return absl::FailedPreconditionError("the MPI library does not provide MPI_THREAD_FUNNELED");
+  }
   MPI_Comm comm;
   rc = MPI_Comm_dup(MPI_COMM_WORLD, &comm);
-  if (rc != MPI_SUCCESS) return MpiError(rc, "MPI_Comm_dup", "MPI start-up");
-  MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
+  if (rc == MPI_SUCCESS) rc = MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
+  if (rc != MPI_SUCCESS) {
+    const absl::Status status = MpiError(rc, "MPI_Comm_dup", "MPI start-up");
+    MPI_Abort(MPI_COMM_WORLD, 1);
+    return status;
+  }
   return std::unique_ptr<Communicator>(new MpiCommunicator(comm));
 }
 

@@ -3,11 +3,15 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "common/status.h"
 
 namespace epx::comm {
 
 absl::Status VerifyHellos(const std::vector<Hello>& hellos) {
   if (hellos.empty()) return absl::InvalidArgumentError("no ranks");
+  std::vector<StartupReport> reports;
+  for (const Hello& h : hellos) reports.push_back(h.setup);
+  EPX_RETURN_IF_ERROR(VerifyReports(reports, "start-up"));
   const Hello& root = hellos[0];
   auto build = [](const Hello& h) {
     return std::string(h.build, strnlen(h.build, sizeof(h.build)));
@@ -34,6 +38,26 @@ absl::Status VerifyHellos(const std::vector<Hello>& hellos) {
     if (h.world_size != root.world_size)
       return absl::FailedPreconditionError(absl::StrCat("rank ", r, " sees ", h.world_size,
                                                         " ranks, rank 0 sees ", root.world_size));
+  }
+  return absl::OkStatus();
+}
+
+StartupReport MakeReport(const absl::Status& status) {
+  StartupReport r;
+  r.code = static_cast<int32_t>(status.code());
+  const std::string text(status.message());
+  std::strncpy(r.error, text.c_str(), sizeof(r.error) - 1);
+  return r;
+}
+
+absl::Status VerifyReports(const std::vector<StartupReport>& reports, const std::string& stage) {
+  for (size_t r = 0; r < reports.size(); ++r) {
+    if (reports[r].code != 0)
+      return absl::Status(
+          static_cast<absl::StatusCode>(reports[r].code),
+          absl::StrCat("rank ", r, " failed at ", stage, ": ",
+                       std::string(reports[r].error,
+                                   strnlen(reports[r].error, sizeof(reports[r].error)))));
   }
   return absl::OkStatus();
 }

@@ -50,7 +50,7 @@ absl::StatusOr<Placement> Placement::FromJson(const std::string& text, int num_e
   for (auto it = j["experts"].begin(); it != j["experts"].end(); ++it) {
     int expert = -1;
     const std::string& key = it.key();
-    if (key.empty() || key.size() > 9 ||
+    if (key.empty() || key.size() > 9 || (key.size() > 1 && key[0] == '0') ||
         !std::all_of(key.begin(), key.end(), [](char c) { return c >= '0' && c <= '9'; }))
       return bad(absl::StrCat("\"", key, "\" is not an expert index"));
     expert = std::stoi(key);

@@ -23,7 +23,6 @@ DistributedExpertExecutor::DistributedExpertExecutor(const ModelConfig& config,
   stats_.dispatch_us.assign(layers, 0);
   stats_.expert_us.assign(layers, 0);
   stats_.combine_us.assign(layers, 0);
-  stats_.expert_tokens.assign(layers, std::vector<int64_t>(config_.num_local_experts, 0));
   stats_.worker_tokens.assign(comm_->world_size(), 0);
 }
 
@@ -60,10 +59,11 @@ absl::Status DistributedExpertExecutor::Run(int layer, const TensorView& x,
     const int32_t e = ids[s];
     if (e < 0 || e >= num_experts)
       return absl::InternalError(absl::StrCat("layer ", layer, ": routed to expert ", e));
+    // Rotating the first replica with the step and layer spreads even one-row decode steps over
+    // all replicas; any deterministic choice gives the same results.
     const std::vector<int>& replicas = placement_.replicas(e);
-    const int w = replicas[seen[e]++ % replicas.size()];
+    const int w = replicas[(seen[e]++ + step_ + layer) % replicas.size()];
     rows[w][placement_.LocalIndex(w, e)].push_back(s);
-    ++stats_.expert_tokens[layer][e];
   }
 
   // Counts.

@@ -25,7 +25,6 @@ struct ExpertParallelStats {
   std::vector<double> dispatch_us;  // [layer] counts + rows out, coordinator's wall time
   std::vector<double> expert_us;    // [layer] slowest worker's compute time, summed over steps
   std::vector<double> combine_us;   // [layer] rows back, minus the slowest worker's compute
-  std::vector<std::vector<int64_t>> expert_tokens;  // [layer][expert] rows routed
   std::vector<int64_t> worker_tokens;               // [rank] rows received, all layers
 };
 

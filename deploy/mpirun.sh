@@ -5,10 +5,10 @@
 #   deploy/mpirun.sh W generate --model DIR --prompt "..."
 # Extra mpirun flags go in MPIRUN_FLAGS (e.g. "--hostfile deploy/hostfile.example").
 set -euo pipefail
-cd "$(dirname "$0")/.."
+root=$(cd "$(dirname "$0")/.." && pwd)  # paths in ARGS stay relative to the caller's directory
 workers=${1:?usage: deploy/mpirun.sh W COMMAND [ARGS...]}
 shift
 flags=(--oversubscribe -x "OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}")
 [ "$(id -u)" -eq 0 ] && flags+=(--allow-run-as-root)
 # shellcheck disable=SC2086
-exec mpirun "${flags[@]}" ${MPIRUN_FLAGS:-} -np $((1 + workers)) "${EPX_BUILD_DIR:-build}/cli/epx" "$@"
+exec mpirun "${flags[@]}" ${MPIRUN_FLAGS:-} -np $((1 + workers)) "${EPX_BUILD_DIR:-$root/build}/cli/epx" "$@"

@@ -1,5 +1,6 @@
 #include "worker/expert_worker.h"
 
+#include <cstring>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -30,7 +31,7 @@ absl::Status RunExpertWorker(comm::Communicator* comm, const ModelWeights& weigh
   while (true) {
     comm::StepHeader header;
     EPX_RETURN_IF_ERROR(comm->Broadcast(&header, sizeof(header), 0, comm::Tag::kStepHeader,
-                                        absl::InfiniteDuration(), "waiting for the next step"));
+                                        options.timeout, "waiting for the next step"));
     if (header.kind == comm::StepKind::kShutdown) return absl::OkStatus();
     if (header.kind != comm::StepKind::kForward)
       return absl::InternalError(absl::StrCat("unknown step kind ", static_cast<int>(header.kind)));

@@ -16,9 +16,11 @@
 namespace epx {
 
 struct ExpertWorkerOptions {
-  // Limit on each per-layer exchange once a step has begun. Waiting for the next step header
-  // has no limit (an idle server).
-  absl::Duration timeout = absl::Seconds(30);
+  // Limit on each wait of a worker. None by default: within a step a worker waits on the
+  // coordinator's attention and the other workers' experts, which a long prefill makes
+  // arbitrarily slow, and between steps it idles. The coordinator applies the timeouts (it
+  // reports a silent worker and aborts the job); a dead coordinator ends the job via the launcher.
+  absl::Duration timeout = absl::InfiniteDuration();
 };
 
 // REQUIRES: `weights` holds the experts placement.experts_of(comm->rank()).

@@ -64,6 +64,7 @@ TEST(PlacementTest, FileErrorsNameTheProblem) {
   ExpectError(R"({"experts": {"0": [1], "1": [1]}})", 2, 2, "worker rank 2 holds no expert");
   ExpectError(R"({"experts": {"0": [], "1": [1]}})", 2, 1, "non-empty list");
   ExpectError(R"({"experts": {"x": [1]}})", 1, 1, "not an expert index");
+  ExpectError(R"({"experts": {"00": [1]}})", 1, 1, "not an expert index");
   ExpectError(R"({"experts": {"0": ["one"]}})", 1, 1, "not a rank");
   ExpectError(R"([1, 2])", 1, 1, "expected a JSON object");
   ExpectError("{not json", 1, 1, "invalid JSON");

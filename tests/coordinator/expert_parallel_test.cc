@@ -2,6 +2,8 @@
 // distributed executor and worker loop. Outputs must be bitwise identical to the single-process
 // engine for any worker count and placement; failures must name the rank.
 #include <atomic>
+#include <functional>
+#include <set>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -57,7 +59,8 @@ struct ClusterResult {
   absl::Status coordinator;
   std::vector<float> logits;
   std::vector<absl::Status> ranks;     // Start/serve status of every rank
-  std::vector<uint64_t> bytes_mapped;  // per rank
+  std::vector<uint64_t> bytes_mapped;   // per rank
+  std::vector<int64_t> worker_tokens;   // rows each rank received (coordinator's counters)
 };
 
 // Runs a job of 1 + workers ranks as threads. `tweak(rank, options)` may change a rank's
@@ -105,6 +108,7 @@ ClusterResult RunCluster(int workers, const std::string& placement, int steps,
         logits = RunPrompts((*rt)->engine(), steps);
       }
       if (logits.ok()) result.logits = *logits;
+      result.worker_tokens = (*rt)->expert_parallel_stats()->worker_tokens;
       result.coordinator = (*rt)->Finish(logits.status());
       result.ranks[0] = result.coordinator;
     });
@@ -137,6 +141,9 @@ TEST_P(WorkerCountTest, BitwiseIdenticalToSingleProcess) {
   for (size_t r = 0; r < got.ranks.size(); ++r)
     EXPECT_TRUE(got.ranks[r].ok()) << r << ": " << got.ranks[r];
   EXPECT_TRUE(BitwiseEqual(got.logits, want));
+  // Every worker took part, replicas included (W = 11 > 8 experts).
+  ASSERT_EQ(got.worker_tokens.size(), static_cast<size_t>(GetParam() + 1));
+  for (int w = 1; w <= GetParam(); ++w) EXPECT_GT(got.worker_tokens[w], 0) << "rank " << w;
 }
 
 // W < E, W = E, W > E (replicas), with decode steps where most workers get no rows.
@@ -161,7 +168,6 @@ TEST(ExpertParallelTest, EachRankMapsOnlyItsRolesTensors) {
   const uint64_t per_expert = 3ull * config->hidden_size * config->intermediate_size * 2 *
                               config->num_hidden_layers;  // bf16 w1, w2, w3 in every layer
   uint64_t total = 0;
-  for (const auto& entry : std::filesystem::directory_iterator(TinyModelDir())) (void)entry;
   auto all = SafetensorsFile::Open(TinyModelDir() + "/model.safetensors");
   ASSERT_TRUE(all.ok());
   for (const auto& e : (*all)->entries()) total += e.end - e.begin;
@@ -188,6 +194,32 @@ TEST(ExpertParallelTest, ConfigMismatchStopsEveryRankNamingIt) {
     EXPECT_THAT(std::string(got.ranks[r].message()), HasSubstr("rank 2")) << got.ranks[r];
   }
   std::filesystem::remove_all(other);
+}
+
+TEST(ExpertParallelTest, AWorkerThatCannotLoadItsExpertsStopsEveryRankNamingIt) {
+  // Same config (the handshake passes), but expert 1's w1 of layer 0 is missing: rank 2 of a
+  // round-robin over 2 workers holds experts 1, 3, 5, 7.
+  const std::string broken = (std::filesystem::path(::testing::TempDir()) / "epx_broken").string();
+  std::filesystem::create_directories(broken);
+  std::filesystem::copy_file(TinyModelDir() + "/config.json", broken + "/config.json",
+                             std::filesystem::copy_options::overwrite_existing);
+  auto full = SafetensorsFile::Open(TinyModelDir() + "/model.safetensors");
+  ASSERT_TRUE(full.ok());
+  const std::string missing = "model.layers.0.block_sparse_moe.experts.1.w1.weight";
+  std::vector<std::pair<std::string, TensorView>> kept;
+  for (const auto& e : (*full)->entries())
+    if (e.name != missing) kept.emplace_back(e.name, *(*full)->Get(e.name));
+  ASSERT_TRUE(WriteSafetensors(broken + "/model.safetensors", kept).ok());
+  ClusterResult got = RunCluster(2, "round-robin", 0, [&](int rank, RuntimeOptions& o) {
+    if (rank == 2) o.model_dir = broken;
+  });
+  for (size_t r = 0; r < got.ranks.size(); ++r) {
+    EXPECT_EQ(got.ranks[r].code(), absl::StatusCode::kNotFound) << got.ranks[r];
+    EXPECT_THAT(std::string(got.ranks[r].message()),
+                HasSubstr("rank 2 failed at loading its weights"));
+    EXPECT_THAT(std::string(got.ranks[r].message()), HasSubstr(missing));
+  }
+  std::filesystem::remove_all(broken);
 }
 
 TEST(ExpertParallelTest, RoleMismatchNamesTheRank) {
