@@ -33,9 +33,10 @@ Result Shell(const std::string& command) {
 }
 
 // mpirun with what a CI container needs: oversubscription of 2 cores, root allowed, one OpenMP
-// thread per rank.
+// thread per rank, and no cross-memory-attach copies (containers often forbid ptrace).
 std::string Mpirun(int np) {
-  std::string cmd = std::string(EPX_MPIRUN) + " --oversubscribe -x OMP_NUM_THREADS=1";
+  std::string cmd = std::string(EPX_MPIRUN) +
+                    " --oversubscribe -x OMP_NUM_THREADS=1 --mca btl_vader_single_copy_mechanism none";
   if (geteuid() == 0) cmd += " --allow-run-as-root";
   return cmd + " -np " + std::to_string(np) + " ";
 }
