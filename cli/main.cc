@@ -31,7 +31,7 @@ int main(int argc, char** argv) {
 int Run(int argc, char** argv) {
   CLI::App app{"epx: expert-parallel inference for Mixtral-family MoE models"};
   app.require_subcommand(1);
-  app.set_version_flag("--version", "epx 0.1.0");
+  app.set_version_flag("--version", epx::BuildId());
 
   // Options of every command that runs the model, alone or as one rank of an mpirun job.
   auto add_runtime_options = [](CLI::App* cmd, epx::RuntimeOptions* rt, double* timeout_s,
