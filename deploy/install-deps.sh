@@ -12,6 +12,7 @@ packages=(
   libsentencepiece-dev              # tokenizer.model
   libopenblas-dev                   # the BLAS peer in bench/
   libopenmpi-dev openmpi-bin        # the CPU data plane (mpirun -np 1+W)
+  procps                            # pgrep, for the mpi tests that signal a rank
   libgtest-dev libgmock-dev         # unit tests
   libbenchmark-dev                  # bench/
   python3
