@@ -4,6 +4,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "common/status.h"
 
 namespace epx {
 
@@ -24,12 +25,17 @@ absl::StatusOr<nlohmann::json> ParseJson(const char* begin, const char* end,
   return j;
 }
 
-absl::StatusOr<nlohmann::json> ParseJsonFile(const std::string& path) {
+absl::StatusOr<std::string> ReadTextFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
   std::stringstream ss;
   ss << in.rdbuf();
-  return ParseJson(ss.str(), path);
+  return ss.str();
+}
+
+absl::StatusOr<nlohmann::json> ParseJsonFile(const std::string& path) {
+  EPX_ASSIGN_OR_RETURN(std::string text, ReadTextFile(path));
+  return ParseJson(text, path);
 }
 
 }  // namespace epx

@@ -21,6 +21,8 @@ inline absl::StatusOr<nlohmann::json> ParseJson(const std::string& text,
                                                 const std::string& source) {
   return ParseJson(text.data(), text.data() + text.size(), source);
 }
+// The whole file as a string; NotFound naming `path` if it cannot be opened.
+absl::StatusOr<std::string> ReadTextFile(const std::string& path);
 // Reads and parses a file; NotFound if it cannot be opened.
 absl::StatusOr<nlohmann::json> ParseJsonFile(const std::string& path);
 

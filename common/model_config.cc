@@ -3,9 +3,7 @@
 #include <bit>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <limits>
-#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "common/hash.h"
@@ -208,11 +206,8 @@ absl::Status ModelConfig::ApplyGenerationConfig(const std::string& path) {
 }
 
 absl::StatusOr<ModelConfig> ModelConfig::FromFile(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return FromJson(ss.str(), path);
+  EPX_ASSIGN_OR_RETURN(std::string text, ReadTextFile(path));
+  return FromJson(text, path);
 }
 
 absl::StatusOr<ModelConfig> ModelConfig::FromDir(const std::string& dir) {

@@ -1,8 +1,6 @@
 #include "common/placement.h"
 
 #include <algorithm>
-#include <fstream>
-#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -29,11 +27,8 @@ absl::StatusOr<Placement> Placement::RoundRobin(int num_experts, int num_workers
 
 absl::StatusOr<Placement> Placement::FromFile(const std::string& path, int num_experts,
                                               int num_workers) {
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open placement file"));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return FromJson(ss.str(), num_experts, num_workers, path);
+  EPX_ASSIGN_OR_RETURN(std::string text, ReadTextFile(path));
+  return FromJson(text, num_experts, num_workers, path);
 }
 
 absl::StatusOr<Placement> Placement::FromJson(const std::string& text, int num_experts,

@@ -109,29 +109,29 @@ StreamDecoder::StreamDecoder(const Tokenizer* tokenizer, absl::Span<const int32_
   read_offset_ = ids_.size();
 }
 
-absl::StatusOr<std::string> StreamDecoder::Push(int32_t id) {
-  ids_.push_back(id);
+absl::StatusOr<std::string> StreamDecoder::Pending() const {
   auto window = absl::MakeConstSpan(ids_);
   EPX_ASSIGN_OR_RETURN(std::string prefix, tokenizer_->Decode(window.subspan(
                                                prefix_offset_, read_offset_ - prefix_offset_)));
   EPX_ASSIGN_OR_RETURN(std::string full, tokenizer_->Decode(window.subspan(prefix_offset_)));
+  return full.size() > prefix.size() ? full.substr(prefix.size()) : std::string();
+}
+
+absl::StatusOr<std::string> StreamDecoder::Push(int32_t id) {
+  ids_.push_back(id);
+  EPX_ASSIGN_OR_RETURN(std::string text, Pending());
   // U+FFFD at the end: a byte-fallback sequence is not complete yet.
-  if (full.size() <= prefix.size() ||
-      (full.size() >= 3 && full.compare(full.size() - 3, 3, "\xEF\xBF\xBD") == 0))
+  if (text.empty() || (text.size() >= 3 && text.compare(text.size() - 3, 3, "\xEF\xBF\xBD") == 0))
     return std::string();
-  std::string out = full.substr(prefix.size());
   prefix_offset_ = read_offset_;
   read_offset_ = ids_.size();
-  return out;
+  return text;
 }
 
 absl::StatusOr<std::string> StreamDecoder::Flush() {
-  auto window = absl::MakeConstSpan(ids_);
-  EPX_ASSIGN_OR_RETURN(std::string prefix, tokenizer_->Decode(window.subspan(
-                                               prefix_offset_, read_offset_ - prefix_offset_)));
-  EPX_ASSIGN_OR_RETURN(std::string full, tokenizer_->Decode(window.subspan(prefix_offset_)));
+  EPX_ASSIGN_OR_RETURN(std::string text, Pending());
   prefix_offset_ = read_offset_ = ids_.size();
-  return full.size() > prefix.size() ? full.substr(prefix.size()) : std::string();
+  return text;
 }
 
 }  // namespace epx

@@ -56,6 +56,9 @@ class StreamDecoder {
   absl::StatusOr<std::string> Flush();
 
  private:
+  // Text of the ids after read_offset_, decoded in the context of those from prefix_offset_.
+  absl::StatusOr<std::string> Pending() const;
+
   const Tokenizer* tokenizer_;
   std::vector<int32_t> ids_;
   size_t prefix_offset_ = 0;

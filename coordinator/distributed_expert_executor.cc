@@ -7,6 +7,7 @@
 #include "comm/protocol.h"
 #include "common/status.h"
 #include "common/stopwatch.h"
+#include "kernels/cpu/ops.h"
 
 namespace epx {
 DistributedExpertExecutor::DistributedExpertExecutor(const ModelConfig& config,
@@ -24,6 +25,15 @@ DistributedExpertExecutor::DistributedExpertExecutor(const ModelConfig& config,
   stats_.expert_us.assign(layers, 0);
   stats_.combine_us.assign(layers, 0);
   stats_.worker_tokens.assign(comm_->world_size(), 0);
+  // Groups (worker, local expert) in send order: worker w's are [group_base_[w],
+  // group_base_[w + 1]); each worker receives one count per local expert.
+  group_base_.assign(comm_->world_size() + 1, 0);
+  count_bytes_.assign(comm_->world_size(), 0);
+  for (int w = 1; w < comm_->world_size(); ++w) {
+    const int64_t local = static_cast<int64_t>(placement_.experts_of(w).size());
+    group_base_[w + 1] = group_base_[w] + local;
+    count_bytes_[w] = local * static_cast<int64_t>(sizeof(int64_t));
+  }
 }
 
 absl::Status DistributedExpertExecutor::BeginStep() {
@@ -48,79 +58,76 @@ absl::Status DistributedExpertExecutor::Run(int layer, const TensorView& x,
   const int world = comm_->world_size();
   const int64_t hidden = config_.hidden_size, num_experts = config_.num_local_experts;
   const int64_t num_slots = topk_ids.numel(), num_topk = topk_ids.dim(1);
+  const int64_t num_groups = group_base_.back();
   const int32_t* ids = topk_ids.data<const int32_t>();
 
-  // Destination of every slot: the expert's replica chosen by the slot's index within the
-  // expert's group (slots ascend), then (worker, local expert, slot) order in the send buffer.
-  std::vector<int64_t> seen(num_experts, 0);
-  std::vector<std::vector<std::vector<int64_t>>> rows(world);  // [rank][local expert] -> slots
-  for (int w = 1; w < world; ++w) rows[w].resize(placement_.experts_of(w).size());
+  // Group of every slot: (worker, local expert), numbered in send order. A replicated expert's
+  // slots are dealt to its replicas in turn, starting at a replica that rotates with the step
+  // and layer so that even one-row decode steps reach every replica; any deterministic choice
+  // gives the same results.
+  std::vector<int64_t> seen(num_experts, 0), group_of(num_slots);
+  group_offsets_.assign(num_groups + 1, 0);
   for (int64_t s = 0; s < num_slots; ++s) {
     const int32_t e = ids[s];
     if (e < 0 || e >= num_experts)
       return absl::InternalError(absl::StrCat("layer ", layer, ": routed to expert ", e));
-    // Rotating the first replica with the step and layer spreads even one-row decode steps over
-    // all replicas; any deterministic choice gives the same results.
     const std::vector<int>& replicas = placement_.replicas(e);
     const int w = replicas[(seen[e]++ + step_ + layer) % replicas.size()];
-    rows[w][placement_.LocalIndex(w, e)].push_back(s);
+    group_of[s] = group_base_[w] + placement_.LocalIndex(w, e);
+    ++group_offsets_[group_of[s] + 1];
   }
+  for (int64_t g = 0; g < num_groups; ++g) group_offsets_[g + 1] += group_offsets_[g];
+  // Slots in send order: a stable counting sort by group, slots ascending within each.
+  order_.resize(num_slots);
+  std::vector<int64_t> cursor(group_offsets_.begin(), group_offsets_.end() - 1);
+  for (int64_t s = 0; s < num_slots; ++s) order_[cursor[group_of[s]]++] = s;
 
-  // Counts.
-  std::vector<int64_t> counts_send, count_bytes(world, 0), no_bytes(world, 0);
-  for (int w = 1; w < world; ++w) {
-    for (const auto& local : rows[w]) counts_send.push_back(static_cast<int64_t>(local.size()));
-    count_bytes[w] = static_cast<int64_t>(rows[w].size() * sizeof(int64_t));
-  }
+  // Counts: each worker's groups are contiguous, so its counts are a run of the group sizes.
+  std::vector<int64_t> counts(num_groups), no_bytes(world, 0);
+  for (int64_t g = 0; g < num_groups; ++g) counts[g] = group_offsets_[g + 1] - group_offsets_[g];
   Stopwatch watch;
-  EPX_RETURN_IF_ERROR(comm_->AllToAllV(counts_send.data(), count_bytes, nullptr, no_bytes,
+  EPX_RETURN_IF_ERROR(comm_->AllToAllV(counts.data(), count_bytes_, nullptr, no_bytes,
                                        comm::Tag::kCounts, timeout_,
                                        absl::StrCat("layer ", layer, " counts")));
 
-  // Rows out, in (worker, local expert, slot) order.
-  order_.clear();
+  // Rows out, in send order.
   std::vector<int64_t> row_bytes(world, 0), back_bytes(world, 0);
   for (int w = 1; w < world; ++w) {
-    int64_t n = 0;
-    for (const auto& local : rows[w]) {
-      order_.insert(order_.end(), local.begin(), local.end());
-      n += static_cast<int64_t>(local.size());
-    }
+    const int64_t n = group_offsets_[group_base_[w + 1]] - group_offsets_[group_base_[w]];
     row_bytes[w] = n * hidden * static_cast<int64_t>(sizeof(float));
     back_bytes[w] = row_bytes[w] + static_cast<int64_t>(sizeof(double));
     stats_.worker_tokens[w] += n;
   }
-  send_.resize(order_.size() * hidden);
-  for (size_t r = 0; r < order_.size(); ++r)
-    std::memcpy(send_.data() + r * hidden, x.data<const float>() + (order_[r] / num_topk) * hidden,
-                hidden * sizeof(float));
+  send_.resize(num_slots * hidden);
+  EPX_RETURN_IF_ERROR(cpu::PermuteRows(x, order_, num_topk,
+                                       TensorView(send_.data(), DType::kF32, {num_slots, hidden})));
   EPX_RETURN_IF_ERROR(comm_->AllToAllV(send_.data(), row_bytes, nullptr, no_bytes,
                                        comm::Tag::kDispatch, timeout_,
                                        absl::StrCat("layer ", layer, " dispatch")));
   stats_.dispatch_us[layer] += watch.Micros();
 
-  // Outputs back, each worker's block followed by its compute time.
+  // Outputs back: each worker's rows followed by its compute time (a double; row blocks keep
+  // float alignment).
   watch.Restart();
   int64_t total_back = 0;
   for (int w = 0; w < world; ++w) total_back += back_bytes[w];
-  recv_.resize((total_back + sizeof(float) - 1) / sizeof(float));
+  recv_.resize(total_back / sizeof(float));
   EPX_RETURN_IF_ERROR(comm_->AllToAllV(nullptr, no_bytes, recv_.data(), back_bytes,
                                        comm::Tag::kCombine, timeout_,
                                        absl::StrCat("layer ", layer, " combine")));
   const double wall_us = watch.Micros();
   double slowest_us = 0;
-  const auto* bytes = reinterpret_cast<const uint8_t*>(recv_.data());
-  size_t r = 0;
-  int64_t offset = 0;
+  const float* block = recv_.data();
   for (int w = 1; w < world; ++w) {
-    const int64_t n = row_bytes[w] / static_cast<int64_t>(hidden * sizeof(float));
-    for (int64_t i = 0; i < n; ++i, ++r)
-      std::memcpy(slot_out.data<float>() + order_[r] * hidden,
-                  bytes + offset + i * hidden * sizeof(float), hidden * sizeof(float));
+    const int64_t first = group_offsets_[group_base_[w]];
+    const int64_t n = group_offsets_[group_base_[w + 1]] - first;
+    EPX_RETURN_IF_ERROR(cpu::UnpermuteRows(TensorView(block, DType::kF32, {n, hidden}),
+                                           absl::MakeConstSpan(order_).subspan(first, n),
+                                           slot_out));
     double worker_us = 0;
-    std::memcpy(&worker_us, bytes + offset + row_bytes[w], sizeof(double));
+    std::memcpy(&worker_us, block + n * hidden, sizeof(double));
     slowest_us = std::max(slowest_us, worker_us);
-    offset += back_bytes[w];
+    block += back_bytes[w] / static_cast<int64_t>(sizeof(float));
   }
   stats_.expert_us[layer] += slowest_us;
   stats_.combine_us[layer] += std::max(0.0, wall_us - slowest_us);

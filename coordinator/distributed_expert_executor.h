@@ -22,10 +22,10 @@ namespace epx {
 
 // Per-layer totals since creation (or the last ResetStats()).
 struct ExpertParallelStats {
-  std::vector<double> dispatch_us;  // [layer] counts + rows out, coordinator's wall time
-  std::vector<double> expert_us;    // [layer] slowest worker's compute time, summed over steps
-  std::vector<double> combine_us;   // [layer] rows back, minus the slowest worker's compute
-  std::vector<int64_t> worker_tokens;               // [rank] rows received, all layers
+  std::vector<double> dispatch_us;     // [layer] counts + rows out, coordinator's wall time
+  std::vector<double> expert_us;       // [layer] slowest worker's compute time, summed over steps
+  std::vector<double> combine_us;      // [layer] rows back, minus the slowest worker's compute
+  std::vector<int64_t> worker_tokens;  // [rank] rows received, all layers
 };
 
 class DistributedExpertExecutor : public ExpertExecutor {
@@ -56,8 +56,11 @@ class DistributedExpertExecutor : public ExpertExecutor {
   int64_t layers_done_ = 0;  // in the current step
   bool shut_down_ = false;
   ExpertParallelStats stats_;
+  std::vector<int64_t> group_base_;   // [rank + 1]: first (worker, local expert) group of a rank
+  std::vector<int64_t> count_bytes_;  // [rank]: bytes of a worker's counts
   // Scratch kept between layers.
-  std::vector<int64_t> order_;  // send-buffer row -> slot
+  std::vector<int64_t> group_offsets_;  // [group + 1]: rows of each group in send order
+  std::vector<int64_t> order_;          // send-buffer row -> slot
   std::vector<float> send_;
   std::vector<float> recv_;
 };

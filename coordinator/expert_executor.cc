@@ -8,7 +8,13 @@ namespace {
 
 class LocalExpertExecutor : public ExpertExecutor {
  public:
-  explicit LocalExpertExecutor(const ModelWeights* weights) : weights_(weights) {}
+  explicit LocalExpertExecutor(const ModelWeights* weights) : weights_(weights) {
+    const ModelConfig& c = weights->config();
+    experts_.resize(c.num_hidden_layers);
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l)
+      for (const ExpertWeights& e : weights->layer(static_cast<int>(l)).experts)
+        experts_[l].push_back({e.w1, e.w2, e.w3});
+  }
 
   absl::Status Run(int layer, const TensorView& x, const TensorView& topk_ids,
                    const TensorView& slot_out) override {
@@ -21,22 +27,14 @@ class LocalExpertExecutor : public ExpertExecutor {
                                                absl::MakeSpan(offsets_), absl::MakeSpan(slots_)));
     EnsureSize(&permuted_, num_slots * hidden);
     EnsureSize(&expert_out_, num_slots * hidden);
+    EnsureSize(&scratch_, cpu::GroupedSwiGluScratchFloats(offsets_, c.intermediate_size));
     TensorView permuted(permuted_.data(), DType::kF32, {num_slots, hidden});
     TensorView expert_out(expert_out_.data(), DType::kF32, {num_slots, hidden});
     EPX_RETURN_IF_ERROR(cpu::PermuteRows(x, slots_, num_topk, permuted));
-    const LayerWeights& lw = weights_->layer(layer);
-    for (int64_t e = 0; e < c.num_local_experts; ++e) {
-      const int64_t begin = offsets_[e], end = offsets_[e + 1];
-      if (begin == end) continue;
-      const ExpertWeights& ew = lw.experts[e];
-      if (!ew.loaded())
-        return absl::FailedPreconditionError(
-            absl::StrCat("expert ", e, " of layer ", layer, " is not loaded in this process"));
-      EnsureSize(&scratch_, cpu::SwiGluScratchFloats(end - begin, c.intermediate_size));
-      EPX_RETURN_IF_ERROR(cpu::SwiGluExpert(permuted.Slice(begin, end), ew.w1, ew.w2, ew.w3,
-                                            absl::MakeSpan(scratch_),
-                                            expert_out.Slice(begin, end)));
-    }
+    const absl::Status computed = cpu::GroupedSwiGlu(permuted, offsets_, experts_[layer],
+                                                     absl::MakeSpan(scratch_), expert_out);
+    if (!computed.ok())
+      return absl::Status(computed.code(), absl::StrCat("layer ", layer, ": ", computed.message()));
     return cpu::UnpermuteRows(expert_out, slots_, slot_out);
   }
 
@@ -45,6 +43,7 @@ class LocalExpertExecutor : public ExpertExecutor {
     if (static_cast<int64_t>(v->size()) < n) v->resize(n);
   }
   const ModelWeights* weights_;
+  std::vector<std::vector<cpu::SwiGluWeights>> experts_;  // [layer][expert]; unloaded: empty
   std::vector<int64_t> offsets_;
   std::vector<int64_t> slots_;
   std::vector<float> permuted_;

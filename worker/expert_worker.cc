@@ -16,13 +16,19 @@ absl::Status RunExpertWorker(comm::Communicator* comm, const ModelWeights& weigh
   const ModelConfig& c = weights.config();
   const int rank = comm->rank(), world = comm->world_size();
   const std::vector<int>& local = placement.experts_of(rank);
-  for (int e : local) {
-    if (!weights.layer(0).experts[e].loaded())
-      return absl::FailedPreconditionError(
-          absl::StrCat("worker rank ", rank, " does not hold expert ", e, " of its placement"));
+  // [layer][local expert]: the FFN weights in the order rows arrive.
+  std::vector<std::vector<cpu::SwiGluWeights>> experts(c.num_hidden_layers);
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    for (int e : local) {
+      const ExpertWeights& w = weights.layer(static_cast<int>(l)).experts[e];
+      if (!w.loaded())
+        return absl::FailedPreconditionError(
+            absl::StrCat("worker rank ", rank, " does not hold expert ", e, " of its placement"));
+      experts[l].push_back({w.w1, w.w2, w.w3});
+    }
   }
   const int64_t hidden = c.hidden_size;
-  std::vector<int64_t> counts(local.size());
+  std::vector<int64_t> counts(local.size()), offsets(local.size() + 1, 0);
   std::vector<int64_t> count_bytes(world, 0), row_bytes(world, 0), back_bytes(world, 0),
       none(world, 0);
   count_bytes[0] = static_cast<int64_t>(local.size() * sizeof(int64_t));
@@ -39,8 +45,8 @@ absl::Status RunExpertWorker(comm::Communicator* comm, const ModelWeights& weigh
       EPX_RETURN_IF_ERROR(comm->AllToAllV(nullptr, none, counts.data(), count_bytes,
                                           comm::Tag::kCounts, options.timeout,
                                           absl::StrCat("layer ", layer, " counts")));
-      int64_t n = 0;
-      for (int64_t k : counts) n += k;
+      for (size_t i = 0; i < counts.size(); ++i) offsets[i + 1] = offsets[i] + counts[i];
+      const int64_t n = offsets.back();
       row_bytes[0] = n * hidden * static_cast<int64_t>(sizeof(float));
       rows.resize(n * hidden);
       EPX_RETURN_IF_ERROR(comm->AllToAllV(nullptr, none, rows.data(), row_bytes,
@@ -49,19 +55,12 @@ absl::Status RunExpertWorker(comm::Communicator* comm, const ModelWeights& weigh
       const Stopwatch watch;
       // The outputs, then the compute time, in one buffer.
       out.resize(n * hidden + (sizeof(double) + sizeof(float) - 1) / sizeof(float));
-      int64_t begin = 0;
-      for (size_t i = 0; i < local.size(); ++i) {
-        const int64_t m = counts[i];
-        if (m == 0) continue;
-        const ExpertWeights& ew = weights.layer(static_cast<int>(layer)).experts[local[i]];
-        if (static_cast<int64_t>(scratch.size()) < cpu::SwiGluScratchFloats(m, c.intermediate_size))
-          scratch.resize(cpu::SwiGluScratchFloats(m, c.intermediate_size));
-        EPX_RETURN_IF_ERROR(
-            cpu::SwiGluExpert(TensorView(rows.data() + begin * hidden, DType::kF32, {m, hidden}),
-                              ew.w1, ew.w2, ew.w3, absl::MakeSpan(scratch),
-                              TensorView(out.data() + begin * hidden, DType::kF32, {m, hidden})));
-        begin += m;
-      }
+      if (static_cast<int64_t>(scratch.size()) <
+          cpu::GroupedSwiGluScratchFloats(offsets, c.intermediate_size))
+        scratch.resize(cpu::GroupedSwiGluScratchFloats(offsets, c.intermediate_size));
+      EPX_RETURN_IF_ERROR(cpu::GroupedSwiGlu(TensorView(rows.data(), DType::kF32, {n, hidden}),
+                                             offsets, experts[layer], absl::MakeSpan(scratch),
+                                             TensorView(out.data(), DType::kF32, {n, hidden})));
       const double compute_us = watch.Micros();
       std::memcpy(out.data() + n * hidden, &compute_us, sizeof(double));
       back_bytes[0] = row_bytes[0] + static_cast<int64_t>(sizeof(double));

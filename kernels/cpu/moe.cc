@@ -89,7 +89,7 @@ absl::Status PermuteRows(const TensorView& x, absl::Span<const int64_t> slots, i
 absl::Status UnpermuteRows(const TensorView& permuted, absl::Span<const int64_t> slots,
                            const TensorView& out) {
   if (permuted.dtype() != out.dtype() || permuted.dim(0) != static_cast<int64_t>(slots.size()) ||
-      out.dim(0) != permuted.dim(0) || out.dim(1) != permuted.dim(1))
+      out.dim(0) < permuted.dim(0) || out.dim(1) != permuted.dim(1))
     return absl::InvalidArgumentError("UnpermuteRows: shapes do not agree");
   const size_t row_bytes = permuted.dim(1) * DTypeSize(permuted.dtype());
   for (size_t r = 0; r < slots.size(); ++r) {
@@ -121,6 +121,31 @@ absl::Status SwiGluExpert(const TensorView& x, const TensorView& w1, const Tenso
 #pragma omp parallel for schedule(static) if (n >= (1 << 16))
   for (int64_t i = 0; i < n; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
   return Linear(gate, w2, out);
+}
+
+int64_t GroupedSwiGluScratchFloats(absl::Span<const int64_t> offsets, int64_t intermediate) {
+  int64_t largest = 0;
+  for (size_t g = 0; g + 1 < offsets.size(); ++g)
+    largest = std::max(largest, offsets[g + 1] - offsets[g]);
+  return SwiGluScratchFloats(largest, intermediate);
+}
+
+absl::Status GroupedSwiGlu(const TensorView& x, absl::Span<const int64_t> offsets,
+                           absl::Span<const SwiGluWeights> weights, absl::Span<float> scratch,
+                           const TensorView& out) {
+  if (offsets.size() != weights.size() + 1 || offsets.empty() || offsets.back() > x.dim(0) ||
+      out.shape() != x.shape())
+    return absl::InvalidArgumentError("GroupedSwiGlu: shapes do not agree");
+  for (size_t g = 0; g < weights.size(); ++g) {
+    const int64_t begin = offsets[g], end = offsets[g + 1];
+    if (begin == end) continue;
+    if (weights[g].w1.empty())
+      return absl::FailedPreconditionError(
+          absl::StrCat("expert group ", g, " has ", end - begin, " rows but no weights here"));
+    EPX_RETURN_IF_ERROR(SwiGluExpert(x.Slice(begin, end), weights[g].w1, weights[g].w2,
+                                     weights[g].w3, scratch, out.Slice(begin, end)));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace epx::cpu

@@ -78,7 +78,8 @@ absl::Status ExpertPermutation(const TensorView& topk_ids, int64_t num_experts,
 absl::Status PermuteRows(const TensorView& x, absl::Span<const int64_t> slots, int64_t num_topk,
                          const TensorView& permuted);
 
-// out[slots[r]] = permuted[r]. permuted, out: [num_slots, hidden].
+// out[slots[r]] = permuted[r]. permuted: [num_rows, hidden]; out: [num_slots, hidden] with
+// num_slots >= num_rows (a block of the permuted rows may be scattered on its own).
 absl::Status UnpermuteRows(const TensorView& permuted, absl::Span<const int64_t> slots,
                            const TensorView& out);
 
@@ -88,6 +89,20 @@ int64_t SwiGluScratchFloats(int64_t num_rows, int64_t intermediate);
 // w2: [hidden, intermediate]; scratch: SwiGluScratchFloats floats; out: [num_rows, hidden].
 absl::Status SwiGluExpert(const TensorView& x, const TensorView& w1, const TensorView& w2,
                           const TensorView& w3, absl::Span<float> scratch, const TensorView& out);
+
+// The weights of one expert FFN, as SwiGluExpert takes them.
+struct SwiGluWeights {
+  TensorView w1, w2, w3;
+};
+// Scratch floats GroupedSwiGlu needs: SwiGluScratchFloats of the largest group.
+int64_t GroupedSwiGluScratchFloats(absl::Span<const int64_t> offsets, int64_t intermediate);
+// Rows grouped by expert: group g, rows [offsets[g], offsets[g + 1]) of x, goes through
+// weights[g] into the same rows of out. Empty groups are skipped (their weights may be empty); a
+// non-empty group without weights is FailedPrecondition naming it. x, out: [offsets.back(),
+// hidden]; offsets: [num_groups + 1]; weights: [num_groups].
+absl::Status GroupedSwiGlu(const TensorView& x, absl::Span<const int64_t> offsets,
+                           absl::Span<const SwiGluWeights> weights, absl::Span<float> scratch,
+                           const TensorView& out);
 
 // x_out[t] = h[t] + sum_{j = 0..num_topk-1} weights[t, j] * expert_out[t * num_topk + j], the
 // sum in j order. h, x_out: [num_tokens, hidden] (may alias); expert_out: [num_tokens * num_topk,

@@ -31,8 +31,10 @@ inline F32x16 Load(const float* p) { return *reinterpret_cast<const F32x16U*>(p)
 inline F32x16 Load(const Bf16* p) {
 #if defined(__AVX512F__)
   // One vpmovzxwd from memory; the generic form below compiles to two halves and a merge.
-  const __m512i w = _mm512_slli_epi32(
-      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+  // The zero-masked form: GCC 12's unmasked intrinsic reads an "undefined" source and warns.
+  const __m512i wide =
+      _mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  const U32x16 w = __builtin_bit_cast(U32x16, wide) << 16;
   return __builtin_bit_cast(F32x16, w);
 #else
   const U32x16 w = __builtin_convertvector(*reinterpret_cast<const U16x16U*>(p), U32x16) << 16;
