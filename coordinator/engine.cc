@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstring>
 #include <set>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
@@ -10,10 +11,14 @@
 #include "kernels/cpu/ops.h"
 
 namespace epx {
-Engine::Engine(const ModelWeights* weights, ExpertExecutor* experts)
-    : weights_(weights),
-      experts_(experts),
-      cache_(weights->config().num_hidden_layers, weights->config().kv_size()) {
+int64_t EngineOptions::KvBlocks(const ModelConfig& config) const {
+  if (kv_blocks > 0) return kv_blocks;
+  return KvCacheOptions::BlocksForBytes(kv_cache_bytes, config.num_hidden_layers,
+                                        config.kv_size(), kv_block_size);
+}
+
+Engine::Engine(const ModelWeights* weights, ExpertExecutor* experts, KvCache cache)
+    : weights_(weights), experts_(experts), cache_(std::move(cache)) {
   const ModelConfig& c = weights->config();
   stats_.attention_us.assign(c.num_hidden_layers, 0);
   stats_.moe_us.assign(c.num_hidden_layers, 0);
@@ -21,11 +26,19 @@ Engine::Engine(const ModelWeights* weights, ExpertExecutor* experts)
 }
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weights,
-                                                       ExpertExecutor* experts) {
+                                                       ExpertExecutor* experts,
+                                                       const EngineOptions& options) {
   if (weights == nullptr || !weights->selection().non_expert)
     return absl::InvalidArgumentError(
         "Engine needs the non-expert weights (embedding, attention, router, lm_head)");
-  auto engine = std::unique_ptr<Engine>(new Engine(weights, experts));
+  const ModelConfig& c = weights->config();
+  KvCacheOptions kv;
+  kv.num_layers = c.num_hidden_layers;
+  kv.row_size = c.kv_size();
+  kv.block_size = options.kv_block_size;
+  kv.num_blocks = options.KvBlocks(c);
+  EPX_ASSIGN_OR_RETURN(KvCache cache, KvCache::Create(kv));
+  auto engine = std::unique_ptr<Engine>(new Engine(weights, experts, std::move(cache)));
   if (experts == nullptr) {
     if (static_cast<int64_t>(weights->selection().experts.size()) !=
         weights->config().num_local_experts)
@@ -68,6 +81,10 @@ absl::Status Engine::Validate(absl::Span<const SequenceInput> batch) const {
 
 absl::StatusOr<Tensor> Engine::Step(absl::Span<const SequenceInput> batch) {
   EPX_RETURN_IF_ERROR(Validate(batch));
+  std::vector<std::pair<int64_t, int64_t>> lengths;
+  for (const SequenceInput& in : batch)
+    lengths.emplace_back(in.seq_id, cache_.Length(in.seq_id) + int64_t(in.tokens.size()));
+  EPX_RETURN_IF_ERROR(cache_.Reserve(lengths));
   EPX_RETURN_IF_ERROR(experts_->BeginStep());
   const ModelConfig& c = config();
   const int64_t H = c.hidden_size, Q = c.q_size(), KV = c.kv_size(), K = c.num_experts_per_tok;
@@ -79,7 +96,6 @@ absl::StatusOr<Tensor> Engine::Step(absl::Span<const SequenceInput> batch) {
   std::vector<int64_t> logit_rows;
   for (size_t s = 0; s < batch.size(); ++s) {
     const int64_t start = cache_.Length(batch[s].seq_id);
-    cache_.Reserve(batch[s].seq_id, start + batch[s].tokens.size());
     for (size_t i = 0; i < batch[s].tokens.size(); ++i) {
       if (batch[s].all_logits || i + 1 == batch[s].tokens.size())
         logit_rows.push_back(static_cast<int64_t>(ids.size()));
@@ -123,13 +139,14 @@ absl::StatusOr<Tensor> Engine::Step(absl::Span<const SequenceInput> batch) {
     EPX_RETURN_IF_ERROR(cpu::Linear(xn, lw.v_proj, v));
     EPX_RETURN_IF_ERROR(cpu::ApplyRope(q, c.head_dim, rope));
     EPX_RETURN_IF_ERROR(cpu::ApplyRope(k, c.head_dim, rope));
+    float* keys = cache_.keys(l);
+    float* values = cache_.values(l);
     for (int64_t t = 0; t < T; ++t) {
       const int64_t seq_id = batch[seq_of[t]].seq_id;
-      float* keys = cache_.Keys(seq_id, l);
-      float* values = cache_.Values(seq_id, l);
-      std::memcpy(keys + positions[t] * KV, k.data<float>() + t * KV, KV * sizeof(float));
-      std::memcpy(values + positions[t] * KV, v.data<float>() + t * KV, KV * sizeof(float));
-      kv[t] = {keys, values, KV, positions[t]};
+      const int64_t row = cache_.Row(seq_id, positions[t]);
+      std::memcpy(keys + row * KV, k.data<float>() + t * KV, KV * sizeof(float));
+      std::memcpy(values + row * KV, v.data<float>() + t * KV, KV * sizeof(float));
+      kv[t] = {keys, values, KV, positions[t], cache_.BlockTable(seq_id), cache_.block_size()};
     }
     EPX_RETURN_IF_ERROR(cpu::Attention(q, kv, ap, attn));
     EPX_RETURN_IF_ERROR(cpu::Linear(attn, lw.o_proj, proj));

@@ -39,12 +39,22 @@ struct EngineStats {
   std::vector<std::vector<int64_t>> expert_tokens;  // [layer][expert] rows routed
 };
 
+struct EngineOptions {
+  int64_t kv_block_size = 16;               // tokens per KV cache block
+  int64_t kv_blocks = 0;                    // blocks in the cache; 0: as many as kv_cache_bytes fit
+  int64_t kv_cache_bytes = int64_t{2} << 30;  // reserved, not touched until used
+
+  int64_t KvBlocks(const ModelConfig& config) const;
+};
+
 class Engine {
  public:
   // `weights` must hold the non-expert tensors; `experts` runs the FFNs (nullptr: local, which
-  // needs every expert in `weights`). Both must outlive the engine.
+  // needs every expert in `weights`). Both must outlive the engine. Errors: missing weights,
+  // bad KV cache options (InvalidArgument), a cache that cannot be allocated (ResourceExhausted).
   static absl::StatusOr<std::unique_ptr<Engine>> Create(const ModelWeights* weights,
-                                                        ExpertExecutor* experts = nullptr);
+                                                        ExpertExecutor* experts = nullptr,
+                                                        const EngineOptions& options = {});
 
   // AlreadyExists if the id is taken.
   absl::Status AddSequence(int64_t seq_id);
@@ -56,16 +66,18 @@ class Engine {
   // Runs one forward step. Returns logits [num_rows, vocab] F32: for each input in order, one
   // row per token if all_logits, else one row for its last token. On an invalid input (unknown
   // sequence, empty tokens, a sequence twice, token id outside the vocabulary, positions beyond
-  // max_position_embeddings) returns InvalidArgument/NotFound and changes nothing.
+  // max_position_embeddings) returns InvalidArgument/NotFound and changes nothing; when the KV
+  // cache has too few free blocks, ResourceExhausted and changes nothing.
   absl::StatusOr<Tensor> Step(absl::Span<const SequenceInput> batch);
 
   const EngineStats& stats() const { return stats_; }
   // Tokens that went through the layers since creation: prefill and decode tokens, each once.
   int64_t tokens_computed() const { return stats_.tokens; }
   const ModelConfig& config() const { return weights_->config(); }
+  const KvCache& kv_cache() const { return cache_; }
 
  private:
-  Engine(const ModelWeights* weights, ExpertExecutor* experts);
+  Engine(const ModelWeights* weights, ExpertExecutor* experts, KvCache cache);
   absl::Status Validate(absl::Span<const SequenceInput> batch) const;
 
   const ModelWeights* weights_;

@@ -10,6 +10,8 @@ packages=(
   nlohmann-json3-dev                # config.json / safetensors header parsing
   libcli11-dev                      # command-line parsing of the epx subcommands
   libsentencepiece-dev              # tokenizer.model
+  libgrpc++-dev libprotobuf-dev     # client API and control plane (gRPC, protobuf)
+  protobuf-compiler protobuf-compiler-grpc  # protoc and its gRPC C++ plugin
   libopenblas-dev                   # the BLAS peer in bench/
   libopenmpi-dev openmpi-bin        # the CPU data plane (mpirun -np 1+W)
   procps                            # pgrep, for the mpi tests that signal a rank

@@ -1,4 +1,4 @@
-// GQA attention over per-token key/value rows. One (token, head) pair is one task: scores in key
+// GQA attention over per-token key/value rows (contiguous or paged). One (token, head) pair is one task: scores in key
 // order, max-subtracted softmax in fp32, values accumulated in key order. Nothing depends on the
 // other tokens of the batch.
 #include <algorithm>
@@ -58,8 +58,9 @@ absl::Status Attention(const TensorView& q, absl::Span<const AttentionKv> kv,
       const float* q0 = q.data<const float>() + t * q.dim(1) + kvh * group * d;
       std::fill(max_score.begin(), max_score.end(), -INFINITY);
       for (int64_t j = 0; j < n; ++j) {
-        const float* kj = s.k + (first + j) * s.row_stride + kvh * d;
-        if (j + kPrefetchRows < n) PrefetchRow(kj + kPrefetchRows * s.row_stride, d);
+        const float* kj = s.k + s.Row(first + j) * s.row_stride + kvh * d;
+        if (j + kPrefetchRows < n)
+          PrefetchRow(s.k + s.Row(first + j + kPrefetchRows) * s.row_stride + kvh * d, d);
         for (int64_t g = 0; g < group; ++g) {
           const float x = Dot(q0 + g * d, kj, d) * p.scale;
           scores[g * n + j] = x;
@@ -77,8 +78,9 @@ absl::Status Attention(const TensorView& q, absl::Span<const AttentionKv> kv,
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t j = 0; j < n; ++j) {
-        const float* vj = s.v + (first + j) * s.row_stride + kvh * d;
-        if (j + kPrefetchRows < n) PrefetchRow(vj + kPrefetchRows * s.row_stride, d);
+        const float* vj = s.v + s.Row(first + j) * s.row_stride + kvh * d;
+        if (j + kPrefetchRows < n)
+          PrefetchRow(s.v + s.Row(first + j + kPrefetchRows) * s.row_stride + kvh * d, d);
         for (int64_t g = 0; g < group; ++g) {
           const float pj = scores[g * n + j];
           float* ag = acc.data() + g * d;

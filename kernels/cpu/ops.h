@@ -39,13 +39,22 @@ absl::Status RopeTable(absl::Span<const int64_t> positions, int64_t head_dim, do
 // table: from RopeTable for the same tokens.
 absl::Status ApplyRope(const TensorView& x, int64_t head_dim, const TensorView& table);
 
-// The keys and values one query token attends to: a sequence's cache rows [0, position], each
-// row [num_kv_heads * head_dim] F32, row stride `row_stride` floats.
+// The keys and values one query token attends to: its sequence's cache rows for positions
+// [0, position], each row [num_kv_heads * head_dim] F32, `row_stride` floats apart. Paged caches
+// give a block table: position p is row block_table[p / block_size] * block_size + p % block_size
+// of k and v; with an empty table, row p.
 struct AttentionKv {
   const float* k = nullptr;
   const float* v = nullptr;
   int64_t row_stride = 0;
   int64_t position = 0;  // the query's own position; keys 0..position are visible (causal)
+  absl::Span<const int32_t> block_table;
+  int64_t block_size = 0;
+
+  int64_t Row(int64_t p) const {
+    return block_table.empty() ? p
+                               : int64_t{block_table[p / block_size]} * block_size + p % block_size;
+  }
 };
 
 struct AttentionParams {
