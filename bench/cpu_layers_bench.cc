@@ -561,7 +561,7 @@ void BM_AttentionLayer(benchmark::State& state) {
   for (int64_t b = 0; b < batch; ++b) {
     keys.push_back(RandomTensor(DType::kF32, {context, kv_dim}, 1.f, 3000 + 2 * b));
     values.push_back(RandomTensor(DType::kF32, {context, kv_dim}, 1.f, 3001 + 2 * b));
-    kv[b] = {keys[b].data<float>(), values[b].data<float>(), kv_dim, context - 1};
+    kv[b] = {.k = keys[b].data<float>(), .v = values[b].data<float>(), .row_stride = kv_dim, .position = context - 1};
   }
   cpu::AttentionParams ap;
   ap.num_heads = s.num_heads;

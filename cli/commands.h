@@ -11,6 +11,9 @@
 #include "absl/status/status.h"
 #include "cli/runtime.h"
 #include "common/model_config.h"
+#include "coordinator/membership.h"
+#include "coordinator/scheduler.h"
+#include "coordinator/services.h"
 
 namespace epx {
 
@@ -42,6 +45,23 @@ struct GenerateOptions {
 };
 // Prints the completion to `out` as it is produced, then a newline.
 absl::Status RunGenerate(const GenerateOptions& options, std::ostream& out, std::ostream& log);
+
+struct ServeOptions {
+  RuntimeOptions runtime;               // model, placement, role, timeouts, KV cache size
+  ApiServerOptions server;              // listen address, request size limit
+  SchedulerOptions scheduler;           // queue, batch and step budget
+  MembershipOptions membership;         // heartbeat interval and timeout
+  std::string advertise_host;           // host workers reach the control plane at (default:
+                                        // the listen host, or this host's name for 0.0.0.0)
+  std::string port_file;                // written with the bound port once serving
+  bool stats = false;                   // print per-layer timings and expert load at the end
+  // After a data-plane failure the server stays up, NOT_SERVING, this long (so health checks
+  // and load balancers see it) before it exits non-zero for the launcher to restart the job.
+  absl::Duration failure_grace = absl::Seconds(5);
+};
+// `epx serve`: alone, or as any rank of an mpirun job (rank 0 serves gRPC, the others serve
+// experts and register over the control plane). Returns at Admin/Shutdown or SIGTERM/SIGINT.
+absl::Status RunServe(const ServeOptions& options, std::ostream& log);
 
 struct MakeModelOptions {
   std::string preset = "tiny";

@@ -1,7 +1,11 @@
 // epx: the command-line entry point. Parses flags and calls one Run...() of cli/commands.h.
+#include <initializer_list>
 #include <iostream>
 
 #include "CLI/CLI.hpp"
+#include "absl/strings/str_cat.h"
+#include "cli/bench_serve.h"
+#include "cli/client.h"
 #include "cli/commands.h"
 
 namespace {
@@ -10,6 +14,15 @@ int Finish(const absl::Status& status) {
   if (status.ok()) return 0;
   std::cerr << "epx: error: " << status.message() << "\n";
   return 1;
+}
+
+// Flags that only one way of running a command understands are an error, not silently ignored.
+absl::Status RejectFlags(const CLI::App& cmd, std::initializer_list<const char*> flags,
+                         const char* why) {
+  for (const char* flag : flags)
+    if (cmd.count(flag) > 0)
+      return absl::InvalidArgumentError(absl::StrCat(cmd.get_name(), ": ", flag, " ", why));
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -35,8 +48,8 @@ int Run(int argc, char** argv) {
 
   // Options of every command that runs the model, alone or as one rank of an mpirun job.
   auto add_runtime_options = [](CLI::App* cmd, epx::RuntimeOptions* rt, double* timeout_s,
-                                bool* stats) {
-    cmd->add_option("--model", rt->model_dir, "HF model directory")->required();
+                                bool* stats, bool model_required) {
+    cmd->add_option("--model", rt->model_dir, "HF model directory")->required(model_required);
     cmd->add_option("--placement", rt->placement,
                     "expert placement under mpirun: round-robin or a JSON file "
                     "{\"experts\": {\"0\": [1, 2], ...}}")
@@ -55,7 +68,7 @@ int Run(int argc, char** argv) {
   double eval_timeout_s = 30;
   CLI::App* eval_cmd = app.add_subcommand(
       "eval", "Prefill and greedy-decode the prompts of a golden file; write logits and tokens");
-  add_runtime_options(eval_cmd, &eval.runtime, &eval_timeout_s, &eval.stats);
+  add_runtime_options(eval_cmd, &eval.runtime, &eval_timeout_s, &eval.stats, true);
   eval_cmd->add_option("--input", eval.input, "safetensors with prompt_{i}.tokens/.greedy")
       ->required();
   eval_cmd->add_option("--output", eval.output, "safetensors to write")->required();
@@ -71,8 +84,14 @@ int Run(int argc, char** argv) {
 
   epx::GenerateOptions gen;
   double gen_timeout_s = 30;
-  CLI::App* gen_cmd = app.add_subcommand("generate", "Generate text from a prompt on the CPU");
-  add_runtime_options(gen_cmd, &gen.runtime, &gen_timeout_s, &gen.stats);
+  epx::RemoteGenerateOptions remote_gen;
+  CLI::App* gen_cmd = app.add_subcommand(
+      "generate", "Generate text from a prompt: here (--model) or on a running server (--server)");
+  // --model is required unless --server is given; checked after parsing for a clearer message.
+  add_runtime_options(gen_cmd, &gen.runtime, &gen_timeout_s, &gen.stats, false);
+  gen_cmd->add_option("--server", remote_gen.client.server,
+                      "HOST:PORT of a running `epx serve`: generate there instead of loading "
+                      "--model here");
   gen_cmd->add_option("--prompt", gen.prompt, "prompt text")->required();
   gen_cmd->add_option("--max-tokens", gen.max_tokens, "tokens to generate at most")
       ->capture_default_str();
@@ -81,7 +100,166 @@ int Run(int argc, char** argv) {
       ->capture_default_str();
   gen_cmd->add_option("--top-p", gen.top_p, "nucleus probability mass in (0, 1]")
       ->capture_default_str();
-  gen_cmd->add_option("--seed", gen.seed, "sampling seed")->capture_default_str();
+  gen_cmd->add_option("--seed", gen.seed, "sampling seed (--server: drawn by the server if unset)")
+      ->capture_default_str();
+  // Only the server implements these (cli/client.h).
+  gen_cmd
+      ->add_option("--repetition-penalty", remote_gen.repetition_penalty,
+                   "--server: > 0, 1 = none; divides the logits of tokens already seen")
+      ->capture_default_str();
+  // One value per flag, so that a stop string is never taken for the next flag's value.
+  gen_cmd->add_option("--stop", remote_gen.stop, "--server: stop before this text (repeatable)")
+      ->allow_extra_args(false);
+  gen_cmd
+      ->add_option("--stop-token-id", remote_gen.stop_token_ids,
+                   "--server: stop after this token id (repeatable)")
+      ->allow_extra_args(false);
+  gen_cmd->add_flag("--chat", remote_gen.chat,
+                    "--server: the prompt is a user message in the model's chat template");
+  std::string gen_system;
+  gen_cmd->add_option("--system", gen_system, "--server --chat: system message");
+  gen_cmd->add_flag("--ignore-eos", remote_gen.ignore_eos,
+                    "--server: keep generating after the end-of-sequence token");
+  gen_cmd->add_flag("--usage", remote_gen.usage,
+                    "--server: print the finish reason and token counts to stderr");
+  gen_cmd
+      ->add_option("--timeout", remote_gen.client.timeout_s,
+                   "--server: seconds the request may take in all")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+
+  // Commands that talk to a running `epx serve` (cli/client.h).
+  auto add_client_options = [](CLI::App* cmd, epx::ClientOptions* client) {
+    cmd->add_option("--server", client->server, "HOST:PORT of a running `epx serve`")
+        ->capture_default_str();
+    cmd->add_option("--timeout", client->timeout_s, "deadline of the call in seconds")
+        ->capture_default_str()
+        ->check(CLI::PositiveNumber);
+  };
+
+  epx::ClientOptions health;
+  std::string health_service;
+  bool health_wait = false;
+  CLI::App* health_cmd =
+      app.add_subcommand("health", "Ask a server's grpc.health.v1 service; exit 0 when SERVING");
+  add_client_options(health_cmd, &health);
+  health_cmd->add_option("--service", health_service,
+                         "\"\" (default): the process is up; epx.v1.Generation: it takes "
+                         "requests");
+  health_cmd->add_flag("--wait", health_wait,
+                       "poll every 200 ms until SERVING or --timeout, retrying connection "
+                       "failures");
+
+  epx::ClientOptions stats;
+  bool stats_json = false;
+  CLI::App* stats_cmd = app.add_subcommand(
+      "stats", "A server's state, queue, KV cache, counters, expert load, layer times, workers");
+  add_client_options(stats_cmd, &stats);
+  stats_cmd->add_flag("--json", stats_json, "print the StatsResponse as JSON");
+
+  epx::ClientOptions drain;
+  bool drain_wait = false;
+  CLI::App* drain_cmd = app.add_subcommand(
+      "drain", "Stop a server admitting requests; the running and queued ones finish");
+  add_client_options(drain_cmd, &drain);
+  drain_cmd->add_flag("--wait", drain_wait, "return when nothing is left (or at --timeout)");
+
+  epx::ClientOptions shutdown;
+  bool shutdown_drain = false;
+  CLI::App* shutdown_cmd = app.add_subcommand(
+      "shutdown", "End a server: running requests are cancelled, queued ones refused");
+  add_client_options(shutdown_cmd, &shutdown);
+  shutdown_cmd->add_flag("--drain", shutdown_drain, "drain first, so every request finishes");
+
+  epx::ClientOptions model_info;
+  CLI::App* model_info_cmd = app.add_subcommand(
+      "model-info", "A server's model configuration, placement and limits as JSON");
+  add_client_options(model_info_cmd, &model_info);
+
+  CLI::App* bench_cmd = app.add_subcommand("bench", "Benchmarks of a running server");
+  bench_cmd->require_subcommand(1);
+  epx::BenchServeOptions bench_serve;
+  CLI::App* bench_serve_cmd = bench_cmd->add_subcommand(
+      "serve", "Concurrent streaming requests: throughput, TTFT, ITL, failures");
+  add_client_options(bench_serve_cmd, &bench_serve.client);
+  bench_serve_cmd
+      ->add_option("--concurrency", bench_serve.concurrency, "requests in flight at once")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  bench_serve_cmd->add_option("--requests", bench_serve.requests, "requests in all")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  bench_serve_cmd->add_option("--max-tokens", bench_serve.max_tokens, "tokens per request")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  CLI::Option* bench_prompt =
+      bench_serve_cmd->add_option("--prompt", bench_serve.prompt, "the prompt of every request");
+  bench_serve_cmd
+      ->add_option("--prompt-tokens", bench_serve.prompt_tokens,
+                   "instead of --prompt: random token-id prompts of this length (from --seed)")
+      ->check(CLI::PositiveNumber)
+      ->excludes(bench_prompt);
+  bench_serve_cmd->add_option("--temperature", bench_serve.temperature, "0 = greedy")
+      ->capture_default_str();
+  bench_serve_cmd->add_option("--seed", bench_serve.seed, "request i samples with seed + i")
+      ->capture_default_str();
+  bench_serve_cmd->add_flag("--ignore-eos,!--no-ignore-eos", bench_serve.ignore_eos,
+                            "generate --max-tokens even past the end-of-sequence token "
+                            "(default on)");
+  bench_serve_cmd->add_option("--csv", bench_serve.csv,
+                              "append one line of results to this file (header if new)");
+
+  epx::ServeOptions serve;
+  double serve_timeout_s = 30, heartbeat_ms = 500, heartbeat_timeout_ms = 3000,
+         failure_grace_s = 5;
+  int64_t kv_cache_mib = 2048;
+  CLI::App* serve_cmd = app.add_subcommand(
+      "serve", "Serve the model over gRPC (alone, or as any rank of an mpirun job)");
+  add_runtime_options(serve_cmd, &serve.runtime, &serve_timeout_s, &serve.stats, true);
+  serve_cmd->add_option("--listen", serve.server.listen, "HOST:PORT to serve on (port 0: any)")
+      ->capture_default_str();
+  serve_cmd->add_option("--port-file", serve.port_file,
+                        "write the bound port to this file once serving");
+  serve_cmd->add_option("--advertise-host", serve.advertise_host,
+                        "host the workers reach the control plane at (default: the --listen "
+                        "host, or this host's name for 0.0.0.0)");
+  serve_cmd->add_option("--max-queue", serve.scheduler.max_queue,
+                        "requests waiting beyond the running ones; more: RESOURCE_EXHAUSTED")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  serve_cmd->add_option("--max-running", serve.scheduler.max_running,
+                        "sequences in one batch")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  serve_cmd->add_option("--max-batch-tokens", serve.scheduler.max_batch_tokens,
+                        "tokens in one step: decode tokens plus prompt chunks")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  serve_cmd->add_option("--kv-block-size", serve.runtime.engine.kv_block_size,
+                        "tokens per KV cache block")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{4096}));
+  serve_cmd->add_option("--kv-blocks", serve.runtime.engine.kv_blocks,
+                        "KV cache blocks (default: as many as --kv-cache-mib holds)")
+      ->check(CLI::PositiveNumber);
+  serve_cmd->add_option("--kv-cache-mib", kv_cache_mib, "KV cache memory in MiB")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  serve_cmd->add_option("--max-request-bytes", serve.server.max_request_bytes,
+                        "larger requests are refused with INVALID_ARGUMENT")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  serve_cmd->add_option("--heartbeat-ms", heartbeat_ms, "worker heartbeat interval")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  serve_cmd->add_option("--heartbeat-timeout-ms", heartbeat_timeout_ms,
+                        "a worker silent this long is lost: readiness NOT_SERVING")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  serve_cmd->add_option("--failure-grace-s", failure_grace_s,
+                        "after a data-plane failure, stay up NOT_SERVING this long, then exit 1")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
 
   epx::MakeModelOptions mm;
   std::string dtype = "bf16";
@@ -116,7 +294,46 @@ int Run(int argc, char** argv) {
   eval.runtime.comm_timeout = absl::Seconds(eval_timeout_s);
   gen.runtime.comm_timeout = absl::Seconds(gen_timeout_s);
   if (eval_cmd->parsed()) return Finish(epx::RunEval(eval, std::cerr));
-  if (gen_cmd->parsed()) return Finish(epx::RunGenerate(gen, std::cout, std::cerr));
+  if (gen_cmd->parsed()) {
+    if (gen_cmd->count("--server") == 0) {
+      if (gen.runtime.model_dir.empty())
+        return Finish(absl::InvalidArgumentError("generate needs --model or --server"));
+      absl::Status flags =
+          RejectFlags(*gen_cmd,
+                      {"--repetition-penalty", "--stop", "--stop-token-id", "--chat", "--system",
+                       "--ignore-eos", "--usage", "--timeout"},
+                      "needs --server (local generate does not implement it)");
+      if (!flags.ok()) return Finish(flags);
+      return Finish(epx::RunGenerate(gen, std::cout, std::cerr));
+    }
+    absl::Status flags =
+        RejectFlags(*gen_cmd, {"--model", "--placement", "--role", "--comm-timeout", "--stats"},
+                    "is for generating here; not with --server (see `epx stats` for the server's)");
+    if (!flags.ok()) return Finish(flags);
+    remote_gen.prompt = gen.prompt;
+    remote_gen.max_tokens = gen.max_tokens;
+    remote_gen.temperature = gen.temperature;
+    remote_gen.top_k = gen.top_k;
+    remote_gen.top_p = gen.top_p;
+    if (gen_cmd->count("--seed") > 0) remote_gen.seed = gen.seed;
+    if (gen_cmd->count("--system") > 0) remote_gen.system = gen_system;
+    return Finish(epx::RunRemoteGenerate(remote_gen, std::cout, std::cerr));
+  }
+  if (health_cmd->parsed())
+    return Finish(epx::RunHealth(health, health_service, health_wait, std::cout));
+  if (stats_cmd->parsed()) return Finish(epx::RunStats(stats, stats_json, std::cout));
+  if (drain_cmd->parsed()) return Finish(epx::RunDrain(drain, drain_wait, std::cout));
+  if (shutdown_cmd->parsed()) return Finish(epx::RunShutdown(shutdown, shutdown_drain, std::cout));
+  if (model_info_cmd->parsed()) return Finish(epx::RunModelInfo(model_info, std::cout));
+  if (bench_serve_cmd->parsed()) return Finish(epx::RunBenchServe(bench_serve, std::cout));
+  if (serve_cmd->parsed()) {
+    serve.runtime.comm_timeout = absl::Seconds(serve_timeout_s);
+    serve.runtime.engine.kv_cache_bytes = kv_cache_mib << 20;
+    serve.membership.heartbeat_interval = absl::Milliseconds(heartbeat_ms);
+    serve.membership.heartbeat_timeout = absl::Milliseconds(heartbeat_timeout_ms);
+    serve.failure_grace = absl::Seconds(failure_grace_s);
+    return Finish(epx::RunServe(serve, std::cerr));
+  }
   if (mm_cmd->parsed()) {
     absl::StatusOr<epx::DType> parsed = epx::ParseWeightDType(dtype);
     if (!parsed.ok()) return Finish(parsed.status());

@@ -48,7 +48,7 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Start(const RuntimeOptions& op
     EPX_RETURN_IF_ERROR(rt->Configure());
     EPX_ASSIGN_OR_RETURN(rt->weights_, ModelWeights::Load(options.model_dir, rt->config_,
                                                           WeightSelection::All(rt->config_)));
-    EPX_ASSIGN_OR_RETURN(rt->engine_, Engine::Create(rt->weights_.get()));
+    EPX_ASSIGN_OR_RETURN(rt->engine_, Engine::Create(rt->weights_.get(), nullptr, options.engine));
     return rt;
   }
 
@@ -73,7 +73,8 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Start(const RuntimeOptions& op
     rt->remote_experts_ = std::make_unique<DistributedExpertExecutor>(
         rt->config_, *rt->placement_, rt->comm_, options.comm_timeout);
     EPX_ASSIGN_OR_RETURN(rt->engine_,
-                         Engine::Create(rt->weights_.get(), rt->remote_experts_.get()));
+                         Engine::Create(rt->weights_.get(), rt->remote_experts_.get(),
+                                        options.engine));
   }
   return rt;
 }
@@ -176,6 +177,23 @@ void Runtime::PrintStats(std::ostream& out) const {
     for (size_t w = 1; w < wt.size(); ++w) out << " rank" << w << "=" << wt[w];
     out << "\nplacement: " << placement_->ToString() << '\n';
   }
+}
+
+}  // namespace epx
+
+namespace epx {
+
+absl::StatusOr<std::string> Runtime::ShareControlEndpoint(const std::string& endpoint) {
+  if (world_size() == 1) return endpoint;
+  int64_t size = static_cast<int64_t>(endpoint.size());
+  EPX_RETURN_IF_ERROR(comm_->Broadcast(&size, sizeof(size), 0, comm::Tag::kControlPlane,
+                                       absl::InfiniteDuration(), "control-plane address"));
+  if (size < 0 || size > 4096)
+    return absl::InternalError(absl::StrCat("control-plane address of ", size, " bytes"));
+  std::string shared(size, '\0');
+  EPX_RETURN_IF_ERROR(comm_->Broadcast(shared.data(), size, 0, comm::Tag::kControlPlane,
+                                       absl::InfiniteDuration(), "control-plane address"));
+  return shared;
 }
 
 }  // namespace epx

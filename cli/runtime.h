@@ -27,6 +27,7 @@ struct RuntimeOptions {
   std::string placement = "round-robin";  // or a placement file (common/placement.h)
   std::string role;                       // "", "coordinator" or "worker" (MPMD launches)
   absl::Duration comm_timeout = absl::Seconds(30);
+  EngineOptions engine;  // KV cache size (coordinator)
   // Use this communicator instead of MPI (tests: in-process ranks). Not owned.
   comm::Communicator* comm = nullptr;
 };
@@ -52,6 +53,12 @@ class Runtime {
   // Worker ranks: serves expert work until the coordinator shuts the job down. On an error the
   // job is aborted (the coordinator cannot be reached otherwise) and the error returned.
   absl::Status ServeAsWorker();
+  // Serving: rank 0 hands `endpoint` (the control plane's address and the job's token) to every
+  // worker, which receive it; all ranks call this once, right after Start(). An empty string
+  // means the coordinator could not start serving. Blocks until every rank took part.
+  absl::StatusOr<std::string> ShareControlEndpoint(const std::string& endpoint);
+  // This rank's placement (multi-rank jobs); nullptr in a single process.
+  const Placement* placement() const { return placement_.get(); }
   // Coordinator: the engine (experts local or remote).
   Engine& engine() { return *engine_; }
 

@@ -20,6 +20,8 @@ const char* TagName(Tag tag) {
       return "combine";
     case Tag::kReady:
       return "ready";
+    case Tag::kControlPlane:
+      return "control plane";
   }
   return "?";
 }

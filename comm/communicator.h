@@ -28,6 +28,7 @@ enum class Tag : int {
   kDispatch = 4,
   kCombine = 5,
   kReady = 6,
+  kControlPlane = 7,
 };
 const char* TagName(Tag tag);
 

@@ -24,17 +24,25 @@ void PutVarint(uint64_t v, std::string* out) {
 
 }  // namespace
 
-Tokenizer::Tokenizer() : sp_(std::make_unique<internal::SentencePieceShim>()) {}
+Tokenizer::Tokenizer() = default;
 Tokenizer::~Tokenizer() = default;
 
-absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromFile(const std::string& path) {
+absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Create() {
   auto t = std::unique_ptr<Tokenizer>(new Tokenizer());
+  std::string error;
+  t->sp_ = internal::NewSentencePieceShim(&error);
+  if (t->sp_ == nullptr) return absl::FailedPreconditionError(error);
+  return t;
+}
+
+absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromFile(const std::string& path) {
+  EPX_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> t, Create());
   EPX_RETURN_IF_ERROR(FromSp(t->sp_->Load(path), absl::StrCat(path, ": cannot load tokenizer")));
   return t;
 }
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromSerialized(const std::string& proto) {
-  auto t = std::unique_ptr<Tokenizer>(new Tokenizer());
+  EPX_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> t, Create());
   EPX_RETURN_IF_ERROR(
       FromSp(t->sp_->LoadFromSerialized(proto), "cannot load tokenizer from bytes"));
   return t;

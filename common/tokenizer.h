@@ -36,6 +36,7 @@ class Tokenizer {
 
  private:
   Tokenizer();
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> Create();
   std::unique_ptr<internal::SentencePieceShim> sp_;
 };
 

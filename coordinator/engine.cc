@@ -146,7 +146,8 @@ absl::StatusOr<Tensor> Engine::Step(absl::Span<const SequenceInput> batch) {
       const int64_t row = cache_.Row(seq_id, positions[t]);
       std::memcpy(keys + row * KV, k.data<float>() + t * KV, KV * sizeof(float));
       std::memcpy(values + row * KV, v.data<float>() + t * KV, KV * sizeof(float));
-      kv[t] = {keys, values, KV, positions[t], cache_.BlockTable(seq_id), cache_.block_size()};
+      kv[t] = {.k = keys, .v = values, .row_stride = KV, .position = positions[t],
+               .block_table = cache_.BlockTable(seq_id), .block_size = cache_.block_size()};
     }
     EPX_RETURN_IF_ERROR(cpu::Attention(q, kv, ap, attn));
     EPX_RETURN_IF_ERROR(cpu::Linear(attn, lw.o_proj, proj));

@@ -140,7 +140,8 @@ TEST(AttentionTest, GqaCausalSlidingWindowMatchesFloat64) {
                        v = RandomVector(len * kv_heads * d, 2);
     std::vector<float> q = RandomVector(len * heads * d, 3);
     std::vector<AttentionKv> kv(len);
-    for (int64_t t = 0; t < len; ++t) kv[t] = {k.data(), v.data(), kv_heads * d, t};
+    for (int64_t t = 0; t < len; ++t)
+      kv[t] = {.k = k.data(), .v = v.data(), .row_stride = kv_heads * d, .position = t};
     AttentionParams p{heads, kv_heads, d, 1.f / std::sqrt(float(d)), window};
     Tensor out = Tensor::Empty(DType::kF32, {len, heads * d});
     ASSERT_TRUE(Attention(TensorView(q.data(), DType::kF32, {len, heads * d}), kv, p, out).ok());
@@ -167,6 +168,36 @@ TEST(AttentionTest, GqaCausalSlidingWindowMatchesFloat64) {
           ASSERT_NEAR(out.data<float>()[(t * heads + h) * d + i], want, 1e-5);
         }
       }
+  }
+}
+
+TEST(AttentionTest, PagedRowsGiveTheSameBitsAsContiguousRows) {
+  // 29 positions in blocks of 4, the blocks scattered over a pool of 12 in scrambled order.
+  const int64_t heads = 6, kv_heads = 2, d = 16, len = 29, block = 4, row = kv_heads * d;
+  const std::vector<int32_t> table = {7, 2, 11, 0, 5, 9, 3, 10};
+  std::vector<float> k = RandomVector(len * row, 4), v = RandomVector(len * row, 5);
+  std::vector<float> q = RandomVector(len * heads * d, 6);
+  std::vector<float> k_pool(12 * block * row, NAN), v_pool(12 * block * row, NAN);
+  for (int64_t p = 0; p < len; ++p) {
+    const int64_t r = table[p / block] * block + p % block;
+    std::copy_n(&k[p * row], row, &k_pool[r * row]);
+    std::copy_n(&v[p * row], row, &v_pool[r * row]);
+  }
+  for (int64_t window : {0, 7}) {
+    std::vector<AttentionKv> contiguous(len), paged(len);
+    for (int64_t t = 0; t < len; ++t) {
+      contiguous[t] = {.k = k.data(), .v = v.data(), .row_stride = row, .position = t};
+      paged[t] = {.k = k_pool.data(), .v = v_pool.data(), .row_stride = row, .position = t,
+                  .block_table = table, .block_size = block};
+    }
+    AttentionParams p{heads, kv_heads, d, 0.25f, window};
+    const TensorView qv(q.data(), DType::kF32, {len, heads * d});
+    Tensor a = Tensor::Empty(DType::kF32, {len, heads * d});
+    Tensor b = Tensor::Empty(DType::kF32, {len, heads * d});
+    ASSERT_TRUE(Attention(qv, contiguous, p, a).ok());
+    ASSERT_TRUE(Attention(qv, paged, p, b).ok());
+    EXPECT_EQ(std::memcmp(a.data<float>(), b.data<float>(), len * heads * d * sizeof(float)), 0)
+        << "window " << window;
   }
 }
 

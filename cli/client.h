@@ -1,0 +1,77 @@
+// The client side of `epx`: commands that talk to a running `epx serve` over gRPC (generate with
+// --server, health, stats, drain, shutdown, model-info). main.cc parses flags into these option
+// structs and calls one Run...() function; output goes to the given streams.
+//
+// Every call carries a deadline of ClientOptions::timeout_s. A non-OK gRPC status comes back as an
+// absl::Status with the same code and a message that starts with the server address and the
+// method. Each function blocks until its calls end and is thread-safe as long as the streams are
+// not shared between threads (each call makes its own channel).
+#ifndef EPX_CLI_CLIENT_H_
+#define EPX_CLI_CLIENT_H_
+
+#include <cstdint>
+#include <optional>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+
+namespace epx {
+
+struct ClientOptions {
+  std::string server = "127.0.0.1:50051";  // HOST:PORT (any gRPC target string)
+  double timeout_s = 600;                  // deadline of every call; must be in (0, 1e8]
+};
+
+struct RemoteGenerateOptions {
+  ClientOptions client;
+  std::string prompt;
+  bool chat = false;                  // prompt is one user message of a chat (server's template)
+  std::optional<std::string> system;  // chat only: the system message
+  int64_t max_tokens = 64;
+  // Always sent, so that the remote defaults are the local command's (greedy), not the server's.
+  float temperature = 0;
+  int32_t top_k = 0;
+  float top_p = 1;
+  float repetition_penalty = 1;
+  std::optional<uint64_t> seed;  // unset: the server draws one
+  std::vector<std::string> stop;
+  std::vector<int32_t> stop_token_ids;
+  bool ignore_eos = false;
+  bool usage = false;  // print finish reason and token counts to the log
+};
+// Streams epx.v1.Generation/Generate: prints each text delta to `out` as it arrives (flushed),
+// then a newline. With `usage`, prints `finish_reason=... prompt_tokens=N completion_tokens=M` to
+// `log`. Errors: InvalidArgument for options the request cannot carry (the server checks the
+// rest); the server's status; Unavailable when the server shut down before the request finished
+// (the partial output has been printed).
+absl::Status RunRemoteGenerate(const RemoteGenerateOptions& options, std::ostream& out,
+                               std::ostream& log);
+
+// grpc.health.v1.Health/Check of `service` ("": the process is up; "epx.v1.Generation": it can
+// take requests). Prints the serving status (SERVING, NOT_SERVING, SERVICE_UNKNOWN, UNKNOWN) to
+// `out`; OK only for SERVING, Unavailable for the others, NotFound when the server does not know
+// the service, and the call's error when there is no answer. With `wait`, polls every 200 ms until
+// SERVING or until timeout_s has passed, retrying connection failures and unknown services, and
+// prints the last status once.
+absl::Status RunHealth(const ClientOptions& options, const std::string& service, bool wait,
+                       std::ostream& out);
+
+// epx.v1.Admin/Stats: a readable report (state, queue, KV cache, counters, expert load, per-layer
+// times, workers), or with `json` the message as JSON (proto field names, zeros included).
+absl::Status RunStats(const ClientOptions& options, bool json, std::ostream& out);
+
+// epx.v1.Admin/Drain: the server stops admitting requests. With `wait`, returns when the running
+// and queued requests have finished; DeadlineExceeded if some are still left at the deadline.
+absl::Status RunDrain(const ClientOptions& options, bool wait, std::ostream& out);
+
+// epx.v1.Admin/Shutdown, after draining when `drain` is set.
+absl::Status RunShutdown(const ClientOptions& options, bool drain, std::ostream& out);
+
+// epx.v1.Generation/ModelInfo printed as JSON.
+absl::Status RunModelInfo(const ClientOptions& options, std::ostream& out);
+
+}  // namespace epx
+
+#endif  // EPX_CLI_CLIENT_H_

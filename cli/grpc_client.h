@@ -1,0 +1,43 @@
+// gRPC plumbing shared by the client commands (client.cc, bench_serve.cc): channels, deadlines and
+// the conversion of gRPC statuses. Kept out of client.h so that main.cc and the tests of the
+// commands need no gRPC headers. Thread-safe (stateless).
+#ifndef EPX_CLI_GRPC_CLIENT_H_
+#define EPX_CLI_GRPC_CLIENT_H_
+
+#include <grpcpp/channel.h>
+#include <grpcpp/support/status.h>
+
+#include <chrono>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "cli/client.h"
+
+namespace epx {
+
+// InvalidArgument for an empty server or a timeout outside (0, 1e8] seconds (beyond that the
+// deadline would overflow the clock).
+absl::Status ValidateClientOptions(const ClientOptions& options);
+
+struct ChannelOptions {
+  // Reconnect attempts this far apart (ms; 0: gRPC's default, which backs off from one second up
+  // to two minutes). Pollers that wait for a server to come up set it low to notice it promptly.
+  int max_reconnect_backoff_ms = 0;
+};
+// An insecure channel to options.server; it connects lazily, on the first call. Never fails: a bad
+// address shows up as UNAVAILABLE on the first call.
+std::shared_ptr<grpc::Channel> MakeClientChannel(const ClientOptions& options,
+                                                 const ChannelOptions& channel = {});
+
+// now + timeout_s, for ClientContext::set_deadline. REQUIRES: ValidateClientOptions passed.
+std::chrono::system_clock::time_point ClientDeadline(double timeout_s);
+
+// OK stays OK; otherwise the same code (gRPC's codes are absl's) and the message
+// "<server>: <method>: <message>".
+absl::Status FromGrpcStatus(const grpc::Status& status, const std::string& server,
+                            const std::string& method);
+
+}  // namespace epx
+
+#endif  // EPX_CLI_GRPC_CLIENT_H_

@@ -1,0 +1,160 @@
+// `epx serve`: the coordinator's gRPC server over the scheduler, or an expert worker with its
+// control-plane client.
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/synchronization/notification.h"
+#include "cli/commands.h"
+#include "common/logging.h"
+#include "common/status.h"
+#include "common/tokenizer.h"
+#include "worker/control_client.h"
+
+namespace epx {
+namespace {
+
+std::string HostName() {
+  char name[256] = {};
+  if (gethostname(name, sizeof(name) - 1) != 0) return "localhost";
+  return name;
+}
+
+// A secret only the job's ranks learn (over MPI): control-plane calls must present it.
+std::string NewClusterToken() {
+  std::random_device device;
+  std::string token;
+  for (int i = 0; i < 4; ++i) absl::StrAppend(&token, absl::Hex(device(), absl::kZeroPad8));
+  return token;
+}
+
+// The address workers dial: the advertised host, else the listen host unless it is a wildcard.
+std::string ControlAddress(const ServeOptions& options, const std::string& bound) {
+  std::string host = options.advertise_host;
+  if (host.empty()) {
+    host = bound.substr(0, bound.rfind(':'));
+    if (host.empty() || host == "0.0.0.0" || host == "[::]" || host == "::") host = HostName();
+  }
+  return absl::StrCat(host, ":", bound.substr(bound.rfind(':') + 1));
+}
+
+absl::Status ServeWorker(Runtime& runtime) {
+  absl::StatusOr<std::string> endpoint = runtime.ShareControlEndpoint("");
+  std::unique_ptr<ControlClient> control;
+  if (endpoint.ok() && !endpoint->empty()) {
+    WorkerInfo self;
+    self.rank = runtime.rank();
+    self.host = HostName();
+    self.device = "cpu";
+    self.pid = static_cast<int>(getpid());
+    self.build_id = BuildId();
+    self.config_hash = runtime.config().Hash();
+    self.experts = runtime.placement()->experts_of(runtime.rank());
+    absl::StatusOr<std::unique_ptr<ControlClient>> started = ControlClient::Start(*endpoint, self);
+    if (started.ok()) {
+      control = std::move(*started);
+    } else {
+      EPX_LOG(Error) << started.status();
+    }
+  }
+  // Whatever happened above, the coordinator ends the job through the data plane.
+  return runtime.ServeAsWorker();
+}
+
+}  // namespace
+
+absl::Status RunServe(const ServeOptions& options, std::ostream& log) {
+  EPX_RETURN_IF_ERROR(options.scheduler.Validate());
+  EPX_ASSIGN_OR_RETURN(std::unique_ptr<Runtime> runtime, Runtime::Start(options.runtime));
+  if (runtime->is_worker()) return ServeWorker(*runtime);
+
+  const std::filesystem::path dir(options.runtime.model_dir);
+  absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer =
+      Tokenizer::FromFile((dir / "tokenizer.model").string());
+  if (!tokenizer.ok()) {
+    (void)runtime->ShareControlEndpoint("");
+    return runtime->Finish(tokenizer.status());
+  }
+  Scheduler scheduler(&runtime->engine(), tokenizer->get(), options.scheduler,
+                      runtime->expert_parallel_stats());
+  const Placement* placement = runtime->world_size() > 1 ? runtime->placement() : nullptr;
+  Membership membership(placement, BuildId(), runtime->config().Hash(), options.membership);
+
+  absl::Notification shutdown;
+  ApiServerOptions server_options = options.server;
+  server_options.cluster_token = NewClusterToken();
+  server_options.build_id = BuildId();
+  server_options.world_size = runtime->world_size();
+  server_options.model_name = std::filesystem::absolute(dir).filename().string();
+  if (server_options.model_name.empty())
+    server_options.model_name = std::filesystem::absolute(dir).parent_path().filename().string();
+  server_options.placement_name = placement == nullptr ? "local" : options.runtime.placement;
+  ApiServerBackends backends;
+  backends.scheduler = &scheduler;
+  backends.membership = &membership;
+  backends.tokenizer = tokenizer->get();
+  backends.placement = placement;
+  backends.on_shutdown = [&shutdown] {
+    if (!shutdown.HasBeenNotified()) shutdown.Notify();
+  };
+  absl::StatusOr<std::unique_ptr<ApiServer>> server = ApiServer::Start(server_options, backends);
+  if (!server.ok()) {
+    (void)runtime->ShareControlEndpoint("");
+    return runtime->Finish(server.status());
+  }
+  const std::string address = (*server)->address();
+  EPX_RETURN_IF_ERROR(runtime
+                          ->ShareControlEndpoint(ControlClient::Endpoint(
+                              ControlAddress(options, address), server_options.cluster_token))
+                          .status());
+  if (!options.port_file.empty()) {
+    // Written whole under another name, then renamed: a reader never sees a partial port.
+    const std::string tmp = options.port_file + ".tmp";
+    std::ofstream(tmp) << (*server)->port() << "\n";
+    std::filesystem::rename(tmp, options.port_file);
+  }
+  const KvCache& kv = runtime->engine().kv_cache();
+  log << absl::StrFormat(
+             "epx serve: %s on %s (%d process%s; KV cache %d blocks of %d tokens; queue %d, "
+             "batch %d sequences / %d tokens)",
+             server_options.model_name, address, runtime->world_size(),
+             runtime->world_size() == 1 ? "" : "es", kv.num_blocks(), kv.block_size(),
+             options.scheduler.max_queue, options.scheduler.max_running,
+             options.scheduler.max_batch_tokens)
+      << std::endl;
+
+  absl::Status run_status;
+  absl::Notification run_ended;
+  std::thread steps([&] {
+    run_status = scheduler.Run();
+    run_ended.Notify();
+  });
+  while (!shutdown.HasBeenNotified() && !run_ended.HasBeenNotified() &&
+         !Runtime::stop_requested())
+    shutdown.WaitForNotificationWithTimeout(absl::Milliseconds(50));
+
+  if (run_ended.HasBeenNotified()) {
+    // The data plane failed: every request has been failed with UNAVAILABLE and readiness is
+    // NOT_SERVING. Stay visible for the grace period, then exit non-zero.
+    EPX_LOG(Error) << "generation stopped: " << run_status << "; exiting in "
+                   << absl::FormatDuration(options.failure_grace);
+    membership.MarkFailed(run_status);
+    shutdown.WaitForNotificationWithTimeout(options.failure_grace);
+    (*server)->Shutdown(absl::Seconds(1));
+    steps.join();
+    return runtime->Finish(run_status);
+  }
+  log << "epx serve: shutting down" << std::endl;
+  scheduler.Stop();
+  steps.join();
+  (*server)->Shutdown(absl::Seconds(2));
+  if (options.stats) runtime->PrintStats(log);
+  return runtime->Finish(absl::OkStatus());
+}
+
+}  // namespace epx

@@ -1,0 +1,475 @@
+#include "coordinator/services.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <random>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "common/logging.h"
+#include "common/status.h"
+#include "coordinator/chat_template.h"
+#include "epx/v1/admin.grpc.pb.h"
+#include "epx/v1/cluster.grpc.pb.h"
+#include "epx/v1/generation.grpc.pb.h"
+
+namespace epx {
+namespace {
+
+constexpr char kGenerationService[] = "epx.v1.Generation";
+constexpr int64_t kDefaultMaxTokens = 16;
+
+// absl and gRPC share the canonical status codes.
+grpc::Status ToGrpc(const absl::Status& s) {
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+absl::Time FromGrpcDeadline(const grpc::ServerContext& context) {
+  const auto deadline = context.deadline();
+  if (deadline == std::chrono::system_clock::time_point::max()) return absl::InfiniteFuture();
+  return absl::FromChrono(deadline);
+}
+
+v1::FinishReason ToProto(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::kLength: return v1::FINISH_REASON_LENGTH;
+    case FinishReason::kStop: return v1::FINISH_REASON_STOP;
+    case FinishReason::kEos: return v1::FINISH_REASON_EOS;
+    case FinishReason::kCancelled: return v1::FINISH_REASON_CANCELLED;
+    case FinishReason::kNone: break;
+  }
+  return v1::FINISH_REASON_UNSPECIFIED;
+}
+
+absl::StatusOr<std::vector<int32_t>> ChatIds(const Tokenizer& tokenizer, const v1::Chat& chat) {
+  std::vector<ChatMessage> messages;
+  for (const v1::ChatMessage& m : chat.messages()) messages.push_back({m.role(), m.content()});
+  return ApplyChatTemplate(tokenizer, messages);
+}
+
+absl::Status CheckSize(const google::protobuf::Message& request, int64_t limit) {
+  const int64_t size = static_cast<int64_t>(request.ByteSizeLong());
+  if (size > limit)
+    return absl::InvalidArgumentError(absl::StrCat("the request is ", size,
+                                                   " bytes; the server accepts at most ", limit,
+                                                   " (--max-request-bytes)"));
+  return absl::OkStatus();
+}
+
+// The scheduler's request for a Generate call; parameters left unset take their defaults.
+absl::StatusOr<GenerationRequest> ToRequest(const v1::GenerateRequest& in,
+                                            const Tokenizer& tokenizer) {
+  GenerationRequest r;
+  switch (in.prompt_case()) {
+    case v1::GenerateRequest::kText: {
+      if (in.text().empty()) return absl::InvalidArgumentError("prompt text is empty");
+      EPX_ASSIGN_OR_RETURN(r.prompt,
+                           tokenizer.Encode(in.text(), in.add_bos() || !in.has_add_bos()));
+      break;
+    }
+    case v1::GenerateRequest::kTokenIds:
+      r.prompt.assign(in.token_ids().ids().begin(), in.token_ids().ids().end());
+      if (r.prompt.empty()) return absl::InvalidArgumentError("prompt token_ids is empty");
+      break;
+    case v1::GenerateRequest::kChat: {
+      EPX_ASSIGN_OR_RETURN(r.prompt, ChatIds(tokenizer, in.chat()));
+      break;
+    }
+    case v1::GenerateRequest::PROMPT_NOT_SET:
+      return absl::InvalidArgumentError("no prompt: set one of text, token_ids or chat");
+  }
+  r.max_tokens = in.has_max_tokens() ? in.max_tokens() : kDefaultMaxTokens;
+  r.sampling.temperature = in.has_temperature() ? in.temperature() : 1.f;
+  r.sampling.top_k = in.has_top_k() ? in.top_k() : 0;
+  r.sampling.top_p = in.has_top_p() ? in.top_p() : 1.f;
+  r.repetition_penalty = in.has_repetition_penalty() ? in.repetition_penalty() : 1.f;
+  if (in.has_seed()) {
+    r.seed = in.seed();
+  } else {
+    std::random_device device;
+    r.seed = (uint64_t{device()} << 32) | device();
+  }
+  r.stop.assign(in.stop().begin(), in.stop().end());
+  r.stop_token_ids.assign(in.stop_token_ids().begin(), in.stop_token_ids().end());
+  r.ignore_eos = in.ignore_eos();
+  return r;
+}
+
+class GenerationService final : public v1::Generation::Service {
+ public:
+  GenerationService(const ApiServerOptions& options, const ApiServerBackends& backends)
+      : options_(options), backends_(backends) {}
+
+  grpc::Status Generate(grpc::ServerContext* context, const v1::GenerateRequest* in,
+                        grpc::ServerWriter<v1::GenerateResponse>* writer) override {
+    if (absl::Status s = CheckSize(*in, options_.max_request_bytes); !s.ok()) return ToGrpc(s);
+    absl::StatusOr<GenerationRequest> request = ToRequest(*in, *backends_.tokenizer);
+    if (!request.ok()) return ToGrpc(request.status());
+    request->request_id =
+        in->request_id().empty() ? absl::StrCat("req-", next_id_.fetch_add(1)) : in->request_id();
+    request->deadline = FromGrpcDeadline(*context);
+    const std::string id = request->request_id;
+    absl::StatusOr<std::shared_ptr<RequestStream>> stream =
+        backends_.scheduler->Submit(std::move(*request));
+    if (!stream.ok()) return ToGrpc(stream.status());
+
+    // Until the last event: a client that goes away (cancel, deadline, broken stream) cancels
+    // the request, and the scheduler frees its blocks at its next step.
+    GenerationEvent event;
+    while (true) {
+      if (!(*stream)->Next(&event, absl::Milliseconds(20))) {
+        if (context->IsCancelled()) (*stream)->Cancel();
+        continue;
+      }
+      if (!event.error.ok()) return ToGrpc(event.error);
+      v1::GenerateResponse out;
+      out.set_request_id(id);
+      out.mutable_token_ids()->Add(event.token_ids.begin(), event.token_ids.end());
+      out.set_text(event.text);
+      if (event.last()) {
+        out.set_finish_reason(ToProto(event.finish));
+        out.set_matched_stop(event.matched_stop);
+        out.mutable_usage()->set_prompt_tokens(event.prompt_tokens);
+        out.mutable_usage()->set_completion_tokens(event.completion_tokens);
+      }
+      if (!writer->Write(out)) (*stream)->Cancel();
+      if (event.last()) return grpc::Status::OK;
+    }
+  }
+
+  grpc::Status Tokenize(grpc::ServerContext* context, const v1::TokenizeRequest* in,
+                        v1::TokenizeResponse* out) override {
+    if (absl::Status s = CheckSize(*in, options_.max_request_bytes); !s.ok()) return ToGrpc(s);
+    const Tokenizer& tokenizer = *backends_.tokenizer;
+    absl::StatusOr<std::vector<int32_t>> ids;
+    switch (in->input_case()) {
+      case v1::TokenizeRequest::kText: {
+        const bool bos = in->add_bos() || !in->has_add_bos();
+        ids = tokenizer.Encode(in->text(), bos);
+        absl::StatusOr<std::vector<std::string>> pieces = tokenizer.EncodeAsPieces(in->text());
+        if (!pieces.ok()) return ToGrpc(pieces.status());
+        if (bos) out->add_pieces("<s>");
+        for (std::string& p : *pieces) out->add_pieces(std::move(p));
+        break;
+      }
+      case v1::TokenizeRequest::kChat:
+        ids = ChatIds(tokenizer, in->chat());
+        break;
+      case v1::TokenizeRequest::INPUT_NOT_SET:
+        return ToGrpc(absl::InvalidArgumentError("no input: set text or chat"));
+    }
+    if (!ids.ok()) return ToGrpc(ids.status());
+    out->mutable_token_ids()->Add(ids->begin(), ids->end());
+    return grpc::Status::OK;
+  }
+
+  grpc::Status ModelInfo(grpc::ServerContext* context, const v1::ModelInfoRequest* in,
+                         v1::ModelInfoResponse* out) override {
+    const Scheduler& scheduler = *backends_.scheduler;
+    const ModelConfig& c = scheduler.engine().config();
+    out->set_model(options_.model_name);
+    out->set_build_id(options_.build_id);
+    v1::ModelConfig* mc = out->mutable_config();
+    mc->set_vocab_size(c.vocab_size);
+    mc->set_hidden_size(c.hidden_size);
+    mc->set_intermediate_size(c.intermediate_size);
+    mc->set_num_hidden_layers(c.num_hidden_layers);
+    mc->set_num_attention_heads(c.num_attention_heads);
+    mc->set_num_key_value_heads(c.num_key_value_heads);
+    mc->set_head_dim(c.head_dim);
+    mc->set_num_local_experts(c.num_local_experts);
+    mc->set_num_experts_per_tok(c.num_experts_per_tok);
+    mc->set_max_position_embeddings(c.max_position_embeddings);
+    mc->set_sliding_window(c.sliding_window.value_or(0));
+    mc->set_rope_theta(c.rope_theta);
+    mc->set_rms_norm_eps(c.rms_norm_eps);
+    mc->set_bos_token_id(backends_.tokenizer->bos_id());
+    mc->set_eos_token_id(backends_.tokenizer->eos_id());
+    mc->set_torch_dtype(std::string(DTypeName(c.torch_dtype)));
+    mc->set_config_hash(c.Hash());
+    out->set_world_size(options_.world_size);
+    out->set_placement(options_.placement_name);
+    if (const Placement* p = backends_.placement; p != nullptr) {
+      for (int rank = 1; rank <= p->num_workers(); ++rank) {
+        v1::WorkerExperts* w = out->add_workers();
+        w->set_rank(rank);
+        w->mutable_experts()->Add(p->experts_of(rank).begin(), p->experts_of(rank).end());
+      }
+    }
+    const SchedulerOptions& so = scheduler.options();
+    const KvCache& kv = scheduler.engine().kv_cache();
+    v1::Limits* l = out->mutable_limits();
+    l->set_max_context(scheduler.max_context());
+    l->set_max_queue(so.max_queue);
+    l->set_max_running(so.max_running);
+    l->set_max_batch_tokens(so.max_batch_tokens);
+    l->set_kv_block_size(kv.block_size());
+    l->set_kv_blocks(kv.num_blocks());
+    l->set_max_request_bytes(options_.max_request_bytes);
+    l->set_max_stop_strings(so.max_stop_strings);
+    l->set_max_stop_string_bytes(so.max_stop_string_bytes);
+    return grpc::Status::OK;
+  }
+
+ private:
+  const ApiServerOptions options_;
+  const ApiServerBackends backends_;
+  std::atomic<int64_t> next_id_{0};
+};
+
+class AdminService final : public v1::Admin::Service {
+ public:
+  AdminService(const ApiServerBackends& backends, std::function<std::string()> not_ready_reason)
+      : backends_(backends), not_ready_reason_(std::move(not_ready_reason)) {}
+
+  grpc::Status Stats(grpc::ServerContext* context, const v1::StatsRequest* in,
+                     v1::StatsResponse* out) override {
+    const SchedulerStats s = backends_.scheduler->stats();
+    const std::string reason = not_ready_reason_();
+    out->set_uptime_s(absl::ToDoubleSeconds(absl::Now() - start_));
+    out->set_ready(reason.empty());
+    out->set_not_ready_reason(reason);
+    out->set_draining(s.draining);
+    out->set_queue_length(s.queue_length);
+    out->set_running_requests(s.running);
+    out->set_kv_blocks_used(s.kv_blocks_used);
+    out->set_kv_blocks_free(s.kv_blocks_total - s.kv_blocks_used);
+    out->set_kv_blocks_total(s.kv_blocks_total);
+    out->set_kv_block_size(s.kv_block_size);
+    out->set_steps(s.steps);
+    out->set_tokens_computed(s.engine.tokens);
+    out->set_requests_accepted(s.accepted);
+    out->set_requests_finished(s.finished);
+    out->set_requests_failed(s.failed);
+    out->set_requests_rejected(s.rejected);
+    out->set_requests_cancelled(s.cancelled);
+    out->set_prompt_tokens(s.prompt_tokens);
+    out->set_generated_tokens(s.generated_tokens);
+    const size_t layers = s.engine.attention_us.size();
+    std::vector<uint64_t> expert_total;
+    for (size_t l = 0; l < layers; ++l) {
+      v1::LayerStats* ls = out->add_layers();
+      ls->set_layer(l);
+      ls->set_attention_us(s.engine.attention_us[l]);
+      ls->set_moe_us(s.engine.moe_us[l]);
+      if (s.expert_parallel.has_value()) {
+        ls->set_dispatch_us(s.expert_parallel->dispatch_us[l]);
+        ls->set_expert_us(s.expert_parallel->expert_us[l]);
+        ls->set_combine_us(s.expert_parallel->combine_us[l]);
+      }
+      const std::vector<int64_t>& tokens = s.engine.expert_tokens[l];
+      expert_total.resize(tokens.size());
+      for (size_t e = 0; e < tokens.size(); ++e) {
+        ls->add_expert_tokens(tokens[e]);
+        expert_total[e] += tokens[e];
+      }
+    }
+    out->mutable_expert_tokens()->Add(expert_total.begin(), expert_total.end());
+    for (const WorkerState& w : backends_.membership->Workers(absl::Now())) {
+      v1::WorkerStatus* ws = out->add_workers();
+      ws->set_rank(w.info.rank);
+      ws->set_host(w.info.host);
+      ws->set_device(w.info.device);
+      ws->set_registered(w.registered);
+      ws->set_alive(w.alive);
+      ws->set_last_heartbeat_age_s(w.registered ? absl::ToDoubleSeconds(w.heartbeat_age) : -1);
+      ws->mutable_experts()->Add(w.info.experts.begin(), w.info.experts.end());
+      if (s.expert_parallel.has_value() &&
+          w.info.rank < static_cast<int>(s.expert_parallel->worker_tokens.size()))
+        ws->set_rows_received(s.expert_parallel->worker_tokens[w.info.rank]);
+    }
+    return grpc::Status::OK;
+  }
+
+  grpc::Status Drain(grpc::ServerContext* context, const v1::DrainRequest* in,
+                     v1::DrainResponse* out) override {
+    backends_.scheduler->Drain();
+    EPX_LOG(Info) << "draining: no new requests";
+    if (in->wait()) WaitIdle(*context);
+    const SchedulerStats s = backends_.scheduler->stats();
+    out->set_running_requests(s.running);
+    out->set_queue_length(s.queue_length);
+    return grpc::Status::OK;
+  }
+
+  grpc::Status Shutdown(grpc::ServerContext* context, const v1::ShutdownRequest* in,
+                        v1::ShutdownResponse* out) override {
+    if (in->drain()) {
+      backends_.scheduler->Drain();
+      WaitIdle(*context);
+    }
+    EPX_LOG(Info) << "shutdown requested by " << context->peer();
+    if (!shutdown_called_.exchange(true) && backends_.on_shutdown) backends_.on_shutdown();
+    return grpc::Status::OK;
+  }
+
+ private:
+  void WaitIdle(const grpc::ServerContext& context) {
+    while (!backends_.scheduler->Idle() && !context.IsCancelled())
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+
+  const ApiServerBackends backends_;
+  const std::function<std::string()> not_ready_reason_;
+  const absl::Time start_ = absl::Now();
+  std::atomic<bool> shutdown_called_{false};
+};
+
+class ClusterService final : public v1::Cluster::Service {
+ public:
+  ClusterService(const ApiServerOptions& options, const ApiServerBackends& backends)
+      : token_(options.cluster_token), backends_(backends) {}
+
+  grpc::Status Register(grpc::ServerContext* context, const v1::RegisterRequest* in,
+                        v1::RegisterResponse* out) override {
+    if (!Member(in->cluster_token())) return Denied(*context);
+    WorkerInfo info;
+    info.rank = in->rank();
+    info.host = in->host();
+    info.device = in->device();
+    info.pid = in->pid();
+    info.build_id = in->build_id();
+    info.config_hash = in->config_hash();
+    info.experts.assign(in->experts().begin(), in->experts().end());
+    absl::Status s = backends_.membership->Register(info, absl::Now());
+    if (!s.ok()) {
+      EPX_LOG(Error) << "refused a worker: " << s.message();
+      return ToGrpc(s);
+    }
+    EPX_LOG(Info) << "worker " << info.rank << " registered from " << info.host << " (pid "
+                  << info.pid << ", " << info.device << ", " << info.experts.size()
+                  << " experts)";
+    out->set_heartbeat_interval_ms(
+        absl::ToInt64Milliseconds(backends_.membership->options().heartbeat_interval));
+    return grpc::Status::OK;
+  }
+
+  grpc::Status Heartbeat(grpc::ServerContext* context, const v1::HeartbeatRequest* in,
+                         v1::HeartbeatResponse* out) override {
+    if (!Member(in->cluster_token())) return Denied(*context);
+    return ToGrpc(backends_.membership->Heartbeat(in->rank(), absl::Now()));
+  }
+
+ private:
+  bool Member(const std::string& token) const { return !token_.empty() && token == token_; }
+  grpc::Status Denied(const grpc::ServerContext& context) const {
+    EPX_LOG(Warning) << "control-plane call without this job's token from " << context.peer();
+    return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                        "not a member of this job: the cluster token does not match");
+  }
+
+  const std::string token_;
+  const ApiServerBackends backends_;
+};
+
+}  // namespace
+
+class ApiServer::Impl {
+ public:
+  Impl(const ApiServerOptions& options, const ApiServerBackends& backends)
+      : options_(options),
+        backends_(backends),
+        generation_(options, backends),
+        admin_(backends, [this] { return NotReadyReason(); }),
+        cluster_(options, backends) {}
+
+  absl::Status Start() {
+    grpc::EnableDefaultHealthCheckService(true);
+    grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+    grpc::ServerBuilder builder;
+    builder.AddListeningPort(options_.listen, grpc::InsecureServerCredentials(), &port_);
+    // Requests up to 4x the limit reach the handlers, which answer INVALID_ARGUMENT with the
+    // size; larger ones are refused by gRPC itself (RESOURCE_EXHAUSTED).
+    builder.SetMaxReceiveMessageSize(
+        static_cast<int>(std::min<int64_t>(4 * options_.max_request_bytes, INT32_MAX)));
+    builder.RegisterService(&generation_);
+    builder.RegisterService(&admin_);
+    builder.RegisterService(&cluster_);
+    server_ = builder.BuildAndStart();
+    if (server_ == nullptr || port_ == 0)
+      return absl::UnavailableError(absl::StrCat("cannot listen on ", options_.listen,
+                                                 " (address in use or not valid)"));
+    UpdateHealth();
+    monitor_ = std::thread([this] {
+      while (!stop_.WaitForNotificationWithTimeout(absl::Milliseconds(100))) UpdateHealth();
+    });
+    return absl::OkStatus();
+  }
+
+  std::string NotReadyReason() const {
+    if (shutting_down_.load()) return "shutting down";
+    const SchedulerStats s = backends_.scheduler->stats();
+    if (!s.failure.ok()) backends_.membership->MarkFailed(s.failure);
+    std::string reason = backends_.membership->NotReadyReason(absl::Now());
+    if (reason.empty() && s.draining) reason = "draining";
+    return reason;
+  }
+
+  void UpdateHealth() {
+    const std::string reason = NotReadyReason();
+    if (reason == last_reason_ && health_set_) return;
+    health_set_ = true;
+    last_reason_ = reason;
+    server_->GetHealthCheckService()->SetServingStatus(kGenerationService, reason.empty());
+    if (reason.empty()) {
+      EPX_LOG(Info) << "ready: " << kGenerationService << " SERVING";
+    } else {
+      EPX_LOG(Info) << "not ready: " << kGenerationService << " NOT_SERVING (" << reason << ")";
+    }
+  }
+
+  void Shutdown(absl::Duration grace) {
+    if (shutting_down_.exchange(true)) return;
+    if (!stop_.HasBeenNotified()) stop_.Notify();
+    if (monitor_.joinable()) monitor_.join();
+    server_->GetHealthCheckService()->SetServingStatus(kGenerationService, false);
+    server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
+    server_->Wait();
+  }
+
+  const ApiServerOptions options_;
+  const ApiServerBackends backends_;
+  GenerationService generation_;
+  AdminService admin_;
+  ClusterService cluster_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+  std::thread monitor_;
+  absl::Notification stop_;
+  std::atomic<bool> shutting_down_{false};
+  std::string last_reason_;  // monitor thread
+  bool health_set_ = false;  // monitor thread
+};
+
+absl::StatusOr<std::unique_ptr<ApiServer>> ApiServer::Start(const ApiServerOptions& options,
+                                                            const ApiServerBackends& backends) {
+  if (backends.scheduler == nullptr || backends.membership == nullptr ||
+      backends.tokenizer == nullptr)
+    return absl::InvalidArgumentError("ApiServer needs a scheduler, membership and tokenizer");
+  if (options.listen.empty() || options.listen.find(':') == std::string::npos)
+    return absl::InvalidArgumentError(
+        absl::StrCat("listen address \"", options.listen, "\" is not HOST:PORT"));
+  auto impl = std::make_unique<Impl>(options, backends);
+  EPX_RETURN_IF_ERROR(impl->Start());
+  return std::unique_ptr<ApiServer>(new ApiServer(std::move(impl)));
+}
+
+ApiServer::ApiServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+ApiServer::~ApiServer() { Shutdown(absl::Seconds(1)); }
+
+int ApiServer::port() const { return impl_->port_; }
+
+std::string ApiServer::address() const {
+  const std::string& listen = impl_->options_.listen;
+  return absl::StrCat(listen.substr(0, listen.rfind(':')), ":", impl_->port_);
+}
+
+void ApiServer::Shutdown(absl::Duration grace) { impl_->Shutdown(grace); }
+
+}  // namespace epx

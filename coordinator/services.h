@@ -1,0 +1,76 @@
+// The gRPC front end of the coordinator: epx.v1.Generation, epx.v1.Admin and epx.v1.Cluster
+// (proto/epx/v1/), the standard grpc.health.v1.Health service and server reflection. The
+// services are thin adapters: requests become GenerationRequests for the Scheduler, control-plane
+// calls go to the Membership; no model logic lives here.
+//
+// Health: "" (liveness) is SERVING while the server runs; "epx.v1.Generation" (readiness) is
+// SERVING only when every worker is registered and heard from, the data plane has not failed,
+// and the server is neither draining nor shutting down. A monitor thread re-evaluates it every
+// 100 ms and logs each change with its reason.
+//
+// Thread-safe: gRPC calls the handlers from its own threads.
+#ifndef EPX_COORDINATOR_SERVICES_H_
+#define EPX_COORDINATOR_SERVICES_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "common/model_config.h"
+#include "common/placement.h"
+#include "common/tokenizer.h"
+#include "coordinator/membership.h"
+#include "coordinator/scheduler.h"
+
+namespace epx {
+
+struct ApiServerOptions {
+  std::string listen = "127.0.0.1:50051";  // host:port; port 0 picks a free one
+  int64_t max_request_bytes = 1 << 20;     // larger requests: INVALID_ARGUMENT
+  std::string cluster_token;               // control-plane callers must present it
+  // What ModelInfo reports.
+  std::string model_name;
+  std::string build_id;
+  std::string placement_name;  // "local", "round-robin" or a file
+  int world_size = 1;
+};
+
+// What the services drive. All must outlive the server; placement may be null (one process).
+struct ApiServerBackends {
+  Scheduler* scheduler = nullptr;
+  Membership* membership = nullptr;
+  const Tokenizer* tokenizer = nullptr;
+  const Placement* placement = nullptr;
+  // Admin/Shutdown: called once, from a gRPC thread, after the reply is sent; it must not block.
+  std::function<void()> on_shutdown;
+};
+
+class ApiServer {
+ public:
+  // Binds and starts serving. InvalidArgument for a malformed address, Unavailable when the
+  // address cannot be bound.
+  static absl::StatusOr<std::unique_ptr<ApiServer>> Start(const ApiServerOptions& options,
+                                                          const ApiServerBackends& backends);
+  // Shutdown(), then joins the monitor.
+  ~ApiServer();
+
+  int port() const;
+  // host:port as bound.
+  std::string address() const;
+  // Readiness NOT_SERVING from now on; in-flight calls get `grace` to finish before they are
+  // cancelled. Blocks until the server stopped. Idempotent.
+  void Shutdown(absl::Duration grace);
+
+  class Impl;
+
+ private:
+  explicit ApiServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace epx
+
+#endif  // EPX_COORDINATOR_SERVICES_H_

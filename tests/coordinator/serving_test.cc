@@ -1,0 +1,172 @@
+// Serving logic without gRPC: the chat template, the membership view that drives readiness, and
+// the scheduler on the tiny model (batch invariance of streamed tokens, stop strings held back,
+// the engine's KV cache back to empty).
+#include <thread>
+
+#include "cli/runtime.h"
+#include "common/tokenizer.h"
+#include "coordinator/chat_template.h"
+#include "coordinator/membership.h"
+#include "coordinator/scheduler.h"
+#include "gtest/gtest.h"
+#include "tests/coordinator/test_util.h"
+
+namespace epx {
+namespace {
+
+std::unique_ptr<Tokenizer> TinyTokenizer() {
+  auto t = Tokenizer::FromFile(testing::TinyModelDir() + "/tokenizer.model");
+  EXPECT_TRUE(t.ok()) << t.status();
+  return std::move(*t);
+}
+
+TEST(ChatTemplateTest, MixtralInstructFormat) {
+  auto tokenizer = TinyTokenizer();
+  auto ids = ApplyChatTemplate(*tokenizer, {{"user", "Hi"}, {"assistant", "Hello"},
+                                            {"user", "Bye"}});
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  std::vector<int32_t> want = {tokenizer->bos_id()};
+  for (const char* part : {"[INST] Hi [/INST]", "Hello"}) {
+    auto p = tokenizer->Encode(part, false);
+    want.insert(want.end(), p->begin(), p->end());
+  }
+  want.push_back(tokenizer->eos_id());
+  auto last = tokenizer->Encode("[INST] Bye [/INST]", false);
+  want.insert(want.end(), last->begin(), last->end());
+  EXPECT_EQ(*ids, want);
+  // A system message goes before the first user message.
+  auto with_system = ApplyChatTemplate(*tokenizer, {{"system", "Be brief."}, {"user", "Hi"}});
+  auto joined = tokenizer->Encode("[INST] Be brief.\n\nHi [/INST]", false);
+  ASSERT_TRUE(with_system.ok());
+  EXPECT_EQ(std::vector<int32_t>(with_system->begin() + 1, with_system->end()), *joined);
+  EXPECT_FALSE(ApplyChatTemplate(*tokenizer, {{"user", "a"}, {"assistant", "b"}}).ok());
+  EXPECT_FALSE(ApplyChatTemplate(*tokenizer, {{"user", "a"}, {"system", "b"}}).ok());
+}
+
+TEST(MembershipTest, ReadyOnlyWithEveryWorkerRegisteredAndHeardFrom) {
+  auto placement = Placement::RoundRobin(8, 2);
+  ASSERT_TRUE(placement.ok());
+  Membership m(&*placement, "build-1", 42,
+               {.heartbeat_interval = absl::Milliseconds(100),
+                .heartbeat_timeout = absl::Seconds(1)});
+  const absl::Time t0 = absl::FromUnixSeconds(1000);
+  EXPECT_EQ(m.NotReadyReason(t0), "worker 1 has not registered");
+  WorkerInfo w{.rank = 1, .host = "a", .device = "cpu", .pid = 1, .build_id = "build-1",
+               .config_hash = 42, .experts = {0, 2, 4, 6}};
+  ASSERT_TRUE(m.Register(w, t0).ok());
+  WorkerInfo w2 = w;
+  w2.rank = 2;
+  w2.experts = {1, 3, 5, 7};
+  WorkerInfo bad = w2;
+  bad.build_id = "build-2";
+  EXPECT_EQ(m.Register(bad, t0).code(), absl::StatusCode::kFailedPrecondition);
+  bad = w2;
+  bad.config_hash = 7;
+  EXPECT_EQ(m.Register(bad, t0).code(), absl::StatusCode::kFailedPrecondition);
+  bad = w2;
+  bad.experts = {1, 3};
+  EXPECT_EQ(m.Register(bad, t0).code(), absl::StatusCode::kFailedPrecondition);
+  bad.rank = 3;
+  EXPECT_EQ(m.Register(bad, t0).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(m.Heartbeat(2, t0).code(), absl::StatusCode::kNotFound);
+  ASSERT_TRUE(m.Register(w2, t0).ok());
+  EXPECT_EQ(m.NotReadyReason(t0 + absl::Milliseconds(500)), "");
+  ASSERT_TRUE(m.Heartbeat(1, t0 + absl::Seconds(2)).ok());
+  const std::string reason = m.NotReadyReason(t0 + absl::Seconds(2));
+  EXPECT_NE(reason.find("worker 2 (a) silent for 2s"), std::string::npos) << reason;
+  EXPECT_FALSE(m.Workers(t0 + absl::Seconds(2))[1].alive);
+  ASSERT_TRUE(m.Heartbeat(2, t0 + absl::Seconds(2)).ok());
+  EXPECT_EQ(m.NotReadyReason(t0 + absl::Seconds(2)), "");
+  m.MarkFailed(absl::DeadlineExceededError("rank 2 did not answer"));
+  EXPECT_NE(m.NotReadyReason(t0 + absl::Seconds(2)).find("data plane failed"), std::string::npos);
+}
+
+class SchedulerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    RuntimeOptions options;
+    options.model_dir = testing::TinyModelDir();
+    options.engine.kv_blocks = 64;
+    options.engine.kv_block_size = 8;
+    auto rt = Runtime::Start(options);
+    ASSERT_TRUE(rt.ok()) << rt.status();
+    runtime_ = std::move(*rt);
+    tokenizer_ = TinyTokenizer();
+  }
+  std::vector<GenerationEvent> Drain(RequestStream& stream) {
+    std::vector<GenerationEvent> events;
+    GenerationEvent e;
+    while (events.empty() || !events.back().last()) {
+      if (stream.Next(&e, absl::Seconds(30))) events.push_back(e);
+      else break;
+    }
+    return events;
+  }
+  std::unique_ptr<Runtime> runtime_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+};
+
+TEST_F(SchedulerTest, AdmissionByBlocksAndBlocksBackWhenDone) {
+  SchedulerOptions options;
+  options.max_running = 4;
+  options.max_batch_tokens = 16;
+  Scheduler scheduler(&runtime_->engine(), tokenizer_.get(), options);
+  std::thread loop([&] { EXPECT_TRUE(scheduler.Run().ok()); });
+  // 64 blocks of 8 tokens: 3 requests of 20 + 150 tokens need 22 blocks each, so only 2 run at
+  // a time; all 3 finish, each with its full output.
+  std::vector<std::shared_ptr<RequestStream>> streams;
+  for (int i = 0; i < 3; ++i) {
+    GenerationRequest r;
+    r.prompt = std::vector<int32_t>(20, 5 + i);
+    r.max_tokens = 150;
+    r.ignore_eos = true;
+    auto s = scheduler.Submit(r);
+    ASSERT_TRUE(s.ok()) << s.status();
+    streams.push_back(*s);
+  }
+  GenerationRequest too_big;
+  too_big.prompt = {1};
+  too_big.max_tokens = 64 * 8;
+  EXPECT_EQ(scheduler.Submit(too_big).status().code(), absl::StatusCode::kInvalidArgument);
+  for (auto& s : streams) {
+    std::vector<GenerationEvent> events = Drain(*s);
+    ASSERT_FALSE(events.empty());
+    EXPECT_EQ(events.back().finish, FinishReason::kLength);
+    EXPECT_EQ(events.back().completion_tokens, 150);
+    EXPECT_EQ(events.size(), 150u);
+  }
+  SchedulerStats stats = scheduler.stats();
+  EXPECT_EQ(stats.kv_blocks_used, 0);
+  EXPECT_EQ(stats.finished, 3);
+  EXPECT_EQ(stats.running, 0);
+  scheduler.Stop();
+  loop.join();
+}
+
+TEST_F(SchedulerTest, StopStringsAreHeldBackAndCut) {
+  Scheduler scheduler(&runtime_->engine(), tokenizer_.get(), SchedulerOptions{});
+  std::thread loop([&] { EXPECT_TRUE(scheduler.Run().ok()); });
+  GenerationRequest r;
+  r.prompt = *tokenizer_->Encode("Once upon a time", true);
+  r.max_tokens = 30;
+  r.ignore_eos = true;
+  std::string full;
+  for (const auto& e : Drain(**scheduler.Submit(r))) full += e.text;
+  ASSERT_GE(full.size(), 8u);
+  const std::string stop = full.substr(full.size() / 2, 2);
+  r.stop = {stop, "\x01never"};
+  std::string cut;
+  std::vector<GenerationEvent> events = Drain(**scheduler.Submit(r));
+  for (const auto& e : events) {
+    cut += e.text;
+    EXPECT_EQ(cut.find(stop), std::string::npos) << "a stop string never reaches the client";
+  }
+  EXPECT_EQ(cut, full.substr(0, full.find(stop)));
+  EXPECT_EQ(events.back().finish, FinishReason::kStop);
+  EXPECT_EQ(events.back().matched_stop, stop);
+  scheduler.Stop();
+  loop.join();
+}
+
+}  // namespace
+}  // namespace epx

@@ -1,0 +1,111 @@
+// `epx serve` under mpirun (label mpi): workers register over the control plane, generation
+// over gRPC equals the golden output with the experts on 2 worker processes, and a lost worker
+// turns readiness NOT_SERVING, fails the request in flight with UNAVAILABLE and ends the job
+// non-zero.
+#include <signal.h>
+#include <unistd.h>
+
+#include <regex>
+#include <thread>
+
+#include "common/safetensors.h"
+#include "gtest/gtest.h"
+#include "tests/coordinator/test_util.h"
+#include "tests/serve_util.h"
+#include "tests/test_process.h"
+
+namespace epx {
+namespace {
+
+using testing::Completion;
+using testing::ServerProcess;
+
+std::string Mpirun(int np) {
+  std::string cmd = std::string(EPX_MPIRUN) +
+                    " --oversubscribe -x OMP_NUM_THREADS=1 --mca btl_vader_single_copy_mechanism none";
+  if (geteuid() == 0) cmd += " --allow-run-as-root";
+  return cmd + " -np " + std::to_string(np);
+}
+
+v1::StatsResponse Stats(const ServerProcess& server) {
+  grpc::ClientContext context;
+  v1::StatsResponse stats;
+  EXPECT_TRUE(server.admin()->Stats(&context, {}, &stats).ok());
+  return stats;
+}
+
+// `epx health` against the generation service: its exit code and output.
+testing::CommandResult Health(const ServerProcess& server) {
+  return testing::RunCommand(testing::EpxBinary() + " health --server " + server.address() +
+                             " --service epx.v1.Generation 2>&1");
+}
+
+TEST(ServeMpiTest, WorkersRegisterServeAndALostWorkerTurnsReadinessOff) {
+  ServerProcess server("epx_serve_mpi", Mpirun(3),
+                       "--model " + testing::TinyModelDir() +
+                           " --heartbeat-ms 200 --heartbeat-timeout-ms 1500 --comm-timeout 3"
+                           " --failure-grace-s 3");
+  ASSERT_TRUE(server.ok()) << server.log();
+  v1::StatsResponse s;
+  for (int i = 0; i < 300 && !(s = Stats(server)).ready(); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  ASSERT_TRUE(s.ready()) << s.not_ready_reason() << "\n" << server.log();
+  testing::CommandResult health = Health(server);
+  EXPECT_EQ(health.exit_code, 0) << health.output;
+  EXPECT_NE(health.output.find("SERVING"), std::string::npos) << health.output;
+  ASSERT_EQ(s.workers_size(), 2);
+  EXPECT_EQ(std::vector<int>(s.workers(0).experts().begin(), s.workers(0).experts().end()),
+            (std::vector<int>{0, 2, 4, 6}));
+  EXPECT_EQ(std::vector<int>(s.workers(1).experts().begin(), s.workers(1).experts().end()),
+            (std::vector<int>{1, 3, 5, 7}));
+  for (const auto& w : s.workers()) EXPECT_TRUE(w.registered() && w.alive()) << w.rank();
+
+  // The golden greedy output, with the experts on the workers.
+  auto golden = SafetensorsFile::Open(testing::GoldenPath());
+  ASSERT_TRUE(golden.ok());
+  const std::vector<int32_t> prompt = testing::ReadVector<int32_t>(**golden, "prompt_0.tokens");
+  const std::vector<int32_t> greedy = testing::ReadVector<int32_t>(**golden, "prompt_0.greedy");
+  v1::GenerateRequest r;
+  r.mutable_token_ids()->mutable_ids()->Add(prompt.begin(), prompt.end());
+  r.set_max_tokens(greedy.size());
+  r.set_temperature(0);
+  r.set_ignore_eos(true);
+  auto stub = server.generation();
+  Completion c = testing::Generate(*stub, r);
+  ASSERT_TRUE(c.status.ok()) << c.status.error_message();
+  EXPECT_EQ(c.tokens, greedy);
+  s = Stats(server);
+  EXPECT_GT(s.workers(0).rows_received() + s.workers(1).rows_received(), 0u);
+
+  // Stop worker 2: its heartbeats stop and readiness goes NOT_SERVING.
+  std::smatch m;
+  const std::string log = server.log();
+  ASSERT_TRUE(std::regex_search(log, m, std::regex("worker 2 registered from .* \\(pid (\\d+)")))
+      << log;
+  const pid_t worker = std::stoi(m[1]);
+  ASSERT_EQ(kill(worker, SIGSTOP), 0);
+  bool not_serving = false;
+  for (int i = 0; i < 100 && !not_serving; ++i) {
+    health = Health(server);
+    not_serving = health.exit_code != 0 && health.output.find("NOT_SERVING") != std::string::npos;
+    if (!not_serving) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_TRUE(not_serving) << health.output;
+  s = Stats(server);
+  EXPECT_FALSE(s.ready());
+  EXPECT_NE(s.not_ready_reason().find("worker 2"), std::string::npos) << s.not_ready_reason();
+  EXPECT_FALSE(s.workers(1).alive());
+
+  // A request now needs the silent worker: it fails with UNAVAILABLE after the data-plane
+  // timeout, and the job ends non-zero after the grace period.
+  c = testing::Generate(*stub, r, 60);
+  EXPECT_EQ(c.status.error_code(), grpc::StatusCode::UNAVAILABLE) << c.status.error_message();
+  EXPECT_NE(c.status.error_message().find("rank"), std::string::npos)
+      << c.status.error_message();
+  const int code = server.Wait(60);
+  kill(worker, SIGCONT);
+  EXPECT_GT(code, 0) << server.log();
+}
+
+}  // namespace
+}  // namespace epx
