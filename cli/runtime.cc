@@ -190,7 +190,7 @@ absl::StatusOr<std::string> Runtime::ShareControlEndpoint(const std::string& end
                                        absl::InfiniteDuration(), "control-plane address"));
   if (size < 0 || size > 4096)
     return absl::InternalError(absl::StrCat("control-plane address of ", size, " bytes"));
-  std::string shared(size, '\0');
+  std::string shared = rank() == 0 ? endpoint : std::string(size, '\0');
   EPX_RETURN_IF_ERROR(comm_->Broadcast(shared.data(), size, 0, comm::Tag::kControlPlane,
                                        absl::InfiniteDuration(), "control-plane address"));
   return shared;
