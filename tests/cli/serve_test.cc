@@ -49,6 +49,17 @@ class ServeTest : public ::testing::Test {
     return stats;
   }
 
+  // Stats once nothing runs and `blocks` KV blocks are in use, or after 5 s.
+  static v1::StatsResponse WaitForBlocks(uint32_t blocks) {
+    v1::StatsResponse s;
+    for (int i = 0; i < 100; ++i) {
+      s = Stats();
+      if (s.running_requests() == 0 && s.kv_blocks_used() == blocks) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return s;
+  }
+
   static ServerProcess* server_;
 };
 ServerProcess* ServeTest::server_ = nullptr;
@@ -222,13 +233,7 @@ TEST_F(ServeTest, CancelledRequestReturnsItsKvBlocks) {
   while (reader->Read(&response)) {
   }
   EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
-  v1::StatsResponse after;
-  for (int i = 0; i < 100; ++i) {
-    after = Stats();
-    if (after.running_requests() == 0 && after.kv_blocks_used() == baseline.kv_blocks_used())
-      break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
+  const v1::StatsResponse after = WaitForBlocks(baseline.kv_blocks_used());
   EXPECT_EQ(after.kv_blocks_used(), baseline.kv_blocks_used());
   EXPECT_EQ(after.running_requests(), 0u);
   EXPECT_EQ(after.requests_cancelled(), baseline.requests_cancelled() + 1);
@@ -239,13 +244,7 @@ TEST_F(ServeTest, DeadlineEndsTheRequestAndFreesItsBlocks) {
   auto stub = server_->generation();
   Completion c = Generate(*stub, Greedy({1, 5, 6}, 4000), /*timeout_s=*/0.3);
   EXPECT_EQ(c.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
-  v1::StatsResponse after;
-  for (int i = 0; i < 100; ++i) {
-    after = Stats();
-    if (after.running_requests() == 0 && after.kv_blocks_used() == baseline.kv_blocks_used())
-      break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
+  const v1::StatsResponse after = WaitForBlocks(baseline.kv_blocks_used());
   EXPECT_EQ(after.kv_blocks_used(), baseline.kv_blocks_used());
 }
 
