@@ -34,10 +34,12 @@ v1::StatsResponse Stats(const ServerProcess& server) {
   return stats;
 }
 
-// `epx health` against the generation service: its exit code and output.
-testing::CommandResult Health(const ServerProcess& server) {
+// `epx health` against the generation service: its exit code and output. `wait`: until
+// SERVING (the health service follows readiness within its 100 ms update period).
+testing::CommandResult Health(const ServerProcess& server, bool wait = false) {
   return testing::RunCommand(testing::EpxBinary() + " health --server " + server.address() +
-                             " --service epx.v1.Generation 2>&1");
+                             " --service epx.v1.Generation" +
+                             (wait ? " --wait --timeout 10" : "") + " 2>&1");
 }
 
 TEST(ServeMpiTest, WorkersRegisterServeAndALostWorkerTurnsReadinessOff) {
@@ -50,7 +52,7 @@ TEST(ServeMpiTest, WorkersRegisterServeAndALostWorkerTurnsReadinessOff) {
   for (int i = 0; i < 300 && !(s = Stats(server)).ready(); ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   ASSERT_TRUE(s.ready()) << s.not_ready_reason() << "\n" << server.log();
-  testing::CommandResult health = Health(server);
+  testing::CommandResult health = Health(server, /*wait=*/true);
   EXPECT_EQ(health.exit_code, 0) << health.output;
   EXPECT_NE(health.output.find("SERVING"), std::string::npos) << health.output;
   ASSERT_EQ(s.workers_size(), 2);
