@@ -32,7 +32,9 @@ class ServerProcess {
   // `launcher`: prefix such as an mpirun command line ("" for one process). `args`: flags after
   // `epx serve`. Waits (up to 60 s) for the port file; ok() says whether it appeared.
   ServerProcess(const std::string& name, const std::string& launcher, const std::string& args) {
-    const std::filesystem::path dir = std::filesystem::path(::testing::TempDir()) / name;
+    // Per test process: ctest runs tests of one binary in parallel processes.
+    const std::filesystem::path dir = std::filesystem::path(::testing::TempDir()) /
+                                      (name + "_" + std::to_string(getpid()));
     std::filesystem::create_directories(dir);
     port_file_ = (dir / "port").string();
     log_file_ = (dir / "server.log").string();
