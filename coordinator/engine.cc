@@ -127,7 +127,15 @@ absl::StatusOr<Tensor> Engine::Step(absl::Span<const SequenceInput> batch) {
   ap.head_dim = c.head_dim;
   ap.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.head_dim)));
   ap.sliding_window = c.sliding_window.value_or(0);
+  // Where each token's K/V row lives and the block table it reads: the same in every layer.
+  std::vector<int64_t> rows(T);
   std::vector<cpu::AttentionKv> kv(T);
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t seq_id = batch[seq_of[t]].seq_id;
+    rows[t] = cache_.Row(seq_id, positions[t]);
+    kv[t] = {.row_stride = KV, .position = positions[t],
+             .block_table = cache_.BlockTable(seq_id), .block_size = cache_.block_size()};
+  }
   const float eps = static_cast<float>(c.rms_norm_eps);
 
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
@@ -142,12 +150,10 @@ absl::StatusOr<Tensor> Engine::Step(absl::Span<const SequenceInput> batch) {
     float* keys = cache_.keys(l);
     float* values = cache_.values(l);
     for (int64_t t = 0; t < T; ++t) {
-      const int64_t seq_id = batch[seq_of[t]].seq_id;
-      const int64_t row = cache_.Row(seq_id, positions[t]);
-      std::memcpy(keys + row * KV, k.data<float>() + t * KV, KV * sizeof(float));
-      std::memcpy(values + row * KV, v.data<float>() + t * KV, KV * sizeof(float));
-      kv[t] = {.k = keys, .v = values, .row_stride = KV, .position = positions[t],
-               .block_table = cache_.BlockTable(seq_id), .block_size = cache_.block_size()};
+      std::memcpy(keys + rows[t] * KV, k.data<float>() + t * KV, KV * sizeof(float));
+      std::memcpy(values + rows[t] * KV, v.data<float>() + t * KV, KV * sizeof(float));
+      kv[t].k = keys;
+      kv[t].v = values;
     }
     EPX_RETURN_IF_ERROR(cpu::Attention(q, kv, ap, attn));
     EPX_RETURN_IF_ERROR(cpu::Linear(attn, lw.o_proj, proj));

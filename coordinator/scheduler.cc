@@ -58,14 +58,15 @@ struct Scheduler::Active {
       : req(std::move(r)),
         stream(std::make_shared<RequestStream>()),
         rng(req.seed),
-        decoder(tokenizer, req.prompt),
-        seen(req.prompt.begin(), req.prompt.end()) {}
+        decoder(tokenizer, req.prompt) {
+    if (req.repetition_penalty != 1.f) seen.insert(req.prompt.begin(), req.prompt.end());
+  }
 
   GenerationRequest req;
   std::shared_ptr<RequestStream> stream;
   cpu::SamplingRng rng;
   StreamDecoder decoder;
-  absl::flat_hash_set<int32_t> seen;  // prompt and output tokens, for the repetition penalty
+  absl::flat_hash_set<int32_t> seen;  // prompt and output tokens, when a penalty applies
   int64_t seq_id = -1;
   int64_t blocks = 0;     // reserved for prompt + max_tokens
   int64_t prefilled = 0;  // prompt tokens through the engine
@@ -193,6 +194,16 @@ SchedulerStats Scheduler::stats() const {
   return stats_;
 }
 
+absl::Status Scheduler::failure() const {
+  absl::MutexLock lock(&mu_);
+  return stats_.failure;
+}
+
+bool Scheduler::draining() const {
+  absl::MutexLock lock(&mu_);
+  return draining_;
+}
+
 namespace {
 
 absl::Status Dropped(const RequestStream& stream, const GenerationRequest& r, absl::Time now) {
@@ -287,7 +298,7 @@ void Scheduler::Advance(Active& a, absl::Span<const float> logits) {
     return;
   }
   a.output.push_back(*token);
-  a.seen.insert(*token);
+  if (a.req.repetition_penalty != 1.f) a.seen.insert(*token);
   event.token_ids.push_back(*token);
   a.held += *text;
 
@@ -382,16 +393,10 @@ absl::Status Scheduler::Run() {
       it = next;
     }
 
-    // Decode tokens first (one per running request past its prompt), then prompt chunks in
-    // admission order, newly admitted requests last.
-    int64_t budget = options_.max_batch_tokens;
-    for (const auto& a : running_)
-      if (a->prefilled == static_cast<int64_t>(a->req.prompt.size())) --budget;
-    Admit(budget);
-    if (running_.empty()) continue;
-
-    // One input per request; `samples[i]`: the input's last token yields the next token (a
-    // decode token, or the chunk that completes the prompt).
+    // One input per request: decode tokens first (one per running request past its prompt),
+    // then prompt chunks in admission order, newly admitted requests last. `samples[i]`: the
+    // input's last token yields the next token (a decode token, or the chunk that completes the
+    // prompt).
     std::vector<SequenceInput> batch;
     std::vector<Active*> owner;
     std::vector<bool> samples;
@@ -401,7 +406,9 @@ absl::Status Scheduler::Run() {
       owner.push_back(a.get());
       samples.push_back(true);
     }
-    budget = options_.max_batch_tokens - static_cast<int64_t>(batch.size());
+    int64_t budget = options_.max_batch_tokens - static_cast<int64_t>(batch.size());
+    Admit(budget);
+    if (running_.empty()) continue;
     std::vector<int64_t> chunk(batch.size(), 0);
     for (const auto& a : running_) {
       const int64_t prompt = static_cast<int64_t>(a->req.prompt.size());
@@ -442,7 +449,6 @@ absl::Status Scheduler::Run() {
     }
     absl::MutexLock lock(&mu_);
     stats_.prompt_tokens += prompt_tokens;
-    stats_.steps = engine_->stats().steps;
     stats_.engine = engine_->stats();
     if (expert_parallel_ != nullptr) stats_.expert_parallel = *expert_parallel_;
     stats_.kv_blocks_used = engine_->kv_cache().used_blocks();

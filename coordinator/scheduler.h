@@ -100,7 +100,6 @@ struct SchedulerStats {
   int64_t kv_blocks_used = 0;
   int64_t kv_blocks_total = 0;
   int64_t kv_block_size = 0;
-  int64_t steps = 0;
   int64_t accepted = 0, finished = 0, failed = 0, rejected = 0, cancelled = 0;
   int64_t prompt_tokens = 0, generated_tokens = 0;
   bool draining = false;
@@ -136,6 +135,9 @@ class Scheduler {
   absl::Status Run();
 
   SchedulerStats stats() const;
+  // Cheap parts of stats(), for frequent polls (readiness).
+  absl::Status failure() const;
+  bool draining() const;
   const SchedulerOptions& options() const { return options_; }
   const Engine& engine() const { return *engine_; }
   // Tokens one request may span, prompt + max_tokens.

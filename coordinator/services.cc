@@ -242,7 +242,7 @@ class AdminService final : public v1::Admin::Service {
     out->set_kv_blocks_free(s.kv_blocks_total - s.kv_blocks_used);
     out->set_kv_blocks_total(s.kv_blocks_total);
     out->set_kv_block_size(s.kv_block_size);
-    out->set_steps(s.steps);
+    out->set_steps(s.engine.steps);
     out->set_tokens_computed(s.engine.tokens);
     out->set_requests_accepted(s.accepted);
     out->set_requests_finished(s.finished);
@@ -404,10 +404,10 @@ class ApiServer::Impl {
 
   std::string NotReadyReason() const {
     if (shutting_down_.load()) return "shutting down";
-    const SchedulerStats s = backends_.scheduler->stats();
-    if (!s.failure.ok()) backends_.membership->MarkFailed(s.failure);
+    if (absl::Status failure = backends_.scheduler->failure(); !failure.ok())
+      return absl::StrCat("data plane failed: ", failure.message());
     std::string reason = backends_.membership->NotReadyReason(absl::Now());
-    if (reason.empty() && s.draining) reason = "draining";
+    if (reason.empty() && backends_.scheduler->draining()) reason = "draining";
     return reason;
   }
 

@@ -14,6 +14,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/mpi/mpirun.h"
 #include "tests/test_process.h"
 
 namespace {
@@ -32,14 +33,7 @@ Result Shell(const std::string& command) {
   return epx::testing::RunCommand("bash -c '" + command + "' 2>&1");
 }
 
-// mpirun with what a CI container needs: oversubscription of 2 cores, root allowed, one OpenMP
-// thread per rank, and no cross-memory-attach copies (containers often forbid ptrace).
-std::string Mpirun(int np) {
-  std::string cmd = std::string(EPX_MPIRUN) +
-                    " --oversubscribe -x OMP_NUM_THREADS=1 --mca btl_vader_single_copy_mechanism none";
-  if (geteuid() == 0) cmd += " --allow-run-as-root";
-  return cmd + " -np " + std::to_string(np) + " ";
-}
+using epx::testing::Mpirun;
 
 std::string Temp(const std::string& name) {
   return (fs::path(::testing::TempDir()) / ("epx_mpi_" + name)).string();

@@ -12,6 +12,7 @@
 #include "gtest/gtest.h"
 #include "tests/coordinator/test_util.h"
 #include "tests/serve_util.h"
+#include "tests/mpi/mpirun.h"
 #include "tests/test_process.h"
 
 namespace epx {
@@ -20,12 +21,7 @@ namespace {
 using testing::Completion;
 using testing::ServerProcess;
 
-std::string Mpirun(int np) {
-  std::string cmd = std::string(EPX_MPIRUN) +
-                    " --oversubscribe -x OMP_NUM_THREADS=1 --mca btl_vader_single_copy_mechanism none";
-  if (geteuid() == 0) cmd += " --allow-run-as-root";
-  return cmd + " -np " + std::to_string(np);
-}
+using epx::testing::Mpirun;
 
 v1::StatsResponse Stats(const ServerProcess& server) {
   grpc::ClientContext context;
