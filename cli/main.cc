@@ -1,6 +1,7 @@
 // epx: the command-line entry point. Parses flags and calls one Run...() of cli/commands.h.
 #include <initializer_list>
 #include <iostream>
+#include <map>
 
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_cat.h"
@@ -62,6 +63,30 @@ int Run(int argc, char** argv) {
         ->check(CLI::PositiveNumber);
     cmd->add_flag("--stats", *stats,
                   "print per-layer attention/dispatch/expert/combine time and expert load");
+    cmd->add_option("--device", rt->device,
+                    "where the coordinator (and local experts) compute: cpu or cuda")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"cpu", "cuda"}));
+    cmd->add_option("--cuda-device", rt->cuda.device, "--device cuda: the GPU ordinal")
+        ->capture_default_str()
+        ->check(CLI::NonNegativeNumber);
+    cmd->add_option("--expert-dtype", rt->cuda.expert_dtype,
+                    "--device cuda: expert weights as bf16, or fp8 (e4m3, a scale per row)")
+        ->transform(CLI::CheckedTransformer(
+            std::map<std::string, epx::DType>{{"bf16", epx::DType::kBF16},
+                                              {"fp8", epx::DType::kF8E4M3}},
+            CLI::ignore_case));
+    cmd->add_option("--grouped-gemm", rt->cuda.grouped_gemm,
+                    "--device cuda: expert GEMMs by auto, skinny, cublas-loop or cublas-grouped")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"auto", "skinny", "cublas-loop", "cublas-grouped"}));
+    cmd->add_option("--load-format", rt->load_format,
+                    "auto: the checkpoint; dummy: synthetic weights at the config's shapes, made "
+                    "on the GPU (--device cuda; --model needs only config.json)")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"auto", "dummy"}));
+    cmd->add_option("--dummy-seed", rt->cuda.dummy_seed, "--load-format dummy: the weights' seed")
+        ->capture_default_str();
   };
 
   epx::EvalOptions eval;

@@ -46,9 +46,11 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Start(const RuntimeOptions& op
   }
   if (world == 1) {
     EPX_RETURN_IF_ERROR(rt->Configure());
-    EPX_ASSIGN_OR_RETURN(rt->weights_, ModelWeights::Load(options.model_dir, rt->config_,
-                                                          WeightSelection::All(rt->config_)));
-    EPX_ASSIGN_OR_RETURN(rt->engine_, Engine::Create(rt->weights_.get(), nullptr, options.engine));
+    if (options.load_format != "dummy") {
+      EPX_ASSIGN_OR_RETURN(rt->weights_, ModelWeights::Load(options.model_dir, rt->config_,
+                                                            WeightSelection::All(rt->config_)));
+    }
+    EPX_RETURN_IF_ERROR(rt->CreateEngine(nullptr));
     return rt;
   }
 
@@ -72,14 +74,37 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Start(const RuntimeOptions& op
   if (rank == 0) {
     rt->remote_experts_ = std::make_unique<DistributedExpertExecutor>(
         rt->config_, *rt->placement_, rt->comm_, options.comm_timeout);
-    EPX_ASSIGN_OR_RETURN(rt->engine_,
-                         Engine::Create(rt->weights_.get(), rt->remote_experts_.get(),
-                                        options.engine));
+    EPX_RETURN_IF_ERROR(rt->CreateEngine(rt->remote_experts_.get()));
   }
   return rt;
 }
 
+absl::Status Runtime::CreateEngine(ExpertExecutor* remote_experts) {
+  if (options_.device == "cpu") {
+    EPX_ASSIGN_OR_RETURN(engine_,
+                         Engine::Create(weights_.get(), remote_experts, options_.engine));
+    return absl::OkStatus();
+  }
+  EPX_ASSIGN_OR_RETURN(std::unique_ptr<ModelForward> forward,
+                       NewCudaForward(config_, weights_.get(), remote_experts, options_.cuda));
+  EPX_LOG(Info) << "model on " << forward->device();
+  EPX_ASSIGN_OR_RETURN(engine_, Engine::Create(config_, std::move(forward), options_.engine));
+  return absl::OkStatus();
+}
+
 absl::Status Runtime::Configure() {
+  if (options_.device != "cpu" && options_.device != "cuda")
+    return absl::InvalidArgumentError(
+        absl::StrCat("--device must be cpu or cuda, got \"", options_.device, "\""));
+  if (options_.load_format != "auto" && options_.load_format != "dummy")
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--load-format must be auto or dummy, got \"", options_.load_format, "\""));
+  if (options_.load_format == "dummy" && options_.device != "cuda")
+    return absl::InvalidArgumentError(
+        "--load-format dummy generates the weights on the GPU: it needs --device cuda");
+  if (options_.load_format == "dummy" && world_size() > 1)
+    return absl::InvalidArgumentError(
+        "--load-format dummy runs in one process (the workers would need the checkpoint)");
   if (!options_.role.empty() && options_.role != "coordinator" && options_.role != "worker")
     return absl::InvalidArgumentError(
         absl::StrCat("--role must be coordinator or worker, got \"", options_.role, "\""));
@@ -153,8 +178,8 @@ void Runtime::PrintStats(std::ostream& out) const {
   const int64_t layers = config_.num_hidden_layers;
   const double steps = static_cast<double>(std::max<int64_t>(es.steps, 1));
   out << "epx stats: " << es.steps << " steps, " << es.tokens << " tokens, " << world_size()
-      << " rank(s); coordinator mapped " << weights_->bytes_mapped() / 1e6
-      << " MB of weights\n";
+      << " rank(s) on " << engine_->device() << "; coordinator mapped "
+      << (weights_ ? weights_->bytes_mapped() : 0) / 1e6 << " MB of weights\n";
   out << "per step, microseconds (expert compute: the slowest worker's):\n";
   out << "layer  attention_us  moe_us  dispatch_us  expert_us  combine_us  tokens_per_expert\n";
   for (int64_t l = 0; l < layers; ++l) {

@@ -17,6 +17,7 @@
 #include "comm/communicator.h"
 #include "common/model_weights.h"
 #include "common/placement.h"
+#include "coordinator/cuda_forward.h"
 #include "coordinator/distributed_expert_executor.h"
 #include "coordinator/engine.h"
 
@@ -28,6 +29,13 @@ struct RuntimeOptions {
   std::string role;                       // "", "coordinator" or "worker" (MPMD launches)
   absl::Duration comm_timeout = absl::Seconds(30);
   EngineOptions engine;  // KV cache size (coordinator)
+  // Where the coordinator computes: "cpu", or "cuda" (kernels/cuda; experts too unless workers
+  // hold them).
+  std::string device = "cpu";
+  CudaForwardOptions cuda;  // --cuda-device, --expert-dtype, --grouped-gemm
+  // "auto": the checkpoint's safetensors; "dummy": synthetic weights at the config's shapes,
+  // generated on the GPU (needs --device cuda; the directory needs only config.json).
+  std::string load_format = "auto";
   // Use this communicator instead of MPI (tests: in-process ranks). Not owned.
   comm::Communicator* comm = nullptr;
 };
@@ -48,7 +56,8 @@ class Runtime {
   int world_size() const { return comm_ == nullptr ? 1 : comm_->world_size(); }
   bool is_worker() const { return rank() != 0; }
   const ModelConfig& config() const { return config_; }
-  const ModelWeights& weights() const { return *weights_; }
+  // The host weights this rank loaded; nullptr with --load-format dummy.
+  const ModelWeights* weights() const { return weights_.get(); }
 
   // Worker ranks: serves expert work until the coordinator shuts the job down. On an error the
   // job is aborted (the coordinator cannot be reached otherwise) and the error returned.
@@ -82,6 +91,8 @@ class Runtime {
   Runtime() = default;
   // Role, config and placement from the options.
   absl::Status Configure();
+  // The coordinator's engine on options_.device, over the loaded (or dummy) weights.
+  absl::Status CreateEngine(ExpertExecutor* remote_experts);
   // Exchanges Hellos (carrying `configured`) and checks that all ranks agree.
   absl::Status Handshake(const absl::Status& configured);
 

@@ -1,6 +1,7 @@
 #include "common/dtype.h"
 
 #include <cmath>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 
@@ -21,6 +22,7 @@ size_t DTypeSize(DType dtype) {
     case DType::kI8:
     case DType::kU8:
     case DType::kBool:
+    case DType::kF8E4M3:
       return 1;
   }
   return 0;
@@ -48,6 +50,8 @@ const char* DTypeName(DType dtype) {
       return "I64";
     case DType::kBool:
       return "BOOL";
+    case DType::kF8E4M3:
+      return "F8_E4M3";
   }
   return "?";
 }
@@ -115,6 +119,46 @@ uint16_t F32ToF16(float f) {
   uint32_t v = abs - 0x38000000u;  // rebias exponent 127 -> 15
   v += 0xfffu + ((v >> 13) & 1u);
   return sign | static_cast<uint16_t>(v >> 13);
+}
+
+}  // namespace epx
+
+namespace epx {
+
+float Fp8E4m3ToF32(uint8_t v) {
+  const bool negative = (v & 0x80u) != 0;
+  const int exp = (v >> 3) & 0xf;
+  const int mant = v & 0x7;
+  float magnitude;
+  if (exp == 0xf && mant == 0x7) {
+    magnitude = std::numeric_limits<float>::quiet_NaN();
+  } else if (exp == 0) {
+    magnitude = std::ldexp(static_cast<float>(mant), -9);  // subnormal: mant/8 * 2^-6
+  } else {
+    magnitude = std::ldexp(1.f + static_cast<float>(mant) / 8.f, exp - 7);
+  }
+  return negative ? -magnitude : magnitude;
+}
+
+uint8_t F32ToFp8E4m3(float f) {
+  if (std::isnan(f)) return 0x7f;
+  const uint8_t sign = std::signbit(f) ? 0x80 : 0x00;
+  const float a = std::fabs(f);
+  if (a >= 448.f) return sign | 0x7e;  // saturate (also infinities)
+  // The representable magnitudes are exactly the 126 finite codes 0x00..0x7e in increasing
+  // order: pick the nearest, ties to the even code.
+  uint8_t lo = 0, hi = 0x7e;
+  while (hi - lo > 1) {  // largest code with value <= a
+    const uint8_t mid = static_cast<uint8_t>((lo + hi) / 2);
+    if (Fp8E4m3ToF32(mid) <= a) lo = mid; else hi = mid;
+  }
+  if (Fp8E4m3ToF32(hi) <= a) lo = hi;
+  if (lo == 0x7e) return sign | lo;
+  const float below = Fp8E4m3ToF32(lo), above = Fp8E4m3ToF32(static_cast<uint8_t>(lo + 1));
+  const float d_below = a - below, d_above = above - a;
+  uint8_t code = lo;
+  if (d_above < d_below || (d_above == d_below && (lo & 1) != 0)) code = static_cast<uint8_t>(lo + 1);
+  return sign | code;
 }
 
 }  // namespace epx

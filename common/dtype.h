@@ -12,12 +12,16 @@
 
 namespace epx {
 
-enum class DType : uint8_t { kF32, kF16, kBF16, kF64, kI8, kU8, kI16, kI32, kI64, kBool };
+// kF8E4M3 is the OCP e4m3 ("E4M3FN") format epx quantises expert weights to; checkpoints in it
+// are not read (ParseDType refuses "F8_E4M3").
+enum class DType : uint8_t {
+  kF32, kF16, kBF16, kF64, kI8, kU8, kI16, kI32, kI64, kBool, kF8E4M3
+};
 
 size_t DTypeSize(DType dtype);
 // The safetensors spelling: "F32", "BF16", ...
 const char* DTypeName(DType dtype);
-// Parses a safetensors dtype string; InvalidArgument for unknown ones (e.g. "F8_E4M3" for now).
+// Parses a safetensors dtype string; InvalidArgument for unknown ones (and for "F8_E4M3").
 absl::StatusOr<DType> ParseDType(const std::string& name);
 bool IsFloatingPoint(DType dtype);
 
@@ -38,6 +42,11 @@ inline uint16_t F32ToBf16(float f) {
 
 float F16ToF32(uint16_t v);
 uint16_t F32ToF16(float f);
+
+// FP8 e4m3 (bias 7, no infinities, S.1111.111 is NaN, largest finite 448). Decoding is exact;
+// encoding rounds to nearest even and saturates to +-448 (as CUDA's __NV_SATFINITE), NaN -> 0x7f.
+float Fp8E4m3ToF32(uint8_t v);
+uint8_t F32ToFp8E4m3(float f);
 
 }  // namespace epx
 

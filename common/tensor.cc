@@ -1,5 +1,7 @@
 #include "common/tensor.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -92,6 +94,25 @@ absl::StatusOr<Tensor> FromF32(const TensorView& src, DType dtype) {
       break;
     default:
       return absl::InvalidArgumentError(absl::StrCat("cannot convert F32 to ", DTypeName(dtype)));
+  }
+  return out;
+}
+
+absl::StatusOr<Fp8RowWise> QuantizeFp8RowWise(const TensorView& w) {
+  if (w.rank() != 2)
+    return absl::InvalidArgumentError(
+        absl::StrCat("QuantizeFp8RowWise: want a matrix, got shape ", ShapeString(w.shape())));
+  EPX_ASSIGN_OR_RETURN(Tensor wf, ToF32(w));
+  const int64_t n = w.dim(0), k = w.dim(1);
+  Fp8RowWise out{Tensor::Empty(DType::kF8E4M3, {n, k}), Tensor::Empty(DType::kF32, {n})};
+  for (int64_t r = 0; r < n; ++r) {
+    const float* row = wf.data<const float>() + r * k;
+    float amax = 0.f;
+    for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(row[i]));
+    const float scale = amax > 0.f ? amax / 448.f : 1.f;
+    out.scale.data<float>()[r] = scale;
+    uint8_t* q = out.q.data<uint8_t>() + r * k;
+    for (int64_t i = 0; i < k; ++i) q[i] = F32ToFp8E4m3(row[i] / scale);
   }
   return out;
 }

@@ -90,6 +90,15 @@ absl::StatusOr<Tensor> ToF32(const TensorView& src);
 // Converts fp32 data to `dtype` (F32, F16 or BF16) into a new tensor.
 absl::StatusOr<Tensor> FromF32(const TensorView& src, DType dtype);
 
+// Row-wise FP8 e4m3 quantisation of a weight matrix w [n, k] (F32, F16 or BF16; BF16 is what the
+// GPU quantises): scale[n] = max|w[n, :]| / 448 in fp32 (1 for an all-zero row), and
+// q[n, k] = F32ToFp8E4m3(w[n, k] / scale[n]). The CUDA kernel computes the same bits.
+struct Fp8RowWise {
+  Tensor q;      // [n, k] F8E4M3
+  Tensor scale;  // [n] F32
+};
+absl::StatusOr<Fp8RowWise> QuantizeFp8RowWise(const TensorView& w);
+
 }  // namespace epx
 
 #endif  // EPX_COMMON_TENSOR_H_

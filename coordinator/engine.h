@@ -1,10 +1,11 @@
-// The model forward pass on the CPU for a batch that mixes prefill chunks and decode tokens of
-// many sequences. The engine owns the KV cache; each Step appends the given tokens to their
-// sequences and returns logits. The expert FFNs run through an ExpertExecutor, local by default,
-// so that the same code drives single-process and distributed runs.
+// The model forward pass for a batch that mixes prefill chunks and decode tokens of many
+// sequences. The engine owns the KV cache bookkeeping; each Step appends the given tokens to
+// their sequences and returns logits. The compute runs on a ModelForward backend (CPU, or CUDA
+// with `--device cuda`); the expert FFNs run through an ExpertExecutor, local by default, so
+// that the same code drives single-process and distributed runs.
 //
-// Batch invariance: a sequence's logits are bitwise identical whatever else is in the batch
-// (every kernel computes a row independently of the others; see kernels/cpu/ops.h).
+// Batch invariance: on the CPU, a sequence's logits are bitwise identical whatever else is in
+// the batch (every kernel computes a row independently of the others; see kernels/cpu/ops.h).
 //
 // Not thread-safe: one thread calls Step at a time.
 #ifndef EPX_COORDINATOR_ENGINE_H_
@@ -12,6 +13,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -20,6 +22,7 @@
 #include "common/tensor.h"
 #include "coordinator/expert_executor.h"
 #include "coordinator/kv_cache.h"
+#include "coordinator/model_forward.h"
 
 namespace epx {
 
@@ -30,21 +33,13 @@ struct SequenceInput {
   bool all_logits = false;           // logits for every token, or only for the last
 };
 
-// Per-layer totals since the engine was created.
-struct EngineStats {
-  int64_t steps = 0;
-  int64_t tokens = 0;                // tokens through the layers (prefill + decode)
-  std::vector<double> attention_us;  // [layer] norm, q/k/v, RoPE, attention, o_proj, residual
-  std::vector<double> moe_us;        // [layer] norm, router, experts (wherever they run), combine
-  std::vector<std::vector<int64_t>> expert_tokens;  // [layer][expert] rows routed
-};
-
 struct EngineOptions {
   int64_t kv_block_size = 16;               // tokens per KV cache block
   int64_t kv_blocks = 0;                    // blocks in the cache; 0: as many as kv_cache_bytes fit
   int64_t kv_cache_bytes = int64_t{2} << 30;  // reserved, not touched until used
 
-  int64_t KvBlocks(const ModelConfig& config) const;
+  // Blocks of the cache for elements of `element_bytes` (the backend's KV dtype).
+  int64_t KvBlocks(const ModelConfig& config, int64_t element_bytes) const;
 };
 
 class Engine {
@@ -54,6 +49,11 @@ class Engine {
   // bad KV cache options (InvalidArgument), a cache that cannot be allocated (ResourceExhausted).
   static absl::StatusOr<std::unique_ptr<Engine>> Create(const ModelWeights* weights,
                                                         ExpertExecutor* experts = nullptr,
+                                                        const EngineOptions& options = {});
+  // An engine over any backend (e.g. NewCudaForward), which it takes over; allocates the
+  // backend's KV storage. Errors: bad KV cache options, a cache that does not fit.
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(const ModelConfig& config,
+                                                        std::unique_ptr<ModelForward> forward,
                                                         const EngineOptions& options = {});
 
   // AlreadyExists if the id is taken.
@@ -73,16 +73,18 @@ class Engine {
   const EngineStats& stats() const { return stats_; }
   // Tokens that went through the layers since creation: prefill and decode tokens, each once.
   int64_t tokens_computed() const { return stats_.tokens; }
-  const ModelConfig& config() const { return weights_->config(); }
+  const ModelConfig& config() const { return config_; }
   const KvCache& kv_cache() const { return cache_; }
+  // "cpu" or the GPU's name.
+  std::string device() const { return forward_->device(); }
 
  private:
-  Engine(const ModelWeights* weights, ExpertExecutor* experts, KvCache cache);
+  Engine(const ModelConfig& config, std::unique_ptr<ModelForward> forward, KvCache cache);
   absl::Status Validate(absl::Span<const SequenceInput> batch) const;
 
-  const ModelWeights* weights_;
-  std::unique_ptr<ExpertExecutor> owned_experts_;
-  ExpertExecutor* experts_;
+  ModelConfig config_;
+  std::unique_ptr<ExpertExecutor> owned_experts_;  // a local executor the CPU backend uses
+  std::unique_ptr<ModelForward> forward_;
   KvCache cache_;
   EngineStats stats_;
 };

@@ -1,7 +1,6 @@
 #include "coordinator/kv_cache.h"
 
 #include <algorithm>
-#include <new>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -10,8 +9,8 @@
 namespace epx {
 
 int64_t KvCacheOptions::BlocksForBytes(int64_t bytes, int64_t num_layers, int64_t row_size,
-                                       int64_t block_size) {
-  const int64_t block_bytes = 2 * num_layers * block_size * row_size * int64_t{sizeof(float)};
+                                       int64_t block_size, int64_t element_bytes) {
+  const int64_t block_bytes = 2 * num_layers * block_size * row_size * element_bytes;
   return block_bytes > 0 ? bytes / block_bytes : 0;
 }
 
@@ -26,19 +25,6 @@ absl::StatusOr<KvCache> KvCache::Create(const KvCacheOptions& options) {
     return absl::InvalidArgumentError(
         absl::StrCat("KV cache: ", options.num_blocks, " blocks exceed the block id range"));
   KvCache cache(options);
-  const int64_t floats = options.num_blocks * options.block_size * options.row_size;
-  try {
-    // Left uninitialised: a row is written before it is read, and untouched pages of a large
-    // pool cost no memory.
-    for (int64_t l = 0; l < options.num_layers; ++l) {
-      cache.keys_.emplace_back(new float[floats]);
-      cache.values_.emplace_back(new float[floats]);
-    }
-  } catch (const std::bad_alloc&) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "KV cache: cannot allocate ", options.num_blocks, " blocks (",
-        2 * options.num_layers * floats * int64_t{sizeof(float)} >> 20, " MiB)"));
-  }
   cache.free_.resize(options.num_blocks);
   for (int64_t i = 0; i < options.num_blocks; ++i)
     cache.free_[i] = static_cast<int32_t>(options.num_blocks - 1 - i);

@@ -1,9 +1,11 @@
-// Paged key/value cache: one pool of fixed-size blocks shared by all sequences, as in vLLM's
-// PagedAttention. Each layer has a key pool and a value pool of [num_blocks, block_size, row_size]
-// fp32 rows (row_size = num_kv_heads * head_dim); a sequence owns a block table, and its position
-// p lives in row (table[p / block_size] * block_size + p % block_size). Blocks are taken from a
-// free list as sequences grow and returned when they are removed, so memory is bounded by the
-// pool and admission can be decided by free blocks.
+// Paged key/value cache bookkeeping: one pool of fixed-size blocks shared by all sequences, as in
+// vLLM's PagedAttention. The storage (per layer a key pool and a value pool of [num_blocks,
+// block_size, row_size] rows, row_size = num_kv_heads * head_dim) belongs to the backend that
+// computes attention (host fp32 or device bf16, coordinator/model_forward.h); this class decides
+// where each token lives. A sequence owns a block table, and its position p lives in row
+// (table[p / block_size] * block_size + p % block_size). Blocks are taken from a free list as
+// sequences grow and returned when they are removed, so memory is bounded by the pool and
+// admission can be decided by free blocks.
 //
 // Not thread-safe: the engine owns it and touches it from its step thread only.
 #ifndef EPX_COORDINATOR_KV_CACHE_H_
@@ -11,7 +13,6 @@
 
 #include <cstdint>
 #include <map>
-#include <memory>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -22,18 +23,18 @@ namespace epx {
 
 struct KvCacheOptions {
   int64_t num_layers = 0;
-  int64_t row_size = 0;     // floats per token and layer, for keys and again for values
+  int64_t row_size = 0;     // elements per token and layer, for keys and again for values
   int64_t block_size = 16;  // tokens per block
   int64_t num_blocks = 0;   // blocks in the pool
 
-  // The blocks that fit `bytes` of keys and values.
+  // The blocks that fit `bytes` of keys and values stored with `element_bytes` per element.
   static int64_t BlocksForBytes(int64_t bytes, int64_t num_layers, int64_t row_size,
-                                int64_t block_size);
+                                int64_t block_size, int64_t element_bytes = 4);
 };
 
 class KvCache {
  public:
-  // InvalidArgument for non-positive sizes; ResourceExhausted if the pool cannot be allocated.
+  // InvalidArgument for non-positive sizes or more blocks than block ids.
   static absl::StatusOr<KvCache> Create(const KvCacheOptions& options);
 
   // AlreadyExists if `seq_id` is present.
@@ -57,9 +58,6 @@ class KvCache {
   // Marks `length` tokens as committed. REQUIRES: room was reserved for them.
   void SetLength(int64_t seq_id, int64_t length);
 
-  // The layer's pools, [num_blocks * block_size, row_size] F32.
-  float* keys(int64_t layer) { return keys_[layer].get(); }
-  float* values(int64_t layer) { return values_[layer].get(); }
   // The sequence's blocks in position order. REQUIRES: Contains(seq_id); valid until the next
   // Reserve() or Remove().
   absl::Span<const int32_t> BlockTable(int64_t seq_id) const;
@@ -82,8 +80,6 @@ class KvCache {
   Sequence& Get(int64_t seq_id);
 
   KvCacheOptions options_;
-  std::vector<std::unique_ptr<float[]>> keys_;    // [layer][num_blocks * block_size * row_size]
-  std::vector<std::unique_ptr<float[]>> values_;  // [layer][num_blocks * block_size * row_size]
   std::vector<int32_t> free_;               // taken from the back, lowest block first
   std::map<int64_t, Sequence> seqs_;
 };

@@ -15,6 +15,7 @@ packages=(
   libopenblas-dev                   # the BLAS peer in bench/
   libopenmpi-dev openmpi-bin        # the CPU data plane (mpirun -np 1+W)
   procps                            # pgrep, for the mpi tests that signal a rank
+  patchelf                          # deploy/bundle.sh: RUNPATH of the bundled binaries
   libgtest-dev libgmock-dev         # unit tests
   libbenchmark-dev                  # bench/
   python3

@@ -1,0 +1,116 @@
+// Helpers for the `gpu` tests: skip without a device, move host tensors to and from the GPU, and
+// compare device results with the CPU oracle.
+#ifndef EPX_TESTS_KERNELS_CUDA_TEST_UTIL_H_
+#define EPX_TESTS_KERNELS_CUDA_TEST_UTIL_H_
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/tensor.h"
+#include "gtest/gtest.h"
+#include "kernels/cuda/runtime.h"
+
+namespace epx::testing {
+
+// Skips the test (with the reason in the log) when no CUDA device can be used.
+#define EPX_SKIP_WITHOUT_GPU()                                                              \
+  do {                                                                                      \
+    if (!::epx::cuda::BuiltWithCuda())                                                      \
+      GTEST_SKIP() << "built without CUDA: gpu tests need -DEPX_ENABLE_CUDA=ON";            \
+    if (::epx::cuda::DeviceCount() == 0)                                                    \
+      GTEST_SKIP() << "no CUDA device visible (driver missing or CUDA_VISIBLE_DEVICES empty)"; \
+  } while (0)
+
+// A device copy of a tensor, kept alive with its view.
+struct DeviceTensor {
+  cuda::DeviceBuffer buffer;
+  TensorView view;
+  operator TensorView() const { return view; }  // NOLINT
+};
+
+// Uploads `host` (synchronously). An empty shape allocates nothing.
+inline DeviceTensor Upload(const TensorView& host, cuda::StreamHandle stream) {
+  DeviceTensor out;
+  auto buffer = cuda::DeviceBuffer::Allocate(std::max<size_t>(host.nbytes(), 1));
+  EPX_CHECK(buffer.ok());
+  out.buffer = std::move(*buffer);
+  out.view = out.buffer.view(host.dtype(), host.shape());
+  EPX_CHECK(cuda::CopyToDevice(out.buffer.data(), host.raw(), host.nbytes(), stream).ok());
+  return out;
+}
+
+// Allocates a device tensor of the given type and shape, filled with 0xff bytes so that
+// unwritten outputs show up.
+inline DeviceTensor DeviceEmpty(DType dtype, Shape shape, cuda::StreamHandle stream) {
+  DeviceTensor out;
+  const size_t bytes = static_cast<size_t>(NumElements(shape)) * DTypeSize(dtype);
+  auto buffer = cuda::DeviceBuffer::Allocate(std::max<size_t>(bytes, 1));
+  EPX_CHECK(buffer.ok());
+  out.buffer = std::move(*buffer);
+  out.view = out.buffer.view(dtype, std::move(shape));
+  EPX_CHECK(cuda::MemsetAsync(out.buffer.data(), 0xff, bytes, stream).ok());
+  return out;
+}
+
+// Copies a device view back to a new host tensor (synchronises the stream).
+inline Tensor Download(const TensorView& device, cuda::StreamHandle stream) {
+  Tensor out = Tensor::Empty(device.dtype(), device.shape());
+  EPX_CHECK(cuda::CopyToHost(out.data<void>(), device.raw(), device.nbytes(), stream).ok());
+  const absl::Status synced = cuda::SynchronizeStream(stream);
+  EXPECT_TRUE(synced.ok()) << synced;
+  return out;
+}
+
+// A host F32 tensor of uniform values in [lo, hi), reproducible from `seed`.
+inline Tensor RandomF32(Shape shape, uint32_t seed, float lo = -1.f, float hi = 1.f) {
+  Tensor t = Tensor::Empty(DType::kF32, std::move(shape));
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> dist(lo, hi);
+  for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = dist(rng);
+  return t;
+}
+
+// The BF16 copy of an F32 tensor, and that copy widened back to F32: the values a GPU kernel
+// actually sees, to feed the CPU oracle the same inputs.
+inline Tensor ToBf16(const TensorView& f32) {
+  auto t = FromF32(f32, DType::kBF16);
+  EPX_CHECK(t.ok());
+  return std::move(*t);
+}
+inline Tensor RoundedToBf16(const TensorView& f32) {
+  auto t = ToF32(ToBf16(f32));
+  EPX_CHECK(t.ok());
+  return std::move(*t);
+}
+
+// Expects |got - want| <= atol + rtol * |want| elementwise (both widened to F32); reports the
+// worst element and the count of misses.
+inline void ExpectClose(const TensorView& got, const TensorView& want, float atol, float rtol,
+                        const std::string& what) {
+  ASSERT_EQ(got.shape(), want.shape()) << what;
+  auto g = ToF32(got);
+  auto w = ToF32(want);
+  ASSERT_TRUE(g.ok() && w.ok()) << what;
+  int64_t misses = 0, worst = -1;
+  float worst_excess = 0;
+  for (int64_t i = 0; i < g->numel(); ++i) {
+    const float a = g->data<float>()[i], b = w->data<float>()[i];
+    const float excess = std::fabs(a - b) - (atol + rtol * std::fabs(b));
+    if (!(excess <= 0)) {
+      ++misses;
+      if (worst < 0 || !(excess <= worst_excess)) worst = i, worst_excess = excess;
+    }
+  }
+  if (misses > 0)
+    ADD_FAILURE() << what << ": " << misses << " of " << g->numel()
+                  << " elements outside atol " << atol << " + rtol " << rtol << "; worst at " << worst
+                  << ": got " << g->data<float>()[worst] << ", want " << w->data<float>()[worst];
+}
+
+}  // namespace epx::testing
+
+#endif  // EPX_TESTS_KERNELS_CUDA_TEST_UTIL_H_
