@@ -144,7 +144,12 @@ absl::Status Runtime::Handshake(const absl::Status& configured) {
 
 absl::Status Runtime::ServeAsWorker() {
   if (!is_worker()) return absl::FailedPreconditionError("rank 0 is the coordinator");
-  absl::Status status = RunExpertWorker(comm_, *weights_, *placement_, ExpertWorkerOptions());
+  ExpertWorkerOptions worker;
+  worker.compute.device = options_.device;
+  worker.compute.cuda_device = options_.cuda.device;
+  worker.compute.expert_dtype = options_.cuda.expert_dtype;
+  worker.compute.grouped_gemm = options_.cuda.grouped_gemm;
+  absl::Status status = RunExpertWorker(comm_, *weights_, *placement_, worker);
   // The coordinator is waiting on this rank mid-step: only aborting the job reaches it, and the
   // message names this rank.
   if (!status.ok()) comm_->Abort(1, std::string(status.message()));

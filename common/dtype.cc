@@ -150,14 +150,19 @@ uint8_t F32ToFp8E4m3(float f) {
   uint8_t lo = 0, hi = 0x7e;
   while (hi - lo > 1) {  // largest code with value <= a
     const uint8_t mid = static_cast<uint8_t>((lo + hi) / 2);
-    if (Fp8E4m3ToF32(mid) <= a) lo = mid; else hi = mid;
+    if (Fp8E4m3ToF32(mid) <= a) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
   }
   if (Fp8E4m3ToF32(hi) <= a) lo = hi;
   if (lo == 0x7e) return sign | lo;
   const float below = Fp8E4m3ToF32(lo), above = Fp8E4m3ToF32(static_cast<uint8_t>(lo + 1));
   const float d_below = a - below, d_above = above - a;
   uint8_t code = lo;
-  if (d_above < d_below || (d_above == d_below && (lo & 1) != 0)) code = static_cast<uint8_t>(lo + 1);
+  if (d_above < d_below || (d_above == d_below && (lo & 1) != 0))
+    code = static_cast<uint8_t>(lo + 1);
   return sign | code;
 }
 

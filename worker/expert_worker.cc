@@ -7,7 +7,6 @@
 #include "comm/protocol.h"
 #include "common/status.h"
 #include "common/stopwatch.h"
-#include "kernels/cpu/ops.h"
 
 namespace epx {
 
@@ -16,23 +15,14 @@ absl::Status RunExpertWorker(comm::Communicator* comm, const ModelWeights& weigh
   const ModelConfig& c = weights.config();
   const int rank = comm->rank(), world = comm->world_size();
   const std::vector<int>& local = placement.experts_of(rank);
-  // [layer][local expert]: the FFN weights in the order rows arrive.
-  std::vector<std::vector<cpu::SwiGluWeights>> experts(c.num_hidden_layers);
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    for (int e : local) {
-      const ExpertWeights& w = weights.layer(static_cast<int>(l)).experts[e];
-      if (!w.loaded())
-        return absl::FailedPreconditionError(
-            absl::StrCat("worker rank ", rank, " does not hold expert ", e, " of its placement"));
-      experts[l].push_back({w.w1, w.w2, w.w3});
-    }
-  }
+  EPX_ASSIGN_OR_RETURN(std::unique_ptr<ExpertCompute> compute,
+                       NewExpertCompute(weights, local, options.compute));
   const int64_t hidden = c.hidden_size;
   std::vector<int64_t> counts(local.size()), offsets(local.size() + 1, 0);
   std::vector<int64_t> count_bytes(world, 0), row_bytes(world, 0), back_bytes(world, 0),
       none(world, 0);
   count_bytes[0] = static_cast<int64_t>(local.size() * sizeof(int64_t));
-  std::vector<float> rows, out, scratch;
+  std::vector<float> rows, out;
 
   while (true) {
     comm::StepHeader header;
@@ -55,12 +45,8 @@ absl::Status RunExpertWorker(comm::Communicator* comm, const ModelWeights& weigh
       const Stopwatch watch;
       // The outputs, then the compute time, in one buffer.
       out.resize(n * hidden + (sizeof(double) + sizeof(float) - 1) / sizeof(float));
-      if (static_cast<int64_t>(scratch.size()) <
-          cpu::GroupedSwiGluScratchFloats(offsets, c.intermediate_size))
-        scratch.resize(cpu::GroupedSwiGluScratchFloats(offsets, c.intermediate_size));
-      EPX_RETURN_IF_ERROR(cpu::GroupedSwiGlu(TensorView(rows.data(), DType::kF32, {n, hidden}),
-                                             offsets, experts[layer], absl::MakeSpan(scratch),
-                                             TensorView(out.data(), DType::kF32, {n, hidden})));
+      EPX_RETURN_IF_ERROR(compute->Run(layer, TensorView(rows.data(), DType::kF32, {n, hidden}),
+                                       offsets, TensorView(out.data(), DType::kF32, {n, hidden})));
       const double compute_us = watch.Micros();
       std::memcpy(out.data() + n * hidden, &compute_us, sizeof(double));
       back_bytes[0] = row_bytes[0] + static_cast<int64_t>(sizeof(double));

@@ -12,6 +12,7 @@
 #include "comm/communicator.h"
 #include "common/model_weights.h"
 #include "common/placement.h"
+#include "worker/expert_compute.h"
 
 namespace epx {
 
@@ -21,6 +22,8 @@ struct ExpertWorkerOptions {
   // arbitrarily slow, and between steps it idles. The coordinator applies the timeouts (it
   // reports a silent worker and aborts the job); a dead coordinator ends the job via the launcher.
   absl::Duration timeout = absl::InfiniteDuration();
+  // Where the FFNs run (CPU, or this rank's GPU).
+  ExpertComputeOptions compute;
 };
 
 // REQUIRES: `weights` holds the experts placement.experts_of(comm->rank()).

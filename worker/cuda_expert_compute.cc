@@ -1,0 +1,118 @@
+// The worker's experts on its GPU: rows come up as fp32, are rounded to BF16 on the device, go
+// through the same grouped SwiGLU as the coordinator's local experts, and return as fp32.
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "coordinator/device_weights.h"
+#include "kernels/cuda/ops.h"
+#include "kernels/cuda/runtime.h"
+#include "worker/expert_compute.h"
+
+namespace epx {
+namespace {
+
+class CudaExpertCompute : public ExpertCompute {
+ public:
+  absl::Status Init(const ModelWeights& weights, const std::vector<int>& local,
+                    const ExpertComputeOptions& options) {
+    if (!cuda::BuiltWithCuda() || cuda::DeviceCount() == 0)
+      return absl::FailedPreconditionError(
+          "--device cuda: no CUDA device is visible on this worker (check the driver and "
+          "CUDA_VISIBLE_DEVICES)");
+    EPX_RETURN_IF_ERROR(cuda::SetDevice(options.cuda_device));
+    EPX_ASSIGN_OR_RETURN(cuda::DeviceProperties props,
+                         cuda::GetDeviceProperties(options.cuda_device));
+    name_ = absl::StrCat("cuda:", options.cuda_device, " ", props.ToString());
+    bool found = false;
+    for (cuda::GroupedGemmImpl impl :
+         {cuda::GroupedGemmImpl::kAuto, cuda::GroupedGemmImpl::kSkinny,
+          cuda::GroupedGemmImpl::kCublasLoop, cuda::GroupedGemmImpl::kCublasGrouped}) {
+      if (options.grouped_gemm == cuda::GroupedGemmImplName(impl)) impl_ = impl, found = true;
+    }
+    if (!found)
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown grouped GEMM \"", options.grouped_gemm, "\""));
+    hidden_ = weights.config().hidden_size;
+    intermediate_ = weights.config().intermediate_size;
+    expert_dtype_ = options.expert_dtype;
+    EPX_ASSIGN_OR_RETURN(stream_, cuda::Stream::Create());
+    EPX_ASSIGN_OR_RETURN(cuda::Blas blas, cuda::Blas::Create(stream_.handle()));
+    blas_ = std::make_unique<cuda::Blas>(std::move(blas));
+    DeviceWeightOptions wo;
+    wo.non_expert = false;
+    wo.experts = local;
+    wo.expert_dtype = options.expert_dtype;
+    EPX_ASSIGN_OR_RETURN(weights_, DeviceModelWeights::Upload(weights, wo, stream_.handle()));
+    // In the order rows arrive: group g is local expert local[g].
+    experts_.resize(weights.config().num_hidden_layers);
+    for (size_t l = 0; l < experts_.size(); ++l)
+      for (int e : local) experts_[l].push_back(weights_->layer(l).experts[e]);
+    return absl::OkStatus();
+  }
+
+  absl::Status Run(int64_t layer, const TensorView& rows, absl::Span<const int64_t> offsets,
+                   const TensorView& out) override {
+    const int64_t n = offsets.back(), groups = static_cast<int64_t>(offsets.size()) - 1;
+    if (n == 0) return absl::OkStatus();
+    EPX_RETURN_IF_ERROR(Reserve(n, groups));
+    cuda::StreamHandle s = stream_.handle();
+    std::vector<int32_t> offsets32(offsets.begin(), offsets.end());
+    const TensorView offsets_dev = offsets_.view(DType::kI32, {groups + 1});
+    const TensorView rows_f32 = rows_f32_.view(DType::kF32, {n, hidden_});
+    const TensorView rows_bf16 = rows_bf16_.view(DType::kBF16, {n, hidden_});
+    const TensorView out_bf16 = out_bf16_.view(DType::kBF16, {n, hidden_});
+    EPX_RETURN_IF_ERROR(
+        cuda::CopyToDevice(offsets_.data(), offsets32.data(), offsets32.size() * 4, s));
+    EPX_RETURN_IF_ERROR(cuda::CopyToDevice(rows_f32_.data(), rows.raw(), rows.nbytes(), s));
+    EPX_RETURN_IF_ERROR(cuda::Convert(rows_f32, rows_bf16, s));
+    EPX_RETURN_IF_ERROR(cuda::GroupedSwiGlu(rows_bf16, offsets_dev, offsets, experts_[layer],
+                                            impl_, scratch_.view(DType::kU8, {scratch_bytes_}),
+                                            out_bf16, *blas_));
+    EPX_RETURN_IF_ERROR(cuda::Convert(out_bf16, rows_f32, s));
+    EPX_RETURN_IF_ERROR(cuda::CopyToHost(out.raw(), rows_f32_.data(), out.nbytes(), s));
+    return stream_.Synchronize();
+  }
+
+  std::string device() const override { return name_; }
+
+ private:
+  absl::Status Reserve(int64_t n, int64_t groups) {
+    if (n <= rows_capacity_ && groups + 1 <= offsets_capacity_) return absl::OkStatus();
+    EPX_RETURN_IF_ERROR(stream_.Synchronize());
+    rows_capacity_ = std::max(n, 2 * rows_capacity_);
+    offsets_capacity_ = std::max(groups + 1, offsets_capacity_);
+    const size_t rows = static_cast<size_t>(rows_capacity_ * hidden_);
+    EPX_ASSIGN_OR_RETURN(rows_f32_, cuda::DeviceBuffer::Allocate(rows * 4));
+    EPX_ASSIGN_OR_RETURN(rows_bf16_, cuda::DeviceBuffer::Allocate(rows * 2));
+    EPX_ASSIGN_OR_RETURN(out_bf16_, cuda::DeviceBuffer::Allocate(rows * 2));
+    EPX_ASSIGN_OR_RETURN(offsets_, cuda::DeviceBuffer::Allocate(offsets_capacity_ * 4));
+    scratch_bytes_ = static_cast<int64_t>(
+        cuda::GroupedSwiGluScratchBytes(rows_capacity_, hidden_, intermediate_, expert_dtype_));
+    EPX_ASSIGN_OR_RETURN(scratch_, cuda::DeviceBuffer::Allocate(scratch_bytes_));
+    return absl::OkStatus();
+  }
+
+  std::string name_;
+  cuda::GroupedGemmImpl impl_ = cuda::GroupedGemmImpl::kAuto;
+  int64_t hidden_ = 0, intermediate_ = 0;
+  DType expert_dtype_ = DType::kBF16;
+  cuda::Stream stream_;
+  std::unique_ptr<cuda::Blas> blas_;
+  std::unique_ptr<DeviceModelWeights> weights_;
+  std::vector<std::vector<cuda::DeviceExpert>> experts_;  // [layer][local expert]
+  int64_t rows_capacity_ = 0, offsets_capacity_ = 0, scratch_bytes_ = 0;
+  cuda::DeviceBuffer rows_f32_, rows_bf16_, out_bf16_, offsets_, scratch_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<ExpertCompute>> NewCudaExpertCompute(
+    const ModelWeights& weights, const std::vector<int>& local_experts,
+    const ExpertComputeOptions& options) {
+  auto compute = std::make_unique<CudaExpertCompute>();
+  EPX_RETURN_IF_ERROR(compute->Init(weights, local_experts, options));
+  return std::unique_ptr<ExpertCompute>(std::move(compute));
+}
+
+}  // namespace epx

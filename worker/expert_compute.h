@@ -1,0 +1,48 @@
+// The FFN compute of an expert worker: rows grouped by local expert in, outputs in the same rows.
+// The CPU version runs kernels/cpu; the CUDA version (`epx ... --device cuda` on a worker rank)
+// keeps the worker's experts on its GPU and runs the same grouped SwiGLU kernels as the
+// coordinator's local experts, moving the rows through pinned host buffers (the MPI data plane
+// carries fp32 host rows; the NCCL data plane will hand device buffers over directly).
+//
+// Used from the worker's one thread.
+#ifndef EPX_WORKER_EXPERT_COMPUTE_H_
+#define EPX_WORKER_EXPERT_COMPUTE_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "common/model_weights.h"
+#include "common/tensor.h"
+
+namespace epx {
+
+class ExpertCompute {
+ public:
+  virtual ~ExpertCompute() = default;
+  // Group g (local expert local_experts[g]) owns rows [offsets[g], offsets[g + 1]) of `rows`.
+  // rows, out: [offsets.back(), hidden] F32 on the host.
+  virtual absl::Status Run(int64_t layer, const TensorView& rows,
+                           absl::Span<const int64_t> offsets, const TensorView& out) = 0;
+  // "cpu" or the GPU's name.
+  virtual std::string device() const = 0;
+};
+
+struct ExpertComputeOptions {
+  std::string device = "cpu";         // or "cuda"
+  int cuda_device = 0;
+  DType expert_dtype = DType::kBF16;  // cuda: kBF16 or kF8E4M3
+  std::string grouped_gemm = "auto";  // cuda: kernels/cuda/ops.h GroupedGemmImpl name
+};
+
+// `weights` must hold `local_experts` (FailedPrecondition naming a missing one) and outlive the
+// result. The CUDA version uploads them (FailedPrecondition without a device or CUDA build).
+absl::StatusOr<std::unique_ptr<ExpertCompute>> NewExpertCompute(
+    const ModelWeights& weights, const std::vector<int>& local_experts,
+    const ExpertComputeOptions& options);
+
+}  // namespace epx
+
+#endif  // EPX_WORKER_EXPERT_COMPUTE_H_
