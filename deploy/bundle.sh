@@ -22,7 +22,7 @@ while [ $# -gt 0 ]; do
     --out) [ $# -ge 2 ] || die "--out needs a value"; out=$2; shift 2 ;;
     --tar) tar=1; shift ;;
     -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
-    *) die "unknown argument '$1' (usage: deploy/bundle.sh [--build-dir DIR] [--out DIR] [--tar])" ;;
+    *) die "unknown argument '$1' (deploy/bundle.sh [--build-dir DIR] [--out DIR] [--tar])" ;;
   esac
 done
 if [ -z "$build_dir" ]; then
@@ -83,8 +83,8 @@ runtime_lib() {
 }
 cuda_lib() {
   case "$1" in
-    libcuda.so*|libcudart.so*|libcublas*.so*|libcufft*.so*|libcurand.so*|libcusolver*.so*) return 0 ;;
-    libcusparse*.so*|libnvrtc*.so*|libnvJitLink.so*|libnvToolsExt.so*) return 0 ;;
+    libcuda.so*|libcudart.so*|libcublas*.so*|libcufft*.so*|libcurand.so*) return 0 ;;
+    libcusolver*.so*|libcusparse*.so*|libnvrtc*.so*|libnvJitLink.so*|libnvToolsExt.so*) return 0 ;;
     libnccl*.so*|libnvidia*.so*) return 0 ;;
   esac
   return 1
@@ -96,7 +96,7 @@ node_cuda=()
 for f in "${shipped[@]}"; do
   while read -r name arrow path _; do
     [ "$arrow" = "=>" ] || continue  # the vdso and the loader itself
-    if [ "$path" = "not" ]; then die "$(basename "$f") needs $name, which ldd does not find here"; fi
+    [ "$path" != "not" ] || die "$(basename "$f") needs $name, which ldd does not find here"
     runtime_lib "$name" && continue
     if cuda_lib "$name"; then node_cuda+=("$name"); continue; fi
     real=$(readlink -f "$path")
@@ -131,11 +131,10 @@ all_elf=("$work"/bin/* "$work"/lib/*)
 newest() { objdump -T "${all_elf[@]}" 2> /dev/null | grep -oE "\($1_[0-9.]+\)" | tr -d '()' |
            sort -uV | tail -1 || true; }
 glibc=$(newest GLIBC) glibcxx=$(newest GLIBCXX)
-mpi_version=$(ompi_info --version 2> /dev/null | sed -n 's/^Open MPI v//p' | head -1 || true)
-mpi_version=${mpi_version:+, version $mpi_version}
 cpu_arch=$(cache_entry EPX_CPU_ARCH)
-cpu_note="compiler default"
+cpu_note="the compiler's default -march"
 [ -n "$cpu_arch" ] && cpu_note="-march=$cpu_arch"
+[ -f "$build_dir/CMakeCache.txt" ] || cpu_note="an -march not recorded here (no CMakeCache.txt)"
 if [ "$cpu_arch" = "native" ]; then
   cpu_model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
   cpu_note="-march=native on this CPU ($cpu_model): it may stop with SIGILL on
@@ -145,16 +144,31 @@ if [ "$cpu_arch" = "native" ]; then
 fi
 mapfile -t node_cuda < <(printf '%s\n' "${node_cuda[@]}" | sort -u | sed '/^$/d')
 if [ ${#node_cuda[@]} -gt 0 ]; then
-  cuda_note="this build needs ${node_cuda[*]}"
+  cuda_note="${node_cuda[*]}"
+  cuda_note="this build needs ${cuda_note// /, }"
 else
   cuda_note="this build links no CUDA library"
+fi
+if ls "$work"/lib/libmpi.so* > /dev/null 2>&1; then
+  mpi_version=$(ompi_info --version 2> /dev/null | sed -n 's/^Open MPI v//p' | head -1 || true)
+  mpi_name="Open MPI${mpi_version:+ $mpi_version}"
+  mpi_note="lib/ holds the libraries of $mpi_name (libmpi, libopen-rte, libopen-pal), so
+    epx runs as a single process on a node without MPI. An mpirun job needs the Open MPI runtime
+    installed on every node: mpirun, orted and Open MPI's plugins (which the bundled libmpi loads
+    from the node's install) are not in this folder, and must be the same Open MPI version as the
+    bundled libmpi (\`ompi_info --version\`; Debian 12: apt-get install openmpi-bin). With another
+    Open MPI, use the node's libraries instead: LD_LIBRARY_PATH=<its lib dir> takes precedence
+    over the bundled ones."
+else
+  mpi_note="this build has no MPI data plane (EPX_ENABLE_MPI=OFF): epx runs as a single process."
 fi
 bench_line=""
 [ -d "$work/bench" ] && bench_line="
   bench/                  $(cd "$work/bench" && echo *) (bench/README.md in the sources)"
 
 cat > "$work/README.txt" << EOF
-$build_id, relocatable bundle for $arch (made by deploy/bundle.sh from $build_dir)
+$build_id, relocatable bundle for $arch
+(made by deploy/bundle.sh from $build_dir)
 
 This folder runs from wherever it is moved or copied to: the executables find lib/ through their
 RUNPATH (\$ORIGIN/../lib), and epx loads its tokenizer module from ../lib/ next to the real path
@@ -180,14 +194,9 @@ What the node must provide
   - CPU: built with $cpu_note.
   - CUDA: the driver (libcuda) and the CUDA runtime libraries (libcudart, libcublas, libnccl, ...)
     are not bundled: they come from the node's own CUDA install and must be on the loader's path
-    (ldconfig, or LD_LIBRARY_PATH); $cuda_note.
-  - MPI: lib/ holds Open MPI's libraries (libmpi, libopen-rte, libopen-pal$mpi_version), so
-    epx runs as a single process on a node without MPI. An mpirun job needs the Open MPI runtime
-    installed on every node: mpirun, orted and Open MPI's plugins (which the bundled libmpi
-    loads from the node's install) are not in this folder, and must be the same Open MPI version
-    as the bundled libmpi (\`ompi_info --version\`; Debian 12: apt-get install openmpi-bin). With
-    another Open MPI, use the node's libraries instead: LD_LIBRARY_PATH=<its lib dir> takes
-    precedence over the bundled ones.
+    (ldconfig, or LD_LIBRARY_PATH):
+    $cuda_note.
+  - MPI: $mpi_note
   - Across machines, put this folder at the same path on every node (or on a shared file
     system); see deploy/hostfile.example.
 EOF
