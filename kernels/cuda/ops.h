@@ -121,7 +121,7 @@ size_t AttentionScratchBytes(const AttentionBatch& batch, const cpu::AttentionPa
 // GQA attention with causal mask and optional sliding window over the paged cache (keys of the
 // step already written), softmax in fp32 with online (flash) rescaling. Batches whose sequences
 // all have one row take the split-KV decode kernel; others the tiled prefill kernel.
-// q: [num_tokens, num_heads * head_dim] BF16; out: same shape, BF16. head_dim: 64, 128 or 256.
+// q: [num_tokens, num_heads * head_dim] BF16; out: same shape, BF16. head_dim: 32, 64, 128 or 256.
 absl::Status Attention(const TensorView& q, const PagedKv& kv, const AttentionBatch& batch,
                        const cpu::AttentionParams& params, const TensorView& scratch,
                        const TensorView& out, StreamHandle stream);
