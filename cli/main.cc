@@ -5,6 +5,7 @@
 
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_cat.h"
+#include "cli/bench_decode.h"
 #include "cli/bench_serve.h"
 #include "cli/client.h"
 #include "cli/commands.h"
@@ -201,7 +202,8 @@ int Run(int argc, char** argv) {
       "model-info", "A server's model configuration, placement and limits as JSON");
   add_client_options(model_info_cmd, &model_info);
 
-  CLI::App* bench_cmd = app.add_subcommand("bench", "Benchmarks of a running server");
+  CLI::App* bench_cmd = app.add_subcommand(
+      "bench", "Benchmarks: a running server (serve), the model on this device (decode)");
   bench_cmd->require_subcommand(1);
   epx::BenchServeOptions bench_serve;
   CLI::App* bench_serve_cmd = bench_cmd->add_subcommand(
@@ -233,6 +235,52 @@ int Run(int argc, char** argv) {
                             "(default on)");
   bench_serve_cmd->add_option("--csv", bench_serve.csv,
                               "append one line of results to this file (header if new)");
+
+  epx::BenchDecodeOptions bench_decode;
+  double bench_decode_timeout_s = 30;
+  CLI::App* bench_decode_cmd = bench_cmd->add_subcommand(
+      "decode",
+      "Whole-model decode steps here, by batch size: ms/step, tokens/s, bytes read per step as "
+      "a fraction of the device's copy bandwidth");
+  add_runtime_options(bench_decode_cmd, &bench_decode.runtime, &bench_decode_timeout_s,
+                      &bench_decode.stats, false);
+  bench_decode_cmd
+      ->add_option("--preset", bench_decode.preset,
+                   "--load-format dummy: this shape instead of --model (tiny, small, "
+                   "mixtral-8x7b, mixtral-8x22b)")
+      ->check(CLI::IsMember({"tiny", "small", "mixtral-8x7b", "mixtral-8x22b"}));
+  bench_decode_cmd->add_option("--num-layers", bench_decode.num_layers,
+                               "--load-format dummy: override num_hidden_layers (to fit the "
+                               "device)");
+  bench_decode_cmd
+      ->add_option("--batch-sizes", bench_decode.batch_sizes,
+                   "comma-separated batch sizes, one table row each")
+      ->delimiter(',')
+      ->capture_default_str();
+  bench_decode_cmd
+      ->add_option("--context", bench_decode.context,
+                   "random prompt tokens per sequence, prefilled before the decode steps")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  bench_decode_cmd->add_option("--steps", bench_decode.steps, "timed decode steps per batch size")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  bench_decode_cmd
+      ->add_option("--warmup", bench_decode.warmup_steps, "decode steps before the timed ones")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  bench_decode_cmd
+      ->add_option("--prefill-chunk", bench_decode.prefill_chunk_tokens,
+                   "prompt tokens per prefill step at most")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  bench_decode_cmd->add_option("--seed", bench_decode.seed, "seed of the random token ids")
+      ->capture_default_str();
+  bench_decode_cmd
+      ->add_option("--kv-cache-mib", bench_decode.kv_cache_mib,
+                   "KV cache memory in MiB (default: what the largest batch needs)")
+      ->check(CLI::PositiveNumber);
+  bench_decode_cmd->add_option("--json", bench_decode.json, "also write the results to this file");
 
   epx::ServeOptions serve;
   double serve_timeout_s = 30, heartbeat_ms = 500, heartbeat_timeout_ms = 3000,
@@ -351,6 +399,10 @@ int Run(int argc, char** argv) {
   if (shutdown_cmd->parsed()) return Finish(epx::RunShutdown(shutdown, shutdown_drain, std::cout));
   if (model_info_cmd->parsed()) return Finish(epx::RunModelInfo(model_info, std::cout));
   if (bench_serve_cmd->parsed()) return Finish(epx::RunBenchServe(bench_serve, std::cout));
+  if (bench_decode_cmd->parsed()) {
+    bench_decode.runtime.comm_timeout = absl::Seconds(bench_decode_timeout_s);
+    return Finish(epx::RunBenchDecode(bench_decode, std::cout, std::cerr));
+  }
   if (serve_cmd->parsed()) {
     serve.runtime.comm_timeout = absl::Seconds(serve_timeout_s);
     serve.runtime.engine.kv_cache_bytes = kv_cache_mib << 20;

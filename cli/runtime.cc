@@ -111,7 +111,12 @@ absl::Status Runtime::Configure() {
   if (world_size() == 1 && options_.role == "worker")
     return absl::InvalidArgumentError(
         "--role worker needs a launcher with more ranks (mpirun -np 1+W ...)");
-  EPX_ASSIGN_OR_RETURN(config_, ModelConfig::FromDir(options_.model_dir));
+  if (options_.config.has_value()) {
+    config_ = *options_.config;
+    EPX_RETURN_IF_ERROR(config_.Validate("the model config"));
+  } else {
+    EPX_ASSIGN_OR_RETURN(config_, ModelConfig::FromDir(options_.model_dir));
+  }
   if (world_size() == 1) return absl::OkStatus();
   const int experts = static_cast<int>(config_.num_local_experts);
   absl::StatusOr<Placement> placement =

@@ -9,12 +9,14 @@
 #define EPX_CLI_RUNTIME_H_
 
 #include <memory>
+#include <optional>
 #include <ostream>
 #include <string>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "comm/communicator.h"
+#include "common/model_config.h"
 #include "common/model_weights.h"
 #include "common/placement.h"
 #include "coordinator/cuda_forward.h"
@@ -25,6 +27,9 @@ namespace epx {
 
 struct RuntimeOptions {
   std::string model_dir;
+  // Set: this configuration instead of model_dir/config.json (a preset for --load-format dummy,
+  // which then needs no directory at all; or a config with overridden fields).
+  std::optional<ModelConfig> config;
   std::string placement = "round-robin";  // or a placement file (common/placement.h)
   std::string role;                       // "", "coordinator" or "worker" (MPMD launches)
   absl::Duration comm_timeout = absl::Seconds(30);

@@ -1,13 +1,18 @@
-// The `epx` binary end to end: eval against the golden file, make-model then generate, and the
-// errors a user sees for bad input.
+// The `epx` binary end to end: eval against the golden file, make-model then generate, bench
+// decode on the CPU, and the errors a user sees for bad input.
 #include <sys/wait.h>
 
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
 
 #include "common/safetensors.h"
 #include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
 #include "tests/coordinator/test_util.h"
 #include "tests/test_process.h"
 
@@ -137,6 +142,105 @@ TEST(EpxCliTest, BadInputsGiveClearErrors) {
 
   r = RunEpx("frobnicate");
   EXPECT_NE(r.exit_code, 0);
+}
+
+// `epx bench decode` on the CPU with the tiny checkpoint: a table row per batch size and the same
+// rows in the JSON. Timings are not asserted (bench/ is where they are read); what is checked is
+// that every batch size ran and was accounted: at batch 1 each layer's one token goes to exactly
+// top-k (2) distinct experts, so the hit count is exact there.
+TEST(EpxCliTest, BenchDecodePrintsARowPerBatchSize) {
+  const std::string json = TempPath("bench_decode.json");
+  Result r = RunEpx("bench decode --model " + TinyModelDir() +
+                        " --batch-sizes 1,3 --context 8 --steps 2 --json " + json,
+                    false);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("device        cpu"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("copy BW       -"), std::string::npos) << r.output;
+
+  struct Row {
+    double ms = 0, tokens_per_s = 0, experts_per_layer = 0;
+    std::string fraction;
+  };
+  std::map<int64_t, Row> rows;
+  bool in_table = false;
+  std::istringstream lines(r.output);
+  for (std::string line; std::getline(lines, line);) {
+    if (line.find("batch") != std::string::npos && line.find("tok/s") != std::string::npos) {
+      in_table = true;
+      continue;
+    }
+    if (!in_table) continue;
+    std::istringstream fields(line);
+    int64_t batch = 0;
+    Row row;
+    double gb_per_step = 0, gbps = 0;
+    if (fields >> batch >> row.ms >> row.tokens_per_s >> row.experts_per_layer >> gb_per_step >>
+        gbps >> row.fraction)
+      rows[batch] = row;
+  }
+  ASSERT_EQ(rows.size(), 2u) << r.output;
+  for (int64_t batch : {1, 3}) {
+    SCOPED_TRACE(batch);
+    ASSERT_EQ(rows.count(batch), 1u) << r.output;
+    EXPECT_GT(rows[batch].ms, 0);
+    EXPECT_GT(rows[batch].tokens_per_s, 0);
+    EXPECT_EQ(rows[batch].fraction, "-");  // no copy bandwidth on the CPU
+  }
+  EXPECT_DOUBLE_EQ(rows[1].experts_per_layer, 2.0) << r.output;
+  EXPECT_GE(rows[3].experts_per_layer, 2.0) << r.output;
+  EXPECT_LE(rows[3].experts_per_layer, 6.0) << r.output;
+
+  std::ifstream file(json);
+  const nlohmann::json report = nlohmann::json::parse(file, nullptr, /*allow_exceptions=*/false);
+  ASSERT_FALSE(report.is_discarded()) << json;
+  EXPECT_EQ(report.value("engine", ""), "epx");
+  EXPECT_TRUE(report["copy_bandwidth_GBps"].is_null());
+  ASSERT_TRUE(report["rows"].is_array());
+  ASSERT_EQ(report["rows"].size(), 2u);
+  EXPECT_EQ(report["rows"][0].value("batch", 0), 1);
+  EXPECT_EQ(report["rows"][1].value("batch", 0), 3);
+  EXPECT_GT(report["rows"][1].value("tokens_per_s", 0.0), 0);
+  EXPECT_GT(report["rows"][1].value("GB_per_step", 0.0), 0);
+  fs::remove(json);
+}
+
+TEST(EpxCliTest, BenchDecodeRefusesWhatItCannotRun) {
+  // Dummy weights are made on the GPU. Without one (this machine, CI), or in a build without
+  // CUDA, the command must say so and fail; where a GPU is visible it may run instead.
+  Result r = RunEpx(
+      "bench decode --device cuda --load-format dummy --preset tiny --batch-sizes 1 --context 4 "
+      "--steps 1");
+  if (!fs::exists("/dev/nvidia0") || r.exit_code != 0) {
+    EXPECT_NE(r.exit_code, 0) << r.output;
+    EXPECT_NE(r.output.find("CUDA"), std::string::npos) << r.output;
+  }
+
+  r = RunEpx("bench decode --load-format dummy --preset tiny");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("needs --device cuda"), std::string::npos) << r.output;
+
+  r = RunEpx("bench decode --preset tiny");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("--load-format dummy"), std::string::npos) << r.output;
+
+  r = RunEpx("bench decode");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("--model"), std::string::npos) << r.output;
+
+  r = RunEpx("bench decode --model " + TinyModelDir() + " --num-layers 2");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("--num-layers needs --load-format dummy"), std::string::npos) << r.output;
+
+  // The tiny model has 4096 positions.
+  r = RunEpx("bench decode --model " + TinyModelDir() + " --context 5000");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("max_position_embeddings"), std::string::npos) << r.output;
+
+  // 1 MiB holds 42 blocks of 16 tokens of the tiny model's fp32 KV; 64 sequences need 64.
+  r = RunEpx("bench decode --model " + TinyModelDir() +
+             " --kv-cache-mib 1 --batch-sizes 64 --context 8 --steps 2");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("Raise --kv-cache-mib to at least 2"), std::string::npos) << r.output;
 }
 
 }  // namespace

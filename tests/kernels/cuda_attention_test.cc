@@ -50,8 +50,7 @@ struct Heads {
   int64_t head_dim;
 };
 // GQA groups of 2 at head_dim 32 (the tiny test model), of 4 (with head_dim 64 and 128, one and
-// several KV heads), and plain multi-head
-// attention with head_dim 256.
+// several KV heads), and plain multi-head attention with head_dim 256.
 constexpr Heads kHeadConfigs[] = {{4, 2, 32}, {4, 1, 64}, {8, 2, 128}, {32, 8, 128}, {4, 4, 256}};
 
 std::string HeadsName(const Heads& h) {
