@@ -1,0 +1,528 @@
+// The GEMM launchers of kernels/cuda/ops.h against the CPU oracle: Linear against cpu::Linear,
+// the three GroupedSwiGlu forms against cpu::GroupedSwiGlu over uneven groups (some empty, some
+// of those without weights) with BF16 and FP8 weights, QuantizeFp8RowWise against the host
+// quantiser bit for bit, and the argument checks.
+//
+// Inputs are rounded to BF16 first and the oracle is fed the rounded values, so the differences
+// left are the ones the GPU contract allows: summation order (fp32 either way), and the BF16
+// roundings the GPU path makes on purpose (gate|up, the SiluMul output, the output itself, and
+// for FP8 through cuBLAS the dequantised weights). Tolerances are stated where they are used.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/dtype.h"
+#include "common/tensor.h"
+#include "gtest/gtest.h"
+#include "kernels/cpu/ops.h"
+#include "kernels/cuda/ops.h"
+#include "kernels/cuda/runtime.h"
+#include "tests/kernels/cuda_test_util.h"
+
+namespace epx::cuda {
+namespace {
+
+using ::epx::testing::DeviceEmpty;
+using ::epx::testing::DeviceTensor;
+using ::epx::testing::Download;
+using ::epx::testing::ExpectClose;
+using ::epx::testing::RandomF32;
+using ::epx::testing::RoundedToBf16;
+using ::epx::testing::ToBf16;
+using ::epx::testing::Upload;
+
+// A stream and the cuBLAS handle bound to it (members destroyed in reverse: handle first).
+struct Gpu {
+  Stream stream;
+  Blas blas;
+  StreamHandle s() const { return stream.handle(); }
+};
+
+Gpu MakeGpu() {
+  auto stream = Stream::Create();
+  EPX_CHECK(stream.ok());
+  auto blas = Blas::Create(stream->handle());
+  EPX_CHECK(blas.ok());
+  return Gpu{std::move(*stream), std::move(*blas)};
+}
+
+DeviceTensor DeviceBytes(size_t bytes) {
+  DeviceTensor out;
+  auto buffer = DeviceBuffer::Allocate(std::max<size_t>(bytes, 1));
+  EPX_CHECK(buffer.ok());
+  out.buffer = std::move(*buffer);
+  out.view = out.buffer.view(DType::kU8, {static_cast<int64_t>(bytes)});
+  return out;
+}
+
+// Root mean square of a host tensor's values (any float dtype).
+double Rms(const TensorView& t) {
+  auto f = ToF32(t);
+  EPX_CHECK(f.ok());
+  double sum = 0;
+  for (int64_t i = 0; i < f->numel(); ++i) sum += double{f->data<float>()[i]} * f->data<float>()[i];
+  return f->numel() == 0 ? 0.0 : std::sqrt(sum / static_cast<double>(f->numel()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear
+
+TEST(CudaLinearTest, MatchesCpuLinearForF32AndBf16OutputsAndAccumulate) {
+  EPX_SKIP_WITHOUT_GPU();
+  Gpu gpu = MakeGpu();
+  // Linear requires nothing of k's alignment (cuBLAS takes any leading dimension; unaligned
+  // shapes only get slower kernels), so odd k and n are part of the sweep.
+  const std::vector<std::pair<int64_t, int64_t>> nks = {
+      {1, 1}, {5, 13}, {67, 130}, {128, 1000}, {300, 4096}};
+  uint32_t seed = 1;
+  for (int64_t m : {1, 3, 7, 19, 733}) {
+    for (const auto& [n, k] : nks) {
+      SCOPED_TRACE(absl::StrCat("m=", m, " n=", n, " k=", k));
+      // Weights scaled by k^-1/2 keep outputs O(1) whatever k, so fixed tolerances fit all.
+      const float w_scale = 1.f / std::sqrt(static_cast<float>(k));
+      const Tensor x16 = ToBf16(RandomF32({m, k}, ++seed));
+      const Tensor w16 = ToBf16(RandomF32({n, k}, ++seed, -w_scale, w_scale));
+      Tensor want = Tensor::Empty(DType::kF32, {m, n});
+      ASSERT_TRUE(cpu::Linear(*ToF32(x16), w16, want).ok());
+      const DeviceTensor dx = Upload(x16, gpu.s());
+      const DeviceTensor dw = Upload(w16, gpu.s());
+
+      // F32 output: both sides sum exact products in fp32, in different orders; with |y| ~ 0.3
+      // and k <= 4096 the order changes the result by ~1e-6, so 1e-4 is loose but still catches
+      // any wrong element (those are off by O(0.1)).
+      const DeviceTensor y32 = DeviceEmpty(DType::kF32, {m, n}, gpu.s());
+      absl::Status st = Linear(dx, dw, y32, /*accumulate=*/false, gpu.blas);
+      ASSERT_TRUE(st.ok()) << st;
+      ExpectClose(Download(y32, gpu.s()), want, 1e-4f, 1e-4f, "F32 y");
+
+      // BF16 output: one rounding (half an ulp, 2^-9 relative), possibly to the other side of a
+      // tie after the reordered fp32 sum: one ulp, 1/128 relative, plus an absolute floor.
+      const DeviceTensor y16 = DeviceEmpty(DType::kBF16, {m, n}, gpu.s());
+      st = Linear(dx, dw, y16, false, gpu.blas);
+      ASSERT_TRUE(st.ok()) << st;
+      ExpectClose(Download(y16, gpu.s()), want, 1e-3f, 1.f / 128, "BF16 y");
+
+      // accumulate: y0 + x w^T, F32 tolerance as above.
+      const Tensor y0 = RandomF32({m, n}, ++seed);
+      const DeviceTensor yacc = Upload(y0, gpu.s());
+      st = Linear(dx, dw, yacc, /*accumulate=*/true, gpu.blas);
+      ASSERT_TRUE(st.ok()) << st;
+      Tensor want_acc = Tensor::Empty(DType::kF32, {m, n});
+      for (int64_t i = 0; i < m * n; ++i)
+        want_acc.data<float>()[i] = y0.data<float>()[i] + want.data<float>()[i];
+      ExpectClose(Download(yacc, gpu.s()), want_acc, 1e-4f, 1e-4f, "accumulated F32 y");
+    }
+  }
+}
+
+TEST(CudaLinearTest, KZeroGivesZerosOrLeavesTheSum) {
+  EPX_SKIP_WITHOUT_GPU();
+  Gpu gpu = MakeGpu();
+  const DeviceTensor x = DeviceEmpty(DType::kBF16, {3, 0}, gpu.s());
+  const DeviceTensor w = DeviceEmpty(DType::kBF16, {4, 0}, gpu.s());
+  const DeviceTensor y = DeviceEmpty(DType::kF32, {3, 4}, gpu.s());
+  ASSERT_TRUE(Linear(x, w, y, false, gpu.blas).ok());
+  const Tensor zeros = Tensor::Zeros(DType::kF32, {3, 4});
+  ExpectClose(Download(y, gpu.s()), zeros, 0.f, 0.f, "y = 0 for k = 0");
+  const Tensor y0 = RandomF32({3, 4}, 5);
+  const DeviceTensor yacc = Upload(y0, gpu.s());
+  ASSERT_TRUE(Linear(x, w, yacc, true, gpu.blas).ok());
+  ExpectClose(Download(yacc, gpu.s()), y0, 0.f, 0.f, "y unchanged when accumulating k = 0");
+}
+
+TEST(CudaLinearTest, RejectsBadArguments) {
+  EPX_SKIP_WITHOUT_GPU();
+  Gpu gpu = MakeGpu();
+  const DeviceTensor x = DeviceEmpty(DType::kBF16, {3, 16}, gpu.s());
+  const DeviceTensor x32 = DeviceEmpty(DType::kF32, {3, 16}, gpu.s());
+  const DeviceTensor w = DeviceEmpty(DType::kBF16, {5, 16}, gpu.s());
+  const DeviceTensor w_other_k = DeviceEmpty(DType::kBF16, {5, 24}, gpu.s());
+  const DeviceTensor y32 = DeviceEmpty(DType::kF32, {3, 5}, gpu.s());
+  const DeviceTensor y16 = DeviceEmpty(DType::kBF16, {3, 5}, gpu.s());
+  const DeviceTensor y_wrong = DeviceEmpty(DType::kF32, {3, 6}, gpu.s());
+  const DeviceTensor y_i32 = DeviceEmpty(DType::kI32, {3, 5}, gpu.s());
+  EXPECT_EQ(Linear(x32, w, y32, false, gpu.blas).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Linear(x, w_other_k, y32, false, gpu.blas).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Linear(x, w, y_wrong, false, gpu.blas).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Linear(x, w, y_i32, false, gpu.blas).code(), absl::StatusCode::kInvalidArgument);
+  // A BF16 running sum would be rounded at every call: refused.
+  EXPECT_EQ(Linear(x, w, y16, true, gpu.blas).code(), absl::StatusCode::kInvalidArgument);
+  // m == 0 is a no-op.
+  const DeviceTensor x0 = DeviceEmpty(DType::kBF16, {0, 16}, gpu.s());
+  const DeviceTensor y0 = DeviceEmpty(DType::kF32, {0, 5}, gpu.s());
+  EXPECT_TRUE(Linear(x0, w, y0, false, gpu.blas).ok());
+}
+
+// ---------------------------------------------------------------------------------------------
+// GroupedSwiGlu
+
+constexpr int64_t kHidden = 272;        // 17 x 16: K and N tails for both the BF16 (32-element)
+constexpr int64_t kIntermediate = 208;  // and FP8 (64-element) steps, and a half-used 32-row block
+
+// One expert's weights on the host (what the oracle multiplies by) and on the device.
+struct TestExpert {
+  Tensor w13_oracle;  // [2I, H] F32: the exact values the GPU multiplies by (BF16 or dequantised)
+  Tensor w2_oracle;   // [H, I] F32
+  DeviceTensor w13, w2, w13_scale, w2_scale;
+  DeviceExpert device() const {
+    return DeviceExpert{w13.view, w2.view, w13_scale.view, w2_scale.view};
+  }
+};
+
+// Dequantised FP8: fp8[n, k] * scale[n] in fp32, the weight an FP8 expert stands for.
+Tensor Dequantised(const Fp8RowWise& q) {
+  const int64_t n = q.q.dim(0), k = q.q.dim(1);
+  Tensor out = Tensor::Empty(DType::kF32, {n, k});
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t c = 0; c < k; ++c)
+      out.data<float>()[r * k + c] =
+          Fp8E4m3ToF32(q.q.data<uint8_t>()[r * k + c]) * q.scale.data<float>()[r];
+  return out;
+}
+
+TestExpert MakeExpert(DType dtype, uint32_t seed, StreamHandle stream) {
+  const float s13 = 1.f / std::sqrt(static_cast<float>(kHidden));
+  const float s2 = 1.f / std::sqrt(static_cast<float>(kIntermediate));
+  const Tensor w13 = ToBf16(RandomF32({2 * kIntermediate, kHidden}, seed, -s13, s13));
+  const Tensor w2 = ToBf16(RandomF32({kHidden, kIntermediate}, seed + 1, -s2, s2));
+  TestExpert e;
+  if (dtype == DType::kBF16) {
+    e.w13_oracle = *ToF32(w13);
+    e.w2_oracle = *ToF32(w2);
+    e.w13 = Upload(w13, stream);
+    e.w2 = Upload(w2, stream);
+  } else {
+    auto q13 = ::epx::QuantizeFp8RowWise(w13);  // the host quantiser
+    auto q2 = ::epx::QuantizeFp8RowWise(w2);
+    EPX_CHECK(q13.ok() && q2.ok());
+    e.w13_oracle = Dequantised(*q13);
+    e.w2_oracle = Dequantised(*q2);
+    e.w13 = Upload(q13->q, stream);
+    e.w2 = Upload(q2->q, stream);
+    e.w13_scale = Upload(q13->scale, stream);
+    e.w2_scale = Upload(q2->scale, stream);
+  }
+  return e;
+}
+
+// Uneven group sizes summing to num_rows: group 1 always empty (when there are 2+ groups), group
+// g otherwise drawing rows with weight g + 1, so small row counts leave more groups empty.
+std::vector<int64_t> UnevenOffsets(int64_t num_rows, int num_groups, uint32_t seed) {
+  std::vector<int64_t> counts(num_groups, 0);
+  std::vector<double> weights(num_groups);
+  for (int g = 0; g < num_groups; ++g) weights[g] = (num_groups > 1 && g == 1) ? 0.0 : g + 1.0;
+  std::mt19937 rng(seed);
+  std::discrete_distribution<int> pick(weights.begin(), weights.end());
+  for (int64_t r = 0; r < num_rows; ++r) ++counts[pick(rng)];
+  std::vector<int64_t> offsets(num_groups + 1, 0);
+  for (int g = 0; g < num_groups; ++g) offsets[g + 1] = offsets[g] + counts[g];
+  return offsets;
+}
+
+struct GroupedRun {
+  Tensor x16;                    // [num_rows, H] BF16
+  std::vector<int64_t> offsets;  // host
+  DeviceTensor x, offsets_i32;
+  std::vector<DeviceExpert> experts;  // empty groups at odd indices get no weights
+  Tensor want;                        // [num_rows, H] F32, the oracle
+};
+
+GroupedRun MakeRun(const std::vector<TestExpert>& experts, int64_t num_rows, uint32_t seed,
+                   StreamHandle stream) {
+  const int num_groups = static_cast<int>(experts.size());
+  GroupedRun run;
+  run.x16 = ToBf16(RandomF32({num_rows, kHidden}, seed));
+  run.offsets = UnevenOffsets(num_rows, num_groups, seed + 7);
+  run.x = Upload(run.x16, stream);
+  Tensor off32 = Tensor::Empty(DType::kI32, {num_groups + 1});
+  for (int g = 0; g <= num_groups; ++g)
+    off32.data<int32_t>()[g] = static_cast<int32_t>(run.offsets[g]);
+  run.offsets_i32 = Upload(off32, stream);
+  std::vector<cpu::SwiGluWeights> oracle_weights(num_groups);
+  for (int g = 0; g < num_groups; ++g) {
+    const bool empty = run.offsets[g + 1] == run.offsets[g];
+    if (empty && g % 2 == 1) {
+      run.experts.push_back(DeviceExpert{});
+      continue;
+    }
+    run.experts.push_back(experts[g].device());
+    oracle_weights[g] = {experts[g].w13_oracle.view().Slice(0, kIntermediate),
+                         experts[g].w2_oracle.view(),
+                         experts[g].w13_oracle.view().Slice(kIntermediate, 2 * kIntermediate)};
+  }
+  run.want = Tensor::Empty(DType::kF32, {num_rows, kHidden});
+  std::vector<float> scratch(cpu::GroupedSwiGluScratchFloats(run.offsets, kIntermediate));
+  const absl::Status st = cpu::GroupedSwiGlu(*ToF32(run.x16), run.offsets, oracle_weights,
+                                             absl::MakeSpan(scratch), run.want);
+  EPX_CHECK(st.ok());
+  return run;
+}
+
+class CudaGroupedSwiGluTest : public ::testing::TestWithParam<DType> {};
+
+TEST_P(CudaGroupedSwiGluTest, EveryFormMatchesTheCpuOracle) {
+  EPX_SKIP_WITHOUT_GPU();
+  Gpu gpu = MakeGpu();
+  const DType dtype = GetParam();
+  // Tolerance, as a fraction of the output's RMS (elements near zero would make any relative
+  // bound meaningless): the GPU rounds gate and up, the SiluMul output and (FP8 through cuBLAS)
+  // each dequantised weight to BF16, each an independent relative error of at most 2^-9. Summed
+  // over a row they give an error of about 0.3% of the RMS (0.45% with the FP8 weight roundings),
+  // 1.3% (2%) at the worst of ~200k elements. Bound: 3% (4%) of the RMS, plus 1/64 relative for
+  // the output's own BF16 rounding. A wrong row, group or column is off by ~100% of the RMS.
+  const double rms_tolerance = dtype == DType::kBF16 ? 0.03 : 0.04;
+  uint32_t seed = 100;
+  for (int num_groups : {1, 4, 8}) {
+    std::vector<TestExpert> experts;
+    for (int g = 0; g < num_groups; ++g) experts.push_back(MakeExpert(dtype, seed += 2, gpu.s()));
+    for (int64_t num_rows : {1, 3, 7, 19, 64, 733}) {
+      SCOPED_TRACE(absl::StrCat(DTypeName(dtype), " groups=", num_groups, " rows=", num_rows));
+      const GroupedRun run = MakeRun(experts, num_rows, seed += 3, gpu.s());
+      const float atol = static_cast<float>(rms_tolerance * Rms(run.want));
+      const DeviceTensor scratch =
+          DeviceBytes(GroupedSwiGluScratchBytes(num_rows, kHidden, kIntermediate, dtype));
+      for (GroupedGemmImpl impl : {GroupedGemmImpl::kSkinny, GroupedGemmImpl::kCublasLoop,
+                                   GroupedGemmImpl::kCublasGrouped, GroupedGemmImpl::kAuto}) {
+        const bool skinny = impl == GroupedGemmImpl::kSkinny ||
+                            (impl == GroupedGemmImpl::kAuto && num_rows <= kSkinnyMaxRows);
+        if (impl == GroupedGemmImpl::kSkinny && num_rows > kSkinnyMaxRows) continue;
+        SCOPED_TRACE(GroupedGemmImplName(impl));
+        // The skinny forms get no host offsets: they must work from the device's alone.
+        const absl::Span<const int64_t> host =
+            skinny ? absl::Span<const int64_t>() : absl::Span<const int64_t>(run.offsets);
+        const DeviceTensor out = DeviceEmpty(DType::kBF16, {num_rows, kHidden}, gpu.s());
+        const absl::Status st =
+            GroupedSwiGlu(run.x, run.offsets_i32, host, run.experts, impl, scratch, out, gpu.blas);
+        ASSERT_TRUE(st.ok()) << st;
+        // out starts as 0xff bytes (BF16 NaN): a row left unwritten fails here.
+        ExpectClose(Download(out, gpu.s()), run.want, atol, 1.f / 64, "GroupedSwiGlu out");
+      }
+    }
+  }
+}
+
+// The skinny kernel computes each output element the same way whatever the other rows are (the
+// MMA columns are independent and the split-K sum has a fixed order), so a row alone and the
+// same row among 19 or 64 (other kernel instantiations) give the same bits.
+TEST_P(CudaGroupedSwiGluTest, SkinnyRowDoesNotDependOnTheOtherRows) {
+  EPX_SKIP_WITHOUT_GPU();
+  Gpu gpu = MakeGpu();
+  const DType dtype = GetParam();
+  std::vector<TestExpert> experts;
+  experts.push_back(MakeExpert(dtype, 7, gpu.s()));
+  const std::vector<DeviceExpert> device = {experts[0].device()};
+  for (int64_t num_rows : {19, 64}) {
+    SCOPED_TRACE(absl::StrCat("rows=", num_rows));
+    const Tensor x16 = ToBf16(RandomF32({num_rows, kHidden}, 11));
+    Tensor off = Tensor::Empty(DType::kI32, {2});
+    off.data<int32_t>()[0] = 0;
+    off.data<int32_t>()[1] = static_cast<int32_t>(num_rows);
+    const DeviceTensor x = Upload(x16, gpu.s()), offsets = Upload(off, gpu.s());
+    const DeviceTensor scratch =
+        DeviceBytes(GroupedSwiGluScratchBytes(num_rows, kHidden, kIntermediate, dtype));
+    const DeviceTensor out = DeviceEmpty(DType::kBF16, {num_rows, kHidden}, gpu.s());
+    ASSERT_TRUE(
+        GroupedSwiGlu(x, offsets, {}, device, GroupedGemmImpl::kSkinny, scratch, out, gpu.blas)
+            .ok());
+    const Tensor all = Download(out, gpu.s());
+    for (int64_t r : {int64_t{0}, num_rows / 2, num_rows - 1}) {
+      const DeviceTensor x1 = Upload(x16.view().Slice(r, r + 1), gpu.s());
+      off.data<int32_t>()[1] = 1;
+      const DeviceTensor offsets1 = Upload(off, gpu.s());
+      const DeviceTensor out1 = DeviceEmpty(DType::kBF16, {1, kHidden}, gpu.s());
+      ASSERT_TRUE(
+          GroupedSwiGlu(x1, offsets1, {}, device, GroupedGemmImpl::kSkinny, scratch, out1, gpu.blas)
+              .ok());
+      const Tensor one = Download(out1, gpu.s());
+      EXPECT_EQ(0, std::memcmp(one.data<uint16_t>(), all.data<uint16_t>() + r * kHidden,
+                               kHidden * sizeof(uint16_t)))
+          << "row " << r;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(WeightTypes, CudaGroupedSwiGluTest,
+                         ::testing::Values(DType::kBF16, DType::kF8E4M3),
+                         [](const ::testing::TestParamInfo<DType>& info) {
+                           return info.param == DType::kBF16 ? std::string("Bf16")
+                                                             : std::string("Fp8");
+                         });
+
+TEST(CudaGroupedSwiGluErrorsTest, RejectsBadArguments) {
+  EPX_SKIP_WITHOUT_GPU();
+  Gpu gpu = MakeGpu();
+  std::vector<TestExpert> experts;
+  for (int g = 0; g < 3; ++g) experts.push_back(MakeExpert(DType::kBF16, 30 + 2 * g, gpu.s()));
+  const int64_t rows = 6;
+  const DeviceTensor x = DeviceEmpty(DType::kBF16, {rows, kHidden}, gpu.s());
+  const DeviceTensor out = DeviceEmpty(DType::kBF16, {rows, kHidden}, gpu.s());
+  const std::vector<int64_t> host = {0, 2, 4, 6};
+  Tensor off = Tensor::Empty(DType::kI32, {4});
+  for (int g = 0; g < 4; ++g) off.data<int32_t>()[g] = static_cast<int32_t>(host[g]);
+  const DeviceTensor offsets = Upload(off, gpu.s());
+  const DeviceTensor scratch =
+      DeviceBytes(GroupedSwiGluScratchBytes(rows, kHidden, kIntermediate, DType::kBF16));
+  std::vector<DeviceExpert> device;
+  for (const TestExpert& e : experts) device.push_back(e.device());
+  const auto run = [&](const TensorView& x_, const TensorView& offsets_,
+                       absl::Span<const int64_t> host_, absl::Span<const DeviceExpert> experts_,
+                       GroupedGemmImpl impl, const TensorView& scratch_, const TensorView& out_) {
+    return GroupedSwiGlu(x_, offsets_, host_, experts_, impl, scratch_, out_, gpu.blas);
+  };
+  constexpr auto kLoop = GroupedGemmImpl::kCublasLoop;
+  constexpr auto kSkinny = GroupedGemmImpl::kSkinny;
+  ASSERT_TRUE(run(x, offsets, host, device, kLoop, scratch, out).ok());
+
+  // A group with rows whose expert is not loaded: FailedPrecondition naming the group.
+  std::vector<DeviceExpert> missing = device;
+  missing[2] = DeviceExpert{};
+  const absl::Status st = run(x, offsets, host, missing, kLoop, scratch, out);
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(st.message().find("group 2"), std::string::npos) << st;
+
+  const auto invalid = absl::StatusCode::kInvalidArgument;
+  // offsets must have experts + 1 entries, on the device and on the host.
+  const DeviceTensor short_offsets = Upload(off.view().Slice(0, 3), gpu.s());
+  EXPECT_EQ(run(x, short_offsets, {}, device, kSkinny, scratch, out).code(), invalid);
+  const std::vector<int64_t> short_host = {0, 2, 6};
+  EXPECT_EQ(run(x, offsets, short_host, device, kLoop, scratch, out).code(), invalid);
+  const std::vector<int64_t> descending = {0, 4, 2, 6};
+  EXPECT_EQ(run(x, offsets, descending, device, kLoop, scratch, out).code(), invalid);
+  // The cuBLAS forms need host offsets; the skinny kernel takes at most kSkinnyMaxRows rows.
+  EXPECT_EQ(run(x, offsets, {}, device, kLoop, scratch, out).code(), invalid);
+  EXPECT_EQ(run(x, offsets, {}, device, GroupedGemmImpl::kCublasGrouped, scratch, out).code(),
+            invalid);
+  {
+    const int64_t many = kSkinnyMaxRows + 1;
+    const DeviceTensor xm = DeviceEmpty(DType::kBF16, {many, kHidden}, gpu.s());
+    const DeviceTensor om = DeviceEmpty(DType::kBF16, {many, kHidden}, gpu.s());
+    const DeviceTensor sm =
+        DeviceBytes(GroupedSwiGluScratchBytes(many, kHidden, kIntermediate, DType::kBF16));
+    EXPECT_EQ(run(xm, offsets, {}, device, kSkinny, sm, om).code(), invalid);
+    // kAuto above kSkinnyMaxRows is a cuBLAS form: host offsets needed.
+    EXPECT_EQ(run(xm, offsets, {}, device, GroupedGemmImpl::kAuto, sm, om).code(), invalid);
+  }
+  // Dtypes and shapes of x and out.
+  const DeviceTensor x32 = DeviceEmpty(DType::kF32, {rows, kHidden}, gpu.s());
+  EXPECT_EQ(run(x32, offsets, host, device, kLoop, scratch, out).code(), invalid);
+  const DeviceTensor out_short = DeviceEmpty(DType::kBF16, {rows - 1, kHidden}, gpu.s());
+  EXPECT_EQ(run(x, offsets, host, device, kLoop, scratch, out_short).code(), invalid);
+  // hidden must be a multiple of 16 (the kernels' 16-byte loads).
+  {
+    const DeviceTensor x40 = DeviceEmpty(DType::kBF16, {rows, 40}, gpu.s());
+    const DeviceTensor o40 = DeviceEmpty(DType::kBF16, {rows, 40}, gpu.s());
+    EXPECT_EQ(run(x40, offsets, host, device, kLoop, scratch, o40).code(), invalid);
+  }
+  // Weights that do not match x's hidden or each other.
+  {
+    TestExpert other = MakeExpert(DType::kBF16, 99, gpu.s());
+    std::vector<DeviceExpert> mixed = device;
+    mixed[1].w2 = other.w13.view;  // [2I, H] where [H, I] is expected
+    EXPECT_EQ(run(x, offsets, host, mixed, kLoop, scratch, out).code(), invalid);
+  }
+  // FP8 weights need their scales.
+  {
+    TestExpert fp8 = MakeExpert(DType::kF8E4M3, 50, gpu.s());
+    std::vector<DeviceExpert> no_scale(3, fp8.device());
+    no_scale[0].w13_scale = TensorView();
+    const DeviceTensor fp8_scratch =
+        DeviceBytes(GroupedSwiGluScratchBytes(rows, kHidden, kIntermediate, DType::kF8E4M3));
+    EXPECT_EQ(run(x, offsets, host, no_scale, kLoop, fp8_scratch, out).code(), invalid);
+  }
+  // Scratch smaller than GroupedSwiGluScratchBytes.
+  EXPECT_EQ(run(x, offsets, host, device, kLoop, scratch.view.Slice(0, 1024), out).code(), invalid);
+  // No rows: nothing to do, whatever the impl.
+  const DeviceTensor x0 = DeviceEmpty(DType::kBF16, {0, kHidden}, gpu.s());
+  const std::vector<int64_t> zeros = {0, 0, 0, 0};
+  EXPECT_TRUE(run(x0, offsets, zeros, device, kLoop, scratch, x0).ok());
+}
+
+// ---------------------------------------------------------------------------------------------
+// QuantizeFp8RowWise
+
+// A weight with rows that exercise the encoder: a zero row (scale 1), rows whose amax is exactly
+// 448 (scale 1, so w / scale = w) holding exact round-to-nearest-even ties (1.0625 lies halfway
+// between 1 and 1.125; 3 * 2^-10 halfway between the subnormals 2^-9 and 2^-8) and values that
+// underflow to zero, then random rows of varied magnitude.
+Tensor QuantizeInput(int64_t n, int64_t k, uint32_t seed) {
+  Tensor w = RandomF32({n, k}, seed);
+  float* v = w.data<float>();
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> exponent(-20.f, 10.f);
+  for (int64_t r = 0; r < n; ++r) {
+    float* row = v + r * k;
+    if (r == 0 && n > 1) {
+      std::fill(row, row + k, 0.f);
+    } else if (r == 1 || r == 2) {
+      static constexpr float kTies[] = {1.0625f,     -1.1875f,  0x1.0p-10f, 3 * 0x1.0p-10f,
+                                        -0x1.0p-11f, 0x1.8p-3f, -0.f,       5 * 0x1.0p-10f,
+                                        240.f,       -232.f,    0x1.0p-30f, 17.f};
+      for (int64_t c = 0; c < k; ++c) row[c] = kTies[c % 12] * (r == 2 ? -1.f : 1.f);
+      row[k / 2] = r == 1 ? 448.f : -448.f;
+    } else {
+      const float magnitude = std::exp2(exponent(rng));
+      for (int64_t c = 0; c < k; ++c) row[c] *= magnitude;
+    }
+  }
+  return ToBf16(w);
+}
+
+TEST(CudaQuantizeFp8Test, MatchesTheHostQuantiserBitForBit) {
+  EPX_SKIP_WITHOUT_GPU();
+  Gpu gpu = MakeGpu();
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {
+      {1, 1}, {3, 37}, {17, 1000}, {5, 4096}, {64, 14336}};
+  uint32_t seed = 40;
+  for (const auto& [n, k] : shapes) {
+    SCOPED_TRACE(absl::StrCat("n=", n, " k=", k));
+    const Tensor w = QuantizeInput(n, k, ++seed);
+    auto want = ::epx::QuantizeFp8RowWise(w);
+    ASSERT_TRUE(want.ok()) << want.status();
+    const DeviceTensor dw = Upload(w, gpu.s());
+    const DeviceTensor q = DeviceEmpty(DType::kF8E4M3, {n, k}, gpu.s());
+    const DeviceTensor scale = DeviceEmpty(DType::kF32, {n}, gpu.s());
+    const absl::Status st = QuantizeFp8RowWise(dw, q, scale, gpu.s());
+    ASSERT_TRUE(st.ok()) << st;
+    const Tensor got_q = Download(q, gpu.s());
+    const Tensor got_scale = Download(scale, gpu.s());
+    EXPECT_EQ(0, std::memcmp(got_scale.data<float>(), want->scale.data<float>(), n * sizeof(float)))
+        << "scales differ";
+    int64_t mismatches = 0, first = -1;
+    for (int64_t i = 0; i < n * k; ++i) {
+      if (got_q.data<uint8_t>()[i] != want->q.data<uint8_t>()[i]) {
+        if (first < 0) first = i;
+        ++mismatches;
+      }
+    }
+    EXPECT_EQ(mismatches, 0) << "first at row " << first / k << ", column " << first % k
+                             << ": got 0x" << std::hex
+                             << int{got_q.data<uint8_t>()[std::max<int64_t>(first, 0)]}
+                             << ", want 0x"
+                             << int{want->q.data<uint8_t>()[std::max<int64_t>(first, 0)]};
+  }
+}
+
+TEST(CudaQuantizeFp8Test, RejectsBadArguments) {
+  EPX_SKIP_WITHOUT_GPU();
+  Gpu gpu = MakeGpu();
+  const DeviceTensor w = DeviceEmpty(DType::kBF16, {4, 32}, gpu.s());
+  const DeviceTensor w32 = DeviceEmpty(DType::kF32, {4, 32}, gpu.s());
+  const DeviceTensor q = DeviceEmpty(DType::kF8E4M3, {4, 32}, gpu.s());
+  const DeviceTensor q_u8 = DeviceEmpty(DType::kU8, {4, 32}, gpu.s());
+  const DeviceTensor q_shape = DeviceEmpty(DType::kF8E4M3, {4, 31}, gpu.s());
+  const DeviceTensor scale = DeviceEmpty(DType::kF32, {4}, gpu.s());
+  const DeviceTensor scale_short = DeviceEmpty(DType::kF32, {3}, gpu.s());
+  const auto invalid = absl::StatusCode::kInvalidArgument;
+  EXPECT_TRUE(QuantizeFp8RowWise(w, q, scale, gpu.s()).ok());
+  EXPECT_EQ(QuantizeFp8RowWise(w32, q, scale, gpu.s()).code(), invalid);
+  EXPECT_EQ(QuantizeFp8RowWise(w, q_u8, scale, gpu.s()).code(), invalid);
+  EXPECT_EQ(QuantizeFp8RowWise(w, q_shape, scale, gpu.s()).code(), invalid);
+  EXPECT_EQ(QuantizeFp8RowWise(w, q, scale_short, gpu.s()).code(), invalid);
+}
+
+}  // namespace
+}  // namespace epx::cuda
