@@ -216,6 +216,9 @@ absl::Status CudaForward::Reserve(const ForwardBatch& batch, int64_t max_blocks)
   Carve(host_size, device_size, h, false);
   Carve(host_size, device_size, d, true);
   EPX_RETURN_IF_ERROR(stream_.Synchronize());
+  // The old buffers go first (a big step may need their memory); until the new ones exist the
+  // bounds say nothing fits, so a failed growth never leaves views into freed memory.
+  host_ = dev_ = Step();
   host_buffer_ = cuda::PinnedBuffer();
   device_buffer_ = cuda::DeviceBuffer();
   EPX_ASSIGN_OR_RETURN(host_buffer_, cuda::PinnedBuffer::Allocate(host_size.size()));
