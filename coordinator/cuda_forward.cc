@@ -218,7 +218,8 @@ absl::Status CudaForward::Reserve(const ForwardBatch& batch, int64_t max_blocks)
   EPX_RETURN_IF_ERROR(stream_.Synchronize());
   // The old buffers go first (a big step may need their memory); until the new ones exist the
   // bounds say nothing fits, so a failed growth never leaves views into freed memory.
-  host_ = dev_ = Step();
+  host_.T = host_.R = host_.S = host_.B = 0;
+  dev_.T = dev_.R = dev_.S = dev_.B = 0;
   host_buffer_ = cuda::PinnedBuffer();
   device_buffer_ = cuda::DeviceBuffer();
   EPX_ASSIGN_OR_RETURN(host_buffer_, cuda::PinnedBuffer::Allocate(host_size.size()));

@@ -283,11 +283,12 @@ __global__ void __launch_bounds__(kSkinnyThreads, kTokenTiles <= 2 ? 2 : 1)
       for (int c = 0; c < 4; ++c) acc[a][j][c] = 0.f;
 
   // Fragment layout of m16n8k16 (PTX ISA): lane (g, t) holds A[g][2t..2t+1], A[g+8][2t..2t+1],
-  // A[g][2t+8..2t+9], A[g+8][2t+8..2t+9] and B[2t..2t+1][g], B[2t+8..2t+9][g]. Lane (g, t) loads
-  // elements [8t', 8t' + 8) of weight rows g and g + 8 and of token g (t' = t within the piece),
-  // and feeds elements 0-1 | 2-3 to the first MMA's column pairs (2t | 2t + 8) and 4-5 | 6-7 to
-  // the second's: the same K permutation on both operands, so each MMA pair computes the dot
-  // product over those 32 K positions.
+  // A[g][2t+8..2t+9], A[g+8][2t+8..2t+9] and B[2t..2t+1][g], B[2t+8..2t+9][g]. Here lane (g, t)
+  // loads the 16 bytes at K offset t * kElemsPerLoad of weight rows g and g + 8 and of token g;
+  // of each 8-element piece, elements 0-1 and 2-3 go to the first MMA's column pairs 2t and
+  // 2t + 8, elements 4-5 and 6-7 to the second's. Both operands get the same K permutation, so
+  // the two MMAs sum the products over the 32 K positions of the piece's four lanes. (Checked
+  // against the layout above by a host emulation over both dtypes.)
   const int num_steps = (k + kStepK - 1) / kStepK;
   for (int s0 = warp; s0 < num_steps; s0 += kSkinnyWarps * kUnroll) {
     uint4 wv[kUnroll][2][2];

@@ -89,7 +89,7 @@ ClusterResult RunCluster(int workers, const std::string& placement, int steps,
         result.ranks[r] = rt.status();
         return;
       }
-      result.bytes_mapped[r] = (*rt)->weights().bytes_mapped();
+      result.bytes_mapped[r] = (*rt)->weights()->bytes_mapped();
       if ((*rt)->is_worker()) {
         if (silent.count(r)) {
           while (!group.aborted()) std::this_thread::sleep_for(std::chrono::milliseconds(5));

@@ -246,7 +246,7 @@ GroupedRun MakeRun(const std::vector<TestExpert>& experts, int64_t num_rows, uin
   for (int g = 0; g < num_groups; ++g) {
     const bool empty = run.offsets[g + 1] == run.offsets[g];
     if (empty && g % 2 == 1) {
-      run.experts.push_back(DeviceExpert{});
+      run.experts.emplace_back();
       continue;
     }
     run.experts.push_back(experts[g].device());
