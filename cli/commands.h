@@ -69,6 +69,9 @@ struct MakeModelOptions {
   uint64_t seed = 0;
   DType dtype = DType::kBF16;
   int64_t shards = 0;  // 0: files of at most 5 GB
+  // Only config.json, generation_config.json and tokenizer.model (for --load-format dummy, which
+  // makes the weights on the GPU): full-size presets without writing ~90 GB.
+  bool config_only = false;
   // Overrides of the preset (unset: keep the preset's value).
   std::optional<int64_t> num_layers, hidden_size, intermediate_size, vocab_size, num_heads,
       num_kv_heads, head_dim, num_experts, num_experts_per_tok, sliding_window,

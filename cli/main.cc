@@ -1,7 +1,6 @@
 // epx: the command-line entry point. Parses flags and calls one Run...() of cli/commands.h.
 #include <initializer_list>
 #include <iostream>
-#include <map>
 
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_cat.h"
@@ -71,12 +70,13 @@ int Run(int argc, char** argv) {
     cmd->add_option("--cuda-device", rt->cuda.device, "--device cuda: the GPU ordinal")
         ->capture_default_str()
         ->check(CLI::NonNegativeNumber);
-    cmd->add_option("--expert-dtype", rt->cuda.expert_dtype,
-                    "--device cuda: expert weights as bf16, or fp8 (e4m3, a scale per row)")
-        ->transform(CLI::CheckedTransformer(
-            std::map<std::string, epx::DType>{{"bf16", epx::DType::kBF16},
-                                              {"fp8", epx::DType::kF8E4M3}},
-            CLI::ignore_case));
+    cmd->add_option_function<std::string>(
+           "--expert-dtype",
+           [rt](const std::string& name) {
+             rt->cuda.expert_dtype = name == "fp8" ? epx::DType::kF8E4M3 : epx::DType::kBF16;
+           },
+           "--device cuda: expert weights as bf16, or fp8 (e4m3, a scale per row)")
+        ->check(CLI::IsMember({"bf16", "fp8"}));
     cmd->add_option("--grouped-gemm", rt->cuda.grouped_gemm,
                     "--device cuda: expert GEMMs by auto, skinny, cublas-loop or cublas-grouped")
         ->capture_default_str()
@@ -348,6 +348,8 @@ int Run(int argc, char** argv) {
           "--shards", mm.shards,
           "split the weights into up to N files of about equal size (0: files of at most 5 GB)")
       ->capture_default_str();
+  mm_cmd->add_flag("--config-only", mm.config_only,
+                   "write the config and tokenizer but no weights (for --load-format dummy)");
   mm_cmd->add_option("--num-layers", mm.num_layers, "override num_hidden_layers");
   mm_cmd->add_option("--hidden-size", mm.hidden_size, "override hidden_size");
   mm_cmd->add_option("--intermediate-size", mm.intermediate_size, "override intermediate_size");

@@ -204,7 +204,7 @@ absl::Status RunMakeModel(const MakeModelOptions& o, std::ostream& log) {
       fs::remove(entry.path(), ec);
   }
   nlohmann::json weight_map = nlohmann::json::object();
-  for (int64_t k = 0; k < shards; ++k) {
+  for (int64_t k = 0; k < shards && !o.config_only; ++k) {
     const std::string file = shards == 1
                                  ? "model.safetensors"
                                  : absl::StrFormat("model-%05d-of-%05d.safetensors", k + 1, shards);
@@ -212,7 +212,7 @@ absl::Status RunMakeModel(const MakeModelOptions& o, std::ostream& log) {
     for (const auto& e : per_shard[k]) weight_map[e.name] = file;
     log << "wrote " << (dir / file).string() << "\n";
   }
-  if (shards > 1) {
+  if (shards > 1 && !o.config_only) {
     nlohmann::json index = {{"metadata", {{"total_size", total_bytes}}},
                             {"weight_map", weight_map}};
     EPX_RETURN_IF_ERROR(WriteText(dir / "model.safetensors.index.json", index.dump(2) + "\n"));
@@ -221,6 +221,11 @@ absl::Status RunMakeModel(const MakeModelOptions& o, std::ostream& log) {
   nlohmann::json gen = {{"bos_token_id", c.bos_token_id}, {"eos_token_id", c.eos_token_ids[0]}};
   EPX_RETURN_IF_ERROR(WriteText(dir / "generation_config.json", gen.dump(2) + "\n"));
   EPX_RETURN_IF_ERROR(WriteText(dir / "tokenizer.model", tokenizer));
+  if (o.config_only) {
+    log << "made the " << o.preset << " config and tokenizer in " << o.out_dir
+        << " without weights: run it with --device cuda --load-format dummy\n";
+    return absl::OkStatus();
+  }
   log << "made " << o.preset << " model in " << o.out_dir << ": " << total_bytes / 1e6 << " MB of "
       << DTypeName(o.dtype) << " weights in " << shards << " file(s)\n";
   return absl::OkStatus();

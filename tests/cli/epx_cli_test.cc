@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "common/safetensors.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/coordinator/test_util.h"
@@ -241,6 +242,40 @@ TEST(EpxCliTest, BenchDecodeRefusesWhatItCannotRun) {
              " --kv-cache-mib 1 --batch-sizes 64 --context 8 --steps 2");
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.output.find("Raise --kv-cache-mib to at least 2"), std::string::npos) << r.output;
+}
+
+}  // namespace
+}  // namespace epx
+
+namespace epx {
+namespace {
+
+// A full-size preset as config and tokenizer only (what --load-format dummy needs), and what
+// --device cuda says where it cannot run: this machine may have no GPU, or no CUDA build.
+TEST(EpxCliTest, ConfigOnlyModelAndDeviceErrors) {
+  const std::string dir = TempPath("config-only");
+  Result r = RunEpx("make-model --preset mixtral-8x7b --config-only --out " + dir);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(std::filesystem::exists(dir + "/config.json"));
+  EXPECT_TRUE(std::filesystem::exists(dir + "/tokenizer.model"));
+  EXPECT_FALSE(std::filesystem::exists(dir + "/model.safetensors"));
+  EXPECT_FALSE(std::filesystem::exists(dir + "/model.safetensors.index.json"));
+
+  r = RunEpx("generate --model " + dir + " --prompt hi --load-format dummy");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.output, ::testing::HasSubstr("needs --device cuda"));
+  // With a GPU this generates; without one it must say why.
+  r = RunEpx("generate --model " + TinyModelDir() + " --prompt hi --max-tokens 4 --device cuda");
+  if (r.exit_code != 0) {
+    EXPECT_THAT(r.output, ::testing::AnyOf(::testing::HasSubstr("no CUDA device is visible"),
+                                           ::testing::HasSubstr("built without CUDA")));
+  }
+  r = RunEpx("generate --model " + TinyModelDir() + " --prompt hi --device cuda --expert-dtype fp4");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.output, ::testing::HasSubstr("--expert-dtype"));
+  r = RunEpx("generate --model " + TinyModelDir() + " --prompt hi --device tpu");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.output, ::testing::HasSubstr("--device"));
 }
 
 }  // namespace
