@@ -34,6 +34,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/dummy_weights.h"
+#include "kernels/cuda/check_args.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/ops.h"
 
@@ -43,42 +44,6 @@ namespace {
 using Bf16 = __nv_bfloat16;
 
 // ---- host-side argument checks ----
-
-std::string DTypeList(std::initializer_list<DType> dtypes) {
-  std::string out;
-  for (DType d : dtypes) absl::StrAppend(&out, out.empty() ? "" : " or ", DTypeName(d));
-  return out;
-}
-
-// "[3, *]": -1 in a wanted shape matches any extent.
-std::string ShapePattern(std::initializer_list<int64_t> shape) {
-  return absl::StrCat("[",
-                      absl::StrJoin(shape, ", ",
-                                    [](std::string* out, int64_t d) {
-                                      absl::StrAppend(out,
-                                                      d < 0 ? std::string("*") : absl::StrCat(d));
-                                    }),
-                      "]");
-}
-
-// InvalidArgument naming the op and the argument unless `t` has one of `dtypes`, the rank of
-// `shape` and its extents (-1: any), and data when it has elements.
-absl::Status CheckTensor(const char* op, const char* name, const TensorView& t,
-                         std::initializer_list<DType> dtypes,
-                         std::initializer_list<int64_t> shape) {
-  bool ok = std::find(dtypes.begin(), dtypes.end(), t.dtype()) != dtypes.end() &&
-            t.rank() == static_cast<int>(shape.size());
-  int i = 0;
-  for (int64_t d : shape) ok = ok && (d < 0 || t.dim(i++) == d);
-  if (!ok)
-    return absl::InvalidArgumentError(
-        absl::StrCat(op, ": ", name, " must be ", DTypeList(dtypes), " ", ShapePattern(shape),
-                     ", got ", DTypeName(t.dtype()), " ", ShapeString(t.shape())));
-  if (t.numel() > 0 && t.empty())
-    return absl::InvalidArgumentError(
-        absl::StrCat(op, ": ", name, " ", ShapeString(t.shape()), " has no data"));
-  return absl::OkStatus();
-}
 
 absl::Status CheckGrid(const char* op, int64_t blocks) {
   if (blocks > INT32_MAX)

@@ -37,6 +37,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "kernels/cuda/check_args.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/ops.h"
 
@@ -44,33 +45,6 @@ namespace epx::cuda {
 namespace {
 
 // ---- host-side argument checks ----
-
-std::string ShapePattern(std::initializer_list<int64_t> shape) {
-  return absl::StrCat("[",
-                      absl::StrJoin(shape, ", ",
-                                    [](std::string* out, int64_t d) {
-                                      absl::StrAppend(out,
-                                                      d < 0 ? std::string("*") : absl::StrCat(d));
-                                    }),
-                      "]");
-}
-
-// InvalidArgument naming the op and the argument unless `t` is `dtype` with the rank of `shape`
-// and its extents (-1: any), and has data when it has elements.
-absl::Status CheckTensor(const char* op, const char* name, const TensorView& t, DType dtype,
-                         std::initializer_list<int64_t> shape) {
-  bool ok = t.dtype() == dtype && t.rank() == static_cast<int>(shape.size());
-  int i = 0;
-  for (int64_t d : shape) ok = ok && (d < 0 || t.dim(i++) == d);
-  if (!ok)
-    return absl::InvalidArgumentError(
-        absl::StrCat(op, ": ", name, " must be ", DTypeName(dtype), " ", ShapePattern(shape),
-                     ", got ", DTypeName(t.dtype()), " ", ShapeString(t.shape())));
-  if (t.numel() > 0 && t.empty())
-    return absl::InvalidArgumentError(
-        absl::StrCat(op, ": ", name, " ", ShapeString(t.shape()), " has no data"));
-  return absl::OkStatus();
-}
 
 // The logits matrix: F32 [num_rows, vocab] with 1 <= vocab and num_rows * vocab < 2^31 (CUB's
 // segmented sort counts items in int).

@@ -30,6 +30,7 @@ using ::epx::testing::RandomF32;
 using ::epx::testing::RoundedToBf16;
 using ::epx::testing::ToBf16;
 using ::epx::testing::Upload;
+using ::epx::testing::NewStream;
 
 constexpr int64_t kTokenCounts[] = {1, 3, 7, 19, 733};
 // Row lengths: 16-byte paths (multiples of 8) and the scalar path (100).
@@ -37,12 +38,6 @@ constexpr int64_t kHiddens[] = {64, 128, 4096, 100};
 // A BF16 output may round to the other neighbour of the oracle's fp32 value when the two fp32
 // values straddle a rounding midpoint: one BF16 ulp, at most 2^-7 of the value.
 constexpr float kBf16Ulp = 1.f / 128;
-
-Stream NewStream() {
-  auto stream = Stream::Create();
-  EPX_CHECK(stream.ok());
-  return std::move(*stream);
-}
 
 // Expects the same dtype, shape and bytes; reports the first differing element.
 void ExpectBitwiseEqual(const TensorView& got, const TensorView& want, const std::string& what) {

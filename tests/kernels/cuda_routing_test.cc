@@ -26,20 +26,11 @@ using ::epx::testing::ExpectClose;
 using ::epx::testing::RandomF32;
 using ::epx::testing::ToBf16;
 using ::epx::testing::Upload;
+using ::epx::testing::NewStream;
+using ::epx::testing::ToVector32;
 
 constexpr int64_t kTokenCounts[] = {1, 3, 7, 19, 733};
 const auto kInvalid = absl::StatusCode::kInvalidArgument;
-
-Stream NewStream() {
-  auto stream = Stream::Create();
-  EPX_CHECK(stream.ok());
-  return std::move(*stream);
-}
-
-std::vector<int32_t> ToVector32(const TensorView& t) {
-  EPX_CHECK(t.dtype() == DType::kI32);
-  return std::vector<int32_t>(t.data<const int32_t>(), t.data<const int32_t>() + t.numel());
-}
 
 template <typename T>
 std::vector<int32_t> Narrowed(const std::vector<T>& v) {

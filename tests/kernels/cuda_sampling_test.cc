@@ -24,20 +24,11 @@ using ::epx::testing::DeviceTensor;
 using ::epx::testing::Download;
 using ::epx::testing::RandomF32;
 using ::epx::testing::Upload;
+using ::epx::testing::NewStream;
+using ::epx::testing::ToVector32;
 
 constexpr int64_t kRowCounts[] = {1, 3, 7, 19, 733};
 const auto kInvalid = absl::StatusCode::kInvalidArgument;
-
-Stream NewStream() {
-  auto stream = Stream::Create();
-  EPX_CHECK(stream.ok());
-  return std::move(*stream);
-}
-
-std::vector<int32_t> ToVector32(const TensorView& t) {
-  EPX_CHECK(t.dtype() == DType::kI32);
-  return std::vector<int32_t>(t.data<const int32_t>(), t.data<const int32_t>() + t.numel());
-}
 
 // ---- ArgMax ----
 

@@ -25,6 +25,19 @@ namespace epx::testing {
       GTEST_SKIP() << "no CUDA device visible (driver missing or CUDA_VISIBLE_DEVICES empty)"; \
   } while (0)
 
+// A stream for a test (which has checked that a device exists).
+inline cuda::Stream NewStream() {
+  auto stream = cuda::Stream::Create();
+  EPX_CHECK(stream.ok());
+  return std::move(*stream);
+}
+
+// The values of a host I32 tensor.
+inline std::vector<int32_t> ToVector32(const TensorView& t) {
+  EPX_CHECK(t.dtype() == DType::kI32);
+  return std::vector<int32_t>(t.data<const int32_t>(), t.data<const int32_t>() + t.numel());
+}
+
 // A device copy of a tensor, kept alive with its view.
 struct DeviceTensor {
   cuda::DeviceBuffer buffer;
