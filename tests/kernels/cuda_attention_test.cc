@@ -50,8 +50,12 @@ struct Heads {
   int64_t head_dim;
 };
 // GQA groups of 2 at head_dim 32 (the tiny test model), of 4 (with head_dim 64 and 128, one and
-// several KV heads), and plain multi-head attention with head_dim 256.
-constexpr Heads kHeadConfigs[] = {{4, 2, 32}, {4, 1, 64}, {8, 2, 128}, {32, 8, 128}, {4, 4, 256}};
+// several KV heads), and plain multi-head attention with head_dim 256. Groups of 12 and 16 reach
+// the 6- and 8-head decode kernels (fewer keys in flight a thread), with two decode CTAs per KV
+// head; a group of 12 also splits query rows across the prefill kernel's 16-row warps and
+// 64-row CTAs.
+constexpr Heads kHeadConfigs[] = {{4, 2, 32},  {4, 1, 64},  {8, 2, 128}, {32, 8, 128},
+                                  {4, 4, 256}, {24, 2, 32}, {32, 2, 64}};
 
 std::string HeadsName(const Heads& h) {
   return absl::StrCat("heads ", h.num_heads, "/", h.num_kv_heads, " d", h.head_dim);
