@@ -83,6 +83,7 @@ class CudaForward : public ModelForward {
   ModelConfig config_;
   ExpertExecutor* remote_experts_;
   cuda::GroupedGemmImpl impl_;
+  int device_ = 0;
   std::string device_name_;
   cuda::Stream stream_;
   std::unique_ptr<cuda::Blas> blas_;
@@ -104,7 +105,8 @@ absl::Status CudaForward::Init(const ModelWeights* host, const CudaForwardOption
   if (!cuda::BuiltWithCuda() || cuda::DeviceCount() == 0)
     return absl::FailedPreconditionError(
         "--device cuda: no CUDA device is visible (check the driver and CUDA_VISIBLE_DEVICES)");
-  EPX_RETURN_IF_ERROR(cuda::SetDevice(options.device));
+  device_ = options.device;
+  EPX_RETURN_IF_ERROR(cuda::SetDevice(device_));
   EPX_ASSIGN_OR_RETURN(cuda::DeviceProperties props, cuda::GetDeviceProperties(options.device));
   device_name_ = absl::StrCat("cuda:", options.device, " ", props.ToString());
   EPX_ASSIGN_OR_RETURN(stream_, cuda::Stream::Create());
@@ -134,6 +136,8 @@ absl::Status CudaForward::Init(const ModelWeights* host, const CudaForwardOption
 }
 
 absl::Status CudaForward::AllocateKv(int64_t num_blocks, int64_t block_size) {
+  // The current device is per host thread, and this may run on another thread than Init.
+  EPX_RETURN_IF_ERROR(cuda::SetDevice(device_));
   kv_rows_total_ = num_blocks * block_size;
   block_size_ = block_size;
   const size_t bytes = static_cast<size_t>(kv_rows_total_ * config_.kv_size()) * 2;
@@ -171,19 +175,22 @@ void CudaForward::Carve(Layout& h, Layout& d, Step& s, bool on_device) const {
     s.router_logits = d.Add(DType::kF32, {T, E});
     s.topk_ids = d.Add(DType::kI32, {T, K});
     s.topk_weights = d.Add(DType::kF32, {T, K});
-    s.offsets = d.Add(DType::kI32, {E + 1});
-    s.slots = d.Add(DType::kI32, {T * K});
-    s.row_of_slot = d.Add(DType::kI32, {T * K});
-    s.permuted = d.Add(DType::kBF16, {T * K, H});
-    s.expert_out = d.Add(DType::kBF16, {T * K, H});
     s.last = d.Add(DType::kBF16, {R, H});
     s.logits = d.Add(DType::kF32, {R, c.vocab_size});
-    s.permutation_scratch =
-        d.Add(DType::kU8, {static_cast<int64_t>(cuda::ExpertPermutationScratchBytes(T, K, E))});
-    s.grouped_scratch = d.Add(
-        DType::kU8, {static_cast<int64_t>(cuda::GroupedSwiGluScratchBytes(
-                        T * K, H, c.intermediate_size, weights_->options().expert_dtype))});
-    if (remote_experts_ != nullptr) {
+    if (remote_experts_ == nullptr) {
+      s.offsets = d.Add(DType::kI32, {E + 1});
+      s.slots = d.Add(DType::kI32, {T * K});
+      s.row_of_slot = d.Add(DType::kI32, {T * K});
+      s.permuted = d.Add(DType::kBF16, {T * K, H});
+      s.expert_out = d.Add(DType::kBF16, {T * K, H});
+      s.permutation_scratch =
+          d.Add(DType::kU8, {static_cast<int64_t>(cuda::ExpertPermutationScratchBytes(T, K, E))});
+      s.grouped_scratch = d.Add(
+          DType::kU8, {static_cast<int64_t>(cuda::GroupedSwiGluScratchBytes(
+                          T * K, H, c.intermediate_size, weights_->options().expert_dtype))});
+    } else {
+      // Remote experts need none of the local expert path's buffers (with FP8 its scratch alone
+      // is a dequantised expert, hundreds of MiB), only the rows to and from the host.
       s.xn_f32 = d.Add(DType::kF32, {T, H});
       s.slot_out = d.Add(DType::kF32, {T * K, H});
     }
@@ -274,9 +281,14 @@ absl::Status CudaForward::Experts(int64_t l, int64_t T) {
                                               dev_.permutation_scratch, s));
   EPX_RETURN_IF_ERROR(cuda::PermuteRows(dev_.xn.Slice(0, T), slots, K, permuted, s));
   EPX_RETURN_IF_ERROR(cuda::CopyToHost(offsets_host, offsets.raw(), offsets.nbytes(), s));
+  // The skinny kernel takes at most kSkinnyMaxRows rows: a forced `skinny` (meant for decode)
+  // runs larger steps (prefill, big batches) with the cuBLAS loop rather than failing them.
+  cuda::GroupedGemmImpl impl = impl_;
+  if (impl == cuda::GroupedGemmImpl::kSkinny && T * K > cuda::kSkinnyMaxRows)
+    impl = cuda::GroupedGemmImpl::kCublasLoop;
   // The cuBLAS forms size their GEMMs on the host: wait for this layer's counts.
-  const bool skinny = impl_ == cuda::GroupedGemmImpl::kSkinny ||
-                      (impl_ == cuda::GroupedGemmImpl::kAuto && T * K <= cuda::kSkinnyMaxRows);
+  const bool skinny = impl == cuda::GroupedGemmImpl::kSkinny ||
+                      (impl == cuda::GroupedGemmImpl::kAuto && T * K <= cuda::kSkinnyMaxRows);
   absl::Span<const int64_t> host_offsets_span;
   std::vector<int64_t> offsets64;
   if (!skinny) {
@@ -285,7 +297,7 @@ absl::Status CudaForward::Experts(int64_t l, int64_t T) {
     host_offsets_span = offsets64;
   }
   EPX_RETURN_IF_ERROR(cuda::GroupedSwiGlu(permuted, offsets, host_offsets_span,
-                                          weights_->layer(l).experts, impl_,
+                                          weights_->layer(l).experts, impl,
                                           dev_.grouped_scratch, expert_out, *blas_));
   return cuda::MoeCombine(x, expert_out, row_of_slot, topk_weights, s);
 }
@@ -296,6 +308,12 @@ absl::StatusOr<Tensor> CudaForward::Forward(const ForwardBatch& batch, EngineSta
   const int64_t R = static_cast<int64_t>(batch.logit_rows.size());
   const int64_t S = static_cast<int64_t>(batch.sequences.size());
   const int64_t E = c.num_local_experts;
+  // The current device is per host thread: the engine's step thread is not the one that ran Init
+  // (epx serve), and allocations and launches must go to this backend's device.
+  EPX_RETURN_IF_ERROR(cuda::SetDevice(device_));
+  // A step that failed part-way may have left work queued (its metadata copy reads the pinned
+  // buffer rewritten below): let it drain, which also reports a fault it hit here.
+  EPX_RETURN_IF_ERROR(stream_.Synchronize());
   if (remote_experts_ != nullptr) EPX_RETURN_IF_ERROR(remote_experts_->BeginStep());
   int64_t max_blocks = 1, max_queries = 0, max_kv_len = 0;
   for (const ForwardBatch::Sequence& seq : batch.sequences) {

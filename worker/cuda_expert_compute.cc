@@ -66,8 +66,14 @@ class CudaExpertCompute : public ExpertCompute {
         cuda::CopyToDevice(offsets_.data(), offsets32.data(), offsets32.size() * 4, s));
     EPX_RETURN_IF_ERROR(cuda::CopyToDevice(rows_f32_.data(), rows.raw(), rows.nbytes(), s));
     EPX_RETURN_IF_ERROR(cuda::Convert(rows_f32, rows_bf16, s));
+    // The skinny kernel takes at most kSkinnyMaxRows rows: a forced `skinny` (meant for decode)
+    // runs larger batches (prefill) with the cuBLAS loop rather than failing them.
+    const cuda::GroupedGemmImpl impl =
+        impl_ == cuda::GroupedGemmImpl::kSkinny && n > cuda::kSkinnyMaxRows
+            ? cuda::GroupedGemmImpl::kCublasLoop
+            : impl_;
     EPX_RETURN_IF_ERROR(cuda::GroupedSwiGlu(rows_bf16, offsets_dev, offsets, experts_[layer],
-                                            impl_, scratch_.view(DType::kU8, {scratch_bytes_}),
+                                            impl, scratch_.view(DType::kU8, {scratch_bytes_}),
                                             out_bf16, *blas_));
     EPX_RETURN_IF_ERROR(cuda::Convert(out_bf16, rows_f32, s));
     EPX_RETURN_IF_ERROR(cuda::CopyToHost(out.raw(), rows_f32_.data(), out.nbytes(), s));
@@ -80,16 +86,25 @@ class CudaExpertCompute : public ExpertCompute {
   absl::Status Reserve(int64_t n, int64_t groups) {
     if (n <= rows_capacity_ && groups + 1 <= offsets_capacity_) return absl::OkStatus();
     EPX_RETURN_IF_ERROR(stream_.Synchronize());
-    rows_capacity_ = std::max(n, 2 * rows_capacity_);
-    offsets_capacity_ = std::max(groups + 1, offsets_capacity_);
-    const size_t rows = static_cast<size_t>(rows_capacity_ * hidden_);
+    const int64_t rows_capacity = std::max(n, 2 * rows_capacity_);
+    const int64_t offsets_capacity = std::max(groups + 1, offsets_capacity_);
+    // The old buffers go first (the new ones may need their memory), and the capacities say
+    // nothing fits until every new buffer exists: a failed growth leaves no buffer smaller than
+    // the capacities claim.
+    rows_capacity_ = offsets_capacity_ = scratch_bytes_ = 0;
+    for (cuda::DeviceBuffer* b : {&rows_f32_, &rows_bf16_, &out_bf16_, &offsets_, &scratch_})
+      *b = cuda::DeviceBuffer();
+    const size_t rows = static_cast<size_t>(rows_capacity * hidden_);
+    const int64_t scratch_bytes = static_cast<int64_t>(
+        cuda::GroupedSwiGluScratchBytes(rows_capacity, hidden_, intermediate_, expert_dtype_));
     EPX_ASSIGN_OR_RETURN(rows_f32_, cuda::DeviceBuffer::Allocate(rows * 4));
     EPX_ASSIGN_OR_RETURN(rows_bf16_, cuda::DeviceBuffer::Allocate(rows * 2));
     EPX_ASSIGN_OR_RETURN(out_bf16_, cuda::DeviceBuffer::Allocate(rows * 2));
-    EPX_ASSIGN_OR_RETURN(offsets_, cuda::DeviceBuffer::Allocate(offsets_capacity_ * 4));
-    scratch_bytes_ = static_cast<int64_t>(
-        cuda::GroupedSwiGluScratchBytes(rows_capacity_, hidden_, intermediate_, expert_dtype_));
-    EPX_ASSIGN_OR_RETURN(scratch_, cuda::DeviceBuffer::Allocate(scratch_bytes_));
+    EPX_ASSIGN_OR_RETURN(offsets_, cuda::DeviceBuffer::Allocate(offsets_capacity * 4));
+    EPX_ASSIGN_OR_RETURN(scratch_, cuda::DeviceBuffer::Allocate(scratch_bytes));
+    rows_capacity_ = rows_capacity;
+    offsets_capacity_ = offsets_capacity;
+    scratch_bytes_ = scratch_bytes;
     return absl::OkStatus();
   }
 

@@ -1,8 +1,8 @@
 // The FFN compute of an expert worker: rows grouped by local expert in, outputs in the same rows.
 // The CPU version runs kernels/cpu; the CUDA version (`epx ... --device cuda` on a worker rank)
 // keeps the worker's experts on its GPU and runs the same grouped SwiGLU kernels as the
-// coordinator's local experts, moving the rows through pinned host buffers (the MPI data plane
-// carries fp32 host rows; the NCCL data plane will hand device buffers over directly).
+// coordinator's local experts, copying the rows from and to the host buffers the MPI data plane
+// fills (fp32; the NCCL data plane will hand device buffers over directly).
 //
 // Used from the worker's one thread.
 #ifndef EPX_WORKER_EXPERT_COMPUTE_H_

@@ -148,6 +148,22 @@ TEST_F(CudaForwardTest, GoldenWithinBf16Tolerance) {
   }
 }
 
+// A forced skinny GEMM takes at most kSkinnyMaxRows routed rows; larger steps (here a prefill of
+// 3 x 23 tokens, 138 routed rows) run with the cuBLAS loop instead of failing.
+TEST_F(CudaForwardTest, ForcedSkinnyRunsLargeSteps) {
+  EPX_SKIP_WITHOUT_GPU();
+  CudaForwardOptions options;
+  options.grouped_gemm = "skinny";
+  auto engine = MakeEngine(options);
+  ASSERT_NE(engine, nullptr);
+  const auto got = Run(*engine, {2, 2, 2});
+  const std::vector<float> ref = Reference(2, config_->vocab_size);
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_EQ(got[i].size(), ref.size()) << "copy " << i;
+    EXPECT_LT((MaxRelativeError<float, float>(got[i], ref)), kBf16Tolerance) << "copy " << i;
+  }
+}
+
 TEST_F(CudaForwardTest, GoldenWithFp8Experts) {
   EPX_SKIP_WITHOUT_GPU();
   CudaForwardOptions options;
