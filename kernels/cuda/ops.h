@@ -169,7 +169,7 @@ absl::Status GroupedSwiGlu(const TensorView& x, const TensorView& offsets,
 
 // Row-wise FP8 e4m3 quantisation of a weight: scale[n] = max|w[n, :]| / 448 (1 for a zero row),
 // q[n, k] = e4m3(w[n, k] / scale[n]) round-to-nearest-even, saturating. w: [n, k] BF16;
-// q: [n, k] F8E4M3; scale: [n] F32. Matches QuantizeFp8RowWise in common/dtype.h.
+// q: [n, k] F8E4M3; scale: [n] F32. Matches QuantizeFp8RowWise in common/tensor.h.
 absl::Status QuantizeFp8RowWise(const TensorView& w, const TensorView& q, const TensorView& scale,
                                 StreamHandle stream);
 

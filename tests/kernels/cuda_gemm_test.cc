@@ -99,8 +99,9 @@ TEST(CudaLinearTest, MatchesCpuLinearForF32AndBf16OutputsAndAccumulate) {
       ASSERT_TRUE(st.ok()) << st;
       ExpectClose(Download(y32, gpu.s()), want, 1e-4f, 1e-4f, "F32 y");
 
-      // BF16 output: one rounding (half an ulp, 2^-9 relative), possibly to the other side of a
-      // tie after the reordered fp32 sum: one ulp, 1/128 relative, plus an absolute floor.
+      // BF16 output: one rounding (half an ulp, at most 2^-8 relative), possibly to the other
+      // side of a tie after the reordered fp32 sum: one ulp, 1/128 relative, plus an absolute
+      // floor.
       const DeviceTensor y16 = DeviceEmpty(DType::kBF16, {m, n}, gpu.s());
       st = Linear(dx, dw, y16, false, gpu.blas);
       ASSERT_TRUE(st.ok()) << st;
@@ -162,6 +163,11 @@ TEST(CudaLinearTest, RejectsBadArguments) {
 
 constexpr int64_t kHidden = 272;        // 17 x 16: K and N tails for both the BF16 (32-element)
 constexpr int64_t kIntermediate = 208;  // and FP8 (64-element) steps, and a half-used 32-row block
+// With K this short the skinny kernel's K loop makes a second pass in only one of its 16 cases
+// (w13 or w2, BF16 or FP8, 1/2/4/8 token tiles), while Mixtral's K makes it loop 2 to 56 times.
+// The long-K shape (129 x 16 and 65 x 16, tails kept) loops 2 to 9 times in 15 of the 16.
+constexpr int64_t kLongHidden = 2064;
+constexpr int64_t kLongIntermediate = 1040;
 
 // One expert's weights on the host (what the oracle multiplies by) and on the device.
 struct TestExpert {
@@ -184,11 +190,12 @@ Tensor Dequantised(const Fp8RowWise& q) {
   return out;
 }
 
-TestExpert MakeExpert(DType dtype, uint32_t seed, StreamHandle stream) {
-  const float s13 = 1.f / std::sqrt(static_cast<float>(kHidden));
-  const float s2 = 1.f / std::sqrt(static_cast<float>(kIntermediate));
-  const Tensor w13 = ToBf16(RandomF32({2 * kIntermediate, kHidden}, seed, -s13, s13));
-  const Tensor w2 = ToBf16(RandomF32({kHidden, kIntermediate}, seed + 1, -s2, s2));
+TestExpert MakeExpert(DType dtype, uint32_t seed, StreamHandle stream, int64_t hidden = kHidden,
+                      int64_t inter = kIntermediate) {
+  const float s13 = 1.f / std::sqrt(static_cast<float>(hidden));
+  const float s2 = 1.f / std::sqrt(static_cast<float>(inter));
+  const Tensor w13 = ToBf16(RandomF32({2 * inter, hidden}, seed, -s13, s13));
+  const Tensor w2 = ToBf16(RandomF32({hidden, inter}, seed + 1, -s2, s2));
   TestExpert e;
   if (dtype == DType::kBF16) {
     e.w13_oracle = *ToF32(w13);
@@ -231,11 +238,13 @@ struct GroupedRun {
   Tensor want;                        // [num_rows, H] F32, the oracle
 };
 
+// The shape (hidden, intermediate) is the experts' (w2 is [H, I]).
 GroupedRun MakeRun(const std::vector<TestExpert>& experts, int64_t num_rows, uint32_t seed,
                    StreamHandle stream) {
   const int num_groups = static_cast<int>(experts.size());
+  const int64_t hidden = experts[0].w2_oracle.dim(0), inter = experts[0].w2_oracle.dim(1);
   GroupedRun run;
-  run.x16 = ToBf16(RandomF32({num_rows, kHidden}, seed));
+  run.x16 = ToBf16(RandomF32({num_rows, hidden}, seed));
   run.offsets = UnevenOffsets(num_rows, num_groups, seed + 7);
   run.x = Upload(run.x16, stream);
   Tensor off32 = Tensor::Empty(DType::kI32, {num_groups + 1});
@@ -250,16 +259,54 @@ GroupedRun MakeRun(const std::vector<TestExpert>& experts, int64_t num_rows, uin
       continue;
     }
     run.experts.push_back(experts[g].device());
-    oracle_weights[g] = {experts[g].w13_oracle.view().Slice(0, kIntermediate),
-                         experts[g].w2_oracle.view(),
-                         experts[g].w13_oracle.view().Slice(kIntermediate, 2 * kIntermediate)};
+    oracle_weights[g] = {experts[g].w13_oracle.view().Slice(0, inter), experts[g].w2_oracle.view(),
+                         experts[g].w13_oracle.view().Slice(inter, 2 * inter)};
   }
-  run.want = Tensor::Empty(DType::kF32, {num_rows, kHidden});
-  std::vector<float> scratch(cpu::GroupedSwiGluScratchFloats(run.offsets, kIntermediate));
+  run.want = Tensor::Empty(DType::kF32, {num_rows, hidden});
+  std::vector<float> scratch(cpu::GroupedSwiGluScratchFloats(run.offsets, inter));
   const absl::Status st = cpu::GroupedSwiGlu(*ToF32(run.x16), run.offsets, oracle_weights,
                                              absl::MakeSpan(scratch), run.want);
   EPX_CHECK(st.ok());
   return run;
+}
+
+// Every GroupedSwiGlu form (the skinny kernel only up to kSkinnyMaxRows) on `run` against the
+// oracle.
+//
+// Tolerance, as a fraction of the output's RMS (elements near zero would make any relative bound
+// meaningless): the GPU rounds gate and up, the SiluMul output and (FP8 through cuBLAS) each
+// dequantised weight to BF16, each an independent relative error of at most 2^-8 (half an ulp of
+// an 8-bit significand). Summed over a row they give an error of about 0.3% of the RMS (0.45%
+// with the FP8 weight roundings), 1.3% (2%) at the worst of ~200k elements. Bound: 3% (4%) of
+// the RMS, plus 1/64 relative for the output's own BF16 rounding. (A host emulation of these
+// roundings at both test shapes reaches about 0.75 of that bound.) A wrong row, group or column
+// is off by ~100% of the RMS.
+void ExpectEveryFormMatches(const Gpu& gpu, DType dtype, const GroupedRun& run) {
+  const int64_t num_rows = run.x16.dim(0), hidden = run.x16.dim(1);
+  // w13 of a loaded expert is [2I, H]; at least one expert of a run is loaded.
+  int64_t inter = 0;
+  for (const DeviceExpert& e : run.experts)
+    if (e.loaded()) inter = e.w13.dim(0) / 2;
+  const double rms_tolerance = dtype == DType::kBF16 ? 0.03 : 0.04;
+  const float atol = static_cast<float>(rms_tolerance * Rms(run.want));
+  const DeviceTensor scratch =
+      DeviceBytes(GroupedSwiGluScratchBytes(num_rows, hidden, inter, dtype));
+  for (GroupedGemmImpl impl : {GroupedGemmImpl::kSkinny, GroupedGemmImpl::kCublasLoop,
+                               GroupedGemmImpl::kCublasGrouped, GroupedGemmImpl::kAuto}) {
+    const bool skinny = impl == GroupedGemmImpl::kSkinny ||
+                        (impl == GroupedGemmImpl::kAuto && num_rows <= kSkinnyMaxRows);
+    if (impl == GroupedGemmImpl::kSkinny && num_rows > kSkinnyMaxRows) continue;
+    SCOPED_TRACE(GroupedGemmImplName(impl));
+    // The skinny forms get no host offsets: they must work from the device's alone.
+    const absl::Span<const int64_t> host =
+        skinny ? absl::Span<const int64_t>() : absl::Span<const int64_t>(run.offsets);
+    const DeviceTensor out = DeviceEmpty(DType::kBF16, {num_rows, hidden}, gpu.s());
+    const absl::Status st =
+        GroupedSwiGlu(run.x, run.offsets_i32, host, run.experts, impl, scratch, out, gpu.blas);
+    ASSERT_TRUE(st.ok()) << st;
+    // out starts as 0xff bytes (BF16 NaN): a row left unwritten fails here.
+    ExpectClose(Download(out, gpu.s()), run.want, atol, 1.f / 64, "GroupedSwiGlu out");
+  }
 }
 
 class CudaGroupedSwiGluTest : public ::testing::TestWithParam<DType> {};
@@ -268,40 +315,33 @@ TEST_P(CudaGroupedSwiGluTest, EveryFormMatchesTheCpuOracle) {
   EPX_SKIP_WITHOUT_GPU();
   Gpu gpu = MakeGpu();
   const DType dtype = GetParam();
-  // Tolerance, as a fraction of the output's RMS (elements near zero would make any relative
-  // bound meaningless): the GPU rounds gate and up, the SiluMul output and (FP8 through cuBLAS)
-  // each dequantised weight to BF16, each an independent relative error of at most 2^-9. Summed
-  // over a row they give an error of about 0.3% of the RMS (0.45% with the FP8 weight roundings),
-  // 1.3% (2%) at the worst of ~200k elements. Bound: 3% (4%) of the RMS, plus 1/64 relative for
-  // the output's own BF16 rounding. A wrong row, group or column is off by ~100% of the RMS.
-  const double rms_tolerance = dtype == DType::kBF16 ? 0.03 : 0.04;
   uint32_t seed = 100;
   for (int num_groups : {1, 4, 8}) {
     std::vector<TestExpert> experts;
     for (int g = 0; g < num_groups; ++g) experts.push_back(MakeExpert(dtype, seed += 2, gpu.s()));
     for (int64_t num_rows : {1, 3, 7, 19, 64, 733}) {
       SCOPED_TRACE(absl::StrCat(DTypeName(dtype), " groups=", num_groups, " rows=", num_rows));
-      const GroupedRun run = MakeRun(experts, num_rows, seed += 3, gpu.s());
-      const float atol = static_cast<float>(rms_tolerance * Rms(run.want));
-      const DeviceTensor scratch =
-          DeviceBytes(GroupedSwiGluScratchBytes(num_rows, kHidden, kIntermediate, dtype));
-      for (GroupedGemmImpl impl : {GroupedGemmImpl::kSkinny, GroupedGemmImpl::kCublasLoop,
-                                   GroupedGemmImpl::kCublasGrouped, GroupedGemmImpl::kAuto}) {
-        const bool skinny = impl == GroupedGemmImpl::kSkinny ||
-                            (impl == GroupedGemmImpl::kAuto && num_rows <= kSkinnyMaxRows);
-        if (impl == GroupedGemmImpl::kSkinny && num_rows > kSkinnyMaxRows) continue;
-        SCOPED_TRACE(GroupedGemmImplName(impl));
-        // The skinny forms get no host offsets: they must work from the device's alone.
-        const absl::Span<const int64_t> host =
-            skinny ? absl::Span<const int64_t>() : absl::Span<const int64_t>(run.offsets);
-        const DeviceTensor out = DeviceEmpty(DType::kBF16, {num_rows, kHidden}, gpu.s());
-        const absl::Status st =
-            GroupedSwiGlu(run.x, run.offsets_i32, host, run.experts, impl, scratch, out, gpu.blas);
-        ASSERT_TRUE(st.ok()) << st;
-        // out starts as 0xff bytes (BF16 NaN): a row left unwritten fails here.
-        ExpectClose(Download(out, gpu.s()), run.want, atol, 1.f / 64, "GroupedSwiGlu out");
-      }
+      ExpectEveryFormMatches(gpu, dtype, MakeRun(experts, num_rows, seed += 3, gpu.s()));
     }
+  }
+}
+
+// The skinny kernel's K loop past its first pass (see kLongHidden) for each of its row-count
+// instantiations (1, 9, 19, 64 rows: 1, 2, 4 and 8 token tiles), and the cuBLAS forms at the
+// same shape.
+TEST_P(CudaGroupedSwiGluTest, LongKMatchesTheCpuOracle) {
+  EPX_SKIP_WITHOUT_GPU();
+  Gpu gpu = MakeGpu();
+  const DType dtype = GetParam();
+  uint32_t seed = 300;
+  std::vector<TestExpert> experts;
+  // Three groups: UnevenOffsets leaves group 1 empty (and MakeRun leaves it without weights), so
+  // rows go to groups 0 and 2.
+  for (int g = 0; g < 3; ++g)
+    experts.push_back(MakeExpert(dtype, seed += 2, gpu.s(), kLongHidden, kLongIntermediate));
+  for (int64_t num_rows : {1, 9, 19, 64, 100}) {
+    SCOPED_TRACE(absl::StrCat(DTypeName(dtype), " long K, rows=", num_rows));
+    ExpectEveryFormMatches(gpu, dtype, MakeRun(experts, num_rows, seed += 3, gpu.s()));
   }
 }
 
