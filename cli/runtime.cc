@@ -13,6 +13,7 @@
 #include "common/hash.h"
 #include "common/logging.h"
 #include "common/status.h"
+#include "kernels/cuda/runtime.h"
 #include "worker/expert_worker.h"
 
 
@@ -77,6 +78,13 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Start(const RuntimeOptions& op
     EPX_RETURN_IF_ERROR(rt->CreateEngine(rt->remote_experts_.get()));
   }
   return rt;
+}
+
+std::string Runtime::device() const {
+  if (options_.device != "cuda") return options_.device;
+  absl::StatusOr<cuda::DeviceProperties> props = cuda::GetDeviceProperties(options_.cuda.device);
+  return absl::StrCat("cuda:", options_.cuda.device,
+                      props.ok() ? absl::StrCat(" ", props->ToString()) : std::string());
 }
 
 absl::Status Runtime::CreateEngine(ExpertExecutor* remote_experts) {

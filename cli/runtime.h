@@ -71,6 +71,8 @@ class Runtime {
   // worker, which receive it; all ranks call this once, right after Start(). An empty string
   // means the coordinator could not start serving. Blocks until every rank took part.
   absl::StatusOr<std::string> ShareControlEndpoint(const std::string& endpoint);
+  // Where this rank computes: "cpu", or "cuda:N <device name>".
+  std::string device() const;
   // This rank's placement (multi-rank jobs); nullptr in a single process.
   const Placement* placement() const { return placement_.get(); }
   // Coordinator: the engine (experts local or remote).

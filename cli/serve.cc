@@ -50,7 +50,7 @@ absl::Status ServeWorker(Runtime& runtime) {
     WorkerInfo self;
     self.rank = runtime.rank();
     self.host = HostName();
-    self.device = "cpu";
+    self.device = runtime.device();
     self.pid = static_cast<int>(getpid());
     self.build_id = BuildId();
     self.config_hash = runtime.config().Hash();

@@ -3,6 +3,7 @@
 // same kernels. Each variant's GPU logits are compared with the CPU engine's on the same
 // checkpoint, prefill and decode. Skips with a message where no device is visible.
 #include <filesystem>
+#include <ostream>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -27,6 +28,8 @@ struct Variant {
   std::string name;
   MakeModelOptions options;
 };
+
+void PrintTo(const Variant& v, std::ostream* os) { *os << v.name; }
 
 Variant MakeVariant(std::string name, DType dtype) {
   Variant v{std::move(name), {}};
