@@ -5,24 +5,27 @@
 #   deploy/mpirun.sh, deploy/hostfile.example and a README.txt on running it.
 # Every executable's RUNPATH becomes $ORIGIN/../lib and every bundled library's $ORIGIN (patchelf).
 # Usage:
-#   deploy/bundle.sh [--build-dir DIR] [--out DIR] [--tar]
+#   deploy/bundle.sh [--build-dir DIR] [--out DIR] [--tar] [--gpu-check]
 #     --build-dir  the build to pack (default ${EPX_BUILD_DIR:-build}, from the repository root)
 #     --out        the folder to write (default dist/epx-<version>-<arch>); an earlier bundle
 #                  there is replaced, any other non-empty folder is an error
 #     --tar        also write <out>.tar.gz next to the folder
+#     --gpu-check  for validating a GPU node: the CUDA benchmarks only (not the CPU ones and their
+#                  OpenBLAS) plus the `gpu` test binaries in tests/; deploy/gpu_check.sh runs them
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)  # --build-dir and --out stay relative to the caller
 
 die() { echo "bundle: error: $*" >&2; exit 1; }
 
-build_dir="" out="" tar=0
+build_dir="" out="" tar=0 gpu_check=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --build-dir) [ $# -ge 2 ] || die "--build-dir needs a value"; build_dir=$2; shift 2 ;;
     --out) [ $# -ge 2 ] || die "--out needs a value"; out=$2; shift 2 ;;
     --tar) tar=1; shift ;;
+    --gpu-check) gpu_check=1; shift ;;
     -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
-    *) die "unknown argument '$1' (deploy/bundle.sh [--build-dir DIR] [--out DIR] [--tar])" ;;
+    *) die "unknown argument '$1' (deploy/bundle.sh [--build-dir DIR] [--out DIR] [--tar] [--gpu-check])" ;;
   esac
 done
 if [ -z "$build_dir" ]; then
@@ -62,10 +65,22 @@ shipped=("$work/bin/epx")
 if [ -d "$build_dir/bench" ]; then
   for f in "$build_dir"/bench/*; do
     if ! [ -f "$f" ] || ! [ -x "$f" ] || [ "$(head -c 4 "$f")" != $'\x7fELF' ]; then continue; fi
+    if [ "$gpu_check" = 1 ]; then case "$(basename "$f")" in cuda_*) ;; *) continue ;; esac; fi
     mkdir -p "$work/bench"
     cp "$f" "$work/bench/"
     shipped+=("$work/bench/$(basename "$f")")
   done
+fi
+if [ "$gpu_check" = 1 ]; then
+  # The gpu-labelled test binaries (tests/*/cuda_*_test); they find the fixtures through
+  # $EPX_TEST_DATA_DIR (deploy/gpu_check.sh points it at the source tree's tests/data).
+  for f in "$build_dir"/tests/*/cuda_*_test; do
+    [ -x "$f" ] || continue
+    mkdir -p "$work/tests"
+    cp "$f" "$work/tests/"
+    shipped+=("$work/tests/$(basename "$f")")
+  done
+  [ -d "$work/tests" ] || die "--gpu-check: no cuda_*_test binaries in $build_dir/tests"
 fi
 cp "$module" "$work/lib/"
 shipped+=("$work/lib/libepx_sentencepiece.so")
@@ -128,6 +143,7 @@ cp "$root/deploy/mpirun.sh" "$root/deploy/hostfile.example" "$work/deploy/"
 # What the node must provide, for README.txt.
 all_elf=("$work"/bin/* "$work"/lib/*)
 [ -d "$work/bench" ] && all_elf+=("$work"/bench/*)
+[ -d "$work/tests" ] && all_elf+=("$work"/tests/*)
 newest() { objdump -T "${all_elf[@]}" 2> /dev/null | grep -oE "\($1_[0-9.]+\)" | tr -d '()' |
            sort -uV | tail -1 || true; }
 glibc=$(newest GLIBC) glibcxx=$(newest GLIBCXX)
@@ -165,6 +181,8 @@ fi
 bench_line=""
 [ -d "$work/bench" ] && bench_line="
   bench/                  $(cd "$work/bench" && echo *) (bench/README.md in the sources)"
+[ -d "$work/tests" ] && bench_line="$bench_line
+  tests/                  the gpu test binaries (deploy/gpu_check.sh in the sources runs them)"
 
 cat > "$work/README.txt" << EOF
 $build_id, relocatable bundle for $arch

@@ -4,6 +4,7 @@
 
 #include <unistd.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <string>
 
@@ -12,7 +13,13 @@
 
 namespace epx::test {
 
-inline std::string TinyModelDir() { return std::string(EPX_TEST_DATA_DIR) + "/tiny-mixtral"; }
+// The fixtures folder: $EPX_TEST_DATA_DIR when set (test binaries run away from their source
+// tree, e.g. from a bundle made with deploy/bundle.sh --gpu-check), else the source tree's.
+inline std::string TestDataDir() {
+  const char* dir = std::getenv("EPX_TEST_DATA_DIR");
+  return dir != nullptr && *dir != '\0' ? dir : EPX_TEST_DATA_DIR;
+}
+inline std::string TinyModelDir() { return TestDataDir() + "/tiny-mixtral"; }
 
 // A fresh directory per test (suite, name and pid in the path, so ctest -j never shares one),
 // removed afterwards.

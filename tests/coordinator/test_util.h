@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -13,7 +14,13 @@
 
 namespace epx::testing {
 
-inline std::string TinyModelDir() { return std::string(EPX_TEST_DATA_DIR) + "/tiny-mixtral"; }
+// The fixtures folder: $EPX_TEST_DATA_DIR when set (test binaries run away from their source
+// tree, e.g. from a bundle made with deploy/bundle.sh --gpu-check), else the source tree's.
+inline std::string TestDataDir() {
+  const char* dir = std::getenv("EPX_TEST_DATA_DIR");
+  return dir != nullptr && *dir != '\0' ? dir : EPX_TEST_DATA_DIR;
+}
+inline std::string TinyModelDir() { return TestDataDir() + "/tiny-mixtral"; }
 inline std::string GoldenPath() { return TinyModelDir() + "/golden.safetensors"; }
 
 template <typename T>

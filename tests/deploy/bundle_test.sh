@@ -92,4 +92,14 @@ mkdir "$tmp/unpacked"
 tar -C "$tmp/unpacked" -xzf "$tmp/made/epx-test.tar.gz"
 [ "$(clean "$tmp/unpacked/epx-test/bin/epx" --version)" = "$version" ] ||
   fail "the unpacked tarball's bin/epx does not run"
+# A CUDA build's --gpu-check bundle: the gpu test binaries and only the CUDA benchmarks, and
+# deploy/gpu_check.sh runs the tests from it (here they skip: no device).
+if compgen -G "$build_dir/tests/*/cuda_*_test" > /dev/null; then
+  bash "$src/deploy/bundle.sh" --build-dir "$build_dir" --out "$tmp/gpu" --gpu-check > /dev/null
+  [ -x "$tmp/gpu/tests/cuda_forward_test" ] || fail "--gpu-check: no tests/cuda_forward_test"
+  ! [ -e "$tmp/gpu/bench/cpu_layers_bench" ] || fail "--gpu-check shipped the CPU benchmarks"
+  summary=$(bash "$src/deploy/gpu_check.sh" --bundle "$tmp/gpu" --out "$tmp/gpu_out" --tests) ||
+    fail "gpu_check.sh --tests failed: $summary"
+  grep -q "PASS cuda_forward_test" <<< "$summary" || fail "gpu_check.sh said: $summary"
+fi
 echo "PASS: $bundle ($version)"
