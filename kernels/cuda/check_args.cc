@@ -34,8 +34,12 @@ absl::Status CheckTensor(const char* op, const char* name, const TensorView& t,
                          std::initializer_list<int64_t> shape) {
   bool ok = std::find(dtypes.begin(), dtypes.end(), t.dtype()) != dtypes.end() &&
             t.rank() == static_cast<int>(shape.size());
+  // Dimension i is compared with the i-th wanted extent: the index advances past a -1 as well.
   int i = 0;
-  for (int64_t d : shape) ok = ok && (d < 0 || t.dim(i++) == d);
+  for (int64_t d : shape) {
+    ok = ok && (d < 0 || t.dim(i) == d);
+    ++i;
+  }
   if (!ok)
     return absl::InvalidArgumentError(
         absl::StrCat(op, ": ", name, " must be ", DTypeList(dtypes), " ", ShapePattern(shape),

@@ -30,6 +30,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/string_view.h"
 #include "kernels/cuda/check_args.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/ops.h"
@@ -153,6 +154,12 @@ struct PermutationScratch {
   size_t sort_temp_bytes;
 };
 
+// Bytes of the scratch's key and slot arrays for `n` slots: the part of its size that is known
+// on the host (CUB's temporary storage, laid out after them, is sized by a device query).
+size_t PermutationArraysBytes(int64_t n) {
+  return 2 * AlignUp(n * sizeof(uint32_t)) + AlignUp(n * sizeof(int32_t));
+}
+
 // Lays out the scratch of `n` slots at `base` (nullptr: only sizes). Returns the total bytes.
 absl::StatusOr<size_t> LayOutPermutationScratch(void* base, int64_t n, int64_t num_experts,
                                                 StreamHandle stream, PermutationScratch* out) {
@@ -171,7 +178,7 @@ absl::StatusOr<size_t> LayOutPermutationScratch(void* base, int64_t n, int64_t n
     out->sort_temp = p + 2 * keys + slots;
     out->sort_temp_bytes = temp_bytes;
   }
-  return 2 * keys + slots + AlignUp(temp_bytes);
+  return PermutationArraysBytes(n) + AlignUp(temp_bytes);
 }
 
 __global__ void PermutationKeysKernel(const int32_t* topk_ids, int64_t n, int32_t num_experts,
@@ -257,7 +264,7 @@ size_t ExpertPermutationScratchBytes(int64_t num_tokens, int64_t num_topk, int64
   const int64_t n = num_tokens * num_topk;
   if (n <= 0 || n > INT32_MAX || num_experts < 1 || num_experts >= INT32_MAX) return 0;
   // CUB sizes its temporary storage for the current device; without one the query fails and
-  // ExpertPermutation reports that error.
+  // the size is 0, which ExpertPermutation refuses.
   auto bytes = LayOutPermutationScratch(nullptr, n, num_experts, nullptr, nullptr);
   return bytes.ok() ? *bytes : 0;
 }
@@ -285,13 +292,20 @@ absl::Status ExpertPermutation(const TensorView& topk_ids, int64_t num_experts,
         cudaMemsetAsync(expert_offsets.raw(), 0, expert_offsets.nbytes(), stream));
     return absl::OkStatus();
   }
+  auto short_scratch = [&](absl::string_view needs) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(kOp, ": scratch ", DTypeName(scratch.dtype()), " ",
+                     ShapeString(scratch.shape()), " has ", scratch.empty() ? 0 : scratch.nbytes(),
+                     " bytes, needs ", needs, " (ExpertPermutationScratchBytes)"));
+  };
+  // What can be checked without the device first: CUB's size query below needs one, and a
+  // missing or short scratch is an argument error whether or not a device is there.
+  if (scratch.empty() || scratch.nbytes() < PermutationArraysBytes(n))
+    return short_scratch(absl::StrCat("at least ", PermutationArraysBytes(n)));
   PermutationScratch s{};
   EPX_ASSIGN_OR_RETURN(const size_t needed,
                        LayOutPermutationScratch(scratch.raw(), n, num_experts, stream, &s));
-  if (scratch.empty() || scratch.nbytes() < needed)
-    return absl::InvalidArgumentError(absl::StrCat(
-        kOp, ": scratch ", DTypeName(scratch.dtype()), " ", ShapeString(scratch.shape()), " has ",
-        scratch.nbytes(), " bytes, needs ", needed, " (ExpertPermutationScratchBytes)"));
+  if (scratch.nbytes() < needed) return short_scratch(absl::StrCat(needed));
   const int32_t experts = static_cast<int32_t>(num_experts);
   PermutationKeysKernel<<<FlatBlocks(n), kFlatThreads, 0, stream>>>(
       topk_ids.data<const int32_t>(), n, experts, s.keys_in, s.slots_in);

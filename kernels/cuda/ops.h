@@ -1,9 +1,10 @@
 // CUDA kernels: one host-callable launcher per model op, over non-owning views of device memory,
 // stream (or the Blas bound to one) last, returning absl::Status. Each launcher checks dtypes and
-// shapes (InvalidArgument naming the argument) and reports a failed launch with its CUDA error;
-// kernels run asynchronously on the stream, so an error inside a kernel surfaces at the next
-// synchronisation. Scratch memory is sized by a separate ...ScratchBytes() call and owned by the
-// caller.
+// shapes (InvalidArgument naming the argument) before it launches anything, and needs no device
+// to refuse a bad call (the gpu tests check this over host memory); it reports a failed launch
+// with its CUDA error; kernels run asynchronously on the stream, so an error inside a kernel
+// surfaces at the next synchronisation. Scratch memory is sized by a separate ...ScratchBytes()
+// call and owned by the caller.
 //
 // Numerics (kernels/cpu/ops.h is the oracle every launcher is tested against): weights and GEMM
 // inputs are BF16 (or FP8 e4m3 expert weights with one fp32 scale per output row); every sum is

@@ -37,6 +37,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/string_view.h"
 #include "kernels/cuda/check_args.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/ops.h"
@@ -123,6 +124,13 @@ struct SampleScratch {
   size_t sort_temp_bytes;
 };
 
+// Bytes of the scratch's key, id and offset arrays: the part of its size that is known on the
+// host (CUB's temporary storage, laid out after them, is sized by a device query).
+size_t SampleArraysBytes(int64_t num_rows, int64_t vocab) {
+  const size_t column = AlignUp(num_rows * vocab * sizeof(float));  // floats and int32 ids alike
+  return 4 * column + AlignUp((num_rows + 1) * sizeof(int32_t));
+}
+
 // Lays out the scratch for `n` = num_rows * vocab logits at `base` (nullptr: only sizes).
 // Returns the total bytes.
 absl::StatusOr<size_t> LayOutSampleScratch(void* base, int64_t num_rows, int64_t vocab,
@@ -146,7 +154,7 @@ absl::StatusOr<size_t> LayOutSampleScratch(void* base, int64_t num_rows, int64_t
     out->sort_temp = p + 4 * column + offsets;
     out->sort_temp_bytes = temp_bytes;
   }
-  return 4 * column + offsets + AlignUp(temp_bytes);
+  return SampleArraysBytes(num_rows, vocab) + AlignUp(temp_bytes);
 }
 
 constexpr int kFlatThreads = 256;
@@ -325,7 +333,7 @@ absl::Status ArgMax(const TensorView& logits, const TensorView& out, StreamHandl
 size_t SampleScratchBytes(int64_t num_rows, int64_t vocab) {
   if (num_rows <= 0 || vocab <= 0 || num_rows * vocab > INT32_MAX) return 0;
   // CUB sizes its temporary storage for the current device; without one the query fails and
-  // Sample reports that error.
+  // the size is 0, which Sample refuses.
   auto bytes = LayOutSampleScratch(nullptr, num_rows, vocab, nullptr, nullptr);
   return bytes.ok() ? *bytes : 0;
 }
@@ -341,13 +349,19 @@ absl::Status Sample(const TensorView& logits, const SampleArgs& args, const Tens
   EPX_RETURN_IF_ERROR(CheckTensor("Sample", "uniform", args.uniform, DType::kF64, {num_rows}));
   EPX_RETURN_IF_ERROR(CheckTensor("Sample", "out", out, DType::kI32, {num_rows}));
   if (num_rows == 0) return absl::OkStatus();
+  auto short_scratch = [&](absl::string_view needs) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "Sample: scratch ", DTypeName(scratch.dtype()), " ", ShapeString(scratch.shape()), " has ",
+        scratch.empty() ? 0 : scratch.nbytes(), " bytes, needs ", needs, " (SampleScratchBytes)"));
+  };
+  // What can be checked without the device first: CUB's size query below needs one, and a
+  // missing or short scratch is an argument error whether or not a device is there.
+  if (scratch.empty() || scratch.nbytes() < SampleArraysBytes(num_rows, vocab))
+    return short_scratch(absl::StrCat("at least ", SampleArraysBytes(num_rows, vocab)));
   SampleScratch s{};
   EPX_ASSIGN_OR_RETURN(const size_t needed,
                        LayOutSampleScratch(scratch.raw(), num_rows, vocab, stream, &s));
-  if (scratch.empty() || scratch.nbytes() < needed)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "Sample: scratch ", DTypeName(scratch.dtype()), " ", ShapeString(scratch.shape()), " has ",
-        scratch.nbytes(), " bytes, needs ", needed, " (SampleScratchBytes)"));
+  if (scratch.nbytes() < needed) return short_scratch(absl::StrCat(needed));
   const int rows = static_cast<int>(num_rows), n = static_cast<int>(num_rows * vocab);
   SampleKeysKernel<<<FlatBlocks(std::max(n, rows + 1)), kFlatThreads, 0, stream>>>(
       logits.data<const float>(), rows, static_cast<int>(vocab), s.keys_in, s.ids_in,

@@ -3,7 +3,8 @@
 // of one or more sequences from position 0 or after cached keys, mixed prefill/decode batches,
 // sliding windows, and the GQA head layouts the kernels are instantiated for. Cache rows that no
 // sequence has written (the tails of last blocks, spare blocks) hold NaN and unused block-table
-// entries hold -1, so reading anything a row may not see shows up as NaN or a fault.
+// entries hold -1, so reading anything a row may not see shows up as NaN or a fault. The argument
+// checks are tested on a device and, by ArgumentsAreCheckedOnTheHost, without one.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -15,6 +16,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/types/span.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cuda/ops.h"
@@ -28,6 +30,8 @@ using ::epx::testing::DeviceEmpty;
 using ::epx::testing::DeviceTensor;
 using ::epx::testing::Download;
 using ::epx::testing::ExpectClose;
+using ::epx::testing::HostViews;
+using ::epx::testing::IsInvalidArgument;
 using ::epx::testing::RandomF32;
 using ::epx::testing::RoundedToBf16;
 using ::epx::testing::ToBf16;
@@ -369,6 +373,198 @@ TEST(CudaAttentionTest, RejectsBadArguments) {
   }
   expect_invalid("no scratch", qv, paged, batch, params, TensorView(), outv);
   expect_invalid("short scratch", qv, paged, batch, params, sv.Slice(0, scratch_bytes - 4), outv);
+}
+
+TEST(CudaAttentionTest, ArgumentsAreCheckedOnTheHost) {
+  EPX_SKIP_WITHOUT_CUDA_BUILD();
+  HostViews host;
+  // RejectsBadArguments' call over host memory (that test shows it valid on a device): one decode
+  // row at position 999 over 63 blocks of 16. Each case below changes one thing.
+  const int64_t heads = 8, kv_heads = 2, d = 128, blocks = 63, cache_rows = blocks * kBlockSize;
+  const cpu::AttentionParams params{heads, kv_heads, d, 0.1f, 0};
+  const TensorView q = host(DType::kBF16, {1, heads * d});
+  const TensorView out = host(DType::kBF16, {1, heads * d});
+  const PagedKv paged{.k_cache = host(DType::kBF16, {cache_rows, kv_heads * d}),
+                      .v_cache = host(DType::kBF16, {cache_rows, kv_heads * d}),
+                      .block_tables = host(DType::kI32, {1, blocks}),
+                      .block_size = kBlockSize};
+  const AttentionBatch batch{.q_start = host(DType::kI32, {2}),
+                             .first_position = host(DType::kI32, {1}),
+                             .num_seqs = 1,
+                             .max_queries = 1,
+                             .max_kv_len = 1000};
+  // Without a device the split count assumes a fallback SM count (132), which splits this batch
+  // too; with one, RejectsBadArguments asserts the same.
+  const int64_t scratch_bytes = static_cast<int64_t>(AttentionScratchBytes(batch, params));
+  ASSERT_GT(scratch_bytes, 0);
+  const TensorView scratch = host(DType::kU8, {scratch_bytes});
+  auto attention = [](const TensorView& q_, const PagedKv& kv_, const AttentionBatch& batch_,
+                      const cpu::AttentionParams& params_, const TensorView& scratch_,
+                      const TensorView& out_) {
+    return Attention(q_, kv_, batch_, params_, scratch_, out_, nullptr);
+  };
+
+  {  // Head layouts the kernels are not instantiated for.
+    cpu::AttentionParams p = params;
+    p.num_kv_heads = 3;
+    EXPECT_THAT(attention(q, paged, batch, p, scratch, out),
+                IsInvalidArgument("Attention: num_heads 8 and num_kv_heads 3 must be"));
+    p = params;
+    p.num_kv_heads = 0;
+    EXPECT_THAT(attention(q, paged, batch, p, scratch, out),
+                IsInvalidArgument("Attention: num_heads 8 and num_kv_heads 0 must be"));
+    p = params;
+    p.num_heads = 0;
+    EXPECT_THAT(attention(q, paged, batch, p, scratch, out),
+                IsInvalidArgument("Attention: num_heads 0 and"));
+    p = params;
+    p.head_dim = 96;
+    EXPECT_THAT(attention(q, paged, batch, p, scratch, out), IsInvalidArgument("head_dim (96)"));
+    p = params;
+    p.num_heads = 16;
+    p.head_dim = 64;  // q's width 16 x 64 still matches; the caches' 2 x 128 does not
+    EXPECT_THAT(attention(q, paged, batch, p, scratch, out),
+                IsInvalidArgument("Attention: k_cache must be BF16"));
+    p = params;
+    p.sliding_window = -1;
+    EXPECT_THAT(attention(q, paged, batch, p, scratch, out),
+                IsInvalidArgument("Attention: sliding_window -1"));
+  }
+  {  // q and out.
+    EXPECT_THAT(attention(host(DType::kF32, {1, heads * d}), paged, batch, params, scratch, out),
+                IsInvalidArgument("Attention: q must be"));
+    EXPECT_THAT(
+        attention(host(DType::kBF16, {2, heads * d / 2}), paged, batch, params, scratch, out),
+        IsInvalidArgument("Attention: q must be"));
+    EXPECT_THAT(attention(host(DType::kBF16, {heads * d}), paged, batch, params, scratch, out),
+                IsInvalidArgument("Attention: q must be"));
+    EXPECT_THAT(attention(q, paged, batch, params, scratch, host(DType::kBF16, {2, heads * d})),
+                IsInvalidArgument("Attention: out must be"));
+    EXPECT_THAT(attention(q, paged, batch, params, scratch, host(DType::kF32, {1, heads * d})),
+                IsInvalidArgument("Attention: out must be"));
+    EXPECT_THAT(attention(TensorView(nullptr, DType::kBF16, {1, heads * d}), paged, batch, params,
+                          scratch, out),
+                IsInvalidArgument("Attention: q and out must be non-null and 16-byte aligned"));
+    EXPECT_THAT(
+        attention(host.Offset(DType::kBF16, {1, heads * d}, 2), paged, batch, params, scratch, out),
+        IsInvalidArgument("Attention: q and out must be non-null and 16-byte aligned"));
+    EXPECT_THAT(
+        attention(q, paged, batch, params, scratch, host.Offset(DType::kBF16, {1, heads * d}, 8)),
+        IsInvalidArgument("Attention: q and out must be non-null and 16-byte aligned"));
+    const int64_t too_many = int64_t{1} << 31;
+    EXPECT_THAT(attention(host.Unbacked(DType::kBF16, {too_many, heads * d}), paged, batch, params,
+                          scratch, host.Unbacked(DType::kBF16, {too_many, heads * d})),
+                IsInvalidArgument("Attention: more than 2^31 - 1 query rows"));
+  }
+  {  // The paged cache.
+    PagedKv kv = paged;
+    kv.k_cache = host(DType::kF32, {cache_rows, kv_heads * d});
+    EXPECT_THAT(attention(q, kv, batch, params, scratch, out),
+                IsInvalidArgument("Attention: k_cache must be BF16"));
+    kv = paged;
+    kv.k_cache = TensorView(nullptr, DType::kBF16, {cache_rows, kv_heads * d});
+    EXPECT_THAT(attention(q, kv, batch, params, scratch, out),
+                IsInvalidArgument("Attention: k_cache must be BF16"));
+    kv = paged;
+    kv.k_cache = host.Offset(DType::kBF16, {cache_rows, kv_heads * d}, 8);
+    EXPECT_THAT(attention(q, kv, batch, params, scratch, out),
+                IsInvalidArgument("Attention: k_cache is not 16-byte aligned"));
+    kv = paged;
+    kv.v_cache = host(DType::kBF16, {cache_rows * 2, kv_heads * d / 2});
+    EXPECT_THAT(attention(q, kv, batch, params, scratch, out),
+                IsInvalidArgument("Attention: v_cache must be BF16"));
+    kv = paged;
+    kv.v_cache = host.Offset(DType::kBF16, {cache_rows, kv_heads * d}, 2);
+    EXPECT_THAT(attention(q, kv, batch, params, scratch, out),
+                IsInvalidArgument("Attention: v_cache is not 16-byte aligned"));
+    kv = paged;
+    kv.v_cache = host(DType::kBF16, {cache_rows - 1, kv_heads * d});
+    EXPECT_THAT(attention(q, kv, batch, params, scratch, out),
+                IsInvalidArgument("and v_cache BF16 [1007, 256] differ"));
+    kv = paged;
+    kv.block_tables = host(DType::kF32, {1, blocks});
+    EXPECT_THAT(attention(q, kv, batch, params, scratch, out),
+                IsInvalidArgument("Attention: block_tables must be"));
+    kv = paged;
+    kv.block_tables = host(DType::kI32, {2, blocks});
+    EXPECT_THAT(attention(q, kv, batch, params, scratch, out),
+                IsInvalidArgument("Attention: block_tables must be"));
+    kv = paged;
+    kv.block_tables = host(DType::kI32, {1, 0});
+    EXPECT_THAT(attention(q, kv, batch, params, scratch, out),
+                IsInvalidArgument("Attention: block_tables must be"));
+    kv = paged;
+    kv.block_tables = TensorView(nullptr, DType::kI32, {1, blocks});
+    EXPECT_THAT(attention(q, kv, batch, params, scratch, out),
+                IsInvalidArgument("Attention: block_tables must be"));
+    kv = paged;
+    kv.block_size = 0;
+    EXPECT_THAT(attention(q, kv, batch, params, scratch, out),
+                IsInvalidArgument("Attention: block_size 0"));
+    kv = paged;
+    kv.block_size = (1 << 24) + 1;
+    EXPECT_THAT(attention(q, kv, batch, params, scratch, out),
+                IsInvalidArgument("Attention: block_size 16777217"));
+    kv = paged;
+    kv.block_size = 8;  // 63 blocks of 8 hold fewer than max_kv_len 1000 positions
+    EXPECT_THAT(attention(q, kv, batch, params, scratch, out),
+                IsInvalidArgument("Attention: block_tables hold 504 positions"));
+  }
+  {  // The batch description.
+    AttentionBatch b = batch;
+    b.num_seqs = 0;
+    EXPECT_THAT(attention(q, paged, b, params, scratch, out),
+                IsInvalidArgument("Attention: num_seqs 0 is not in"));
+    b = batch;
+    b.num_seqs = 65536;  // a grid dimension
+    EXPECT_THAT(attention(q, paged, b, params, scratch, out),
+                IsInvalidArgument("Attention: num_seqs 65536 is not in"));
+    b = batch;
+    b.max_queries = 0;
+    EXPECT_THAT(attention(q, paged, b, params, scratch, out),
+                IsInvalidArgument("Attention: max_queries 0"));
+    b = batch;
+    b.max_queries = 2;  // more than q's one row
+    EXPECT_THAT(attention(q, paged, b, params, scratch, out),
+                IsInvalidArgument("Attention: max_queries 2"));
+    b = batch;
+    b.max_kv_len = 0;
+    EXPECT_THAT(attention(q, paged, b, params, scratch, out),
+                IsInvalidArgument("Attention: max_kv_len 0"));
+    b = batch;
+    b.max_kv_len = int64_t{1} << 31;
+    EXPECT_THAT(attention(q, paged, b, params, scratch, out),
+                IsInvalidArgument("Attention: max_kv_len 2147483648"));
+    b = batch;
+    b.q_start = host(DType::kI32, {1});
+    EXPECT_THAT(attention(q, paged, b, params, scratch, out),
+                IsInvalidArgument("Attention: q_start must be"));
+    b = batch;
+    b.q_start = host(DType::kI64, {2});
+    EXPECT_THAT(attention(q, paged, b, params, scratch, out),
+                IsInvalidArgument("Attention: q_start must be"));
+    b = batch;
+    b.q_start = TensorView(nullptr, DType::kI32, {2});
+    EXPECT_THAT(attention(q, paged, b, params, scratch, out),
+                IsInvalidArgument("Attention: q_start must be"));
+    b = batch;
+    b.first_position = host(DType::kF32, {1});
+    EXPECT_THAT(attention(q, paged, b, params, scratch, out),
+                IsInvalidArgument("Attention: first_position must be"));
+    b = batch;
+    b.first_position = host(DType::kI32, {2});
+    EXPECT_THAT(attention(q, paged, b, params, scratch, out),
+                IsInvalidArgument("Attention: first_position must be"));
+  }
+  {  // The decode kernel's split scratch.
+    EXPECT_THAT(attention(q, paged, batch, params, TensorView(), out),
+                IsInvalidArgument("Attention: scratch holds 0 bytes"));
+    EXPECT_THAT(attention(q, paged, batch, params, scratch.Slice(0, scratch_bytes - 4), out),
+                IsInvalidArgument(absl::StrCat("Attention: scratch holds ", scratch_bytes - 4)));
+    EXPECT_THAT(
+        attention(q, paged, batch, params, host.Offset(DType::kU8, {scratch_bytes}, 2), out),
+        IsInvalidArgument("Attention: scratch is not 4-byte aligned"));
+  }
 }
 
 }  // namespace

@@ -1,6 +1,6 @@
 // The elementwise CUDA kernels (kernels/cuda/elementwise.cu) against the CPU oracle over the token
 // counts the engine sees and over row lengths that take both the 16-byte and the scalar paths;
-// and their argument checks.
+// and their argument checks, which the ...ArgumentsAreCheckedOnTheHost tests run without a device.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/dtype.h"
 #include "common/dummy_weights.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cuda/ops.h"
@@ -26,11 +27,13 @@ using ::epx::testing::DeviceEmpty;
 using ::epx::testing::DeviceTensor;
 using ::epx::testing::Download;
 using ::epx::testing::ExpectClose;
+using ::epx::testing::HostViews;
+using ::epx::testing::IsInvalidArgument;
+using ::epx::testing::NewStream;
 using ::epx::testing::RandomF32;
 using ::epx::testing::RoundedToBf16;
 using ::epx::testing::ToBf16;
 using ::epx::testing::Upload;
-using ::epx::testing::NewStream;
 
 constexpr int64_t kTokenCounts[] = {1, 3, 7, 19, 733};
 // Row lengths: 16-byte paths (multiples of 8) and the scalar path (100).
@@ -38,6 +41,8 @@ constexpr int64_t kHiddens[] = {64, 128, 4096, 100};
 // A BF16 output may round to the other neighbour of the oracle's fp32 value when the two fp32
 // values straddle a rounding midpoint: one BF16 ulp, at most 2^-7 of the value.
 constexpr float kBf16Ulp = 1.f / 128;
+// More rows than a grid of one block per row can hold; views this long are never backed.
+constexpr int64_t kPastTheGrid = int64_t{1} << 31;
 
 // Expects the same dtype, shape and bytes; reports the first differing element.
 void ExpectBitwiseEqual(const TensorView& got, const TensorView& want, const std::string& what) {
@@ -134,6 +139,25 @@ TEST(CudaConvertTest, RejectsBadArguments) {
   EXPECT_TRUE(Convert(f32.view.Slice(0, 0), bf16.view.Slice(0, 0), stream.handle()).ok());
 }
 
+TEST(CudaConvertTest, ArgumentsAreCheckedOnTheHost) {
+  EPX_SKIP_WITHOUT_CUDA_BUILD();
+  HostViews host;
+  const TensorView f32 = host(DType::kF32, {4, 8});
+  const TensorView bf16 = host(DType::kBF16, {4, 8});
+  EXPECT_THAT(Convert(f32, host(DType::kBF16, {4, 7}), nullptr),
+              IsInvalidArgument("Convert: src [4, 8] and dst [4, 7] differ in size"));
+  EXPECT_THAT(Convert(host(DType::kI32, {4, 8}), bf16, nullptr),
+              IsInvalidArgument("Convert: src must be"));
+  EXPECT_THAT(Convert(host(DType::kF64, {4, 8}), bf16, nullptr),
+              IsInvalidArgument("Convert: src must be"));
+  EXPECT_THAT(Convert(f32, host(DType::kF16, {4, 8}), nullptr),
+              IsInvalidArgument("Convert: dst must be"));
+  EXPECT_THAT(Convert(TensorView(nullptr, DType::kF32, {4, 8}), bf16, nullptr),
+              IsInvalidArgument("Convert: src has no data"));
+  EXPECT_THAT(Convert(f32, TensorView(nullptr, DType::kBF16, {4, 8}), nullptr),
+              IsInvalidArgument("Convert: dst has no data"));
+}
+
 // ---- FillDummy ----
 
 TEST(CudaFillDummyTest, MatchesHostValuesBitwise) {
@@ -173,6 +197,17 @@ TEST(CudaFillDummyTest, RejectsIntegerTensors) {
   DeviceTensor dst = DeviceEmpty(DType::kI32, {16}, stream.handle());
   EXPECT_EQ(FillDummy(dst, 1, 1.f, 0.f, stream.handle()).code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+TEST(CudaFillDummyTest, ArgumentsAreCheckedOnTheHost) {
+  EPX_SKIP_WITHOUT_CUDA_BUILD();
+  HostViews host;
+  EXPECT_THAT(FillDummy(host(DType::kI32, {16}), 1, 1.f, 0.f, nullptr),
+              IsInvalidArgument("FillDummy: dst must be BF16 or F32"));
+  EXPECT_THAT(FillDummy(host(DType::kF16, {16}), 1, 1.f, 0.f, nullptr),
+              IsInvalidArgument("FillDummy: dst must be BF16 or F32"));
+  EXPECT_THAT(FillDummy(TensorView(nullptr, DType::kF32, {16}), 1, 1.f, 0.f, nullptr),
+              IsInvalidArgument("FillDummy: dst has no data"));
 }
 
 // ---- Embedding ----
@@ -217,6 +252,35 @@ TEST(CudaEmbeddingTest, RejectsBadArguments) {
   EXPECT_EQ(Embedding(ids, table, out_bf16, stream.handle()).code(), kInvalid);
   EXPECT_EQ(Embedding(ids.view.Slice(0, 2), table, out, stream.handle()).code(), kInvalid);
   EXPECT_TRUE(Embedding(ids.view.Slice(0, 0), table, out.view.Slice(0, 0), stream.handle()).ok());
+}
+
+TEST(CudaEmbeddingTest, ArgumentsAreCheckedOnTheHost) {
+  EPX_SKIP_WITHOUT_CUDA_BUILD();
+  HostViews host;
+  const TensorView ids = host(DType::kI32, {3});
+  const TensorView table = host(DType::kBF16, {10, 16});
+  const TensorView out = host(DType::kF32, {3, 16});
+  EXPECT_THAT(Embedding(host(DType::kF32, {3}), table, out, nullptr),
+              IsInvalidArgument("Embedding: ids must be"));
+  EXPECT_THAT(Embedding(host(DType::kI32, {3, 1}), table, out, nullptr),
+              IsInvalidArgument("Embedding: ids must be"));
+  EXPECT_THAT(Embedding(TensorView(nullptr, DType::kI32, {3}), table, out, nullptr),
+              IsInvalidArgument("Embedding: ids [3] has no data"));
+  EXPECT_THAT(Embedding(ids, host(DType::kF32, {10, 16}), out, nullptr),
+              IsInvalidArgument("Embedding: table must be"));
+  EXPECT_THAT(Embedding(ids, host(DType::kBF16, {160}), out, nullptr),
+              IsInvalidArgument("Embedding: table must be"));
+  EXPECT_THAT(Embedding(ids, TensorView(nullptr, DType::kBF16, {10, 16}), out, nullptr),
+              IsInvalidArgument("Embedding: table [10, 16] has no data"));
+  EXPECT_THAT(Embedding(ids, table, host(DType::kBF16, {3, 16}), nullptr),
+              IsInvalidArgument("Embedding: out must be"));
+  EXPECT_THAT(Embedding(ids, table, host(DType::kF32, {3, 15}), nullptr),
+              IsInvalidArgument("Embedding: out must be"));
+  EXPECT_THAT(Embedding(ids, table, host(DType::kF32, {4, 16}), nullptr),
+              IsInvalidArgument("Embedding: out must be"));
+  EXPECT_THAT(Embedding(host.Unbacked(DType::kI32, {kPastTheGrid}), table,
+                        host.Unbacked(DType::kF32, {kPastTheGrid, 16}), nullptr),
+              IsInvalidArgument("Embedding: 2147483648 rows exceed the grid"));
 }
 
 // ---- RmsNorm and AddRmsNorm ----
@@ -310,6 +374,48 @@ TEST(CudaRmsNormTest, RejectsBadArguments) {
   EXPECT_TRUE(RmsNorm(x.view.Slice(0, 0), w, 1e-5f, out.view.Slice(0, 0), s).ok());
   EXPECT_TRUE(
       AddRmsNorm(x.view.Slice(0, 0), x.view.Slice(0, 0), w, 1e-5f, out.view.Slice(0, 0), s).ok());
+}
+
+TEST(CudaRmsNormTest, ArgumentsAreCheckedOnTheHost) {
+  EPX_SKIP_WITHOUT_CUDA_BUILD();
+  HostViews host;
+  const TensorView x = host(DType::kF32, {3, 16});
+  const TensorView delta = host(DType::kF32, {3, 16});
+  const TensorView w = host(DType::kF32, {16});
+  const TensorView out = host(DType::kBF16, {3, 16});
+  const float eps = 1e-5f;
+  EXPECT_THAT(RmsNorm(host(DType::kBF16, {3, 16}), w, eps, out, nullptr),
+              IsInvalidArgument("RmsNorm: x must be"));
+  EXPECT_THAT(RmsNorm(host(DType::kF32, {48}), w, eps, out, nullptr),
+              IsInvalidArgument("RmsNorm: x must be"));
+  EXPECT_THAT(RmsNorm(TensorView(nullptr, DType::kF32, {3, 16}), w, eps, out, nullptr),
+              IsInvalidArgument("RmsNorm: x [3, 16] has no data"));
+  EXPECT_THAT(RmsNorm(x, host(DType::kF32, {17}), eps, out, nullptr),
+              IsInvalidArgument("RmsNorm: w must be"));
+  EXPECT_THAT(RmsNorm(x, host(DType::kBF16, {16}), eps, out, nullptr),
+              IsInvalidArgument("RmsNorm: w must be"));
+  EXPECT_THAT(RmsNorm(x, w, eps, host(DType::kI32, {3, 16}), nullptr),
+              IsInvalidArgument("RmsNorm: out must be"));
+  EXPECT_THAT(RmsNorm(x, w, eps, host(DType::kF32, {48}), nullptr),
+              IsInvalidArgument("RmsNorm: out must be"));
+  EXPECT_THAT(RmsNorm(x, w, eps, host(DType::kF32, {2, 16}), nullptr),
+              IsInvalidArgument("RmsNorm: out must be"));
+  EXPECT_THAT(RmsNorm(host.Unbacked(DType::kF32, {kPastTheGrid, 16}), w, eps,
+                      host.Unbacked(DType::kF32, {kPastTheGrid, 16}), nullptr),
+              IsInvalidArgument("RmsNorm: 2147483648 rows exceed the grid"));
+  // AddRmsNorm checks delta as well, and reports under its own name.
+  EXPECT_THAT(AddRmsNorm(x, host(DType::kF32, {2, 16}), w, eps, out, nullptr),
+              IsInvalidArgument("AddRmsNorm: delta must be"));
+  EXPECT_THAT(AddRmsNorm(x, host(DType::kBF16, {3, 16}), w, eps, out, nullptr),
+              IsInvalidArgument("AddRmsNorm: delta must be"));
+  EXPECT_THAT(AddRmsNorm(x, TensorView(), w, eps, out, nullptr),
+              IsInvalidArgument("AddRmsNorm: delta must be"));
+  EXPECT_THAT(AddRmsNorm(host(DType::kF32, {3, 8}), delta, w, eps, out, nullptr),
+              IsInvalidArgument("AddRmsNorm: delta must be"));
+  EXPECT_THAT(AddRmsNorm(x, delta, host(DType::kF32, {8}), eps, out, nullptr),
+              IsInvalidArgument("AddRmsNorm: w must be"));
+  EXPECT_THAT(AddRmsNorm(x, delta, w, eps, host(DType::kBF16, {3, 8}), nullptr),
+              IsInvalidArgument("AddRmsNorm: out must be"));
 }
 
 // ---- RopeQkvToCache ----
@@ -428,6 +534,78 @@ TEST(CudaRopeQkvToCacheTest, RejectsBadArguments) {
                   .ok());
 }
 
+TEST(CudaRopeQkvToCacheTest, ArgumentsAreCheckedOnTheHost) {
+  EPX_SKIP_WITHOUT_CUDA_BUILD();
+  HostViews host;
+  const int64_t h = 4, kv = 2, d = 8, tokens = 3, cache_rows = 16;
+  const TensorView qkv = host(DType::kF32, {tokens, (h + 2 * kv) * d});
+  const TensorView rope = host(DType::kF32, {tokens, d});
+  const TensorView rows = host(DType::kI32, {tokens});
+  const TensorView q_out = host(DType::kBF16, {tokens, h * d});
+  const TensorView k_cache = host(DType::kBF16, {cache_rows, kv * d});
+  const TensorView v_cache = host(DType::kBF16, {cache_rows, kv * d});
+  // The views above are valid for (h, kv, d); each call changes one argument.
+  auto rope_qkv = [&](const TensorView& qkv_, const TensorView& rope_, const TensorView& rows_,
+                      int64_t h_, int64_t kv_, int64_t d_, const TensorView& q_out_,
+                      const TensorView& k_cache_, const TensorView& v_cache_) {
+    return RopeQkvToCache(qkv_, rope_, rows_, h_, kv_, d_, q_out_, k_cache_, v_cache_, nullptr);
+  };
+  EXPECT_THAT(rope_qkv(qkv, rope, rows, 0, kv, d, q_out, k_cache, v_cache),
+              IsInvalidArgument("RopeQkvToCache: num_heads (0)"));
+  EXPECT_THAT(rope_qkv(qkv, rope, rows, h, -2, d, q_out, k_cache, v_cache),
+              IsInvalidArgument("num_kv_heads (-2)"));
+  EXPECT_THAT(rope_qkv(qkv, rope, rows, h, kv, 7, q_out, k_cache, v_cache),
+              IsInvalidArgument("head_dim (7)"));
+  EXPECT_THAT(rope_qkv(qkv, rope, rows, h, kv, 0, q_out, k_cache, v_cache),
+              IsInvalidArgument("head_dim (0)"));
+  EXPECT_THAT(rope_qkv(host(DType::kF32, {tokens, (h + kv) * d}), rope, rows, h, kv, d, q_out,
+                       k_cache, v_cache),
+              IsInvalidArgument("RopeQkvToCache: qkv must be"));
+  EXPECT_THAT(rope_qkv(host(DType::kBF16, {tokens, (h + 2 * kv) * d}), rope, rows, h, kv, d, q_out,
+                       k_cache, v_cache),
+              IsInvalidArgument("RopeQkvToCache: qkv must be"));
+  EXPECT_THAT(
+      rope_qkv(qkv, host(DType::kBF16, {tokens, d}), rows, h, kv, d, q_out, k_cache, v_cache),
+      IsInvalidArgument("RopeQkvToCache: rope must be"));
+  EXPECT_THAT(
+      rope_qkv(qkv, host(DType::kF32, {tokens, d / 2}), rows, h, kv, d, q_out, k_cache, v_cache),
+      IsInvalidArgument("RopeQkvToCache: rope must be"));
+  EXPECT_THAT(
+      rope_qkv(qkv, host(DType::kF32, {tokens - 1, d}), rows, h, kv, d, q_out, k_cache, v_cache),
+      IsInvalidArgument("RopeQkvToCache: rope must be"));
+  EXPECT_THAT(rope_qkv(qkv, rope, host(DType::kI64, {tokens}), h, kv, d, q_out, k_cache, v_cache),
+              IsInvalidArgument("RopeQkvToCache: kv_rows must be"));
+  EXPECT_THAT(
+      rope_qkv(qkv, rope, host(DType::kI32, {tokens + 1}), h, kv, d, q_out, k_cache, v_cache),
+      IsInvalidArgument("RopeQkvToCache: kv_rows must be"));
+  EXPECT_THAT(
+      rope_qkv(qkv, rope, rows, h, kv, d, host(DType::kF32, {tokens, h * d}), k_cache, v_cache),
+      IsInvalidArgument("RopeQkvToCache: q_out must be"));
+  EXPECT_THAT(
+      rope_qkv(qkv, rope, rows, h, kv, d, host(DType::kBF16, {tokens, kv * d}), k_cache, v_cache),
+      IsInvalidArgument("RopeQkvToCache: q_out must be"));
+  EXPECT_THAT(
+      rope_qkv(qkv, rope, rows, h, kv, d, q_out, host(DType::kF32, {cache_rows, kv * d}), v_cache),
+      IsInvalidArgument("RopeQkvToCache: k_cache must be"));
+  EXPECT_THAT(
+      rope_qkv(qkv, rope, rows, h, kv, d, q_out, host(DType::kBF16, {cache_rows, d}), v_cache),
+      IsInvalidArgument("RopeQkvToCache: k_cache must be"));
+  EXPECT_THAT(rope_qkv(qkv, rope, rows, h, kv, d, q_out, k_cache,
+                       host(DType::kBF16, {cache_rows - 1, kv * d})),
+              IsInvalidArgument("RopeQkvToCache: v_cache must be"));
+  EXPECT_THAT(
+      rope_qkv(qkv, rope, rows, h, kv, d, q_out, k_cache, host(DType::kF32, {cache_rows, kv * d})),
+      IsInvalidArgument("RopeQkvToCache: v_cache must be"));
+  EXPECT_THAT(rope_qkv(qkv, rope, rows, h, kv, d, q_out, k_cache,
+                       TensorView(nullptr, DType::kBF16, {cache_rows, kv * d})),
+              IsInvalidArgument("RopeQkvToCache: v_cache [16, 16] has no data"));
+  EXPECT_THAT(rope_qkv(host.Unbacked(DType::kF32, {kPastTheGrid, (h + 2 * kv) * d}),
+                       host.Unbacked(DType::kF32, {kPastTheGrid, d}),
+                       host.Unbacked(DType::kI32, {kPastTheGrid}), h, kv, d,
+                       host.Unbacked(DType::kBF16, {kPastTheGrid, h * d}), k_cache, v_cache),
+              IsInvalidArgument("RopeQkvToCache: 2147483648 rows exceed the grid"));
+}
+
 // ---- MoeCombine ----
 
 TEST(CudaMoeCombineTest, MatchesOracleInSlotAndPermutedOrder) {
@@ -510,6 +688,43 @@ TEST(CudaMoeCombineTest, RejectsBadArguments) {
                   .ok());
 }
 
+TEST(CudaMoeCombineTest, ArgumentsAreCheckedOnTheHost) {
+  EPX_SKIP_WITHOUT_CUDA_BUILD();
+  HostViews host;
+  // 3 tokens, top-2, hidden 16.
+  const TensorView x = host(DType::kF32, {3, 16});
+  const TensorView rows = host(DType::kBF16, {6, 16});
+  const TensorView row_of_slot = host(DType::kI32, {6});
+  const TensorView weights = host(DType::kF32, {3, 2});
+  EXPECT_THAT(MoeCombine(host(DType::kBF16, {3, 16}), rows, row_of_slot, weights, nullptr),
+              IsInvalidArgument("MoeCombine: x must be"));
+  EXPECT_THAT(MoeCombine(host(DType::kF32, {48}), rows, row_of_slot, weights, nullptr),
+              IsInvalidArgument("MoeCombine: x must be"));
+  EXPECT_THAT(MoeCombine(x, rows, row_of_slot, host(DType::kBF16, {3, 2}), nullptr),
+              IsInvalidArgument("MoeCombine: weights must be"));
+  EXPECT_THAT(MoeCombine(x, rows, row_of_slot, host(DType::kF32, {2, 2}), nullptr),
+              IsInvalidArgument("MoeCombine: weights must be"));
+  EXPECT_THAT(MoeCombine(x, rows, row_of_slot, TensorView(nullptr, DType::kF32, {3, 2}), nullptr),
+              IsInvalidArgument("MoeCombine: weights [3, 2] has no data"));
+  EXPECT_THAT(MoeCombine(x, host(DType::kI32, {6, 16}), row_of_slot, weights, nullptr),
+              IsInvalidArgument("MoeCombine: expert_out must be"));
+  EXPECT_THAT(MoeCombine(x, host(DType::kBF16, {6, 17}), row_of_slot, weights, nullptr),
+              IsInvalidArgument("MoeCombine: expert_out must be"));
+  EXPECT_THAT(MoeCombine(x, rows, host(DType::kI32, {5}), weights, nullptr),
+              IsInvalidArgument("MoeCombine: row_of_slot must be"));
+  EXPECT_THAT(MoeCombine(x, rows, host(DType::kI64, {6}), weights, nullptr),
+              IsInvalidArgument("MoeCombine: row_of_slot must be"));
+  EXPECT_THAT(MoeCombine(x, rows, host(DType::kI32, {3, 2}), weights, nullptr),
+              IsInvalidArgument("MoeCombine: row_of_slot must be"));
+  // Slot order (no row_of_slot) needs a row per slot.
+  EXPECT_THAT(MoeCombine(x, host(DType::kBF16, {5, 16}), TensorView(), weights, nullptr),
+              IsInvalidArgument("MoeCombine: expert_out [5, 16] has fewer than"));
+  EXPECT_THAT(MoeCombine(host.Unbacked(DType::kF32, {kPastTheGrid, 16}),
+                         host.Unbacked(DType::kBF16, {2 * kPastTheGrid, 16}), TensorView(),
+                         host.Unbacked(DType::kF32, {kPastTheGrid, 2}), nullptr),
+              IsInvalidArgument("MoeCombine: 2147483648 rows exceed the grid"));
+}
+
 // ---- SiluMul ----
 
 TEST(CudaSiluMulTest, MatchesOracleFormula) {
@@ -562,6 +777,27 @@ TEST(CudaSiluMulTest, RejectsBadArguments) {
   EXPECT_EQ(SiluMul(gate_up_f32, out, s).code(), kInvalid);
   EXPECT_EQ(SiluMul(gate_up, out_wide, s).code(), kInvalid);
   EXPECT_TRUE(SiluMul(gate_up.view.Slice(0, 0), out.view.Slice(0, 0), s).ok());
+}
+
+TEST(CudaSiluMulTest, ArgumentsAreCheckedOnTheHost) {
+  EPX_SKIP_WITHOUT_CUDA_BUILD();
+  HostViews host;
+  const TensorView gate_up = host(DType::kBF16, {3, 16});
+  const TensorView out = host(DType::kBF16, {3, 8});
+  EXPECT_THAT(SiluMul(host(DType::kBF16, {3, 15}), out, nullptr),
+              IsInvalidArgument("SiluMul: gate_up [3, 15] must have an even number of columns"));
+  EXPECT_THAT(SiluMul(host(DType::kF32, {3, 16}), out, nullptr),
+              IsInvalidArgument("SiluMul: gate_up must be"));
+  EXPECT_THAT(SiluMul(host(DType::kBF16, {48}), out, nullptr),
+              IsInvalidArgument("SiluMul: gate_up must be"));
+  EXPECT_THAT(SiluMul(TensorView(nullptr, DType::kBF16, {3, 16}), out, nullptr),
+              IsInvalidArgument("SiluMul: gate_up [3, 16] has no data"));
+  EXPECT_THAT(SiluMul(gate_up, host(DType::kBF16, {3, 16}), nullptr),
+              IsInvalidArgument("SiluMul: out must be"));
+  EXPECT_THAT(SiluMul(gate_up, host(DType::kF32, {3, 8}), nullptr),
+              IsInvalidArgument("SiluMul: out must be"));
+  EXPECT_THAT(SiluMul(gate_up, host(DType::kBF16, {2, 8}), nullptr),
+              IsInvalidArgument("SiluMul: out must be"));
 }
 
 }  // namespace

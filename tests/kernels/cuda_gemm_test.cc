@@ -1,7 +1,9 @@
 // The GEMM launchers of kernels/cuda/ops.h against the CPU oracle: Linear against cpu::Linear,
 // the three GroupedSwiGlu forms against cpu::GroupedSwiGlu over uneven groups (some empty, some
 // of those without weights) with BF16 and FP8 weights, QuantizeFp8RowWise against the host
-// quantiser bit for bit, and the argument checks.
+// quantiser bit for bit, and the argument checks. QuantizeFp8RowWise's checks also run without a
+// device (ArgumentsAreCheckedOnTheHost); Linear's and GroupedSwiGlu's take a Blas, which only a
+// device gives.
 //
 // Inputs are rounded to BF16 first and the oracle is fed the rounded values, so the differences
 // left are the ones the GPU contract allows: summation order (fp32 either way), and the BF16
@@ -17,6 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/dtype.h"
 #include "common/tensor.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cuda/ops.h"
@@ -30,6 +33,8 @@ using ::epx::testing::DeviceEmpty;
 using ::epx::testing::DeviceTensor;
 using ::epx::testing::Download;
 using ::epx::testing::ExpectClose;
+using ::epx::testing::HostViews;
+using ::epx::testing::IsInvalidArgument;
 using ::epx::testing::RandomF32;
 using ::epx::testing::RoundedToBf16;
 using ::epx::testing::ToBf16;
@@ -562,6 +567,32 @@ TEST(CudaQuantizeFp8Test, RejectsBadArguments) {
   EXPECT_EQ(QuantizeFp8RowWise(w, q_u8, scale, gpu.s()).code(), invalid);
   EXPECT_EQ(QuantizeFp8RowWise(w, q_shape, scale, gpu.s()).code(), invalid);
   EXPECT_EQ(QuantizeFp8RowWise(w, q, scale_short, gpu.s()).code(), invalid);
+}
+
+TEST(CudaQuantizeFp8Test, ArgumentsAreCheckedOnTheHost) {
+  EPX_SKIP_WITHOUT_CUDA_BUILD();
+  HostViews host;
+  const TensorView w = host(DType::kBF16, {4, 32});
+  const TensorView q = host(DType::kF8E4M3, {4, 32});
+  const TensorView scale = host(DType::kF32, {4});
+  EXPECT_THAT(QuantizeFp8RowWise(host(DType::kF32, {4, 32}), q, scale, nullptr),
+              IsInvalidArgument("QuantizeFp8RowWise: w must be"));
+  EXPECT_THAT(QuantizeFp8RowWise(host(DType::kBF16, {128}), q, scale, nullptr),
+              IsInvalidArgument("QuantizeFp8RowWise: w must be"));
+  EXPECT_THAT(QuantizeFp8RowWise(w, host(DType::kU8, {4, 32}), scale, nullptr),
+              IsInvalidArgument("QuantizeFp8RowWise: q must be"));
+  EXPECT_THAT(QuantizeFp8RowWise(w, host(DType::kF8E4M3, {4, 31}), scale, nullptr),
+              IsInvalidArgument("QuantizeFp8RowWise: q must be"));
+  EXPECT_THAT(QuantizeFp8RowWise(w, q, host(DType::kF32, {3}), nullptr),
+              IsInvalidArgument("QuantizeFp8RowWise: scale must be"));
+  EXPECT_THAT(QuantizeFp8RowWise(w, q, host(DType::kBF16, {4}), nullptr),
+              IsInvalidArgument("QuantizeFp8RowWise: scale must be"));
+  // One block per row.
+  const int64_t too_many = int64_t{1} << 31;
+  EXPECT_THAT(QuantizeFp8RowWise(host.Unbacked(DType::kBF16, {too_many, 1}),
+                                 host.Unbacked(DType::kF8E4M3, {too_many, 1}),
+                                 host.Unbacked(DType::kF32, {too_many}), nullptr),
+              IsInvalidArgument("QuantizeFp8RowWise: at most 2147483647 rows"));
 }
 
 }  // namespace

@@ -1,8 +1,10 @@
 // The MoE routing kernels (kernels/cuda/moe_routing.cu) against the CPU oracle: router top-k,
 // the expert permutation and the row gather, over the token counts the engine sees, expert
-// counts from 4 to 256 and top-k from 1 to 8; and their argument checks.
+// counts from 4 to 256 and top-k from 1 to 8; and their argument checks, which the
+// ...ArgumentsAreCheckedOnTheHost tests run without a device.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <random>
 #include <string>
@@ -10,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/dtype.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cuda/ops.h"
@@ -23,11 +26,13 @@ using ::epx::testing::DeviceEmpty;
 using ::epx::testing::DeviceTensor;
 using ::epx::testing::Download;
 using ::epx::testing::ExpectClose;
+using ::epx::testing::HostViews;
+using ::epx::testing::IsInvalidArgument;
+using ::epx::testing::NewStream;
 using ::epx::testing::RandomF32;
 using ::epx::testing::ToBf16;
-using ::epx::testing::Upload;
-using ::epx::testing::NewStream;
 using ::epx::testing::ToVector32;
+using ::epx::testing::Upload;
 
 constexpr int64_t kTokenCounts[] = {1, 3, 7, 19, 733};
 const auto kInvalid = absl::StatusCode::kInvalidArgument;
@@ -123,6 +128,49 @@ TEST(CudaRouterTopKTest, RejectsBadArguments) {
   EXPECT_EQ(RouterTopK(logits_four, ids5, weights5, s).code(), kInvalid);  // above num_experts
   EXPECT_TRUE(
       RouterTopK(logits.view.Slice(0, 0), ids.view.Slice(0, 0), weights.view.Slice(0, 0), s).ok());
+}
+
+TEST(CudaRouterTopKTest, ArgumentsAreCheckedOnTheHost) {
+  EPX_SKIP_WITHOUT_CUDA_BUILD();
+  HostViews host;
+  const TensorView logits = host(DType::kF32, {3, 8});
+  const TensorView ids = host(DType::kI32, {3, 2});
+  const TensorView weights = host(DType::kF32, {3, 2});
+  EXPECT_THAT(RouterTopK(host(DType::kBF16, {3, 8}), ids, weights, nullptr),
+              IsInvalidArgument("RouterTopK: logits must be"));
+  EXPECT_THAT(RouterTopK(host(DType::kF32, {24}), ids, weights, nullptr),
+              IsInvalidArgument("RouterTopK: logits must be"));
+  EXPECT_THAT(RouterTopK(TensorView(nullptr, DType::kF32, {3, 8}), ids, weights, nullptr),
+              IsInvalidArgument("RouterTopK: logits [3, 8] has no data"));
+  // One warp holds at most 256 experts.
+  EXPECT_THAT(RouterTopK(host(DType::kF32, {3, 257}), ids, weights, nullptr),
+              IsInvalidArgument("RouterTopK: logits [3, 257] must have 1 to 256 experts"));
+  EXPECT_THAT(RouterTopK(host(DType::kF32, {3, 0}), ids, weights, nullptr),
+              IsInvalidArgument("RouterTopK: logits [3, 0] must have 1 to 256 experts"));
+  EXPECT_THAT(RouterTopK(logits, host(DType::kF32, {3, 2}), weights, nullptr),
+              IsInvalidArgument("RouterTopK: topk_ids must be"));
+  EXPECT_THAT(RouterTopK(logits, host(DType::kI32, {2, 2}), weights, nullptr),
+              IsInvalidArgument("RouterTopK: topk_ids must be"));
+  // num_topk is topk_ids' width: 1 to min(8, num_experts).
+  EXPECT_THAT(RouterTopK(logits, host(DType::kI32, {3, 9}), host(DType::kF32, {3, 9}), nullptr),
+              IsInvalidArgument("RouterTopK: topk_ids [3, 9] must choose 1 to 8 experts"));
+  EXPECT_THAT(RouterTopK(host(DType::kF32, {3, 4}), host(DType::kI32, {3, 5}),
+                         host(DType::kF32, {3, 5}), nullptr),
+              IsInvalidArgument("RouterTopK: topk_ids [3, 5] must choose 1 to 4 experts"));
+  EXPECT_THAT(RouterTopK(logits, host(DType::kI32, {3, 0}), host(DType::kF32, {3, 0}), nullptr),
+              IsInvalidArgument("RouterTopK: topk_ids [3, 0] must choose 1 to 8 experts"));
+  EXPECT_THAT(RouterTopK(logits, ids, host(DType::kBF16, {3, 2}), nullptr),
+              IsInvalidArgument("RouterTopK: topk_weights must be"));
+  EXPECT_THAT(RouterTopK(logits, ids, host(DType::kF32, {3, 3}), nullptr),
+              IsInvalidArgument("RouterTopK: topk_weights must be"));
+  EXPECT_THAT(RouterTopK(logits, ids, TensorView(nullptr, DType::kF32, {3, 2}), nullptr),
+              IsInvalidArgument("RouterTopK: topk_weights [3, 2] has no data"));
+  // Four tokens a block: 2^33 tokens need 2^31 blocks, one more than the grid holds.
+  const int64_t many = int64_t{1} << 33;
+  EXPECT_THAT(
+      RouterTopK(host.Unbacked(DType::kF32, {many, 8}), host.Unbacked(DType::kI32, {many, 2}),
+                 host.Unbacked(DType::kF32, {many, 2}), nullptr),
+      IsInvalidArgument("RouterTopK: too many tokens"));
 }
 
 // ---- ExpertPermutation ----
@@ -262,6 +310,58 @@ TEST(CudaExpertPermutationTest, RejectsBadArguments) {
   EXPECT_TRUE(SynchronizeStream(s).ok());
 }
 
+TEST(CudaExpertPermutationTest, ArgumentsAreCheckedOnTheHost) {
+  EPX_SKIP_WITHOUT_CUDA_BUILD();
+  HostViews host;
+  const int64_t tokens = 3, topk = 2, experts = 8, n = tokens * topk;
+  const TensorView ids = host(DType::kI32, {tokens, topk});
+  const TensorView offsets = host(DType::kI32, {experts + 1});
+  const TensorView slots = host(DType::kI32, {n});
+  const TensorView inverse = host(DType::kI32, {n});
+  // Whatever the device's sort needs, the scratch holds the slots' keys and ids first: one byte
+  // is short on any device, and refused before CUB's size query, which needs a device.
+  const TensorView scratch = host(DType::kU8, {1});
+  auto permute = [&](const TensorView& ids_, int64_t experts_, const TensorView& offsets_,
+                     const TensorView& slots_, const TensorView& inverse_,
+                     const TensorView& scratch_) {
+    return ExpertPermutation(ids_, experts_, offsets_, slots_, inverse_, scratch_, nullptr);
+  };
+  EXPECT_THAT(permute(host(DType::kI64, {tokens, topk}), experts, offsets, slots, inverse, scratch),
+              IsInvalidArgument("ExpertPermutation: topk_ids must be"));
+  EXPECT_THAT(permute(host(DType::kI32, {n}), experts, offsets, slots, inverse, scratch),
+              IsInvalidArgument("ExpertPermutation: topk_ids must be"));
+  EXPECT_THAT(permute(TensorView(nullptr, DType::kI32, {tokens, topk}), experts, offsets, slots,
+                      inverse, scratch),
+              IsInvalidArgument("ExpertPermutation: topk_ids [3, 2] has no data"));
+  EXPECT_THAT(permute(ids, 0, host(DType::kI32, {1}), slots, inverse, scratch),
+              IsInvalidArgument("ExpertPermutation: num_experts must be in [1, 2^31 - 1)"));
+  EXPECT_THAT(permute(ids, INT32_MAX, offsets, slots, inverse, scratch),
+              IsInvalidArgument("ExpertPermutation: num_experts must be in [1, 2^31 - 1)"));
+  const int64_t too_many = int64_t{1} << 31;
+  EXPECT_THAT(permute(host.Unbacked(DType::kI32, {too_many, 1}), experts, offsets,
+                      host.Unbacked(DType::kI32, {too_many}),
+                      host.Unbacked(DType::kI32, {too_many}), scratch),
+              IsInvalidArgument("ExpertPermutation: topk_ids [2147483648, 1] has more than"));
+  EXPECT_THAT(permute(ids, experts, host(DType::kI32, {experts}), slots, inverse, scratch),
+              IsInvalidArgument("ExpertPermutation: expert_offsets must be"));
+  EXPECT_THAT(permute(ids, experts, host(DType::kI64, {experts + 1}), slots, inverse, scratch),
+              IsInvalidArgument("ExpertPermutation: expert_offsets must be"));
+  EXPECT_THAT(permute(ids, experts, offsets, host(DType::kI32, {n - 1}), inverse, scratch),
+              IsInvalidArgument("ExpertPermutation: slots must be"));
+  EXPECT_THAT(permute(ids, experts, offsets, host(DType::kI64, {n}), inverse, scratch),
+              IsInvalidArgument("ExpertPermutation: slots must be"));
+  EXPECT_THAT(permute(ids, experts, offsets, slots, host(DType::kI64, {n}), scratch),
+              IsInvalidArgument("ExpertPermutation: row_of_slot must be"));
+  EXPECT_THAT(permute(ids, experts, offsets, slots, host(DType::kI32, {tokens, topk}), scratch),
+              IsInvalidArgument("ExpertPermutation: row_of_slot must be"));
+  EXPECT_THAT(permute(ids, experts, offsets, slots, inverse, TensorView()),
+              IsInvalidArgument("ExpertPermutation: scratch F32 [] has 0 bytes"));
+  EXPECT_THAT(permute(ids, experts, offsets, slots, inverse, host(DType::kU8, {0})),
+              IsInvalidArgument("ExpertPermutation: scratch U8 [0] has 0 bytes"));
+  EXPECT_THAT(permute(ids, experts, offsets, slots, inverse, scratch),
+              IsInvalidArgument("ExpertPermutation: scratch U8 [1] has 1 bytes"));
+}
+
 // ---- PermuteRows ----
 
 TEST(CudaPermuteRowsTest, MatchesOracleExactly) {
@@ -313,6 +413,39 @@ TEST(CudaPermuteRowsTest, RejectsBadArguments) {
   EXPECT_EQ(PermuteRows(x, slots, 2, permuted_f32, s).code(), kInvalid);
   EXPECT_EQ(PermuteRows(x, slots, 0, permuted, s).code(), kInvalid);
   EXPECT_TRUE(PermuteRows(x, slots.view.Slice(0, 0), 2, permuted.view.Slice(0, 0), s).ok());
+}
+
+TEST(CudaPermuteRowsTest, ArgumentsAreCheckedOnTheHost) {
+  EPX_SKIP_WITHOUT_CUDA_BUILD();
+  HostViews host;
+  const TensorView x = host(DType::kBF16, {3, 16});
+  const TensorView slots = host(DType::kI32, {6});
+  const TensorView permuted = host(DType::kBF16, {6, 16});
+  EXPECT_THAT(PermuteRows(host(DType::kF32, {3, 16}), slots, 2, permuted, nullptr),
+              IsInvalidArgument("PermuteRows: x must be"));
+  EXPECT_THAT(PermuteRows(host(DType::kBF16, {48}), slots, 2, permuted, nullptr),
+              IsInvalidArgument("PermuteRows: x must be"));
+  EXPECT_THAT(PermuteRows(TensorView(nullptr, DType::kBF16, {3, 16}), slots, 2, permuted, nullptr),
+              IsInvalidArgument("PermuteRows: x [3, 16] has no data"));
+  EXPECT_THAT(PermuteRows(x, host(DType::kI32, {3, 2}), 2, permuted, nullptr),
+              IsInvalidArgument("PermuteRows: slots must be"));
+  EXPECT_THAT(PermuteRows(x, host(DType::kI64, {6}), 2, permuted, nullptr),
+              IsInvalidArgument("PermuteRows: slots must be"));
+  EXPECT_THAT(PermuteRows(x, slots, 2, host(DType::kBF16, {5, 16}), nullptr),
+              IsInvalidArgument("PermuteRows: permuted must be"));
+  EXPECT_THAT(PermuteRows(x, slots, 2, host(DType::kBF16, {6, 17}), nullptr),
+              IsInvalidArgument("PermuteRows: permuted must be"));
+  EXPECT_THAT(PermuteRows(x, slots, 2, host(DType::kF32, {6, 16}), nullptr),
+              IsInvalidArgument("PermuteRows: permuted must be"));
+  EXPECT_THAT(PermuteRows(x, slots, 0, permuted, nullptr),
+              IsInvalidArgument("PermuteRows: num_topk must be positive, got 0"));
+  EXPECT_THAT(PermuteRows(x, slots, -2, permuted, nullptr),
+              IsInvalidArgument("PermuteRows: num_topk must be positive, got -2"));
+  // One block per row.
+  const int64_t too_many = int64_t{1} << 31;
+  EXPECT_THAT(PermuteRows(x, host.Unbacked(DType::kI32, {too_many}), 2,
+                          host.Unbacked(DType::kBF16, {too_many, 16}), nullptr),
+              IsInvalidArgument("PermuteRows: too many rows"));
 }
 
 }  // namespace

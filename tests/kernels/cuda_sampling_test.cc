@@ -1,6 +1,7 @@
 // The sampling kernels (kernels/cuda/sampling.cu) against the CPU oracle: ArgMax (ties, NaN,
 // signed zeros) and Sample with per-row temperature, top-k, top-p and fixed seeds, whose tokens
-// must equal cpu::Sample's; and their argument checks.
+// must equal cpu::Sample's; and their argument checks, which the ...ArgumentsAreCheckedOnTheHost
+// tests run without a device.
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -10,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/dtype.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cuda/ops.h"
@@ -22,13 +24,17 @@ namespace {
 using ::epx::testing::DeviceEmpty;
 using ::epx::testing::DeviceTensor;
 using ::epx::testing::Download;
-using ::epx::testing::RandomF32;
-using ::epx::testing::Upload;
+using ::epx::testing::HostViews;
+using ::epx::testing::IsInvalidArgument;
 using ::epx::testing::NewStream;
+using ::epx::testing::RandomF32;
 using ::epx::testing::ToVector32;
+using ::epx::testing::Upload;
 
 constexpr int64_t kRowCounts[] = {1, 3, 7, 19, 733};
 const auto kInvalid = absl::StatusCode::kInvalidArgument;
+// Logits of 2^31 elements, one more than CUB's segmented sort counts: never backed.
+constexpr int64_t kHugeRows = int64_t{1} << 16, kHugeVocab = int64_t{1} << 15;
 
 // ---- ArgMax ----
 
@@ -118,6 +124,30 @@ TEST(CudaArgMaxTest, RejectsBadArguments) {
   EXPECT_EQ(ArgMax(logits, out_short, s).code(), kInvalid);
   EXPECT_EQ(ArgMax(logits, out_i64, s).code(), kInvalid);
   EXPECT_TRUE(ArgMax(logits.view.Slice(0, 0), out.view.Slice(0, 0), s).ok());
+}
+
+TEST(CudaArgMaxTest, ArgumentsAreCheckedOnTheHost) {
+  EPX_SKIP_WITHOUT_CUDA_BUILD();
+  HostViews host;
+  const TensorView logits = host(DType::kF32, {3, 10});
+  const TensorView out = host(DType::kI32, {3});
+  EXPECT_THAT(ArgMax(host(DType::kBF16, {3, 10}), out, nullptr),
+              IsInvalidArgument("ArgMax: logits must be"));
+  EXPECT_THAT(ArgMax(host(DType::kF32, {30}), out, nullptr),
+              IsInvalidArgument("ArgMax: logits must be"));
+  EXPECT_THAT(ArgMax(TensorView(nullptr, DType::kF32, {3, 10}), out, nullptr),
+              IsInvalidArgument("ArgMax: logits [3, 10] has no data"));
+  EXPECT_THAT(ArgMax(host(DType::kF32, {3, 0}), out, nullptr),
+              IsInvalidArgument("ArgMax: logits [3, 0] must have a vocabulary of at least 1"));
+  EXPECT_THAT(ArgMax(host.Unbacked(DType::kF32, {kHugeRows, kHugeVocab}),
+                     host.Unbacked(DType::kI32, {kHugeRows}), nullptr),
+              IsInvalidArgument("ArgMax: logits [65536, 32768] must have"));
+  EXPECT_THAT(ArgMax(logits, host(DType::kI32, {2}), nullptr),
+              IsInvalidArgument("ArgMax: out must be"));
+  EXPECT_THAT(ArgMax(logits, host(DType::kI64, {3}), nullptr),
+              IsInvalidArgument("ArgMax: out must be"));
+  EXPECT_THAT(ArgMax(logits, TensorView(nullptr, DType::kI32, {3}), nullptr),
+              IsInvalidArgument("ArgMax: out [3] has no data"));
 }
 
 // ---- Sample ----
@@ -216,6 +246,59 @@ TEST(CudaSampleTest, RejectsBadArguments) {
   const SampleArgs none{f32.view.Slice(0, 0), i32.view.Slice(0, 0), f32.view.Slice(0, 0),
                         f64.view.Slice(0, 0)};
   EXPECT_TRUE(Sample(logits.view.Slice(0, 0), none, TensorView(), out.view.Slice(0, 0), s).ok());
+}
+
+TEST(CudaSampleTest, ArgumentsAreCheckedOnTheHost) {
+  EPX_SKIP_WITHOUT_CUDA_BUILD();
+  HostViews host;
+  const int64_t rows = 3, vocab = 10;
+  const TensorView logits = host(DType::kF32, {rows, vocab});
+  const TensorView f32 = host(DType::kF32, {rows});
+  const TensorView i32 = host(DType::kI32, {rows});
+  const TensorView f64 = host(DType::kF64, {rows});
+  const TensorView out = host(DType::kI32, {rows});
+  const SampleArgs args{f32, i32, f32, f64};
+  // Whatever the device's sort needs, the scratch holds the logits' keys and ids first: one byte
+  // is short on any device, and refused before CUB's size query, which needs a device.
+  const TensorView scratch = host(DType::kU8, {1});
+  EXPECT_THAT(Sample(host(DType::kBF16, {rows, vocab}), args, scratch, out, nullptr),
+              IsInvalidArgument("Sample: logits must be"));
+  EXPECT_THAT(Sample(host(DType::kF32, {rows * vocab}), args, scratch, out, nullptr),
+              IsInvalidArgument("Sample: logits must be"));
+  EXPECT_THAT(Sample(host(DType::kF32, {rows, 0}), args, scratch, out, nullptr),
+              IsInvalidArgument("Sample: logits [3, 0] must have a vocabulary of at least 1"));
+  {
+    const TensorView huge_f32 = host.Unbacked(DType::kF32, {kHugeRows});
+    const SampleArgs huge{huge_f32, host.Unbacked(DType::kI32, {kHugeRows}), huge_f32,
+                          host.Unbacked(DType::kF64, {kHugeRows})};
+    EXPECT_THAT(Sample(host.Unbacked(DType::kF32, {kHugeRows, kHugeVocab}), huge, scratch,
+                       host.Unbacked(DType::kI32, {kHugeRows}), nullptr),
+                IsInvalidArgument("Sample: logits [65536, 32768] must have"));
+  }
+  EXPECT_THAT(Sample(logits, SampleArgs{host(DType::kF32, {rows + 1}), i32, f32, f64}, scratch, out,
+                     nullptr),
+              IsInvalidArgument("Sample: temperature must be"));
+  EXPECT_THAT(Sample(logits, SampleArgs{i32, i32, f32, f64}, scratch, out, nullptr),
+              IsInvalidArgument("Sample: temperature must be"));
+  EXPECT_THAT(Sample(logits, SampleArgs{f32, f32, f32, f64}, scratch, out, nullptr),
+              IsInvalidArgument("Sample: top_k must be"));
+  EXPECT_THAT(Sample(logits, SampleArgs{f32, TensorView(), f32, f64}, scratch, out, nullptr),
+              IsInvalidArgument("Sample: top_k must be"));
+  EXPECT_THAT(Sample(logits, SampleArgs{f32, i32, f64, f64}, scratch, out, nullptr),
+              IsInvalidArgument("Sample: top_p must be"));
+  EXPECT_THAT(Sample(logits, SampleArgs{f32, i32, f32, f32}, scratch, out, nullptr),
+              IsInvalidArgument("Sample: uniform must be"));
+  EXPECT_THAT(Sample(logits, SampleArgs{f32, i32, f32, TensorView(nullptr, DType::kF64, {rows})},
+                     scratch, out, nullptr),
+              IsInvalidArgument("Sample: uniform [3] has no data"));
+  EXPECT_THAT(Sample(logits, args, scratch, host(DType::kI64, {rows}), nullptr),
+              IsInvalidArgument("Sample: out must be"));
+  EXPECT_THAT(Sample(logits, args, scratch, host(DType::kI32, {rows - 1}), nullptr),
+              IsInvalidArgument("Sample: out must be"));
+  EXPECT_THAT(Sample(logits, args, TensorView(), out, nullptr),
+              IsInvalidArgument("Sample: scratch F32 [] has 0 bytes"));
+  EXPECT_THAT(Sample(logits, args, scratch, out, nullptr),
+              IsInvalidArgument("Sample: scratch U8 [1] has 1 bytes"));
 }
 
 }  // namespace

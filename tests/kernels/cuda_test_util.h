@@ -1,5 +1,6 @@
 // Helpers for the `gpu` tests: skip without a device, move host tensors to and from the GPU, and
-// compare device results with the CPU oracle.
+// compare device results with the CPU oracle; and, for the tests of the launchers' host-side
+// argument checks, which need no device, host views and a status matcher.
 #ifndef EPX_TESTS_KERNELS_CUDA_TEST_UTIL_H_
 #define EPX_TESTS_KERNELS_CUDA_TEST_UTIL_H_
 
@@ -10,7 +11,10 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "common/tensor.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/cuda/runtime.h"
 
@@ -24,6 +28,52 @@ namespace epx::testing {
     if (::epx::cuda::DeviceCount() == 0)                                                    \
       GTEST_SKIP() << "no CUDA device visible (driver missing or CUDA_VISIBLE_DEVICES empty)"; \
   } while (0)
+
+// Skips a test that needs the CUDA launchers but no device (the argument-check tests) in a build
+// without CUDA. That build does not compile the gpu tests at all, so this is belt and braces.
+#define EPX_SKIP_WITHOUT_CUDA_BUILD()                                                \
+  do {                                                                               \
+    if (!::epx::cuda::BuiltWithCuda())                                               \
+      GTEST_SKIP() << "built without CUDA: the launchers need -DEPX_ENABLE_CUDA=ON"; \
+  } while (0)
+
+// Host memory standing in for device memory in tests of the launchers' argument checks. Every
+// launcher validates its arguments on the host before it launches anything, so a call that fails
+// validation never dereferences these pointers, and the tests run where no GPU is (a stream
+// argument can be nullptr). Views are non-null even when they have no elements, as a device
+// allocation would be.
+class HostViews {
+ public:
+  // A view with its own 64-byte aligned buffer (Tensor::Empty) of the full size.
+  TensorView operator()(DType dtype, Shape shape) { return Offset(dtype, std::move(shape), 0); }
+
+  // A view `bytes` past the start of its own aligned buffer: a misaligned pointer when `bytes` is
+  // not a multiple of the alignment asked for.
+  TensorView Offset(DType dtype, Shape shape, size_t bytes) {
+    const size_t size = static_cast<size_t>(NumElements(shape)) * DTypeSize(dtype);
+    buffers_.push_back(Tensor::Empty(DType::kU8, {static_cast<int64_t>(size + bytes)}));
+    return TensorView(buffers_.back().data<uint8_t>() + bytes, dtype, std::move(shape));
+  }
+
+  // A view of a shape too large for any allocation (past a grid or int32 limit) over a small
+  // buffer: only for calls that must be refused for that size.
+  TensorView Unbacked(DType dtype, Shape shape) {
+    buffers_.push_back(Tensor::Empty(DType::kU8, {64}));
+    return TensorView(buffers_.back().data<uint8_t>(), dtype, std::move(shape));
+  }
+
+ private:
+  std::vector<Tensor> buffers_;  // moving a Tensor keeps its buffer where it is
+};
+
+// Matches an absl::Status that is InvalidArgument with `text` in its message: the argument at
+// fault, so that a test of one check fails when that check goes away even if another check then
+// refuses the call. The code alone would not do: CUDA errors such as "invalid device ordinal"
+// (a device query without a device) are InvalidArgument too.
+MATCHER_P(IsInvalidArgument, text,
+          std::string(negation ? "isn't" : "is") + " InvalidArgument naming \"" + text + "\"") {
+  return arg.code() == absl::StatusCode::kInvalidArgument && absl::StrContains(arg.message(), text);
+}
 
 // A stream for a test (which has checked that a device exists).
 inline cuda::Stream NewStream() {
