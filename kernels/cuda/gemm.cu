@@ -55,6 +55,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
+#include "kernels/cuda/check_args.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/ops.h"
 
@@ -74,6 +75,18 @@ bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 constexpr size_t AlignUp(size_t bytes, size_t alignment = 256) {
   return (bytes + alignment - 1) / alignment * alignment;
+}
+
+// FailedPrecondition unless `blas` holds a cuBLAS handle. A Blas without one was not made by
+// Blas::Create() (or was moved from): cuBLAS cannot run on it, and a default-constructed one has
+// no stream either, so the work that only needs the stream (the skinny kernel, the k = 0 memset)
+// would go to the legacy default stream, unordered with the caller's work. Checked after the
+// arguments, so that an argument error is reported as such whatever the Blas.
+absl::Status CheckBlas(const char* op, const Blas& blas) {
+  if (blas.handle() == nullptr)
+    return absl::FailedPreconditionError(
+        absl::StrCat(op, ": blas has no cuBLAS handle (not made by Blas::Create)"));
+  return absl::OkStatus();
 }
 
 // Row-major y[m, n] = x[m, k] @ w[n, k]^T (+ beta * y), BF16 inputs, fp32 accumulation. Row
@@ -526,7 +539,8 @@ absl::StatusOr<ExpertShape> CheckExperts(absl::Span<const DeviceExpert> experts,
   for (size_t e = 0; e < experts.size(); ++e) {
     const DeviceExpert& ex = experts[e];
     if (!ex.loaded()) continue;
-    const std::string where = absl::StrCat("GroupedSwiGlu: expert ", e, ": ");
+    const std::string op = absl::StrCat("GroupedSwiGlu: expert ", e);
+    const std::string where = op + ": ";
     if (!shape.any_loaded) {
       if (ex.w13.dtype() != DType::kBF16 && ex.w13.dtype() != DType::kF8E4M3)
         return absl::InvalidArgumentError(
@@ -548,10 +562,8 @@ absl::StatusOr<ExpertShape> CheckExperts(absl::Span<const DeviceExpert> experts,
       return absl::InvalidArgumentError(
           absl::StrCat(where, "w13 must be ", DTypeName(shape.dtype), " [", 2 * inter, ", ", hidden,
                        "] like the other experts and x, got ", Describe(ex.w13)));
-    if (ex.w2.dtype() != shape.dtype || ex.w2.shape() != Shape{hidden, inter})
-      return absl::InvalidArgumentError(absl::StrCat(where, "w2 must be ", DTypeName(shape.dtype),
-                                                     " [", hidden, ", ", inter, "], got ",
-                                                     Describe(ex.w2)));
+    // w13 has data (that is what loaded() means); w2 must have it too.
+    EPX_RETURN_IF_ERROR(CheckTensor(op.c_str(), "w2", ex.w2, shape.dtype, {hidden, inter}));
     if (!Aligned16(ex.w13.raw()) || !Aligned16(ex.w2.raw()))
       return absl::InvalidArgumentError(absl::StrCat(where, "weights must be 16-byte aligned"));
     if (shape.dtype == DType::kF8E4M3) {
@@ -724,18 +736,12 @@ absl::Status RunCublasGrouped(const GroupedCall& call) {
 
 absl::Status Linear(const TensorView& x, const TensorView& w, const TensorView& y, bool accumulate,
                     const Blas& blas) {
-  if (x.rank() != 2 || x.dtype() != DType::kBF16)
-    return absl::InvalidArgumentError(
-        absl::StrCat("Linear: x must be BF16 [m, k], got ", Describe(x)));
+  constexpr const char* kOp = "Linear";
+  EPX_RETURN_IF_ERROR(CheckTensor(kOp, "x", x, DType::kBF16, {-1, -1}));
   const int64_t m = x.dim(0), k = x.dim(1);
-  if (w.rank() != 2 || w.dtype() != DType::kBF16 || w.dim(1) != k)
-    return absl::InvalidArgumentError(
-        absl::StrCat("Linear: w must be BF16 [n, ", k, "] (k of x), got ", Describe(w)));
+  EPX_RETURN_IF_ERROR(CheckTensor(kOp, "w", w, DType::kBF16, {-1, k}));
   const int64_t n = w.dim(0);
-  if (y.rank() != 2 || (y.dtype() != DType::kBF16 && y.dtype() != DType::kF32) || y.dim(0) != m ||
-      y.dim(1) != n)
-    return absl::InvalidArgumentError(
-        absl::StrCat("Linear: y must be BF16 or F32 [", m, ", ", n, "], got ", Describe(y)));
+  EPX_RETURN_IF_ERROR(CheckTensor(kOp, "y", y, {DType::kBF16, DType::kF32}, {m, n}));
   if (accumulate && y.dtype() != DType::kF32)
     return absl::InvalidArgumentError(absl::StrCat(
         "Linear: accumulate needs an F32 y (BF16 would round the running sum), got ", Describe(y)));
@@ -743,6 +749,7 @@ absl::Status Linear(const TensorView& x, const TensorView& w, const TensorView& 
     return absl::InvalidArgumentError(absl::StrCat(
         "Linear: dimensions must fit in int for cuBLAS, got m=", m, " n=", n, " k=", k));
   if (m == 0 || n == 0) return absl::OkStatus();
+  EPX_RETURN_IF_ERROR(CheckBlas(kOp, blas));
   if (k == 0) {  // an empty sum: y = 0, or y unchanged when accumulating
     if (accumulate) return absl::OkStatus();
     return MemsetAsync(y.raw(), 0, y.nbytes(), blas.stream());
@@ -775,24 +782,29 @@ absl::Status GroupedSwiGlu(const TensorView& x, const TensorView& offsets,
                            absl::Span<const int64_t> host_offsets,
                            absl::Span<const DeviceExpert> experts, GroupedGemmImpl impl,
                            const TensorView& scratch, const TensorView& out, const Blas& blas) {
-  if (x.rank() != 2 || x.dtype() != DType::kBF16)
-    return absl::InvalidArgumentError(
-        absl::StrCat("GroupedSwiGlu: x must be BF16 [num_rows, hidden], got ", Describe(x)));
+  constexpr const char* kOp = "GroupedSwiGlu";
+  EPX_RETURN_IF_ERROR(CheckTensor(kOp, "x", x, DType::kBF16, {-1, -1}));
   const int64_t num_rows = x.dim(0), hidden = x.dim(1);
-  if (out.dtype() != DType::kBF16 || out.shape() != x.shape())
-    return absl::InvalidArgumentError(absl::StrCat("GroupedSwiGlu: out must be BF16 ",
-                                                   ShapeString(x.shape()), " like x, got ",
-                                                   Describe(out)));
-  if (hidden <= 0 || hidden % 16 != 0 || !FitsInt(hidden) || !FitsInt(num_rows))
+  EPX_RETURN_IF_ERROR(CheckTensor(kOp, "out", out, DType::kBF16, {num_rows, hidden}));
+  if (hidden <= 0 || hidden % 16 != 0 || !FitsInt(hidden))
     return absl::InvalidArgumentError(absl::StrCat(
         "GroupedSwiGlu: hidden must be a positive multiple of 16 (16-byte loads), got ", hidden));
-  if (!Aligned16(x.raw()) || !Aligned16(out.raw()) || !Aligned16(scratch.raw()))
-    return absl::InvalidArgumentError("GroupedSwiGlu: x, out and scratch must be 16-byte aligned");
+  // Row indices are int on the device (I32 offsets) and in the cuBLAS calls.
+  if (!FitsInt(num_rows))
+    return absl::InvalidArgumentError(
+        absl::StrCat("GroupedSwiGlu: x has ", num_rows, " rows, more than ", INT_MAX));
+  // The kernels load x and out 16 bytes at a time; the scratch buffers are carved from scratch at
+  // 256-byte offsets and keep its alignment.
+  const auto check_aligned = [](const char* name, const TensorView& t) {
+    return Aligned16(t.raw()) ? absl::OkStatus()
+                              : absl::InvalidArgumentError(absl::StrCat(
+                                    "GroupedSwiGlu: ", name, " must be 16-byte aligned"));
+  };
+  EPX_RETURN_IF_ERROR(check_aligned("x", x));
+  EPX_RETURN_IF_ERROR(check_aligned("out", out));
+  EPX_RETURN_IF_ERROR(check_aligned("scratch", scratch));
   const int64_t num_groups = static_cast<int64_t>(experts.size());
-  if (offsets.rank() != 1 || offsets.dtype() != DType::kI32 || offsets.dim(0) != num_groups + 1)
-    return absl::InvalidArgumentError(absl::StrCat("GroupedSwiGlu: offsets must be I32 [",
-                                                   num_groups + 1, "] (experts + 1), got ",
-                                                   Describe(offsets)));
+  EPX_RETURN_IF_ERROR(CheckTensor(kOp, "offsets", offsets, DType::kI32, {num_groups + 1}));
   if (!host_offsets.empty()) {
     if (static_cast<int64_t>(host_offsets.size()) != num_groups + 1)
       return absl::InvalidArgumentError(absl::StrCat("GroupedSwiGlu: host_offsets must have ",
@@ -843,10 +855,13 @@ absl::Status GroupedSwiGlu(const TensorView& x, const TensorView& offsets,
   const int64_t inter = shape.intermediate;
   const bool fp8 = shape.dtype == DType::kF8E4M3;
   const ScratchLayout layout = ScratchLayout::Make(num_rows, hidden, inter, shape.dtype);
-  if (scratch.nbytes() < layout.total)
-    return absl::InvalidArgumentError(absl::StrCat("GroupedSwiGlu: scratch has ", scratch.nbytes(),
+  // A scratch without data holds nothing, whatever its shape says.
+  const size_t scratch_bytes = scratch.empty() ? 0 : scratch.nbytes();
+  if (scratch_bytes < layout.total)
+    return absl::InvalidArgumentError(absl::StrCat("GroupedSwiGlu: scratch has ", scratch_bytes,
                                                    " bytes, needs ", layout.total,
                                                    " (GroupedSwiGluScratchBytes)"));
+  EPX_RETURN_IF_ERROR(CheckBlas(kOp, blas));
 
   uint8_t* base = static_cast<uint8_t*>(scratch.raw());
   const GroupedCall call{x,
@@ -877,16 +892,11 @@ absl::Status GroupedSwiGlu(const TensorView& x, const TensorView& offsets,
 
 absl::Status QuantizeFp8RowWise(const TensorView& w, const TensorView& q, const TensorView& scale,
                                 StreamHandle stream) {
-  if (w.rank() != 2 || w.dtype() != DType::kBF16)
-    return absl::InvalidArgumentError(
-        absl::StrCat("QuantizeFp8RowWise: w must be BF16 [n, k], got ", Describe(w)));
+  constexpr const char* kOp = "QuantizeFp8RowWise";
+  EPX_RETURN_IF_ERROR(CheckTensor(kOp, "w", w, DType::kBF16, {-1, -1}));
   const int64_t n = w.dim(0), k = w.dim(1);
-  if (q.dtype() != DType::kF8E4M3 || q.shape() != w.shape())
-    return absl::InvalidArgumentError(absl::StrCat("QuantizeFp8RowWise: q must be F8E4M3 ",
-                                                   ShapeString(w.shape()), ", got ", Describe(q)));
-  if (scale.dtype() != DType::kF32 || scale.shape() != Shape{n})
-    return absl::InvalidArgumentError(
-        absl::StrCat("QuantizeFp8RowWise: scale must be F32 [", n, "], got ", Describe(scale)));
+  EPX_RETURN_IF_ERROR(CheckTensor(kOp, "q", q, DType::kF8E4M3, {n, k}));
+  EPX_RETURN_IF_ERROR(CheckTensor(kOp, "scale", scale, DType::kF32, {n}));
   if (n > INT_MAX)
     return absl::InvalidArgumentError(
         absl::StrCat("QuantizeFp8RowWise: at most ", INT_MAX, " rows, got ", n));

@@ -130,7 +130,9 @@ absl::Status Attention(const TensorView& q, const PagedKv& kv, const AttentionBa
 // ---- GEMMs (gemm.cu) ----
 
 // y = x @ w^T (+ y when accumulate), fp32 accumulation. x: [m, k] BF16; w: [n, k] BF16;
-// y: [m, n] BF16 or F32 (accumulate needs F32).
+// y: [m, n] BF16 or F32 (accumulate needs F32). A call with work to do (m, n >= 1) needs a Blas
+// made by Blas::Create(): one without a cuBLAS handle is FailedPrecondition, after the argument
+// checks.
 absl::Status Linear(const TensorView& x, const TensorView& w, const TensorView& y,
                     bool accumulate, const Blas& blas);
 
@@ -162,7 +164,8 @@ size_t GroupedSwiGluScratchBytes(int64_t num_rows, int64_t hidden, int64_t inter
 // host_offsets: the same values on the host, needed by the cuBLAS forms (may be empty for
 // kSkinny, and for kAuto when num_rows <= kSkinnyMaxRows). A non-empty group whose expert is not
 // loaded is FailedPrecondition (checked when host_offsets are given). x: [num_rows, hidden] BF16;
-// out: [num_rows, hidden] BF16.
+// out: [num_rows, hidden] BF16. As for Linear, a call with rows to run needs a Blas made by
+// Blas::Create() (FailedPrecondition after the argument checks otherwise).
 absl::Status GroupedSwiGlu(const TensorView& x, const TensorView& offsets,
                            absl::Span<const int64_t> host_offsets,
                            absl::Span<const DeviceExpert> experts, GroupedGemmImpl impl,

@@ -1,9 +1,10 @@
 // The GEMM launchers of kernels/cuda/ops.h against the CPU oracle: Linear against cpu::Linear,
 // the three GroupedSwiGlu forms against cpu::GroupedSwiGlu over uneven groups (some empty, some
 // of those without weights) with BF16 and FP8 weights, QuantizeFp8RowWise against the host
-// quantiser bit for bit, and the argument checks. QuantizeFp8RowWise's checks also run without a
-// device (ArgumentsAreCheckedOnTheHost); Linear's and GroupedSwiGlu's take a Blas, which only a
-// device gives.
+// quantiser bit for bit, and the argument checks. Those checks also run without a device, over
+// host memory (the ...ArgumentsAreCheckedOnTheHost tests). Linear and GroupedSwiGlu get a Blas
+// without a cuBLAS handle there, where a valid call with work to do stops (FailedPrecondition);
+// each case changes one argument of such a call and expects the message naming that argument.
 //
 // Inputs are rounded to BF16 first and the oracle is fed the rounded values, so the differences
 // left are the ones the GPU contract allows: summation order (fp32 either way), and the BF16
@@ -34,6 +35,7 @@ using ::epx::testing::DeviceTensor;
 using ::epx::testing::Download;
 using ::epx::testing::ExpectClose;
 using ::epx::testing::HostViews;
+using ::epx::testing::IsFailedPrecondition;
 using ::epx::testing::IsInvalidArgument;
 using ::epx::testing::RandomF32;
 using ::epx::testing::RoundedToBf16;
@@ -161,6 +163,78 @@ TEST(CudaLinearTest, RejectsBadArguments) {
   const DeviceTensor x0 = DeviceEmpty(DType::kBF16, {0, 16}, gpu.s());
   const DeviceTensor y0 = DeviceEmpty(DType::kF32, {0, 5}, gpu.s());
   EXPECT_TRUE(Linear(x0, w, y0, false, gpu.blas).ok());
+}
+
+TEST(CudaLinearTest, ArgumentsAreCheckedOnTheHost) {
+  EPX_SKIP_WITHOUT_CUDA_BUILD();
+  HostViews host;
+  const Blas no_handle{};
+  const TensorView x = host(DType::kBF16, {3, 16});
+  const TensorView w = host(DType::kBF16, {5, 16});
+  const TensorView y = host(DType::kF32, {3, 5});
+  // Valid arguments get as far as the handle, with an F32 or a BF16 y.
+  EXPECT_THAT(Linear(x, w, y, false, no_handle),
+              IsFailedPrecondition("Linear: blas has no cuBLAS handle"));
+  EXPECT_THAT(Linear(x, w, host(DType::kBF16, {3, 5}), false, no_handle),
+              IsFailedPrecondition("Linear: blas has no cuBLAS handle"));
+  EXPECT_THAT(Linear(x, w, y, true, no_handle),
+              IsFailedPrecondition("Linear: blas has no cuBLAS handle"));
+  // k = 0 still writes y (zeros).
+  EXPECT_THAT(Linear(host(DType::kBF16, {3, 0}), host(DType::kBF16, {5, 0}), y, false, no_handle),
+              IsFailedPrecondition("Linear: blas has no cuBLAS handle"));
+  // No rows or no columns: nothing to do, so no handle is needed (nor data).
+  EXPECT_TRUE(
+      Linear(host(DType::kBF16, {0, 16}), w, host(DType::kF32, {0, 5}), false, no_handle).ok());
+  EXPECT_TRUE(
+      Linear(x, host(DType::kBF16, {0, 16}), host(DType::kF32, {3, 0}), false, no_handle).ok());
+  EXPECT_TRUE(Linear(TensorView(nullptr, DType::kBF16, {0, 16}), w,
+                     TensorView(nullptr, DType::kF32, {0, 5}), false, no_handle)
+                  .ok());
+
+  // x: BF16 [m, k] with data.
+  EXPECT_THAT(Linear(host(DType::kF32, {3, 16}), w, y, false, no_handle),
+              IsInvalidArgument("Linear: x must be"));
+  EXPECT_THAT(Linear(host(DType::kBF16, {48}), w, y, false, no_handle),
+              IsInvalidArgument("Linear: x must be"));
+  EXPECT_THAT(Linear(TensorView(nullptr, DType::kBF16, {3, 16}), w, y, false, no_handle),
+              IsInvalidArgument("Linear: x [3, 16] has no data"));
+  // w: BF16 [n, k] with x's k, with data.
+  EXPECT_THAT(Linear(x, host(DType::kF32, {5, 16}), y, false, no_handle),
+              IsInvalidArgument("Linear: w must be"));
+  EXPECT_THAT(Linear(x, host(DType::kBF16, {5, 24}), y, false, no_handle),
+              IsInvalidArgument("Linear: w must be BF16 [*, 16]"));
+  EXPECT_THAT(Linear(x, host(DType::kBF16, {1, 5, 16}), y, false, no_handle),
+              IsInvalidArgument("Linear: w must be"));
+  EXPECT_THAT(Linear(x, TensorView(nullptr, DType::kBF16, {5, 16}), y, false, no_handle),
+              IsInvalidArgument("Linear: w [5, 16] has no data"));
+  // y: BF16 or F32 [m, n] with data.
+  EXPECT_THAT(Linear(x, w, host(DType::kI32, {3, 5}), false, no_handle),
+              IsInvalidArgument("Linear: y must be BF16 or F32 [3, 5]"));
+  EXPECT_THAT(Linear(x, w, host(DType::kF32, {3, 6}), false, no_handle),
+              IsInvalidArgument("Linear: y must be BF16 or F32 [3, 5]"));
+  EXPECT_THAT(Linear(x, w, host(DType::kF32, {5, 3}), false, no_handle),
+              IsInvalidArgument("Linear: y must be BF16 or F32 [3, 5]"));
+  EXPECT_THAT(Linear(x, w, host(DType::kF32, {15}), false, no_handle),
+              IsInvalidArgument("Linear: y must be BF16 or F32 [3, 5]"));
+  EXPECT_THAT(Linear(x, w, TensorView(nullptr, DType::kF32, {3, 5}), false, no_handle),
+              IsInvalidArgument("Linear: y [3, 5] has no data"));
+  // A BF16 running sum would be rounded at every call.
+  EXPECT_THAT(Linear(x, w, host(DType::kBF16, {3, 5}), true, no_handle),
+              IsInvalidArgument("Linear: accumulate needs an F32 y"));
+  // cuBLAS takes int dimensions.
+  const int64_t too_many = int64_t{1} << 31;
+  EXPECT_THAT(Linear(host.Unbacked(DType::kBF16, {too_many, 1}), host(DType::kBF16, {1, 1}),
+                     host.Unbacked(DType::kF32, {too_many, 1}), false, no_handle),
+              IsInvalidArgument("Linear: dimensions must fit in int for cuBLAS, got m=2147483648"));
+  EXPECT_THAT(
+      Linear(host(DType::kBF16, {1, 1}), host.Unbacked(DType::kBF16, {too_many, 1}),
+             host.Unbacked(DType::kF32, {1, too_many}), false, no_handle),
+      IsInvalidArgument("Linear: dimensions must fit in int for cuBLAS, got m=1 n=2147483648"));
+  EXPECT_THAT(
+      Linear(host.Unbacked(DType::kBF16, {1, too_many}), host.Unbacked(DType::kBF16, {1, too_many}),
+             host(DType::kF32, {1, 1}), false, no_handle),
+      IsInvalidArgument("Linear: dimensions must fit in int for cuBLAS, got m=1 n=1 "
+                        "k=2147483648"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -486,6 +560,344 @@ TEST(CudaGroupedSwiGluErrorsTest, RejectsBadArguments) {
   EXPECT_TRUE(run(x0, offsets, zeros, device, kLoop, scratch, x0).ok());
 }
 
+// The arguments of one GroupedSwiGlu call, for tests that change them one at a time.
+struct GroupedArgs {
+  TensorView x, offsets;
+  std::vector<int64_t> host_offsets;
+  std::vector<DeviceExpert> experts;
+  GroupedGemmImpl impl = GroupedGemmImpl::kCublasLoop;
+  TensorView scratch, out;
+
+  absl::Status Run(const Blas& blas) const {
+    return GroupedSwiGlu(x, offsets, host_offsets, experts, impl, scratch, out, blas);
+  }
+};
+
+TEST(CudaGroupedSwiGluErrorsTest, ArgumentsAreCheckedOnTheHost) {
+  EPX_SKIP_WITHOUT_CUDA_BUILD();
+  HostViews host;
+  const Blas no_handle{};
+  // The smallest shape the kernels take: hidden and intermediate are multiples of 16.
+  constexpr int64_t kH = 32, kI = 16, kRows = 6;
+  constexpr auto kSkinny = GroupedGemmImpl::kSkinny;
+  constexpr auto kAuto = GroupedGemmImpl::kAuto;
+  const auto bf16_expert = [&] {
+    return DeviceExpert{host(DType::kBF16, {2 * kI, kH}), host(DType::kBF16, {kH, kI})};
+  };
+  const auto fp8_expert = [&] {
+    return DeviceExpert{host(DType::kF8E4M3, {2 * kI, kH}), host(DType::kF8E4M3, {kH, kI}),
+                        host(DType::kF32, {2 * kI}), host(DType::kF32, {kH})};
+  };
+  const auto scratch_bytes = [&](int64_t rows, DType dtype) {
+    return static_cast<int64_t>(GroupedSwiGluScratchBytes(rows, kH, kI, dtype));
+  };
+  const auto scratch = [&](int64_t rows, DType dtype) {
+    return host(DType::kU8, {scratch_bytes(rows, dtype)});
+  };
+  // Three groups of two rows each.
+  GroupedArgs valid;
+  valid.x = host(DType::kBF16, {kRows, kH});
+  valid.offsets = host(DType::kI32, {4});
+  valid.host_offsets = {0, 2, 4, 6};
+  valid.experts = {bf16_expert(), bf16_expert(), bf16_expert()};
+  valid.scratch = scratch(kRows, DType::kBF16);
+  valid.out = host(DType::kBF16, {kRows, kH});
+  GroupedArgs valid_fp8 = valid;
+  valid_fp8.experts = {fp8_expert(), fp8_expert(), fp8_expert()};
+  valid_fp8.scratch = scratch(kRows, DType::kF8E4M3);
+  // `base` with one change, run without a handle.
+  const auto run_from = [&](const GroupedArgs& base, const auto& change) {
+    GroupedArgs args = base;
+    change(args);
+    return args.Run(no_handle);
+  };
+  const auto run = [&](const auto& change) { return run_from(valid, change); };
+  const auto run_fp8 = [&](const auto& change) { return run_from(valid_fp8, change); };
+  // An expert without weights, copied in by the cases: assigning a temporary DeviceExpert{}
+  // instead trips GCC 12's -Wmaybe-uninitialized (a false positive on the move of a TensorView's
+  // inline shape storage).
+  const DeviceExpert unloaded{};
+  const auto no_handle_refused = IsFailedPrecondition("GroupedSwiGlu: blas has no cuBLAS handle");
+
+  // Valid calls get as far as the handle: every form, and the skinny ones (kAuto up to
+  // kSkinnyMaxRows) from the device offsets alone.
+  EXPECT_THAT(valid.Run(no_handle), no_handle_refused);
+  EXPECT_THAT(valid_fp8.Run(no_handle), no_handle_refused);
+  for (GroupedGemmImpl impl : {kSkinny, GroupedGemmImpl::kCublasGrouped, kAuto}) {
+    SCOPED_TRACE(GroupedGemmImplName(impl));
+    EXPECT_THAT(run([&](GroupedArgs& a) { a.impl = impl; }), no_handle_refused);
+    EXPECT_THAT(run_fp8([&](GroupedArgs& a) { a.impl = impl; }), no_handle_refused);
+  }
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.impl = kSkinny;
+                a.host_offsets.clear();
+              }),
+              no_handle_refused);
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.impl = kAuto;
+                a.host_offsets.clear();
+              }),
+              no_handle_refused);
+  // An empty group needs no loaded expert.
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.host_offsets = {0, 2, 2, 6};
+                a.experts[1] = unloaded;
+              }),
+              no_handle_refused);
+  // No rows to run: nothing to do, so no handle is needed (nor data).
+  EXPECT_TRUE(run([&](GroupedArgs& a) {
+                a.x = host(DType::kBF16, {0, kH});
+                a.out = host(DType::kBF16, {0, kH});
+                a.host_offsets = {0, 0, 0, 0};
+              }).ok());
+  EXPECT_TRUE(run([&](GroupedArgs& a) {
+                a.x = TensorView(nullptr, DType::kBF16, {0, kH});
+                a.out = TensorView(nullptr, DType::kBF16, {0, kH});
+                a.host_offsets.clear();
+                a.impl = kSkinny;
+              }).ok());
+  EXPECT_TRUE(run([&](GroupedArgs& a) {
+                a.host_offsets = {0, 0, 0, 0};
+                a.experts.assign(3, unloaded);
+              }).ok());
+
+  // x: BF16 [num_rows, hidden] with data.
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.x = host(DType::kF32, {kRows, kH});
+              }),
+              IsInvalidArgument("GroupedSwiGlu: x must be"));
+  EXPECT_THAT(run([&](GroupedArgs& a) { a.x = host(DType::kBF16, {kRows * kH}); }),
+              IsInvalidArgument("GroupedSwiGlu: x must be"));
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.x = TensorView(nullptr, DType::kBF16, {kRows, kH});
+              }),
+              IsInvalidArgument("GroupedSwiGlu: x [6, 32] has no data"));
+  // out: BF16, x's shape, with data.
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.out = host(DType::kF32, {kRows, kH});
+              }),
+              IsInvalidArgument("GroupedSwiGlu: out must be BF16 [6, 32]"));
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.out = host(DType::kBF16, {kRows - 1, kH});
+              }),
+              IsInvalidArgument("GroupedSwiGlu: out must be BF16 [6, 32]"));
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.out = host(DType::kBF16, {kRows, 2 * kH});
+              }),
+              IsInvalidArgument("GroupedSwiGlu: out must be BF16 [6, 32]"));
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.out = TensorView(nullptr, DType::kBF16, {kRows, kH});
+              }),
+              IsInvalidArgument("GroupedSwiGlu: out [6, 32] has no data"));
+  // hidden: a positive multiple of 16 (the kernels' 16-byte loads).
+  for (int64_t hidden : {40, 8, 0}) {
+    SCOPED_TRACE(absl::StrCat("hidden=", hidden));
+    EXPECT_THAT(run([&](GroupedArgs& a) {
+                  a.x = host(DType::kBF16, {kRows, hidden});
+                  a.out = host(DType::kBF16, {kRows, hidden});
+                }),
+                IsInvalidArgument("GroupedSwiGlu: hidden must be a positive multiple of 16"));
+  }
+  // Rows are int on the device (I32 offsets) and for cuBLAS.
+  const int64_t too_many = int64_t{1} << 31;
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.x = host.Unbacked(DType::kBF16, {too_many, kH});
+                a.out = host.Unbacked(DType::kBF16, {too_many, kH});
+              }),
+              IsInvalidArgument("GroupedSwiGlu: x has 2147483648 rows"));
+  // x, out and scratch: 16-byte aligned.
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.x = host.Offset(DType::kBF16, {kRows, kH}, 8);
+              }),
+              IsInvalidArgument("GroupedSwiGlu: x must be 16-byte aligned"));
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.out = host.Offset(DType::kBF16, {kRows, kH}, 8);
+              }),
+              IsInvalidArgument("GroupedSwiGlu: out must be 16-byte aligned"));
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.scratch = host.Offset(DType::kU8, {scratch_bytes(kRows, DType::kBF16)}, 8);
+              }),
+              IsInvalidArgument("GroupedSwiGlu: scratch must be 16-byte aligned"));
+  // offsets: I32 [experts + 1] with data, whatever the form (the skinny kernel reads them).
+  EXPECT_THAT(run([&](GroupedArgs& a) { a.offsets = host(DType::kF32, {4}); }),
+              IsInvalidArgument("GroupedSwiGlu: offsets must be I32 [4]"));
+  EXPECT_THAT(run([&](GroupedArgs& a) { a.offsets = host(DType::kI64, {4}); }),
+              IsInvalidArgument("GroupedSwiGlu: offsets must be I32 [4]"));
+  EXPECT_THAT(run([&](GroupedArgs& a) { a.offsets = host(DType::kI32, {3}); }),
+              IsInvalidArgument("GroupedSwiGlu: offsets must be I32 [4]"));
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.offsets = host(DType::kI32, {4, 1});
+              }),
+              IsInvalidArgument("GroupedSwiGlu: offsets must be I32 [4]"));
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.offsets = TensorView(nullptr, DType::kI32, {4});
+                a.impl = kSkinny;
+              }),
+              IsInvalidArgument("GroupedSwiGlu: offsets [4] has no data"));
+  // host_offsets, when given: experts + 1 entries ascending from 0 to at most num_rows.
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.host_offsets = {0, 2, 6};
+              }),
+              IsInvalidArgument("GroupedSwiGlu: host_offsets must have 4 entries"));
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.host_offsets = {0, 2, 4, 6, 6};
+              }),
+              IsInvalidArgument("GroupedSwiGlu: host_offsets must have 4 entries"));
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.host_offsets = {0, 4, 2, 6};
+              }),
+              IsInvalidArgument("GroupedSwiGlu: host_offsets must ascend within [0, 6]; entry 2"));
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.host_offsets = {-1, 2, 4, 6};
+              }),
+              IsInvalidArgument("GroupedSwiGlu: host_offsets must ascend within [0, 6]; entry 0"));
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.host_offsets = {0, 2, 4, 7};
+              }),
+              IsInvalidArgument("GroupedSwiGlu: host_offsets must ascend within [0, 6]; entry 3"));
+  // Rows for an expert that is not loaded: FailedPrecondition naming the group (with host
+  // offsets), or, without them, when no expert at all is loaded.
+  EXPECT_THAT(run([&](GroupedArgs& a) { a.experts[2] = unloaded; }),
+              IsFailedPrecondition("GroupedSwiGlu: expert group 2 has 2 rows but its expert is "
+                                   "not loaded"));
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.experts.assign(3, unloaded);
+                a.host_offsets.clear();
+                a.impl = kSkinny;
+              }),
+              IsFailedPrecondition("GroupedSwiGlu: 6 rows but no expert is loaded"));
+
+  // Each loaded expert's w13: BF16 or F8E4M3 [2 * intermediate, hidden], the same for all.
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.experts[0].w13 = host(DType::kF32, {2 * kI, kH});
+              }),
+              IsInvalidArgument("GroupedSwiGlu: expert 0: w13 must be BF16 or F8E4M3"));
+  EXPECT_THAT(run([&](GroupedArgs& a) { a.experts[0].w13 = host(DType::kBF16, {2 * kI * kH}); }),
+              IsInvalidArgument("GroupedSwiGlu: expert 0: w13 must be [2 * intermediate, hidden]"));
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.experts[0].w13 = host(DType::kBF16, {2 * kI + 1, kH});
+              }),
+              IsInvalidArgument("GroupedSwiGlu: expert 0: w13 must be [2 * intermediate, hidden]"));
+  // intermediate: a positive multiple of 16, like hidden.
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                for (DeviceExpert& e : a.experts) {
+                  e.w13 = host(DType::kBF16, {2 * 8, kH});
+                  e.w2 = host(DType::kBF16, {kH, 8});
+                }
+              }),
+              IsInvalidArgument("GroupedSwiGlu: expert 0: intermediate must be a positive "
+                                "multiple of 16"));
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.experts[0].w13 = host(DType::kBF16, {2 * kI, 48});
+              }),
+              IsInvalidArgument("GroupedSwiGlu: expert 0: w13 must be BF16 [32, 32] like the "
+                                "other experts and x"));
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.experts[1].w13 = host(DType::kBF16, {4 * kI, kH});
+              }),
+              IsInvalidArgument("GroupedSwiGlu: expert 1: w13 must be BF16 [32, 32]"));
+  EXPECT_THAT(run([&](GroupedArgs& a) { a.experts[2] = fp8_expert(); }),
+              IsInvalidArgument("GroupedSwiGlu: expert 2: w13 must be BF16 [32, 32]"));
+  // w2: [hidden, intermediate] of w13's dtype, with data.
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.experts[0].w2 = host(DType::kBF16, {kI, kH});
+              }),
+              IsInvalidArgument("GroupedSwiGlu: expert 0: w2 must be BF16 [32, 16]"));
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.experts[1].w2 = host(DType::kF8E4M3, {kH, kI});
+              }),
+              IsInvalidArgument("GroupedSwiGlu: expert 1: w2 must be BF16 [32, 16]"));
+  EXPECT_THAT(run([&](GroupedArgs& a) { a.experts[1].w2 = TensorView(); }),
+              IsInvalidArgument("GroupedSwiGlu: expert 1: w2 must be BF16 [32, 16]"));
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.experts[2].w2 = TensorView(nullptr, DType::kBF16, {kH, kI});
+              }),
+              IsInvalidArgument("GroupedSwiGlu: expert 2: w2 [32, 16] has no data"));
+  EXPECT_THAT(run_fp8([&](GroupedArgs& a) {
+                a.experts[0].w2 = host(DType::kBF16, {kH, kI});
+              }),
+              IsInvalidArgument("GroupedSwiGlu: expert 0: w2 must be F8_E4M3 [32, 16]"));
+  // Weights: 16-byte aligned (the skinny kernel's loads).
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.experts[0].w13 = host.Offset(DType::kBF16, {2 * kI, kH}, 8);
+              }),
+              IsInvalidArgument("GroupedSwiGlu: expert 0: weights must be 16-byte aligned"));
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.experts[2].w2 = host.Offset(DType::kBF16, {kH, kI}, 8);
+              }),
+              IsInvalidArgument("GroupedSwiGlu: expert 2: weights must be 16-byte aligned"));
+  // FP8 weights: F32 row scales of w13's and w2's rows.
+  EXPECT_THAT(run_fp8([&](GroupedArgs& a) { a.experts[0].w13_scale = TensorView(); }),
+              IsInvalidArgument("GroupedSwiGlu: expert 0: FP8 w13 needs w13_scale F32 [32], got "
+                                "none"));
+  EXPECT_THAT(run_fp8([&](GroupedArgs& a) {
+                a.experts[0].w13_scale = TensorView(nullptr, DType::kF32, {2 * kI});
+              }),
+              IsInvalidArgument("GroupedSwiGlu: expert 0: FP8 w13 needs w13_scale F32 [32], got "
+                                "none"));
+  EXPECT_THAT(
+      run_fp8([&](GroupedArgs& a) { a.experts[1].w13_scale = host(DType::kF32, {2 * kI - 1}); }),
+      IsInvalidArgument("GroupedSwiGlu: expert 1: FP8 w13 needs w13_scale F32 [32], got F32 [31]"));
+  EXPECT_THAT(
+      run_fp8([&](GroupedArgs& a) { a.experts[1].w13_scale = host(DType::kBF16, {2 * kI}); }),
+      IsInvalidArgument("GroupedSwiGlu: expert 1: FP8 w13 needs w13_scale F32 [32], got BF16"));
+  EXPECT_THAT(run_fp8([&](GroupedArgs& a) { a.experts[2].w2_scale = TensorView(); }),
+              IsInvalidArgument("GroupedSwiGlu: expert 2: FP8 w2 needs w2_scale F32 [32], got "
+                                "none"));
+  EXPECT_THAT(run_fp8([&](GroupedArgs& a) { a.experts[2].w2_scale = host(DType::kF32, {kI}); }),
+              IsInvalidArgument("GroupedSwiGlu: expert 2: FP8 w2 needs w2_scale F32 [32], got F32 "
+                                "[16]"));
+
+  // The forms' limits: the skinny kernel takes at most kSkinnyMaxRows rows and kSkinnyMaxGroups
+  // (256) experts; the cuBLAS forms size their GEMMs from host_offsets.
+  GroupedArgs many_rows = valid;
+  many_rows.x = host(DType::kBF16, {kSkinnyMaxRows + 1, kH});
+  many_rows.out = host(DType::kBF16, {kSkinnyMaxRows + 1, kH});
+  many_rows.host_offsets = {0, 2, 4, kSkinnyMaxRows + 1};
+  many_rows.scratch = scratch(kSkinnyMaxRows + 1, DType::kBF16);
+  EXPECT_THAT(run_from(many_rows, [&](GroupedArgs& a) { a.impl = kAuto; }), no_handle_refused);
+  EXPECT_THAT(run_from(many_rows, [&](GroupedArgs& a) { a.impl = kSkinny; }),
+              IsInvalidArgument("GroupedSwiGlu: the skinny kernel takes at most 64 rows, got 65"));
+  // Above kSkinnyMaxRows kAuto takes the cuBLAS loop.
+  EXPECT_THAT(run_from(many_rows,
+                       [&](GroupedArgs& a) {
+                         a.impl = kAuto;
+                         a.host_offsets.clear();
+                       }),
+              IsInvalidArgument("GroupedSwiGlu: cublas-loop needs host_offsets"));
+  EXPECT_THAT(run([&](GroupedArgs& a) { a.host_offsets.clear(); }),
+              IsInvalidArgument("GroupedSwiGlu: cublas-loop needs host_offsets"));
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.impl = GroupedGemmImpl::kCublasGrouped;
+                a.host_offsets.clear();
+              }),
+              IsInvalidArgument("GroupedSwiGlu: cublas-grouped needs host_offsets"));
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.impl = kSkinny;
+                a.host_offsets.clear();
+                a.experts.assign(257, unloaded);
+                a.offsets = host(DType::kI32, {258});
+              }),
+              IsInvalidArgument("GroupedSwiGlu: the skinny kernel takes at most 256 experts, "
+                                "got 257"));
+  // Scratch: at least GroupedSwiGluScratchBytes, which FP8 weights raise (the dequantised
+  // matrix); a scratch without data holds nothing.
+  EXPECT_THAT(run([&](GroupedArgs& a) { a.scratch = host(DType::kU8, {1024}); }),
+              IsInvalidArgument(absl::StrCat("GroupedSwiGlu: scratch has 1024 bytes, needs ",
+                                             scratch_bytes(kRows, DType::kBF16))));
+  EXPECT_THAT(run([&](GroupedArgs& a) {
+                a.scratch = TensorView(nullptr, DType::kU8, {scratch_bytes(kRows, DType::kBF16)});
+              }),
+              IsInvalidArgument("GroupedSwiGlu: scratch has 0 bytes"));
+  EXPECT_THAT(run_fp8([&](GroupedArgs& a) { a.scratch = scratch(kRows, DType::kBF16); }),
+              IsInvalidArgument(absl::StrCat("GroupedSwiGlu: scratch has ",
+                                             scratch_bytes(kRows, DType::kBF16), " bytes, needs ",
+                                             scratch_bytes(kRows, DType::kF8E4M3))));
+  EXPECT_THAT(
+      run_from(many_rows, [&](GroupedArgs& a) { a.scratch = scratch(kRows, DType::kBF16); }),
+      IsInvalidArgument("GroupedSwiGlu: scratch has"));
+}
+
 // ---------------------------------------------------------------------------------------------
 // QuantizeFp8RowWise
 
@@ -587,6 +999,18 @@ TEST(CudaQuantizeFp8Test, ArgumentsAreCheckedOnTheHost) {
               IsInvalidArgument("QuantizeFp8RowWise: scale must be"));
   EXPECT_THAT(QuantizeFp8RowWise(w, q, host(DType::kBF16, {4}), nullptr),
               IsInvalidArgument("QuantizeFp8RowWise: scale must be"));
+  // Views with elements must have data.
+  EXPECT_THAT(QuantizeFp8RowWise(TensorView(nullptr, DType::kBF16, {4, 32}), q, scale, nullptr),
+              IsInvalidArgument("QuantizeFp8RowWise: w [4, 32] has no data"));
+  EXPECT_THAT(QuantizeFp8RowWise(w, TensorView(nullptr, DType::kF8E4M3, {4, 32}), scale, nullptr),
+              IsInvalidArgument("QuantizeFp8RowWise: q [4, 32] has no data"));
+  EXPECT_THAT(QuantizeFp8RowWise(w, q, TensorView(nullptr, DType::kF32, {4}), nullptr),
+              IsInvalidArgument("QuantizeFp8RowWise: scale [4] has no data"));
+  // No rows: nothing to launch, and no data needed.
+  EXPECT_TRUE(QuantizeFp8RowWise(TensorView(nullptr, DType::kBF16, {0, 32}),
+                                 TensorView(nullptr, DType::kF8E4M3, {0, 32}),
+                                 TensorView(nullptr, DType::kF32, {0}), nullptr)
+                  .ok());
   // One block per row.
   const int64_t too_many = int64_t{1} << 31;
   EXPECT_THAT(QuantizeFp8RowWise(host.Unbacked(DType::kBF16, {too_many, 1}),

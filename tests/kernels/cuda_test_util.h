@@ -1,6 +1,6 @@
 // Helpers for the `gpu` tests: skip without a device, move host tensors to and from the GPU, and
 // compare device results with the CPU oracle; and, for the tests of the launchers' host-side
-// argument checks, which need no device, host views and a status matcher.
+// argument checks, which need no device, host views and status matchers.
 #ifndef EPX_TESTS_KERNELS_CUDA_TEST_UTIL_H_
 #define EPX_TESTS_KERNELS_CUDA_TEST_UTIL_H_
 
@@ -73,6 +73,14 @@ class HostViews {
 MATCHER_P(IsInvalidArgument, text,
           std::string(negation ? "isn't" : "is") + " InvalidArgument naming \"" + text + "\"") {
   return arg.code() == absl::StatusCode::kInvalidArgument && absl::StrContains(arg.message(), text);
+}
+
+// The same for FailedPrecondition: well-formed arguments that cannot run as things stand (an
+// expert that is not loaded, a Blas without a cuBLAS handle).
+MATCHER_P(IsFailedPrecondition, text,
+          std::string(negation ? "isn't" : "is") + " FailedPrecondition naming \"" + text + "\"") {
+  return arg.code() == absl::StatusCode::kFailedPrecondition &&
+         absl::StrContains(arg.message(), text);
 }
 
 // A stream for a test (which has checked that a device exists).
