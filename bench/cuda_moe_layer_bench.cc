@@ -166,18 +166,6 @@ absl::StatusOr<float> BestMs(cuda::StreamHandle stream, int passes, Body&& body)
   return best;
 }
 
-// Device-to-device copy bandwidth, counting the bytes read and the bytes written (a copy of N
-// bytes moves 2N), which is how the layer's bytes are counted too. Best pass, so that a pass
-// slowed by something else does not flatter the fractions.
-absl::StatusOr<double> CopyBandwidth(int64_t bytes, cuda::StreamHandle stream) {
-  EPX_ASSIGN_OR_RETURN(cuda::DeviceBuffer src, cuda::DeviceBuffer::Allocate(bytes));
-  EPX_ASSIGN_OR_RETURN(cuda::DeviceBuffer dst, cuda::DeviceBuffer::Allocate(bytes));
-  EPX_RETURN_IF_ERROR(cuda::MemsetAsync(src.data(), 1, bytes, stream));
-  EPX_ASSIGN_OR_RETURN(const float ms, BestMs(stream, 5, [&] {
-                         return cuda::CopyOnDevice(dst.data(), src.data(), bytes, stream);
-                       }));
-  return 2.0 * static_cast<double>(bytes) / (ms * 1e-3);
-}
 
 // FLOP/s of a size^3 cuBLAS BF16 GEMM with fp32 accumulation and a BF16 output (cuda::Linear).
 absl::StatusOr<double> GemmPeak(int64_t size, const cuda::Blas& blas) {
@@ -365,7 +353,8 @@ absl::Status RunBench(const Options& o) {
               static_cast<long long>(s.num_experts), static_cast<long long>(s.num_topk));
 
   // The limits first, in buffers freed before the layer's are allocated.
-  EPX_ASSIGN_OR_RETURN(const double copy_bps, CopyBandwidth(o.copy_bytes, stream.handle()));
+  EPX_ASSIGN_OR_RETURN(const double copy_bps,
+                       cuda::MeasureCopyBandwidth(o.copy_bytes, 5, stream.handle()));
   EPX_ASSIGN_OR_RETURN(const double gemm_flops, GemmPeak(o.gemm_size, blas));
   std::printf(
       "limits: device-to-device copy %.0f GB/s (%.2f GiB copied, read + write counted); "

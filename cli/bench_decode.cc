@@ -28,7 +28,6 @@ using Json = nlohmann::json;
 constexpr int32_t kFirstOrdinaryToken = 3;
 // The copy that stands for the memory system: far above any L2 (50 MiB on an H100).
 constexpr size_t kCopyBytes = size_t{1} << 30;
-constexpr int kCopyWarmups = 3;
 constexpr int kCopyRepeats = 5;
 
 double GB(double bytes) { return bytes / 1e9; }
@@ -94,33 +93,14 @@ ByteModel MakeByteModel(const ModelConfig& c, bool cuda, const ModelWeights* wei
   return m;
 }
 
-// Device-to-device copy rate of the current device, in the customary convention of bandwidth
-// tests: read + write bytes, 2 x bytes / time. Best of kCopyRepeats after kCopyWarmups.
-absl::StatusOr<double> MeasureCopyBandwidth(int device) {
+// Device-to-device copy rate of `device` in GB/s, counting read + write bytes (2 x bytes / time)
+// as bandwidth tests do.
+absl::StatusOr<double> CopyBandwidthGBps(int device) {
   EPX_RETURN_IF_ERROR(cuda::SetDevice(device));
-  EPX_ASSIGN_OR_RETURN(cuda::DeviceBuffer src, cuda::DeviceBuffer::Allocate(kCopyBytes));
-  EPX_ASSIGN_OR_RETURN(cuda::DeviceBuffer dst, cuda::DeviceBuffer::Allocate(kCopyBytes));
   EPX_ASSIGN_OR_RETURN(cuda::Stream stream, cuda::Stream::Create());
-  EPX_ASSIGN_OR_RETURN(cuda::Event start, cuda::Event::Create());
-  EPX_ASSIGN_OR_RETURN(cuda::Event end, cuda::Event::Create());
-  // Touch every page of both buffers first, so that no copy pays for mapping them.
-  EPX_RETURN_IF_ERROR(cuda::MemsetAsync(src.data(), 1, kCopyBytes, stream.handle()));
-  EPX_RETURN_IF_ERROR(cuda::MemsetAsync(dst.data(), 0, kCopyBytes, stream.handle()));
-  for (int i = 0; i < kCopyWarmups; ++i)
-    EPX_RETURN_IF_ERROR(cuda::CopyOnDevice(dst.data(), src.data(), kCopyBytes, stream.handle()));
-  float best_ms = std::numeric_limits<float>::infinity();
-  for (int i = 0; i < kCopyRepeats; ++i) {
-    EPX_RETURN_IF_ERROR(start.Record(stream.handle()));
-    EPX_RETURN_IF_ERROR(cuda::CopyOnDevice(dst.data(), src.data(), kCopyBytes, stream.handle()));
-    EPX_RETURN_IF_ERROR(end.Record(stream.handle()));
-    EPX_ASSIGN_OR_RETURN(float ms, cuda::Event::ElapsedMs(start, end));
-    best_ms = std::min(best_ms, ms);
-  }
-  EPX_RETURN_IF_ERROR(stream.Synchronize());
-  if (!(best_ms > 0))
-    return absl::InternalError(
-        absl::StrCat("copy bandwidth: a 1 GiB copy timed at ", best_ms, " ms"));
-  return 2.0 * static_cast<double>(kCopyBytes) / (best_ms * 1e-3) / 1e9;
+  EPX_ASSIGN_OR_RETURN(const double bytes_per_s,
+                       cuda::MeasureCopyBandwidth(kCopyBytes, kCopyRepeats, stream.handle()));
+  return bytes_per_s / 1e9;
 }
 
 absl::Status ValidateOptions(const BenchDecodeOptions& o) {
@@ -512,7 +492,7 @@ absl::Status RunBenchDecode(const BenchDecodeOptions& options, std::ostream& out
       return absl::FailedPreconditionError(
           "--device cuda: no CUDA device is visible (check the driver and "
           "CUDA_VISIBLE_DEVICES)");
-    absl::StatusOr<double> gbps = MeasureCopyBandwidth(rt.cuda.device);
+    absl::StatusOr<double> gbps = CopyBandwidthGBps(rt.cuda.device);
     if (!gbps.ok())
       return absl::Status(gbps.status().code(),
                           absl::StrCat("measuring the copy bandwidth: ", gbps.status().message()));

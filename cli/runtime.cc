@@ -81,10 +81,7 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Start(const RuntimeOptions& op
 }
 
 std::string Runtime::device() const {
-  if (options_.device != "cuda") return options_.device;
-  absl::StatusOr<cuda::DeviceProperties> props = cuda::GetDeviceProperties(options_.cuda.device);
-  return absl::StrCat("cuda:", options_.cuda.device,
-                      props.ok() ? absl::StrCat(" ", props->ToString()) : std::string());
+  return options_.device == "cuda" ? cuda::DeviceLabel(options_.cuda.device) : options_.device;
 }
 
 absl::Status Runtime::CreateEngine(ExpertExecutor* remote_experts) {

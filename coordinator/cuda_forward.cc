@@ -21,16 +21,6 @@
 namespace epx {
 namespace {
 
-absl::StatusOr<cuda::GroupedGemmImpl> ParseGroupedGemm(const std::string& name) {
-  for (cuda::GroupedGemmImpl impl :
-       {cuda::GroupedGemmImpl::kAuto, cuda::GroupedGemmImpl::kSkinny,
-        cuda::GroupedGemmImpl::kCublasLoop, cuda::GroupedGemmImpl::kCublasGrouped}) {
-    if (name == cuda::GroupedGemmImplName(impl)) return impl;
-  }
-  return absl::InvalidArgumentError(absl::StrCat(
-      "unknown grouped GEMM \"", name, "\" (auto, skinny, cublas-loop, cublas-grouped)"));
-}
-
 // Carves one allocation into aligned pieces: first a sizing pass (Add), then the same sequence
 // of Add calls against a base pointer gives each piece its address.
 class Layout {
@@ -102,13 +92,10 @@ class CudaForward : public ModelForward {
 };
 
 absl::Status CudaForward::Init(const ModelWeights* host, const CudaForwardOptions& options) {
-  if (!cuda::BuiltWithCuda() || cuda::DeviceCount() == 0)
-    return absl::FailedPreconditionError(
-        "--device cuda: no CUDA device is visible (check the driver and CUDA_VISIBLE_DEVICES)");
   device_ = options.device;
-  EPX_RETURN_IF_ERROR(cuda::SetDevice(device_));
-  EPX_ASSIGN_OR_RETURN(cuda::DeviceProperties props, cuda::GetDeviceProperties(options.device));
-  device_name_ = absl::StrCat("cuda:", options.device, " ", props.ToString());
+  const absl::Status set = cuda::SetDevice(device_);
+  if (!set.ok()) return absl::Status(set.code(), absl::StrCat("--device cuda: ", set.message()));
+  device_name_ = cuda::DeviceLabel(device_);
   EPX_ASSIGN_OR_RETURN(stream_, cuda::Stream::Create());
   EPX_ASSIGN_OR_RETURN(cuda::Blas blas, cuda::Blas::Create(stream_.handle()));
   blas_ = std::make_unique<cuda::Blas>(std::move(blas));
@@ -434,7 +421,7 @@ absl::StatusOr<std::unique_ptr<ModelForward>> NewCudaForward(const ModelConfig& 
                                                              const ModelWeights* weights,
                                                              ExpertExecutor* experts,
                                                              const CudaForwardOptions& options) {
-  EPX_ASSIGN_OR_RETURN(cuda::GroupedGemmImpl impl, ParseGroupedGemm(options.grouped_gemm));
+  EPX_ASSIGN_OR_RETURN(cuda::GroupedGemmImpl impl, cuda::ParseGroupedGemmImpl(options.grouped_gemm));
   if (options.expert_dtype != DType::kBF16 && options.expert_dtype != DType::kF8E4M3)
     return absl::InvalidArgumentError(absl::StrCat("--expert-dtype: BF16 or F8_E4M3, not ",
                                                    DTypeName(options.expert_dtype)));

@@ -16,23 +16,11 @@ class CudaExpertCompute : public ExpertCompute {
  public:
   absl::Status Init(const ModelWeights& weights, const std::vector<int>& local,
                     const ExpertComputeOptions& options) {
-    if (!cuda::BuiltWithCuda() || cuda::DeviceCount() == 0)
-      return absl::FailedPreconditionError(
-          "--device cuda: no CUDA device is visible on this worker (check the driver and "
-          "CUDA_VISIBLE_DEVICES)");
-    EPX_RETURN_IF_ERROR(cuda::SetDevice(options.cuda_device));
-    EPX_ASSIGN_OR_RETURN(cuda::DeviceProperties props,
-                         cuda::GetDeviceProperties(options.cuda_device));
-    name_ = absl::StrCat("cuda:", options.cuda_device, " ", props.ToString());
-    bool found = false;
-    for (cuda::GroupedGemmImpl impl :
-         {cuda::GroupedGemmImpl::kAuto, cuda::GroupedGemmImpl::kSkinny,
-          cuda::GroupedGemmImpl::kCublasLoop, cuda::GroupedGemmImpl::kCublasGrouped}) {
-      if (options.grouped_gemm == cuda::GroupedGemmImplName(impl)) impl_ = impl, found = true;
-    }
-    if (!found)
-      return absl::InvalidArgumentError(
-          absl::StrCat("unknown grouped GEMM \"", options.grouped_gemm, "\""));
+    const absl::Status set = cuda::SetDevice(options.cuda_device);
+    if (!set.ok())
+      return absl::Status(set.code(), absl::StrCat("--device cuda on this worker: ", set.message()));
+    name_ = cuda::DeviceLabel(options.cuda_device);
+    EPX_ASSIGN_OR_RETURN(impl_, cuda::ParseGroupedGemmImpl(options.grouped_gemm));
     hidden_ = weights.config().hidden_size;
     intermediate_ = weights.config().intermediate_size;
     expert_dtype_ = options.expert_dtype;

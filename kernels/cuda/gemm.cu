@@ -773,6 +773,15 @@ const char* GroupedGemmImplName(GroupedGemmImpl impl) {
   return "unknown";
 }
 
+absl::StatusOr<GroupedGemmImpl> ParseGroupedGemmImpl(const std::string& name) {
+  for (GroupedGemmImpl impl : {GroupedGemmImpl::kAuto, GroupedGemmImpl::kSkinny,
+                               GroupedGemmImpl::kCublasLoop, GroupedGemmImpl::kCublasGrouped}) {
+    if (name == GroupedGemmImplName(impl)) return impl;
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown grouped GEMM \"", name, "\" (auto, skinny, cublas-loop, cublas-grouped)"));
+}
+
 size_t GroupedSwiGluScratchBytes(int64_t num_rows, int64_t hidden, int64_t intermediate,
                                  DType weight_dtype) {
   return ScratchLayout::Make(num_rows, hidden, intermediate, weight_dtype).total;

@@ -16,6 +16,7 @@
 #define EPX_KERNELS_CUDA_OPS_H_
 
 #include <cstdint>
+#include <string>
 
 #include "absl/status/status.h"
 #include "absl/types/span.h"
@@ -154,6 +155,8 @@ enum class GroupedGemmImpl {
   kCublasGrouped,  // cublasGemmGroupedBatchedEx, one call per GEMM of the FFN
 };
 const char* GroupedGemmImplName(GroupedGemmImpl impl);
+// The inverse of GroupedGemmImplName; InvalidArgument listing the names for anything else.
+absl::StatusOr<GroupedGemmImpl> ParseGroupedGemmImpl(const std::string& name);
 // Rows at or below which kAuto takes the skinny kernel.
 inline constexpr int64_t kSkinnyMaxRows = 64;
 

@@ -75,8 +75,16 @@ absl::StatusOr<DeviceProperties> GetDeviceProperties(int device) {
   return out;
 }
 
+std::string DeviceLabel(int device) {
+  absl::StatusOr<DeviceProperties> props = GetDeviceProperties(device);
+  return absl::StrCat("cuda:", device, props.ok() ? absl::StrCat(" ", props->ToString()) : "");
+}
+
 absl::Status SetDevice(int device) {
   const int count = DeviceCount();
+  if (count == 0)
+    return absl::FailedPreconditionError(
+        "no CUDA device is visible (check the driver and CUDA_VISIBLE_DEVICES)");
   if (device < 0 || device >= count)
     return absl::InvalidArgumentError(
         absl::StrCat("CUDA device ", device, " does not exist (", count, " visible)"));
@@ -204,6 +212,28 @@ absl::Status MemsetAsync(void* dst, int value, size_t bytes, StreamHandle stream
   if (bytes == 0) return absl::OkStatus();
   EPX_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dst, value, bytes, stream));
   return absl::OkStatus();
+}
+
+absl::StatusOr<double> MeasureCopyBandwidth(size_t bytes, int passes, StreamHandle stream) {
+  EPX_ASSIGN_OR_RETURN(DeviceBuffer src, DeviceBuffer::Allocate(bytes));
+  EPX_ASSIGN_OR_RETURN(DeviceBuffer dst, DeviceBuffer::Allocate(bytes));
+  EPX_ASSIGN_OR_RETURN(Event start, Event::Create());
+  EPX_ASSIGN_OR_RETURN(Event end, Event::Create());
+  // Touching every page first (and one untimed copy) keeps mapping costs out of the timing.
+  EPX_RETURN_IF_ERROR(MemsetAsync(src.data(), 1, bytes, stream));
+  EPX_RETURN_IF_ERROR(CopyOnDevice(dst.data(), src.data(), bytes, stream));
+  float best_ms = 0;
+  for (int i = 0; i < passes; ++i) {
+    EPX_RETURN_IF_ERROR(start.Record(stream));
+    EPX_RETURN_IF_ERROR(CopyOnDevice(dst.data(), src.data(), bytes, stream));
+    EPX_RETURN_IF_ERROR(end.Record(stream));
+    EPX_ASSIGN_OR_RETURN(const float ms, Event::ElapsedMs(start, end));
+    if (i == 0 || ms < best_ms) best_ms = ms;
+  }
+  if (!(best_ms > 0))
+    return absl::InternalError(absl::StrCat("copy bandwidth: a copy of ", bytes,
+                                            " bytes timed at ", best_ms, " ms"));
+  return 2.0 * static_cast<double>(bytes) / (best_ms * 1e-3);
 }
 
 void Blas::Deleter::operator()(cublasContext* h) const { cublasDestroy(h); }

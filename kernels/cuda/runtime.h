@@ -48,7 +48,11 @@ struct DeviceProperties {
 };
 absl::StatusOr<DeviceProperties> GetDeviceProperties(int device);
 
-// Makes `device` current for the calling thread. InvalidArgument for a device that is not there.
+// "cuda:N <DeviceProperties::ToString()>", or "cuda:N" if the device cannot be queried.
+std::string DeviceLabel(int device);
+
+// Makes `device` current for the calling thread. FailedPrecondition when no device is visible
+// (or the build has no CUDA), InvalidArgument for an ordinal that is not there.
 absl::Status SetDevice(int device);
 // Free and total memory of the current device.
 absl::StatusOr<std::pair<int64_t, int64_t>> MemoryInfo();
@@ -124,6 +128,12 @@ class PinnedBuffer {
 
 // Blocks until the work queued on `stream` is done; returns an asynchronous kernel error if any.
 absl::Status SynchronizeStream(StreamHandle stream);
+
+// The memory-bandwidth limit benchmarks report against: device-to-device copies of `bytes` on the
+// current device, counting the bytes read and the bytes written (2 x bytes per copy), as
+// bandwidth tests do. Best of `passes` timed copies after one warm-up, in bytes per second.
+// Allocates two buffers of `bytes` for the duration. Blocks.
+absl::StatusOr<double> MeasureCopyBandwidth(size_t bytes, int passes, StreamHandle stream);
 
 // Copies on `stream`; asynchronous with respect to the host when the host side is pinned.
 absl::Status CopyToDevice(void* dst, const void* src, size_t bytes, StreamHandle stream);

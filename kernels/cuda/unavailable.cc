@@ -15,6 +15,7 @@ bool BuiltWithCuda() { return false; }
 int DeviceCount() { return 0; }
 std::string DeviceProperties::ToString() const { return name; }
 absl::StatusOr<DeviceProperties> GetDeviceProperties(int) { return NotBuilt(); }
+std::string DeviceLabel(int device) { return "cuda:" + std::to_string(device); }
 absl::Status SetDevice(int) { return NotBuilt(); }
 absl::StatusOr<std::pair<int64_t, int64_t>> MemoryInfo() { return NotBuilt(); }
 absl::Status DeviceSynchronize() { return NotBuilt(); }
@@ -37,6 +38,7 @@ absl::Status CopyToDevice(void*, const void*, size_t, StreamHandle) { return Not
 absl::Status CopyToHost(void*, const void*, size_t, StreamHandle) { return NotBuilt(); }
 absl::Status CopyOnDevice(void*, const void*, size_t, StreamHandle) { return NotBuilt(); }
 absl::Status MemsetAsync(void*, int, size_t, StreamHandle) { return NotBuilt(); }
+absl::StatusOr<double> MeasureCopyBandwidth(size_t, int, StreamHandle) { return NotBuilt(); }
 void Blas::Deleter::operator()(cublasContext*) const {}
 absl::StatusOr<Blas> Blas::Create(StreamHandle) { return NotBuilt(); }
 
