@@ -115,16 +115,10 @@ absl::StatusOr<Options> ParseOptions(int argc, char** argv) {
     } else if (flag == "--impls") {
       o.impls.clear();
       for (absl::string_view s : absl::StrSplit(value, ',')) {
-        bool found = false;
-        for (auto impl :
-             {cuda::GroupedGemmImpl::kAuto, cuda::GroupedGemmImpl::kSkinny,
-              cuda::GroupedGemmImpl::kCublasLoop, cuda::GroupedGemmImpl::kCublasGrouped}) {
-          if (s == cuda::GroupedGemmImplName(impl)) {
-            o.impls.push_back(impl);
-            found = true;
-          }
-        }
-        if (!found) return absl::InvalidArgumentError(absl::StrCat("--impls: unknown ", s));
+        absl::StatusOr<cuda::GroupedGemmImpl> impl = cuda::ParseGroupedGemmImpl(std::string(s));
+        if (!impl.ok())
+          return absl::InvalidArgumentError(absl::StrCat("--impls: ", impl.status().message()));
+        o.impls.push_back(*impl);
       }
     } else if (flag == "--min-ms") {
       if (!absl::SimpleAtod(value, &o.min_ms) || o.min_ms <= 0)
@@ -340,8 +334,6 @@ struct Row {
 };
 
 absl::Status RunBench(const Options& o) {
-  if (cuda::DeviceCount() == 0)
-    return absl::FailedPreconditionError("no CUDA device visible (or built without CUDA)");
   EPX_RETURN_IF_ERROR(cuda::SetDevice(o.device));
   EPX_ASSIGN_OR_RETURN(const cuda::DeviceProperties props, cuda::GetDeviceProperties(o.device));
   EPX_ASSIGN_OR_RETURN(cuda::Stream stream, cuda::Stream::Create());

@@ -93,10 +93,9 @@ ByteModel MakeByteModel(const ModelConfig& c, bool cuda, const ModelWeights* wei
   return m;
 }
 
-// Device-to-device copy rate of `device` in GB/s, counting read + write bytes (2 x bytes / time)
-// as bandwidth tests do.
-absl::StatusOr<double> CopyBandwidthGBps(int device) {
-  EPX_RETURN_IF_ERROR(cuda::SetDevice(device));
+// Device-to-device copy rate of the current device in GB/s, counting read + write bytes
+// (2 x bytes / time) as bandwidth tests do.
+absl::StatusOr<double> CopyBandwidthGBps() {
   EPX_ASSIGN_OR_RETURN(cuda::Stream stream, cuda::Stream::Create());
   EPX_ASSIGN_OR_RETURN(const double bytes_per_s,
                        cuda::MeasureCopyBandwidth(kCopyBytes, kCopyRepeats, stream.handle()));
@@ -375,8 +374,9 @@ absl::Status RunOnEngine(const BenchDecodeOptions& o, Runtime& runtime,
   json["prefill_chunk_tokens"] = o.prefill_chunk_tokens;
   json["seed"] = o.seed;
   json["copy_bandwidth_GBps"] = copy_gbps.has_value() ? Json(*copy_gbps) : Json(nullptr);
-  json["copy_bandwidth_note"] =
-      "device-to-device copy of 1 GiB, best of 5, counting read + write bytes (2 x bytes / time)";
+  json["copy_bandwidth_note"] = absl::StrFormat(
+      "device-to-device copy of 1 GiB, best of %d, counting read + write bytes (2 x bytes / time)",
+      kCopyRepeats);
   json["bytes_model"] = {{"non_expert_bytes", bytes.non_expert},
                          {"embedding_row_bytes", bytes.embedding_row},
                          {"expert_bytes", bytes.expert},
@@ -484,15 +484,10 @@ absl::Status RunBenchDecode(const BenchDecodeOptions& options, std::ostream& out
   // The copy bandwidth, before the weights take the memory its buffers need.
   std::optional<double> copy_gbps;
   if (cuda) {
-    if (!cuda::BuiltWithCuda())
-      return absl::FailedPreconditionError(
-          "--device cuda: this epx was built without CUDA (nvcc not found, or "
-          "-DEPX_ENABLE_CUDA=OFF); rebuild on a machine with the CUDA toolkit");
-    if (cuda::DeviceCount() == 0)
-      return absl::FailedPreconditionError(
-          "--device cuda: no CUDA device is visible (check the driver and "
-          "CUDA_VISIBLE_DEVICES)");
-    absl::StatusOr<double> gbps = CopyBandwidthGBps(rt.cuda.device);
+    // No CUDA build, no device visible or no such ordinal: SetDevice says which.
+    const absl::Status set = cuda::SetDevice(rt.cuda.device);
+    if (!set.ok()) return absl::Status(set.code(), absl::StrCat("--device cuda: ", set.message()));
+    absl::StatusOr<double> gbps = CopyBandwidthGBps();
     if (!gbps.ok())
       return absl::Status(gbps.status().code(),
                           absl::StrCat("measuring the copy bandwidth: ", gbps.status().message()));

@@ -121,10 +121,6 @@ uint16_t F32ToF16(float f) {
   return sign | static_cast<uint16_t>(v >> 13);
 }
 
-}  // namespace epx
-
-namespace epx {
-
 float Fp8E4m3ToF32(uint8_t v) {
   const bool negative = (v & 0x80u) != 0;
   const int exp = (v >> 3) & 0xf;

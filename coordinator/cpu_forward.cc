@@ -1,6 +1,6 @@
 // The CPU backend of ModelForward: the reference forward pass over kernels/cpu, fp32 throughout.
-#include <cmath>
 #include <cstring>
+#include <memory>
 #include <new>
 #include <vector>
 
@@ -16,7 +16,7 @@ namespace {
 class CpuForward : public ModelForward {
  public:
   CpuForward(const ModelWeights* weights, ExpertExecutor* experts)
-      : weights_(weights), experts_(experts) {}
+      : weights_(weights), experts_(experts), attention_(AttentionParamsOf(weights->config())) {}
 
   int64_t kv_element_bytes() const override { return sizeof(float); }
   std::string device() const override { return "cpu"; }
@@ -46,6 +46,7 @@ class CpuForward : public ModelForward {
  private:
   const ModelWeights* weights_;
   ExpertExecutor* experts_;
+  const cpu::AttentionParams attention_;
   std::vector<std::unique_ptr<float[]>> keys_;    // [layer][num_blocks * block_size * kv_size]
   std::vector<std::unique_ptr<float[]>> values_;  // [layer][num_blocks * block_size * kv_size]
 };
@@ -71,12 +72,6 @@ absl::StatusOr<Tensor> CpuForward::Forward(const ForwardBatch& batch, EngineStat
   EPX_RETURN_IF_ERROR(cpu::Embedding(batch.ids, weights_->embed_tokens(), x));
   EPX_RETURN_IF_ERROR(cpu::RopeTable(batch.positions, c.head_dim, c.rope_theta, rope));
 
-  cpu::AttentionParams ap;
-  ap.num_heads = c.num_attention_heads;
-  ap.num_kv_heads = c.num_key_value_heads;
-  ap.head_dim = c.head_dim;
-  ap.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.head_dim)));
-  ap.sliding_window = c.sliding_window.value_or(0);
   // Which keys each token reads: the same in every layer but for the pools.
   std::vector<cpu::AttentionKv> kv(T);
   for (const ForwardBatch::Sequence& s : batch.sequences) {
@@ -103,7 +98,7 @@ absl::StatusOr<Tensor> CpuForward::Forward(const ForwardBatch& batch, EngineStat
       kv[t].k = keys;
       kv[t].v = values;
     }
-    EPX_RETURN_IF_ERROR(cpu::Attention(q, kv, ap, attn));
+    EPX_RETURN_IF_ERROR(cpu::Attention(q, kv, attention_, attn));
     EPX_RETURN_IF_ERROR(cpu::Linear(attn, lw.o_proj, proj));
     EPX_RETURN_IF_ERROR(cpu::Add(x, proj, x));  // x now holds h
     stats.attention_us[l] += watch.Micros();

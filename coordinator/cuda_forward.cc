@@ -6,7 +6,6 @@
 #include "coordinator/cuda_forward.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <utility>
 #include <vector>
@@ -42,7 +41,10 @@ class Layout {
 class CudaForward : public ModelForward {
  public:
   CudaForward(const ModelConfig& config, ExpertExecutor* experts, cuda::GroupedGemmImpl impl)
-      : config_(config), remote_experts_(experts), impl_(impl) {}
+      : config_(config),
+        attention_(AttentionParamsOf(config)),
+        remote_experts_(experts),
+        impl_(impl) {}
 
   absl::Status Init(const ModelWeights* host, const CudaForwardOptions& options);
 
@@ -71,6 +73,7 @@ class CudaForward : public ModelForward {
   absl::Status Experts(int64_t layer, int64_t num_tokens);
 
   ModelConfig config_;
+  const cpu::AttentionParams attention_;
   ExpertExecutor* remote_experts_;
   cuda::GroupedGemmImpl impl_;
   int device_ = 0;
@@ -80,7 +83,6 @@ class CudaForward : public ModelForward {
   std::unique_ptr<DeviceModelWeights> weights_;
   std::vector<cuda::DeviceBuffer> kv_;  // [layer]: keys then values
   int64_t kv_rows_total_ = 0;
-  int64_t block_size_ = 0;
 
   cuda::PinnedBuffer host_buffer_;
   cuda::DeviceBuffer device_buffer_;
@@ -88,6 +90,7 @@ class CudaForward : public ModelForward {
   Step host_, dev_;  // views into host_buffer_ and device_buffer_
   size_t metadata_bytes_ = 0;
   cuda::PinnedBuffer offsets_host_;  // [layer, num_experts + 1] I32
+  std::vector<int64_t> host_offsets_;  // the layer's offsets for the cuBLAS forms
   std::vector<cuda::Event> events_;  // per layer: start, attention done; then the end
 };
 
@@ -126,7 +129,6 @@ absl::Status CudaForward::AllocateKv(int64_t num_blocks, int64_t block_size) {
   // The current device is per host thread, and this may run on another thread than Init.
   EPX_RETURN_IF_ERROR(cuda::SetDevice(device_));
   kv_rows_total_ = num_blocks * block_size;
-  block_size_ = block_size;
   const size_t bytes = static_cast<size_t>(kv_rows_total_ * config_.kv_size()) * 2;
   for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
     auto buffer = cuda::DeviceBuffer::Allocate(2 * bytes);
@@ -183,8 +185,8 @@ void CudaForward::Carve(Layout& h, Layout& d, Step& s, bool on_device) const {
     }
   } else {
     s.logits = h.Add(DType::kF32, {R, c.vocab_size});
-    s.topk_ids = h.Add(DType::kI32, {T, K});
     if (remote_experts_ != nullptr) {
+      s.topk_ids = h.Add(DType::kI32, {T, K});
       s.xn_f32 = h.Add(DType::kF32, {T, H});
       s.slot_out = h.Add(DType::kF32, {T * K, H});
     }
@@ -268,22 +270,15 @@ absl::Status CudaForward::Experts(int64_t l, int64_t T) {
                                               dev_.permutation_scratch, s));
   EPX_RETURN_IF_ERROR(cuda::PermuteRows(dev_.xn.Slice(0, T), slots, K, permuted, s));
   EPX_RETURN_IF_ERROR(cuda::CopyToHost(offsets_host, offsets.raw(), offsets.nbytes(), s));
-  // The skinny kernel takes at most kSkinnyMaxRows rows: a forced `skinny` (meant for decode)
-  // runs larger steps (prefill, big batches) with the cuBLAS loop rather than failing them.
-  cuda::GroupedGemmImpl impl = impl_;
-  if (impl == cuda::GroupedGemmImpl::kSkinny && T * K > cuda::kSkinnyMaxRows)
-    impl = cuda::GroupedGemmImpl::kCublasLoop;
+  const cuda::GroupedGemmImpl impl = cuda::ResolveGroupedGemmImpl(impl_, T * K);
   // The cuBLAS forms size their GEMMs on the host: wait for this layer's counts.
-  const bool skinny = impl == cuda::GroupedGemmImpl::kSkinny ||
-                      (impl == cuda::GroupedGemmImpl::kAuto && T * K <= cuda::kSkinnyMaxRows);
-  absl::Span<const int64_t> host_offsets_span;
-  std::vector<int64_t> offsets64;
-  if (!skinny) {
+  absl::Span<const int64_t> host_offsets;
+  if (impl != cuda::GroupedGemmImpl::kSkinny) {
     EPX_RETURN_IF_ERROR(stream_.Synchronize());
-    offsets64.assign(offsets_host, offsets_host + E + 1);
-    host_offsets_span = offsets64;
+    host_offsets_.assign(offsets_host, offsets_host + E + 1);
+    host_offsets = host_offsets_;
   }
-  EPX_RETURN_IF_ERROR(cuda::GroupedSwiGlu(permuted, offsets, host_offsets_span,
+  EPX_RETURN_IF_ERROR(cuda::GroupedSwiGlu(permuted, offsets, host_offsets,
                                           weights_->layer(l).experts, impl,
                                           dev_.grouped_scratch, expert_out, *blas_));
   return cuda::MoeCombine(x, expert_out, row_of_slot, topk_weights, s);
@@ -336,24 +331,14 @@ absl::StatusOr<Tensor> CudaForward::Forward(const ForwardBatch& batch, EngineSta
   EPX_RETURN_IF_ERROR(
       cuda::CopyToDevice(device_buffer_.data(), host_buffer_.data(), metadata_bytes_, s));
 
-  cpu::AttentionParams ap;
-  ap.num_heads = c.num_attention_heads;
-  ap.num_kv_heads = c.num_key_value_heads;
-  ap.head_dim = c.head_dim;
-  ap.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.head_dim)));
-  ap.sliding_window = c.sliding_window.value_or(0);
   cuda::AttentionBatch ab;
   ab.q_start = dev_.q_start.Slice(0, S + 1);
   ab.first_position = dev_.first_position.Slice(0, S);
   ab.num_seqs = S;
   ab.max_queries = max_queries;
   ab.max_kv_len = max_kv_len;
-  const size_t attention_scratch = cuda::AttentionScratchBytes(ab, ap);
-  if (attention_scratch > attention_scratch_.size()) {
-    EPX_RETURN_IF_ERROR(stream_.Synchronize());
-    attention_scratch_ = cuda::DeviceBuffer();
-    EPX_ASSIGN_OR_RETURN(attention_scratch_, cuda::DeviceBuffer::Allocate(attention_scratch));
-  }
+  EPX_RETURN_IF_ERROR(
+      cuda::GrowBuffer(attention_scratch_, cuda::AttentionScratchBytes(ab, attention_), s));
   const TensorView attention_scratch_view =
       attention_scratch_.view(DType::kU8, {static_cast<int64_t>(attention_scratch_.size())});
 
@@ -378,8 +363,8 @@ absl::StatusOr<Tensor> CudaForward::Forward(const ForwardBatch& batch, EngineSta
     EPX_RETURN_IF_ERROR(cuda::RopeQkvToCache(qkv, rope, kv_rows_dev, c.num_attention_heads,
                                              c.num_key_value_heads, c.head_dim, q, k_cache,
                                              v_cache, s));
-    const cuda::PagedKv kv{k_cache, v_cache, dev_.block_tables.Slice(0, S), block_size_};
-    EPX_RETURN_IF_ERROR(cuda::Attention(q, kv, ab, ap, attention_scratch_view, attn, s));
+    const cuda::PagedKv kv{k_cache, v_cache, dev_.block_tables.Slice(0, S), batch.block_size};
+    EPX_RETURN_IF_ERROR(cuda::Attention(q, kv, ab, attention_, attention_scratch_view, attn, s));
     EPX_RETURN_IF_ERROR(cuda::Linear(attn, lw.o_proj, proj, false, *blas_));
     // h = x + o_proj(attn), and the MoE input norm, in one pass.
     EPX_RETURN_IF_ERROR(cuda::AddRmsNorm(x, proj, lw.post_attention_norm, eps, xn, s));

@@ -2,7 +2,7 @@
 // with the kernels of kernels/cuda, BF16 weights and KV cache, fp32 residual stream and
 // accumulation. The experts run on the same GPU (grouped SwiGLU over the device weights) unless
 // an ExpertExecutor is given, in which case each layer's routed rows go to it through the host
-// (expert workers over MPI; the NCCL data plane keeps them on the device).
+// (expert workers over MPI; an NCCL data plane, not built yet, would keep them on the device).
 //
 // A build without CUDA links cuda_forward_unavailable.cc: NewCudaForward is FailedPrecondition.
 #ifndef EPX_COORDINATOR_CUDA_FORWARD_H_

@@ -8,6 +8,7 @@
 #include "common/status.h"
 
 namespace epx {
+namespace {
 
 // Where one block of rows of a device tensor comes from: a host tensor of the checkpoint (any
 // float dtype), or the dummy generator under the tensor's Hugging Face name.
@@ -17,6 +18,8 @@ struct Source {
   DummyFill fill;
   int64_t rows = 0;  // rows of the device tensor it fills
 };
+
+}  // namespace
 
 class DeviceModelWeights::Builder {
  public:
@@ -85,14 +88,12 @@ class DeviceModelWeights::Builder {
           return absl::FailedPreconditionError(absl::StrCat(
               "expert ", e, " of layer ", l, " is not in the host weights to upload"));
         const std::string pe = absl::StrCat(p, "block_sparse_moe.experts.", e, ".");
-        const int64_t before = w_->bytes_;
         EPX_ASSIGN_OR_RETURN(
             dl.experts[e],
             Expert(Src(he ? he->w1 : TensorView(), pe + "w1.weight", DummyFill::Matrix(H), I),
                    Src(he ? he->w3 : TensorView(), pe + "w3.weight", DummyFill::Matrix(H), I),
                    Src(he ? he->w2 : TensorView(), pe + "w2.weight", DummyFill::Matrix(I), H), H,
                    I));
-        w_->expert_bytes_ += w_->bytes_ - before;
       }
     }
     return cuda::SynchronizeStream(stream_);
@@ -130,19 +131,11 @@ class DeviceModelWeights::Builder {
                                                      " does not match the device tensor ",
                                                      ShapeString(dst.shape())));
     // Raw bytes go up first and are converted on the device: the host never widens a tensor.
-    EPX_RETURN_IF_ERROR(EnsureStaging(src.host.nbytes()));
+    // The previous staging buffer may still be read by a queued conversion (GrowBuffer waits).
+    EPX_RETURN_IF_ERROR(cuda::GrowBuffer(staging_, src.host.nbytes(), stream_));
     EPX_RETURN_IF_ERROR(
         cuda::CopyToDevice(staging_.data(), src.host.raw(), src.host.nbytes(), stream_));
     return cuda::Convert(staging_.view(src.host.dtype(), dst.shape()), dst, stream_);
-  }
-
-  absl::Status EnsureStaging(size_t bytes) {
-    if (staging_.size() >= bytes) return absl::OkStatus();
-    // The previous staging buffer may still be read by a queued conversion.
-    EPX_RETURN_IF_ERROR(cuda::SynchronizeStream(stream_));
-    staging_ = cuda::DeviceBuffer();
-    EPX_ASSIGN_OR_RETURN(staging_, cuda::DeviceBuffer::Allocate(bytes));
-    return absl::OkStatus();
   }
 
   // A BF16 matrix [rows, cols] stacked from `parts` (their rows in order).
@@ -191,12 +184,8 @@ class DeviceModelWeights::Builder {
   }
 
   absl::Status Quantised(const Source& src, const TensorView& q, const TensorView& scale) {
-    const size_t bytes = static_cast<size_t>(q.numel()) * 2;
-    if (bf16_temp_.size() < bytes) {
-      EPX_RETURN_IF_ERROR(cuda::SynchronizeStream(stream_));
-      bf16_temp_ = cuda::DeviceBuffer();
-      EPX_ASSIGN_OR_RETURN(bf16_temp_, cuda::DeviceBuffer::Allocate(bytes));
-    }
+    EPX_RETURN_IF_ERROR(
+        cuda::GrowBuffer(bf16_temp_, static_cast<size_t>(q.numel()) * 2, stream_));
     const TensorView temp = bf16_temp_.view(DType::kBF16, q.shape());
     EPX_RETURN_IF_ERROR(Fill(src, temp));
     return cuda::QuantizeFp8RowWise(temp, q, scale, stream_);

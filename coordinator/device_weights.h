@@ -56,9 +56,8 @@ class DeviceModelWeights {
   TensorView final_norm() const { return final_norm_; }      // [hidden] F32
   TensorView lm_head() const { return lm_head_; }            // [vocab, hidden] BF16
   const DeviceLayerWeights& layer(int64_t i) const { return layers_[i]; }
-  // Device bytes held, in total and for the experts.
+  // Device bytes held.
   int64_t bytes() const { return bytes_; }
-  int64_t expert_bytes() const { return expert_bytes_; }
 
  private:
   class Builder;
@@ -70,7 +69,6 @@ class DeviceModelWeights {
   TensorView embed_tokens_, final_norm_, lm_head_;
   std::vector<DeviceLayerWeights> layers_;
   int64_t bytes_ = 0;
-  int64_t expert_bytes_ = 0;
 };
 
 }  // namespace epx

@@ -7,6 +7,7 @@
 #ifndef EPX_COORDINATOR_MODEL_FORWARD_H_
 #define EPX_COORDINATOR_MODEL_FORWARD_H_
 
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -18,10 +19,13 @@
 #include "common/model_weights.h"
 #include "common/tensor.h"
 #include "coordinator/expert_executor.h"
+#include "kernels/cpu/ops.h"
 
 namespace epx {
 
-// Per-layer totals since the engine was created.
+// Per-layer totals since the engine was created. The CUDA backend fuses each norm into the op
+// before it, so there the MoE input norm counts as attention time and the next layer's input norm
+// as MoE time.
 struct EngineStats {
   int64_t steps = 0;
   int64_t tokens = 0;                // tokens through the layers (prefill + decode)
@@ -46,6 +50,17 @@ struct ForwardBatch {
   absl::Span<const int64_t> logit_rows;   // tokens whose logits are returned, in order
   int64_t block_size = 0;
 };
+
+// The model's attention shape, as both backends' attention ops take it.
+inline cpu::AttentionParams AttentionParamsOf(const ModelConfig& c) {
+  cpu::AttentionParams p;
+  p.num_heads = c.num_attention_heads;
+  p.num_kv_heads = c.num_key_value_heads;
+  p.head_dim = c.head_dim;
+  p.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.head_dim)));
+  p.sliding_window = c.sliding_window.value_or(0);
+  return p;
+}
 
 class ModelForward {
  public:

@@ -45,23 +45,18 @@ class CudaExpertCompute : public ExpertCompute {
     if (n == 0) return absl::OkStatus();
     EPX_RETURN_IF_ERROR(Reserve(n, groups));
     cuda::StreamHandle s = stream_.handle();
-    std::vector<int32_t> offsets32(offsets.begin(), offsets.end());
+    offsets32_.assign(offsets.begin(), offsets.end());
     const TensorView offsets_dev = offsets_.view(DType::kI32, {groups + 1});
     const TensorView rows_f32 = rows_f32_.view(DType::kF32, {n, hidden_});
     const TensorView rows_bf16 = rows_bf16_.view(DType::kBF16, {n, hidden_});
     const TensorView out_bf16 = out_bf16_.view(DType::kBF16, {n, hidden_});
     EPX_RETURN_IF_ERROR(
-        cuda::CopyToDevice(offsets_.data(), offsets32.data(), offsets32.size() * 4, s));
+        cuda::CopyToDevice(offsets_.data(), offsets32_.data(), offsets32_.size() * 4, s));
     EPX_RETURN_IF_ERROR(cuda::CopyToDevice(rows_f32_.data(), rows.raw(), rows.nbytes(), s));
     EPX_RETURN_IF_ERROR(cuda::Convert(rows_f32, rows_bf16, s));
-    // The skinny kernel takes at most kSkinnyMaxRows rows: a forced `skinny` (meant for decode)
-    // runs larger batches (prefill) with the cuBLAS loop rather than failing them.
-    const cuda::GroupedGemmImpl impl =
-        impl_ == cuda::GroupedGemmImpl::kSkinny && n > cuda::kSkinnyMaxRows
-            ? cuda::GroupedGemmImpl::kCublasLoop
-            : impl_;
     EPX_RETURN_IF_ERROR(cuda::GroupedSwiGlu(rows_bf16, offsets_dev, offsets, experts_[layer],
-                                            impl, scratch_.view(DType::kU8, {scratch_bytes_}),
+                                            cuda::ResolveGroupedGemmImpl(impl_, n),
+                                            scratch_.view(DType::kU8, {scratch_bytes_}),
                                             out_bf16, *blas_));
     EPX_RETURN_IF_ERROR(cuda::Convert(out_bf16, rows_f32, s));
     EPX_RETURN_IF_ERROR(cuda::CopyToHost(out.raw(), rows_f32_.data(), out.nbytes(), s));
@@ -106,6 +101,7 @@ class CudaExpertCompute : public ExpertCompute {
   std::vector<std::vector<cuda::DeviceExpert>> experts_;  // [layer][local expert]
   int64_t rows_capacity_ = 0, offsets_capacity_ = 0, scratch_bytes_ = 0;
   cuda::DeviceBuffer rows_f32_, rows_bf16_, out_bf16_, offsets_, scratch_;
+  std::vector<int32_t> offsets32_;  // the call's offsets as the device takes them
 };
 
 }  // namespace

@@ -836,11 +836,11 @@ absl::Status GroupedSwiGlu(const TensorView& x, const TensorView& offsets,
   }
   EPX_ASSIGN_OR_RETURN(const ExpertShape shape, CheckExperts(experts, hidden));
 
-  // kAuto: the skinny kernel while it streams the weights once for all rows, cuBLAS above.
-  // kSkinnyMaxRows and the kCublasLoop choice come from bench/cuda_moe_layer_bench, which times
-  // every form per token count; change them together with its numbers.
-  if (impl == GroupedGemmImpl::kAuto)
-    impl = num_rows <= kSkinnyMaxRows ? GroupedGemmImpl::kSkinny : GroupedGemmImpl::kCublasLoop;
+  // kAuto: the skinny kernel while it streams the weights once for all rows, cuBLAS above
+  // (ResolveGroupedGemmImpl, ops.h). kSkinnyMaxRows and the kCublasLoop choice come from
+  // bench/cuda_moe_layer_bench, which times every form per token count; change them together
+  // with its numbers.
+  if (impl == GroupedGemmImpl::kAuto) impl = ResolveGroupedGemmImpl(impl, num_rows);
   if (impl == GroupedGemmImpl::kSkinny) {
     if (num_rows > kSkinnyMaxRows)
       return absl::InvalidArgumentError(

@@ -159,6 +159,14 @@ const char* GroupedGemmImplName(GroupedGemmImpl impl);
 absl::StatusOr<GroupedGemmImpl> ParseGroupedGemmImpl(const std::string& name);
 // Rows at or below which kAuto takes the skinny kernel.
 inline constexpr int64_t kSkinnyMaxRows = 64;
+// The form that runs `num_rows` rows for a caller that takes any form: kAuto as GroupedSwiGlu
+// resolves it, and kSkinny the same way, since the skinny kernel takes at most kSkinnyMaxRows rows
+// (a forced `skinny`, meant for decode, runs prefill and big batches with the cuBLAS loop rather
+// than failing them). Never kAuto; anything but kSkinny needs host_offsets.
+inline GroupedGemmImpl ResolveGroupedGemmImpl(GroupedGemmImpl impl, int64_t num_rows) {
+  if (impl != GroupedGemmImpl::kAuto && impl != GroupedGemmImpl::kSkinny) return impl;
+  return num_rows <= kSkinnyMaxRows ? GroupedGemmImpl::kSkinny : GroupedGemmImpl::kCublasLoop;
+}
 
 size_t GroupedSwiGluScratchBytes(int64_t num_rows, int64_t hidden, int64_t intermediate,
                                  DType weight_dtype);

@@ -92,17 +92,6 @@ absl::Status SetDevice(int device) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::pair<int64_t, int64_t>> MemoryInfo() {
-  size_t free_bytes = 0, total_bytes = 0;
-  EPX_CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_bytes, &total_bytes));
-  return std::make_pair(static_cast<int64_t>(free_bytes), static_cast<int64_t>(total_bytes));
-}
-
-absl::Status DeviceSynchronize() {
-  EPX_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
-  return absl::OkStatus();
-}
-
 void Stream::Deleter::operator()(CUstream_st* s) const { cudaStreamDestroy(s); }
 
 absl::StatusOr<Stream> Stream::Create() {
@@ -187,6 +176,14 @@ TensorView PinnedBuffer::view(DType dtype, Shape shape) const {
 
 absl::Status SynchronizeStream(StreamHandle stream) {
   EPX_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  return absl::OkStatus();
+}
+
+absl::Status GrowBuffer(DeviceBuffer& buffer, size_t bytes, StreamHandle stream) {
+  if (buffer.size() >= bytes) return absl::OkStatus();
+  EPX_RETURN_IF_ERROR(SynchronizeStream(stream));
+  buffer = DeviceBuffer();
+  EPX_ASSIGN_OR_RETURN(buffer, DeviceBuffer::Allocate(bytes));
   return absl::OkStatus();
 }
 

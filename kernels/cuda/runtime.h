@@ -54,10 +54,6 @@ std::string DeviceLabel(int device);
 // Makes `device` current for the calling thread. FailedPrecondition when no device is visible
 // (or the build has no CUDA), InvalidArgument for an ordinal that is not there.
 absl::Status SetDevice(int device);
-// Free and total memory of the current device.
-absl::StatusOr<std::pair<int64_t, int64_t>> MemoryInfo();
-// Blocks until all work on the current device has finished; returns the first asynchronous error.
-absl::Status DeviceSynchronize();
 
 // A non-blocking stream of the current device.
 class Stream {
@@ -128,6 +124,12 @@ class PinnedBuffer {
 
 // Blocks until the work queued on `stream` is done; returns an asynchronous kernel error if any.
 absl::Status SynchronizeStream(StreamHandle stream);
+
+// Makes `buffer` at least `bytes` long; a buffer that is already is kept. Growing waits for
+// `stream` first (work queued there may still use the old memory) and frees the old memory
+// before allocating (a large buffer may need it), so on an allocation error `buffer` is empty.
+// The contents are not kept.
+absl::Status GrowBuffer(DeviceBuffer& buffer, size_t bytes, StreamHandle stream);
 
 // The memory-bandwidth limit benchmarks report against: device-to-device copies of `bytes` on the
 // current device, counting the bytes read and the bytes written (2 x bytes per copy), as

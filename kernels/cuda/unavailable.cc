@@ -17,8 +17,6 @@ std::string DeviceProperties::ToString() const { return name; }
 absl::StatusOr<DeviceProperties> GetDeviceProperties(int) { return NotBuilt(); }
 std::string DeviceLabel(int device) { return "cuda:" + std::to_string(device); }
 absl::Status SetDevice(int) { return NotBuilt(); }
-absl::StatusOr<std::pair<int64_t, int64_t>> MemoryInfo() { return NotBuilt(); }
-absl::Status DeviceSynchronize() { return NotBuilt(); }
 void Stream::Deleter::operator()(CUstream_st*) const {}
 absl::StatusOr<Stream> Stream::Create() { return NotBuilt(); }
 absl::Status Stream::Synchronize() const { return NotBuilt(); }
@@ -34,6 +32,9 @@ void PinnedBuffer::Deleter::operator()(void*) const {}
 absl::StatusOr<PinnedBuffer> PinnedBuffer::Allocate(size_t) { return NotBuilt(); }
 TensorView PinnedBuffer::view(DType dtype, Shape shape) const { return {}; }
 absl::Status SynchronizeStream(StreamHandle) { return NotBuilt(); }
+absl::Status GrowBuffer(DeviceBuffer& buffer, size_t bytes, StreamHandle) {
+  return buffer.size() >= bytes ? absl::OkStatus() : NotBuilt();
+}
 absl::Status CopyToDevice(void*, const void*, size_t, StreamHandle) { return NotBuilt(); }
 absl::Status CopyToHost(void*, const void*, size_t, StreamHandle) { return NotBuilt(); }
 absl::Status CopyOnDevice(void*, const void*, size_t, StreamHandle) { return NotBuilt(); }

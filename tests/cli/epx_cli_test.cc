@@ -244,12 +244,6 @@ TEST(EpxCliTest, BenchDecodeRefusesWhatItCannotRun) {
   EXPECT_NE(r.output.find("Raise --kv-cache-mib to at least 2"), std::string::npos) << r.output;
 }
 
-}  // namespace
-}  // namespace epx
-
-namespace epx {
-namespace {
-
 // A full-size preset as config and tokenizer only (what --load-format dummy needs), and what
 // --device cuda says where it cannot run: this machine may have no GPU, or no CUDA build.
 TEST(EpxCliTest, ConfigOnlyModelAndDeviceErrors) {

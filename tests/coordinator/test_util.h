@@ -4,23 +4,17 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <string>
 #include <vector>
 
 #include "absl/types/span.h"
 #include "common/safetensors.h"
 #include "gtest/gtest.h"
+#include "tests/common/test_util.h"
 
 namespace epx::testing {
 
-// The fixtures folder: $EPX_TEST_DATA_DIR when set (test binaries run away from their source
-// tree, e.g. from a bundle made with deploy/bundle.sh --gpu-check), else the source tree's.
-inline std::string TestDataDir() {
-  const char* dir = std::getenv("EPX_TEST_DATA_DIR");
-  return dir != nullptr && *dir != '\0' ? dir : EPX_TEST_DATA_DIR;
-}
-inline std::string TinyModelDir() { return TestDataDir() + "/tiny-mixtral"; }
+using ::epx::test::TinyModelDir;
 inline std::string GoldenPath() { return TinyModelDir() + "/golden.safetensors"; }
 
 template <typename T>
