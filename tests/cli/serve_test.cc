@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cmath>
 #include <random>
+#include <latch>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -340,8 +341,12 @@ TEST(ServeOverloadTest, FullQueueIsResourceExhaustedAndNoAcceptedRequestIsLost) 
   constexpr int kRequests = 16, kTokens = 24;
   std::vector<Completion> out(kRequests);
   std::vector<std::thread> threads;
+  // All requests leave together: started one by one on a loaded machine, they could arrive
+  // spread over the time the first ones take, and then never find the queue full.
+  std::latch start(kRequests);
   for (int i = 0; i < kRequests; ++i) {
     threads.emplace_back([&, i] {
+      start.arrive_and_wait();
       v1::GenerateRequest r;
       r.set_request_id("r" + std::to_string(i));
       r.mutable_token_ids()->add_ids(1);
