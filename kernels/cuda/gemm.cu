@@ -106,26 +106,20 @@ absl::Status GemmXWt(const Blas& blas, const void* x, int64_t ldx, const void* w
 // ---------------------------------------------------------------------------------------------
 // Device helpers
 
-// 16 bytes from global memory, or zeros when !pred. Weights are streamed once: L1::no_allocate
-// keeps them from evicting the token rows, which every block re-reads.
-__device__ __forceinline__ uint4 LoadWeight16(const void* p, bool pred) {
-  uint4 v;
-  asm("{\n"
-      "  .reg .pred p;\n"
-      "  setp.ne.b32 p, %5, 0;\n"
-      "  mov.b32 %0, 0;\n"
-      "  mov.b32 %1, 0;\n"
-      "  mov.b32 %2, 0;\n"
-      "  mov.b32 %3, 0;\n"
-      "  @p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-      "}\n"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p), "r"(static_cast<int>(pred)));
-  return v;
-}
+// 16 bytes from global memory, or zeros when !pred. kStream: weights are streamed once, and
+// L1::no_allocate keeps them from evicting the token rows, which every block re-reads (those are
+// loaded cached, kStream false).
+template <bool kStream>
+struct LoadHint {
+  static constexpr char kText[] = ".L1::no_allocate";
+};
+template <>
+struct LoadHint<false> {
+  static constexpr char kText[] = "";
+};
 
-// 16 bytes of a token row (read by every block of the launch: cached), or zeros when !pred.
-__device__ __forceinline__ uint4 LoadToken16(const void* p, bool pred) {
+template <bool kStream>
+__device__ __forceinline__ uint4 Load16(const void* p, bool pred) {
   uint4 v;
   asm("{\n"
       "  .reg .pred p;\n"
@@ -134,10 +128,10 @@ __device__ __forceinline__ uint4 LoadToken16(const void* p, bool pred) {
       "  mov.b32 %1, 0;\n"
       "  mov.b32 %2, 0;\n"
       "  mov.b32 %3, 0;\n"
-      "  @p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+      "  @p ld.global.nc%6.v4.u32 {%0, %1, %2, %3}, [%4];\n"
       "}\n"
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p), "r"(static_cast<int>(pred)));
+      : "l"(p), "r"(static_cast<int>(pred)), "C"(LoadHint<kStream>::kText));
   return v;
 }
 
@@ -314,7 +308,7 @@ __global__ void __launch_bounds__(kSkinnyThreads, kTokenTiles <= 2 ? 2 : 1)
       for (int a = 0; a < 2; ++a)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-          wv[u][a][h] = LoadWeight16(w_row[a][h] + static_cast<int64_t>(k_off) * kElemBytes,
+          wv[u][a][h] = Load16<true>(w_row[a][h] + static_cast<int64_t>(k_off) * kElemBytes,
                                      k_ok && tile_ok[a]);
     }
 #pragma unroll
@@ -328,7 +322,7 @@ __global__ void __launch_bounds__(kSkinnyThreads, kTokenTiles <= 2 ? 2 : 1)
 #pragma unroll
         for (int hh = 0; hh < kHalves; ++hh)
           xv[j][hh] =
-              LoadToken16(x_row[j] + k_off + hh * 8, k_ok && token_ok[j] && j < active_tiles);
+              Load16<false>(x_row[j] + k_off + hh * 8, k_ok && token_ok[j] && j < active_tiles);
 #pragma unroll
       for (int a = 0; a < 2; ++a) {
         if (!tile_ok[a]) continue;  // uniform over the block

@@ -16,7 +16,7 @@
 namespace epx {
 namespace {
 
-using testing::GoldenPath;
+using testing::GoldenPrompt;
 using testing::MaxRelativeError;
 using testing::ReadVector;
 using testing::TinyModelDir;
@@ -29,10 +29,6 @@ constexpr double kFp8Tolerance = 1e-1;
 // Positions whose argmax equals the reference's: the issue asks for at least 99%.
 constexpr double kMinTop1 = 0.99;
 
-struct Golden {
-  std::vector<int32_t> tokens, greedy;
-  std::vector<float> logits, greedy_logits;
-};
 
 class CudaForwardTest : public ::testing::Test {
  protected:
@@ -43,15 +39,8 @@ class CudaForwardTest : public ::testing::Test {
     auto weights = ModelWeights::Load(TinyModelDir(), *config, WeightSelection::All(*config));
     ASSERT_TRUE(weights.ok()) << weights.status();
     weights_ = weights->release();
-    auto golden = SafetensorsFile::Open(GoldenPath());
-    ASSERT_TRUE(golden.ok()) << golden.status();
-    for (int i = 0; i < 3; ++i) {
-      const std::string p = "prompt_" + std::to_string(i) + ".";
-      goldens_.push_back({ReadVector<int32_t>(**golden, p + "tokens"),
-                          ReadVector<int32_t>(**golden, p + "greedy"),
-                          ReadVector<float>(**golden, p + "logits"),
-                          ReadVector<float>(**golden, p + "greedy_logits")});
-    }
+    goldens_ = testing::ReadGoldenPrompts();
+    ASSERT_EQ(goldens_.size(), 3u);
   }
   static void TearDownTestSuite() {
     delete weights_;
@@ -108,7 +97,7 @@ class CudaForwardTest : public ::testing::Test {
 
   // The reference for Run's output: prefill logits, then the greedy logits but the last.
   static std::vector<float> Reference(int prompt, int64_t vocab) {
-    const Golden& g = goldens_[prompt];
+    const GoldenPrompt& g = goldens_[prompt];
     std::vector<float> ref = g.logits;
     ref.insert(ref.end(), g.greedy_logits.begin(), g.greedy_logits.end() - vocab);
     return ref;
@@ -133,7 +122,7 @@ class CudaForwardTest : public ::testing::Test {
 
   static inline ModelConfig* config_ = nullptr;
   static inline ModelWeights* weights_ = nullptr;
-  static inline std::vector<Golden> goldens_;
+  static inline std::vector<GoldenPrompt> goldens_;
 };
 
 TEST_F(CudaForwardTest, GoldenWithinBf16Tolerance) {

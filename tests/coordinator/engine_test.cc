@@ -12,7 +12,7 @@
 namespace epx {
 namespace {
 
-using testing::GoldenPath;
+using testing::GoldenPrompt;
 using testing::MaxRelativeError;
 using testing::ReadVector;
 using testing::TinyModelDir;
@@ -20,12 +20,6 @@ using testing::TinyModelDir;
 // The golden README: an fp32 implementation matches to about 1e-5; the issue asks for 1e-4.
 constexpr double kLogitTolerance = 1e-4;
 
-struct GoldenPrompt {
-  std::vector<int32_t> tokens;
-  std::vector<float> logits;         // [T * vocab]
-  std::vector<int32_t> greedy;       // [N]
-  std::vector<float> greedy_logits;  // [N * vocab]
-};
 
 // What the engine produced for one prompt.
 struct RunResult {
@@ -42,17 +36,8 @@ class EngineTest : public ::testing::Test {
     auto weights = ModelWeights::Load(TinyModelDir(), *config, WeightSelection::All(*config));
     ASSERT_TRUE(weights.ok()) << weights.status();
     weights_ = weights->release();
-    auto golden = SafetensorsFile::Open(GoldenPath());
-    ASSERT_TRUE(golden.ok()) << golden.status();
-    for (int i = 0; i < 3; ++i) {
-      const std::string p = "prompt_" + std::to_string(i) + ".";
-      GoldenPrompt g;
-      g.tokens = ReadVector<int32_t>(**golden, p + "tokens");
-      g.logits = ReadVector<float>(**golden, p + "logits");
-      g.greedy = ReadVector<int32_t>(**golden, p + "greedy");
-      g.greedy_logits = ReadVector<float>(**golden, p + "greedy_logits");
-      prompts_.push_back(std::move(g));
-    }
+    prompts_ = testing::ReadGoldenPrompts();
+    ASSERT_EQ(prompts_.size(), 3u);
   }
   static void TearDownTestSuite() {
     delete weights_;

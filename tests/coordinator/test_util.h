@@ -25,6 +25,31 @@ std::vector<T> ReadVector(SafetensorsFile& file, const std::string& name) {
   return std::vector<T>(view->data<const T>(), view->data<const T>() + view->numel());
 }
 
+// One prompt of the golden file (its README): the prompt, the reference logits at every prompt
+// position, the greedy continuation and the logits that produced it.
+struct GoldenPrompt {
+  std::vector<int32_t> tokens;
+  std::vector<float> logits;         // [T * vocab]
+  std::vector<int32_t> greedy;       // [N]
+  std::vector<float> greedy_logits;  // [N * vocab]
+};
+
+// The golden file's prompts, in order (expects the file to open; the caller checks the count).
+inline std::vector<GoldenPrompt> ReadGoldenPrompts(int count = 3) {
+  std::vector<GoldenPrompt> prompts;
+  auto golden = SafetensorsFile::Open(GoldenPath());
+  EXPECT_TRUE(golden.ok()) << golden.status();
+  if (!golden.ok()) return prompts;
+  for (int i = 0; i < count; ++i) {
+    const std::string p = "prompt_" + std::to_string(i) + ".";
+    prompts.push_back({ReadVector<int32_t>(**golden, p + "tokens"),
+                       ReadVector<float>(**golden, p + "logits"),
+                       ReadVector<int32_t>(**golden, p + "greedy"),
+                       ReadVector<float>(**golden, p + "greedy_logits")});
+  }
+  return prompts;
+}
+
 // max |a - b| / max |b|: the golden README's measure.
 template <typename A, typename B>
 double MaxRelativeError(absl::Span<const A> a, absl::Span<const B> b) {
