@@ -19,7 +19,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
-#include "cli/runtime.h"
+#include "runtime/runtime.h"
 
 namespace epx {
 

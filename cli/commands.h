@@ -9,11 +9,11 @@
 #include <string>
 
 #include "absl/status/status.h"
-#include "cli/runtime.h"
 #include "common/model_config.h"
 #include "coordinator/membership.h"
 #include "coordinator/scheduler.h"
 #include "coordinator/services.h"
+#include "runtime/runtime.h"
 
 namespace epx {
 
@@ -50,7 +50,6 @@ struct ServeOptions {
   RuntimeOptions runtime;               // model, placement, role, timeouts, KV cache size
   ApiServerOptions server;              // listen address, request size limit
   SchedulerOptions scheduler;           // queue, batch and step budget
-  MembershipOptions membership;         // heartbeat interval and timeout
   std::string advertise_host;           // host workers reach the control plane at (default:
                                         // the listen host, or this host's name for 0.0.0.0)
   std::string port_file;                // written with the bound port once serving
@@ -59,9 +58,19 @@ struct ServeOptions {
   // and load balancers see it) before it exits non-zero for the launcher to restart the job.
   absl::Duration failure_grace = absl::Seconds(5);
 };
-// `epx serve`: alone, or as any rank of an mpirun job (rank 0 serves gRPC, the others serve
-// experts and register over the control plane). Returns at Admin/Shutdown or SIGTERM/SIGINT.
+// `epx serve`: alone, as any rank of an mpirun job (rank 0 serves gRPC, the others serve
+// experts and register over the control plane), or as the coordinator of a launcher-free
+// cluster (runtime.workers = W: NOT_SERVING until W `epx worker`s registered and the data plane
+// formed). Returns at Admin/Shutdown or SIGTERM/SIGINT.
 absl::Status RunServe(const ServeOptions& options, std::ostream& log);
+
+struct WorkerOptions {
+  RuntimeOptions runtime;  // model, --coordinator, --rank, data plane, device
+};
+// `epx worker --coordinator HOST:PORT`: registers (retrying until the coordinator answers),
+// loads the experts it is given, joins the data plane and serves expert work until the
+// coordinator ends the job. A refusal by the coordinator is returned as is.
+absl::Status RunWorker(const WorkerOptions& options, std::ostream& log);
 
 struct MakeModelOptions {
   std::string preset = "tiny";

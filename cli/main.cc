@@ -47,22 +47,8 @@ int Run(int argc, char** argv) {
   app.require_subcommand(1);
   app.set_version_flag("--version", epx::BuildId());
 
-  // Options of every command that runs the model, alone or as one rank of an mpirun job.
-  auto add_runtime_options = [](CLI::App* cmd, epx::RuntimeOptions* rt, double* timeout_s,
-                                bool* stats, bool model_required) {
-    cmd->add_option("--model", rt->model_dir, "HF model directory")->required(model_required);
-    cmd->add_option("--placement", rt->placement,
-                    "expert placement under mpirun: round-robin or a JSON file "
-                    "{\"experts\": {\"0\": [1, 2], ...}}")
-        ->capture_default_str();
-    cmd->add_option("--role", rt->role, "coordinator or worker (MPMD launches; default: by rank)")
-        ->check(CLI::IsMember({"coordinator", "worker"}));
-    cmd->add_option("--comm-timeout", *timeout_s,
-                    "seconds a rank waits for a peer before reporting it")
-        ->capture_default_str()
-        ->check(CLI::PositiveNumber);
-    cmd->add_flag("--stats", *stats,
-                  "print per-layer attention/dispatch/expert/combine time and expert load");
+  // Where the model (or a worker's experts) compute.
+  auto add_device_options = [](CLI::App* cmd, epx::RuntimeOptions* rt) {
     cmd->add_option("--device", rt->device,
                     "where the coordinator (and local experts) compute: cpu or cuda")
         ->capture_default_str()
@@ -81,6 +67,39 @@ int Run(int argc, char** argv) {
                     "--device cuda: expert GEMMs by auto, skinny, cublas-loop or cublas-grouped")
         ->capture_default_str()
         ->check(CLI::IsMember({"auto", "skinny", "cublas-loop", "cublas-grouped"}));
+  };
+  // How the ranks of a job exchange rows, and the secret of a launcher-free cluster.
+  auto add_cluster_options = [](CLI::App* cmd, epx::RuntimeOptions* rt, std::string* token_file) {
+    cmd->add_option("--data-plane", rt->data_plane,
+                    "auto (mpi under mpirun, gloo otherwise), mpi, gloo or nccl; every rank "
+                    "must resolve to the same")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"auto", "mpi", "gloo", "nccl"}));
+    cmd->add_option("--data-plane-host", rt->data_plane_host,
+                    "address this rank's data plane listens on and advertises (default: the "
+                    "coordinator's --listen host; a worker's address towards the coordinator)");
+    cmd->add_option("--cluster-token-file", *token_file,
+                    "launcher-free cluster: a file holding the secret every process presents "
+                    "on the control plane (default: $EPX_CLUSTER_TOKEN, else none)");
+  };
+  // Options of every command that runs the model, alone or as one rank of a job.
+  auto add_runtime_options = [&](CLI::App* cmd, epx::RuntimeOptions* rt, double* timeout_s,
+                                 bool* stats, bool model_required, std::string* token_file) {
+    cmd->add_option("--model", rt->model_dir, "HF model directory")->required(model_required);
+    cmd->add_option("--placement", rt->placement,
+                    "expert placement of a multi-rank job: round-robin or a JSON file "
+                    "{\"experts\": {\"0\": [1, 2], ...}}")
+        ->capture_default_str();
+    cmd->add_option("--role", rt->role, "coordinator or worker (MPMD launches; default: by rank)")
+        ->check(CLI::IsMember({"coordinator", "worker"}));
+    cmd->add_option("--comm-timeout", *timeout_s,
+                    "seconds a rank waits for a peer before reporting it")
+        ->capture_default_str()
+        ->check(CLI::PositiveNumber);
+    cmd->add_flag("--stats", *stats,
+                  "print per-layer attention/dispatch/expert/combine time and expert load");
+    add_device_options(cmd, rt);
+    add_cluster_options(cmd, rt, token_file);
     cmd->add_option("--load-format", rt->load_format,
                     "auto: the checkpoint; dummy: synthetic weights at the config's shapes, made "
                     "on the GPU (--device cuda; --model needs only config.json)")
@@ -88,13 +107,25 @@ int Run(int argc, char** argv) {
         ->check(CLI::IsMember({"auto", "dummy"}));
     cmd->add_option("--dummy-seed", rt->cuda.dummy_seed, "--load-format dummy: the weights' seed")
         ->capture_default_str();
+    cmd->add_option("--workers", rt->workers,
+                    "form a cluster without mpirun: wait for this many `epx worker "
+                    "--coordinator` processes to register at --listen, then run")
+        ->check(CLI::PositiveNumber);
   };
+  // The control plane of eval and generate (serve's --listen serves the API and it alike).
+  auto add_listen_option = [](CLI::App* cmd, epx::RuntimeOptions* rt) {
+    cmd->add_option("--listen", rt->listen,
+                    "--workers: HOST:PORT of the control plane the workers register at")
+        ->capture_default_str();
+  };
+  std::string token_file;
 
   epx::EvalOptions eval;
   double eval_timeout_s = 30;
   CLI::App* eval_cmd = app.add_subcommand(
       "eval", "Prefill and greedy-decode the prompts of a golden file; write logits and tokens");
-  add_runtime_options(eval_cmd, &eval.runtime, &eval_timeout_s, &eval.stats, true);
+  add_runtime_options(eval_cmd, &eval.runtime, &eval_timeout_s, &eval.stats, true, &token_file);
+  add_listen_option(eval_cmd, &eval.runtime);
   eval_cmd->add_option("--input", eval.input, "safetensors with prompt_{i}.tokens/.greedy")
       ->required();
   eval_cmd->add_option("--output", eval.output, "safetensors to write")->required();
@@ -114,7 +145,8 @@ int Run(int argc, char** argv) {
   CLI::App* gen_cmd = app.add_subcommand(
       "generate", "Generate text from a prompt: here (--model) or on a running server (--server)");
   // --model is required unless --server is given; checked after parsing for a clearer message.
-  add_runtime_options(gen_cmd, &gen.runtime, &gen_timeout_s, &gen.stats, false);
+  add_runtime_options(gen_cmd, &gen.runtime, &gen_timeout_s, &gen.stats, false, &token_file);
+  add_listen_option(gen_cmd, &gen.runtime);
   gen_cmd->add_option("--server", remote_gen.client.server,
                       "HOST:PORT of a running `epx serve`: generate there instead of loading "
                       "--model here");
@@ -243,7 +275,7 @@ int Run(int argc, char** argv) {
       "Whole-model decode steps here, by batch size: ms/step, tokens/s, bytes read per step as "
       "a fraction of the device's copy bandwidth");
   add_runtime_options(bench_decode_cmd, &bench_decode.runtime, &bench_decode_timeout_s,
-                      &bench_decode.stats, false);
+                      &bench_decode.stats, false, &token_file);
   bench_decode_cmd
       ->add_option("--preset", bench_decode.preset,
                    "--load-format dummy: this shape instead of --model (tiny, small, "
@@ -287,8 +319,10 @@ int Run(int argc, char** argv) {
          failure_grace_s = 5;
   int64_t kv_cache_mib = 2048;
   CLI::App* serve_cmd = app.add_subcommand(
-      "serve", "Serve the model over gRPC (alone, or as any rank of an mpirun job)");
-  add_runtime_options(serve_cmd, &serve.runtime, &serve_timeout_s, &serve.stats, true);
+      "serve",
+      "Serve the model over gRPC (alone, as any rank of an mpirun job, or as the coordinator of "
+      "--workers W)");
+  add_runtime_options(serve_cmd, &serve.runtime, &serve_timeout_s, &serve.stats, true, &token_file);
   serve_cmd->add_option("--listen", serve.server.listen, "HOST:PORT to serve on (port 0: any)")
       ->capture_default_str();
   serve_cmd->add_option("--port-file", serve.port_file,
@@ -334,6 +368,24 @@ int Run(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
 
+  epx::WorkerOptions worker;
+  double register_timeout_s = 600;
+  CLI::App* worker_cmd = app.add_subcommand(
+      "worker", "Serve experts for a coordinator started with --workers W (no launcher needed)");
+  worker_cmd->add_option("--model", worker.runtime.model_dir, "HF model directory")->required();
+  worker_cmd->add_option("--coordinator", worker.runtime.coordinator,
+                         "HOST:PORT of the coordinator's --listen")
+      ->required();
+  worker_cmd->add_option("--rank", worker.runtime.rank,
+                         "ask for this rank (1..W; default: the coordinator assigns one)")
+      ->check(CLI::PositiveNumber);
+  worker_cmd->add_option("--register-timeout", register_timeout_s,
+                         "seconds to keep trying to reach the coordinator")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  add_device_options(worker_cmd, &worker.runtime);
+  add_cluster_options(worker_cmd, &worker.runtime, &token_file);
+
   epx::MakeModelOptions mm;
   std::string dtype = "bf16";
   CLI::App* mm_cmd =
@@ -366,6 +418,12 @@ int Run(int argc, char** argv) {
 
   CLI11_PARSE(app, argc, argv);
 
+  // One cluster secret for whichever command runs.
+  absl::StatusOr<std::string> token = epx::ClusterToken(token_file);
+  if (!token.ok()) return Finish(token.status());
+  for (epx::RuntimeOptions* rt : {&eval.runtime, &gen.runtime, &serve.runtime, &worker.runtime})
+    rt->cluster_token = *token;
+
   eval.runtime.comm_timeout = absl::Seconds(eval_timeout_s);
   gen.runtime.comm_timeout = absl::Seconds(gen_timeout_s);
   if (eval_cmd->parsed()) return Finish(epx::RunEval(eval, std::cerr));
@@ -382,7 +440,9 @@ int Run(int argc, char** argv) {
       return Finish(epx::RunGenerate(gen, std::cout, std::cerr));
     }
     absl::Status flags =
-        RejectFlags(*gen_cmd, {"--model", "--placement", "--role", "--comm-timeout", "--stats"},
+        RejectFlags(*gen_cmd,
+                    {"--model", "--placement", "--role", "--comm-timeout", "--stats", "--workers",
+                     "--listen", "--data-plane"},
                     "is for generating here; not with --server (see `epx stats` for the server's)");
     if (!flags.ok()) return Finish(flags);
     remote_gen.prompt = gen.prompt;
@@ -408,10 +468,14 @@ int Run(int argc, char** argv) {
   if (serve_cmd->parsed()) {
     serve.runtime.comm_timeout = absl::Seconds(serve_timeout_s);
     serve.runtime.engine.kv_cache_bytes = kv_cache_mib << 20;
-    serve.membership.heartbeat_interval = absl::Milliseconds(heartbeat_ms);
-    serve.membership.heartbeat_timeout = absl::Milliseconds(heartbeat_timeout_ms);
+    serve.runtime.membership.heartbeat_interval = absl::Milliseconds(heartbeat_ms);
+    serve.runtime.membership.heartbeat_timeout = absl::Milliseconds(heartbeat_timeout_ms);
     serve.failure_grace = absl::Seconds(failure_grace_s);
     return Finish(epx::RunServe(serve, std::cerr));
+  }
+  if (worker_cmd->parsed()) {
+    worker.runtime.register_timeout = absl::Seconds(register_timeout_s);
+    return Finish(epx::RunWorker(worker, std::cerr));
   }
   if (mm_cmd->parsed()) {
     absl::StatusOr<epx::DType> parsed = epx::ParseWeightDType(dtype);

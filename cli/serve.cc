@@ -14,16 +14,11 @@
 #include "common/logging.h"
 #include "common/status.h"
 #include "common/tokenizer.h"
+#include "runtime/runtime.h"
 #include "worker/control_client.h"
 
 namespace epx {
 namespace {
-
-std::string HostName() {
-  char name[256] = {};
-  if (gethostname(name, sizeof(name) - 1) != 0) return "localhost";
-  return name;
-}
 
 // A secret only the job's ranks learn (over MPI): control-plane calls must present it.
 std::string NewClusterToken() {
@@ -43,6 +38,7 @@ std::string ControlAddress(const ServeOptions& options, const std::string& bound
   return absl::StrCat(host, ":", bound.substr(bound.rfind(':') + 1));
 }
 
+// A worker under mpirun: registers with the control plane whose address rank 0 shares over MPI.
 absl::Status ServeWorker(Runtime& runtime) {
   absl::StatusOr<std::string> endpoint = runtime.ShareControlEndpoint("");
   std::unique_ptr<ControlClient> control;
@@ -55,6 +51,7 @@ absl::Status ServeWorker(Runtime& runtime) {
     self.build_id = BuildId();
     self.config_hash = runtime.config().Hash();
     self.experts = runtime.placement()->experts_of(runtime.rank());
+    self.data_plane = runtime.data_plane();
     absl::StatusOr<std::unique_ptr<ControlClient>> started = ControlClient::Start(*endpoint, self);
     if (started.ok()) {
       control = std::move(*started);
@@ -70,62 +67,81 @@ absl::Status ServeWorker(Runtime& runtime) {
 
 absl::Status RunServe(const ServeOptions& options, std::ostream& log) {
   EPX_RETURN_IF_ERROR(options.scheduler.Validate());
-  EPX_ASSIGN_OR_RETURN(std::unique_ptr<Runtime> runtime, Runtime::Start(options.runtime));
-  if (runtime->is_worker()) return ServeWorker(*runtime);
-
   const std::filesystem::path dir(options.runtime.model_dir);
-  absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer =
-      Tokenizer::FromFile((dir / "tokenizer.model").string());
-  if (!tokenizer.ok()) {
-    (void)runtime->ShareControlEndpoint("");
-    return runtime->Finish(tokenizer.status());
-  }
-  Scheduler scheduler(&runtime->engine(), tokenizer->get(), options.scheduler,
-                      runtime->expert_parallel_stats());
-  const Placement* placement = runtime->world_size() > 1 ? runtime->placement() : nullptr;
-  Membership membership(placement, BuildId(), runtime->config().Hash(), options.membership);
-
+  // Declared in the order they must outlive each other: the server uses the tokenizer and the
+  // runtime's membership and store, and must stop before they go.
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::unique_ptr<Runtime> runtime;
+  std::unique_ptr<ApiServer> server;
   absl::Notification shutdown;
+
   ApiServerOptions server_options = options.server;
-  server_options.cluster_token = NewClusterToken();
+  // Launcher-free, every process is given the token; under mpirun rank 0 draws it and shares it.
+  server_options.cluster_token =
+      options.runtime.workers > 0 ? options.runtime.cluster_token : NewClusterToken();
   server_options.build_id = BuildId();
-  server_options.world_size = runtime->world_size();
+  server_options.comm_timeout = options.runtime.comm_timeout;
   server_options.model_name = std::filesystem::absolute(dir).filename().string();
   if (server_options.model_name.empty())
     server_options.model_name = std::filesystem::absolute(dir).parent_path().filename().string();
-  server_options.placement_name = placement == nullptr ? "local" : options.runtime.placement;
-  ApiServerBackends backends;
-  backends.scheduler = &scheduler;
-  backends.membership = &membership;
-  backends.tokenizer = tokenizer->get();
-  backends.placement = placement;
-  backends.on_shutdown = [&shutdown] {
-    if (!shutdown.HasBeenNotified()) shutdown.Notify();
+  // The API server over the runtime's membership: started from inside Runtime::Start in a
+  // launcher-free cluster (the workers register through it), after it otherwise.
+  auto start_server = [&](Runtime& rt) -> absl::StatusOr<std::string> {
+    if (tokenizer == nullptr) {
+      EPX_ASSIGN_OR_RETURN(tokenizer, Tokenizer::FromFile((dir / "tokenizer.model").string()));
+    }
+    server_options.world_size = rt.world_size();
+    server_options.placement_name = rt.placement() == nullptr ? "local" : options.runtime.placement;
+    server_options.store_prefix = rt.store_prefix();
+    ApiServerBackends backends;
+    backends.membership = rt.membership();
+    backends.tokenizer = tokenizer.get();
+    backends.placement = rt.placement();
+    backends.store = rt.store();
+    backends.on_shutdown = [&shutdown] {
+      if (!shutdown.HasBeenNotified()) shutdown.Notify();
+      // Also ends a coordinator still waiting for its workers.
+      Runtime::RequestStop();
+    };
+    EPX_ASSIGN_OR_RETURN(server, ApiServer::Start(server_options, backends));
+    if (!options.port_file.empty()) {
+      // Written whole under another name, then renamed: a reader never sees a partial port.
+      const std::string tmp = options.port_file + ".tmp";
+      std::ofstream(tmp) << server->port() << "\n";
+      std::filesystem::rename(tmp, options.port_file);
+    }
+    return server->address();
   };
-  absl::StatusOr<std::unique_ptr<ApiServer>> server = ApiServer::Start(server_options, backends);
-  if (!server.ok()) {
-    (void)runtime->ShareControlEndpoint("");
-    return runtime->Finish(server.status());
+
+  RuntimeOptions runtime_options = options.runtime;
+  runtime_options.listen = options.server.listen;
+  runtime_options.start_control_plane = start_server;
+  EPX_ASSIGN_OR_RETURN(runtime, Runtime::Start(runtime_options));
+  if (runtime->is_worker()) return ServeWorker(*runtime);
+  if (server == nullptr) {
+    absl::StatusOr<std::string> started = start_server(*runtime);
+    if (!started.ok()) {
+      (void)runtime->ShareControlEndpoint("");
+      return runtime->Finish(started.status());
+    }
+    EPX_RETURN_IF_ERROR(runtime
+                            ->ShareControlEndpoint(ControlClient::Endpoint(
+                                ControlAddress(options, *started), server_options.cluster_token))
+                            .status());
   }
-  const std::string address = (*server)->address();
-  EPX_RETURN_IF_ERROR(runtime
-                          ->ShareControlEndpoint(ControlClient::Endpoint(
-                              ControlAddress(options, address), server_options.cluster_token))
-                          .status());
-  if (!options.port_file.empty()) {
-    // Written whole under another name, then renamed: a reader never sees a partial port.
-    const std::string tmp = options.port_file + ".tmp";
-    std::ofstream(tmp) << (*server)->port() << "\n";
-    std::filesystem::rename(tmp, options.port_file);
-  }
+
+  Scheduler scheduler(&runtime->engine(), tokenizer.get(), options.scheduler,
+                      runtime->expert_parallel_stats());
+  server->SetScheduler(&scheduler);
   const KvCache& kv = runtime->engine().kv_cache();
   log << absl::StrFormat(
-             "epx serve: %s on %s (%d process%s; KV cache %d blocks of %d tokens; queue %d, "
+             "epx serve: %s on %s (%d process%s%s; KV cache %d blocks of %d tokens; queue %d, "
              "batch %d sequences / %d tokens)",
-             server_options.model_name, address, runtime->world_size(),
-             runtime->world_size() == 1 ? "" : "es", kv.num_blocks(), kv.block_size(),
-             options.scheduler.max_queue, options.scheduler.max_running,
-             options.scheduler.max_batch_tokens)
+             server_options.model_name, server->address(), runtime->world_size(),
+             runtime->world_size() == 1 ? "" : "es",
+             runtime->data_plane().empty() ? "" : ", data plane " + runtime->data_plane(),
+             kv.num_blocks(), kv.block_size(), options.scheduler.max_queue,
+             options.scheduler.max_running, options.scheduler.max_batch_tokens)
       << std::endl;
 
   absl::Status run_status;
@@ -143,16 +159,16 @@ absl::Status RunServe(const ServeOptions& options, std::ostream& log) {
     // NOT_SERVING. Stay visible for the grace period, then exit non-zero.
     EPX_LOG(Error) << "generation stopped: " << run_status << "; exiting in "
                    << absl::FormatDuration(options.failure_grace);
-    membership.MarkFailed(run_status);
+    runtime->membership()->MarkFailed(run_status);
     shutdown.WaitForNotificationWithTimeout(options.failure_grace);
-    (*server)->Shutdown(absl::Seconds(1));
+    server->Shutdown(absl::Seconds(1));
     steps.join();
     return runtime->Finish(run_status);
   }
   log << "epx serve: shutting down" << std::endl;
   scheduler.Stop();
   steps.join();
-  (*server)->Shutdown(absl::Seconds(2));
+  server->Shutdown(absl::Seconds(2));
   if (options.stats) runtime->PrintStats(log);
   return runtime->Finish(absl::OkStatus());
 }

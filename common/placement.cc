@@ -105,4 +105,11 @@ std::string Placement::ToString() const {
   return absl::StrJoin(parts, "; ");
 }
 
+std::string Placement::ToJson() const {
+  std::vector<std::string> parts;
+  for (size_t e = 0; e < replicas_.size(); ++e)
+    parts.push_back(absl::StrCat("\"", e, "\": [", absl::StrJoin(replicas_[e], ", "), "]"));
+  return absl::StrCat("{\"experts\": {", absl::StrJoin(parts, ", "), "}}");
+}
+
 }  // namespace epx

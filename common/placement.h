@@ -38,6 +38,9 @@ class Placement {
   int LocalIndex(int rank, int expert) const;
   // "expert 0 -> [1, 2]; expert 1 -> [3]; ..."
   std::string ToString() const;
+  // The placement file FromJson() reads back to an equal placement (how a launcher-free
+  // coordinator hands a worker the placement).
+  std::string ToJson() const;
 
  private:
   static absl::StatusOr<Placement> Build(std::vector<std::vector<int>> replicas, int num_workers,

@@ -10,13 +10,14 @@
 namespace epx {
 
 struct WorkerInfo {
-  int rank = 0;
+  int rank = 0;  // asked for at registration (0: any), then the one assigned
   std::string host;
   std::string device;  // "cpu", or the GPU's name
   int pid = 0;
   std::string build_id;
   uint64_t config_hash = 0;
-  std::vector<int> experts;  // ascending
+  std::vector<int> experts;  // ascending; empty at registration when the coordinator assigns them
+  std::string data_plane;    // resolved: "mpi", "gloo" or "nccl"
 };
 
 }  // namespace epx

@@ -101,13 +101,36 @@ absl::StatusOr<GenerationRequest> ToRequest(const v1::GenerateRequest& in,
   return r;
 }
 
+// The scheduler once the cluster has formed (null before, and in a batch job's control plane),
+// and why generation is not available yet.
+struct LateScheduler {
+  std::atomic<Scheduler*> scheduler{nullptr};
+  std::function<std::string()> not_ready_reason;
+
+  // The scheduler, or the UNAVAILABLE status a caller gets without one.
+  Scheduler* Get(grpc::Status* unavailable) const {
+    Scheduler* s = scheduler.load();
+    if (s == nullptr) {
+      std::string reason = not_ready_reason();
+      if (reason.empty()) reason = "the model is loading";
+      *unavailable = grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                  absl::StrCat("not serving yet: ", reason));
+    }
+    return s;
+  }
+};
+
 class GenerationService final : public v1::Generation::Service {
  public:
-  GenerationService(const ApiServerOptions& options, const ApiServerBackends& backends)
-      : options_(options), backends_(backends) {}
+  GenerationService(const ApiServerOptions& options, const ApiServerBackends& backends,
+                    const LateScheduler* late)
+      : options_(options), backends_(backends), late_(late) {}
 
   grpc::Status Generate(grpc::ServerContext* context, const v1::GenerateRequest* in,
                         grpc::ServerWriter<v1::GenerateResponse>* writer) override {
+    grpc::Status unavailable;
+    Scheduler* scheduler = late_->Get(&unavailable);
+    if (scheduler == nullptr) return unavailable;
     if (absl::Status s = CheckSize(*in, options_.max_request_bytes); !s.ok()) return ToGrpc(s);
     absl::StatusOr<GenerationRequest> request = ToRequest(*in, *backends_.tokenizer);
     if (!request.ok()) return ToGrpc(request.status());
@@ -116,7 +139,7 @@ class GenerationService final : public v1::Generation::Service {
     request->deadline = FromGrpcDeadline(*context);
     const std::string id = request->request_id;
     absl::StatusOr<std::shared_ptr<RequestStream>> stream =
-        backends_.scheduler->Submit(std::move(*request));
+        scheduler->Submit(std::move(*request));
     if (!stream.ok()) return ToGrpc(stream.status());
 
     // Until the last event: a client that goes away (cancel, deadline, broken stream) cancels
@@ -145,6 +168,9 @@ class GenerationService final : public v1::Generation::Service {
 
   grpc::Status Tokenize(grpc::ServerContext* context, const v1::TokenizeRequest* in,
                         v1::TokenizeResponse* out) override {
+    if (backends_.tokenizer == nullptr)
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                          "this coordinator runs a batch job and serves no generation API");
     if (absl::Status s = CheckSize(*in, options_.max_request_bytes); !s.ok()) return ToGrpc(s);
     const Tokenizer& tokenizer = *backends_.tokenizer;
     absl::StatusOr<std::vector<int32_t>> ids;
@@ -171,7 +197,10 @@ class GenerationService final : public v1::Generation::Service {
 
   grpc::Status ModelInfo(grpc::ServerContext* context, const v1::ModelInfoRequest* in,
                          v1::ModelInfoResponse* out) override {
-    const Scheduler& scheduler = *backends_.scheduler;
+    grpc::Status unavailable;
+    const Scheduler* ready = late_->Get(&unavailable);
+    if (ready == nullptr) return unavailable;
+    const Scheduler& scheduler = *ready;
     const ModelConfig& c = scheduler.engine().config();
     out->set_model(options_.model_name);
     out->set_build_id(options_.build_id);
@@ -220,21 +249,24 @@ class GenerationService final : public v1::Generation::Service {
  private:
   const ApiServerOptions options_;
   const ApiServerBackends backends_;
+  const LateScheduler* const late_;
   std::atomic<int64_t> next_id_{0};
 };
 
 class AdminService final : public v1::Admin::Service {
  public:
-  AdminService(const ApiServerBackends& backends, std::function<std::string()> not_ready_reason)
-      : backends_(backends), not_ready_reason_(std::move(not_ready_reason)) {}
+  AdminService(const ApiServerBackends& backends, const LateScheduler* late)
+      : backends_(backends), late_(late) {}
 
   grpc::Status Stats(grpc::ServerContext* context, const v1::StatsRequest* in,
                      v1::StatsResponse* out) override {
-    const SchedulerStats s = backends_.scheduler->stats();
-    const std::string reason = not_ready_reason_();
+    const std::string reason = late_->not_ready_reason();
     out->set_uptime_s(absl::ToDoubleSeconds(absl::Now() - start_));
     out->set_ready(reason.empty());
     out->set_not_ready_reason(reason);
+    const Scheduler* scheduler = late_->scheduler.load();
+    // While the cluster forms there are only the workers to report.
+    const SchedulerStats s = scheduler != nullptr ? scheduler->stats() : SchedulerStats{};
     out->set_draining(s.draining);
     out->set_queue_length(s.queue_length);
     out->set_running_requests(s.running);
@@ -289,10 +321,13 @@ class AdminService final : public v1::Admin::Service {
 
   grpc::Status Drain(grpc::ServerContext* context, const v1::DrainRequest* in,
                      v1::DrainResponse* out) override {
-    backends_.scheduler->Drain();
+    grpc::Status unavailable;
+    Scheduler* scheduler = late_->Get(&unavailable);
+    if (scheduler == nullptr) return unavailable;
+    scheduler->Drain();
     EPX_LOG(Info) << "draining: no new requests";
-    if (in->wait()) WaitIdle(*context);
-    const SchedulerStats s = backends_.scheduler->stats();
+    if (in->wait()) WaitIdle(*scheduler, *context);
+    const SchedulerStats s = scheduler->stats();
     out->set_running_requests(s.running);
     out->set_queue_length(s.queue_length);
     return grpc::Status::OK;
@@ -300,9 +335,9 @@ class AdminService final : public v1::Admin::Service {
 
   grpc::Status Shutdown(grpc::ServerContext* context, const v1::ShutdownRequest* in,
                         v1::ShutdownResponse* out) override {
-    if (in->drain()) {
-      backends_.scheduler->Drain();
-      WaitIdle(*context);
+    if (Scheduler* scheduler = late_->scheduler.load(); in->drain() && scheduler != nullptr) {
+      scheduler->Drain();
+      WaitIdle(*scheduler, *context);
     }
     EPX_LOG(Info) << "shutdown requested by " << context->peer();
     if (!shutdown_called_.exchange(true) && backends_.on_shutdown) backends_.on_shutdown();
@@ -310,13 +345,13 @@ class AdminService final : public v1::Admin::Service {
   }
 
  private:
-  void WaitIdle(const grpc::ServerContext& context) {
-    while (!backends_.scheduler->Idle() && !context.IsCancelled())
+  static void WaitIdle(const Scheduler& scheduler, const grpc::ServerContext& context) {
+    while (!scheduler.Idle() && !context.IsCancelled())
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
 
   const ApiServerBackends backends_;
-  const std::function<std::string()> not_ready_reason_;
+  const LateScheduler* const late_;
   const absl::Time start_ = absl::Now();
   std::atomic<bool> shutdown_called_{false};
 };
@@ -324,7 +359,7 @@ class AdminService final : public v1::Admin::Service {
 class ClusterService final : public v1::Cluster::Service {
  public:
   ClusterService(const ApiServerOptions& options, const ApiServerBackends& backends)
-      : token_(options.cluster_token), backends_(backends) {}
+      : options_(options), backends_(backends) {}
 
   grpc::Status Register(grpc::ServerContext* context, const v1::RegisterRequest* in,
                         v1::RegisterResponse* out) override {
@@ -337,16 +372,25 @@ class ClusterService final : public v1::Cluster::Service {
     info.build_id = in->build_id();
     info.config_hash = in->config_hash();
     info.experts.assign(in->experts().begin(), in->experts().end());
-    absl::Status s = backends_.membership->Register(info, absl::Now());
-    if (!s.ok()) {
-      EPX_LOG(Error) << "refused a worker: " << s.message();
-      return ToGrpc(s);
+    info.data_plane = in->data_plane();
+    Membership& membership = *backends_.membership;
+    absl::StatusOr<int> rank = membership.Register(info, absl::Now());
+    if (!rank.ok()) {
+      EPX_LOG(Error) << "refused a worker: " << rank.status().message();
+      return ToGrpc(rank.status());
     }
-    EPX_LOG(Info) << "worker " << info.rank << " registered from " << info.host << " (pid "
-                  << info.pid << ", " << info.device << ", " << info.experts.size()
-                  << " experts)";
+    EPX_LOG(Info) << "worker " << *rank << " registered from " << info.host << " (pid "
+                  << info.pid << ", " << info.device << "): " << membership.num_registered()
+                  << " of " << membership.num_workers();
     out->set_heartbeat_interval_ms(
-        absl::ToInt64Milliseconds(backends_.membership->options().heartbeat_interval));
+        absl::ToInt64Milliseconds(membership.options().heartbeat_interval));
+    out->set_rank(*rank);
+    out->set_world_size(membership.num_workers() + 1);
+    if (backends_.placement != nullptr) out->set_placement_json(backends_.placement->ToJson());
+    out->set_data_plane(membership.identity().data_plane);
+    out->set_store_prefix(options_.store_prefix);
+    out->set_comm_timeout_ms(
+        static_cast<uint32_t>(absl::ToInt64Milliseconds(options_.comm_timeout)));
     return grpc::Status::OK;
   }
 
@@ -356,15 +400,40 @@ class ClusterService final : public v1::Cluster::Service {
     return ToGrpc(backends_.membership->Heartbeat(in->rank(), absl::Now()));
   }
 
+  grpc::Status StoreSet(grpc::ServerContext* context, const v1::StoreSetRequest* in,
+                        v1::StoreSetResponse* out) override {
+    if (!Member(in->cluster_token())) return Denied(*context);
+    if (backends_.store == nullptr) return NoStore();
+    return ToGrpc(backends_.store->Set(in->key(), in->value()));
+  }
+
+  grpc::Status StoreGet(grpc::ServerContext* context, const v1::StoreGetRequest* in,
+                        v1::StoreGetResponse* out) override {
+    if (!Member(in->cluster_token())) return Denied(*context);
+    if (backends_.store == nullptr) return NoStore();
+    // Never past the caller's own deadline.
+    absl::Duration timeout = absl::Milliseconds(in->timeout_ms());
+    timeout = std::min(timeout, FromGrpcDeadline(*context) - absl::Now());
+    absl::StatusOr<std::string> value = backends_.store->Get(in->key(), timeout);
+    if (!value.ok()) return ToGrpc(value.status());
+    out->set_value(*std::move(value));
+    return grpc::Status::OK;
+  }
+
  private:
-  bool Member(const std::string& token) const { return !token_.empty() && token == token_; }
+  // An empty token is a cluster without one (launcher-free, no --cluster-token-file).
+  bool Member(const std::string& token) const { return token == options_.cluster_token; }
   grpc::Status Denied(const grpc::ServerContext& context) const {
     EPX_LOG(Warning) << "control-plane call without this job's token from " << context.peer();
     return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
                         "not a member of this job: the cluster token does not match");
   }
+  static grpc::Status NoStore() {
+    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                        "this cluster's data plane needs no store (it was formed by mpirun)");
+  }
 
-  const std::string token_;
+  const ApiServerOptions options_;
   const ApiServerBackends backends_;
 };
 
@@ -375,9 +444,12 @@ class ApiServer::Impl {
   Impl(const ApiServerOptions& options, const ApiServerBackends& backends)
       : options_(options),
         backends_(backends),
-        generation_(options, backends),
-        admin_(backends, [this] { return NotReadyReason(); }),
-        cluster_(options, backends) {}
+        generation_(options, backends, &late_),
+        admin_(backends, &late_),
+        cluster_(options, backends) {
+    late_.scheduler.store(backends.scheduler);
+    late_.not_ready_reason = [this] { return NotReadyReason(); };
+  }
 
   absl::Status Start() {
     grpc::EnableDefaultHealthCheckService(true);
@@ -404,10 +476,16 @@ class ApiServer::Impl {
 
   std::string NotReadyReason() const {
     if (shutting_down_.load()) return "shutting down";
-    if (absl::Status failure = backends_.scheduler->failure(); !failure.ok())
-      return absl::StrCat("data plane failed: ", failure.message());
+    const Scheduler* scheduler = late_.scheduler.load();
+    if (scheduler != nullptr) {
+      if (absl::Status failure = scheduler->failure(); !failure.ok())
+        return absl::StrCat("data plane failed: ", failure.message());
+    }
     std::string reason = backends_.membership->NotReadyReason(absl::Now());
-    if (reason.empty() && backends_.scheduler->draining()) reason = "draining";
+    if (reason.empty() && scheduler == nullptr)
+      reason = backends_.tokenizer == nullptr ? "a batch job (no generation API)"
+                                              : "the cluster is forming";
+    if (reason.empty() && scheduler->draining()) reason = "draining";
     return reason;
   }
 
@@ -435,6 +513,7 @@ class ApiServer::Impl {
 
   const ApiServerOptions options_;
   const ApiServerBackends backends_;
+  LateScheduler late_;
   GenerationService generation_;
   AdminService admin_;
   ClusterService cluster_;
@@ -449,9 +528,8 @@ class ApiServer::Impl {
 
 absl::StatusOr<std::unique_ptr<ApiServer>> ApiServer::Start(const ApiServerOptions& options,
                                                             const ApiServerBackends& backends) {
-  if (backends.scheduler == nullptr || backends.membership == nullptr ||
-      backends.tokenizer == nullptr)
-    return absl::InvalidArgumentError("ApiServer needs a scheduler, membership and tokenizer");
+  if (backends.membership == nullptr)
+    return absl::InvalidArgumentError("ApiServer needs a membership");
   if (options.listen.empty() || options.listen.find(':') == std::string::npos)
     return absl::InvalidArgumentError(
         absl::StrCat("listen address \"", options.listen, "\" is not HOST:PORT"));
@@ -471,5 +549,7 @@ std::string ApiServer::address() const {
 }
 
 void ApiServer::Shutdown(absl::Duration grace) { impl_->Shutdown(grace); }
+
+void ApiServer::SetScheduler(Scheduler* scheduler) { impl_->late_.scheduler.store(scheduler); }
 
 }  // namespace epx

@@ -3,6 +3,9 @@
 // services are thin adapters: requests become GenerationRequests for the Scheduler, control-plane
 // calls go to the Membership; no model logic lives here.
 //
+// The server can start before the engine exists (a launcher-free coordinator listens for its
+// workers first): generation calls are then UNAVAILABLE until SetScheduler().
+//
 // Health: "" (liveness) is SERVING while the server runs; "epx.v1.Generation" (readiness) is
 // SERVING only when every worker is registered and heard from, the data plane has not failed,
 // and the server is neither draining nor shutting down. A monitor thread re-evaluates it every
@@ -19,6 +22,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "comm/key_value_store.h"
 #include "common/model_config.h"
 #include "common/placement.h"
 #include "common/tokenizer.h"
@@ -30,7 +34,12 @@ namespace epx {
 struct ApiServerOptions {
   std::string listen = "127.0.0.1:50051";  // host:port; port 0 picks a free one
   int64_t max_request_bytes = 1 << 20;     // larger requests: INVALID_ARGUMENT
-  std::string cluster_token;               // control-plane callers must present it
+  // Control-plane callers must present it; empty in a launcher-free cluster started without one.
+  std::string cluster_token;
+  // Register's answer in a launcher-free cluster: the data plane's key prefix in the store and
+  // the coordinator's --comm-timeout.
+  std::string store_prefix;
+  absl::Duration comm_timeout = absl::Seconds(30);
   // What ModelInfo reports.
   std::string model_name;
   std::string build_id;
@@ -38,12 +47,16 @@ struct ApiServerOptions {
   int world_size = 1;
 };
 
-// What the services drive. All must outlive the server; placement may be null (one process).
+// What the services drive. All must outlive the server. Only the membership is required:
+// without a scheduler (yet: SetScheduler) generation calls are UNAVAILABLE naming the reason;
+// without a tokenizer the server is a batch job's control plane; placement is null in one
+// process; the store is the data plane's rendezvous (launcher-free clusters).
 struct ApiServerBackends {
   Scheduler* scheduler = nullptr;
   Membership* membership = nullptr;
   const Tokenizer* tokenizer = nullptr;
   const Placement* placement = nullptr;
+  comm::KeyValueStore* store = nullptr;
   // Admin/Shutdown: called once, from a gRPC thread, after the reply is sent; it must not block.
   std::function<void()> on_shutdown;
 };
@@ -63,6 +76,8 @@ class ApiServer {
   // Readiness NOT_SERVING from now on; in-flight calls get `grace` to finish before they are
   // cancelled. Blocks until the server stopped. Idempotent.
   void Shutdown(absl::Duration grace);
+  // The scheduler generation calls go to from now on (the cluster has formed). Thread-safe.
+  void SetScheduler(Scheduler* scheduler);
 
   class Impl;
 

@@ -13,7 +13,8 @@ packages=(
   libgrpc++-dev libprotobuf-dev     # client API and control plane (gRPC, protobuf)
   protobuf-compiler protobuf-compiler-grpc  # protoc and its gRPC C++ plugin
   libopenblas-dev                   # the BLAS peer in bench/
-  libopenmpi-dev openmpi-bin        # the CPU data plane (mpirun -np 1+W)
+  libopenmpi-dev openmpi-bin        # the CPU data plane under a launcher (mpirun -np 1+W)
+  libgloo-dev                       # the CPU data plane without a launcher (TCP)
   procps                            # pgrep, for the mpi tests that signal a rank
   patchelf                          # deploy/bundle.sh: RUNPATH of the bundled binaries
   libgtest-dev libgmock-dev         # unit tests

@@ -2,13 +2,112 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
 #include <chrono>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
 #include "epx/v1/cluster.grpc.pb.h"
 
 namespace epx {
+namespace {
+
+constexpr absl::Duration kCallTimeout = absl::Seconds(5);
+
+absl::Status FromGrpc(const grpc::Status& s) {
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+}
+
+v1::RegisterRequest ToRequest(const WorkerInfo& self, const std::string& token) {
+  v1::RegisterRequest reg;
+  reg.set_cluster_token(token);
+  reg.set_rank(self.rank);
+  reg.set_host(self.host);
+  reg.set_device(self.device);
+  reg.set_pid(self.pid);
+  reg.set_build_id(self.build_id);
+  reg.set_config_hash(self.config_hash);
+  reg.mutable_experts()->Add(self.experts.begin(), self.experts.end());
+  reg.set_data_plane(self.data_plane);
+  return reg;
+}
+
+}  // namespace
+
+// The channel, stub and token; also the store over StoreSet/StoreGet.
+class ControlClient::Stub : public comm::KeyValueStore {
+ public:
+  Stub(std::string address, std::string token)
+      : address_(std::move(address)),
+        token_(std::move(token)),
+        stub_(v1::Cluster::NewStub(
+            grpc::CreateChannel(address_, grpc::InsecureChannelCredentials()))) {}
+
+  grpc::Status Register(const WorkerInfo& self, v1::RegisterResponse* reply) {
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + kCallTimeout));
+    return stub_->Register(&context, ToRequest(self, token_), reply);
+  }
+  grpc::Status Heartbeat(int rank) {
+    v1::HeartbeatRequest beat;
+    beat.set_cluster_token(token_);
+    beat.set_rank(rank);
+    v1::HeartbeatResponse reply;
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + kCallTimeout));
+    return stub_->Heartbeat(&context, beat, &reply);
+  }
+
+  absl::Status Set(const std::string& key, const std::string& value) override {
+    v1::StoreSetRequest in;
+    in.set_cluster_token(token_);
+    in.set_key(key);
+    in.set_value(value);
+    v1::StoreSetResponse out;
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + kCallTimeout));
+    return Named(stub_->StoreSet(&context, in, &out));
+  }
+  absl::StatusOr<std::string> Get(const std::string& key, absl::Duration timeout) override {
+    const int64_t ms = std::clamp<int64_t>(absl::ToInt64Milliseconds(timeout), 0,
+                                           std::numeric_limits<uint32_t>::max() / 2);
+    v1::StoreGetRequest in;
+    in.set_cluster_token(token_);
+    in.set_key(key);
+    in.set_timeout_ms(static_cast<uint32_t>(ms));
+    v1::StoreGetResponse out;
+    grpc::ClientContext context;
+    // The coordinator answers by the key's timeout; the call's own deadline is a little later.
+    context.set_deadline(
+        absl::ToChronoTime(absl::Now() + absl::Milliseconds(ms) + kCallTimeout));
+    const grpc::Status s = stub_->StoreGet(&context, in, &out);
+    if (!s.ok()) return Named(s);
+    return std::string(out.value());
+  }
+
+  const std::string& address() const { return address_; }
+
+ private:
+  absl::Status Named(const grpc::Status& s) const {
+    if (s.ok()) return absl::OkStatus();
+    return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
+                        absl::StrCat("the coordinator's store at ", address_, ": ",
+                                     s.error_message()));
+  }
+
+  const std::string address_;
+  const std::string token_;
+  std::unique_ptr<v1::Cluster::Stub> stub_;
+};
+
+ControlClient::ControlClient(std::unique_ptr<Stub> stub) : stub_(std::move(stub)) {}
+
+std::unique_ptr<ControlClient> ControlClient::Create(const std::string& address,
+                                                     const std::string& token) {
+  return std::unique_ptr<ControlClient>(
+      new ControlClient(std::make_unique<Stub>(address, token)));
+}
 
 std::string ControlClient::Endpoint(const std::string& address, const std::string& token) {
   return absl::StrCat(address, " ", token);
@@ -20,9 +119,10 @@ absl::StatusOr<std::unique_ptr<ControlClient>> ControlClient::Start(const std::s
   if (space == std::string::npos || space == 0 || space + 1 == endpoint.size())
     return absl::InvalidArgumentError(
         absl::StrCat("control-plane endpoint \"", endpoint, "\" is not \"HOST:PORT TOKEN\""));
-  auto client = std::unique_ptr<ControlClient>(new ControlClient());
-  client->thread_ = std::thread(&ControlClient::Loop, client.get(), endpoint.substr(0, space),
-                                endpoint.substr(space + 1), self);
+  std::unique_ptr<ControlClient> client =
+      Create(endpoint.substr(0, space), endpoint.substr(space + 1));
+  client->thread_ = std::thread(&ControlClient::Loop, client.get(), self,
+                                absl::Milliseconds(200), /*registered=*/false);
   return client;
 }
 
@@ -31,45 +131,77 @@ ControlClient::~ControlClient() {
   if (thread_.joinable()) thread_.join();
 }
 
-void ControlClient::Loop(std::string address, std::string token, WorkerInfo self) {
-  auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
-  auto stub = v1::Cluster::NewStub(channel);
-  v1::RegisterRequest reg;
-  reg.set_cluster_token(token);
-  reg.set_rank(self.rank);
-  reg.set_host(self.host);
-  reg.set_device(self.device);
-  reg.set_pid(self.pid);
-  reg.set_build_id(self.build_id);
-  reg.set_config_hash(self.config_hash);
-  reg.mutable_experts()->Add(self.experts.begin(), self.experts.end());
-  v1::HeartbeatRequest beat;
-  beat.set_cluster_token(token);
-  beat.set_rank(self.rank);
+comm::KeyValueStore* ControlClient::store() { return stub_.get(); }
+const std::string& ControlClient::address() const { return stub_->address(); }
 
-  const absl::Duration call_timeout = absl::Seconds(2);
-  absl::Duration interval = absl::Milliseconds(200);  // retry pace until registered
-  bool registered = false;
+absl::StatusOr<Assignment> ControlClient::Register(const WorkerInfo& self,
+                                                   absl::Duration patience) {
+  const absl::Time give_up = absl::Now() + patience;
+  absl::Duration pause = absl::Milliseconds(100);
+  std::string last_error;
+  while (true) {
+    v1::RegisterResponse reply;
+    const grpc::Status s = stub_->Register(self, &reply);
+    if (s.ok()) {
+      Assignment a;
+      a.rank = reply.rank();
+      a.world_size = reply.world_size();
+      a.placement_json = reply.placement_json();
+      a.data_plane = reply.data_plane();
+      a.store_prefix = reply.store_prefix();
+      a.heartbeat_interval = absl::Milliseconds(std::max<uint32_t>(reply.heartbeat_interval_ms(), 10));
+      a.comm_timeout = absl::Milliseconds(reply.comm_timeout_ms());
+      EPX_LOG(Info) << "registered with the coordinator at " << address() << " as worker "
+                    << a.rank << " of " << a.world_size - 1;
+      return a;
+    }
+    // Not reachable yet (not started, still binding, or restarting): try again. Anything else
+    // is the coordinator's answer.
+    const bool retry = s.error_code() == grpc::StatusCode::UNAVAILABLE ||
+                       s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED;
+    if (!retry)
+      return absl::Status(FromGrpc(s).code(),
+                          absl::StrCat("the coordinator at ", address(),
+                                       " refused this worker: ", s.error_message()));
+    if (absl::Now() + pause > give_up)
+      return absl::DeadlineExceededError(absl::StrCat(
+          "no coordinator answered at ", address(), " within ", absl::FormatDuration(patience),
+          " (last error: ", s.error_message(), "); start `epx serve --workers W` there, or check "
+          "--coordinator"));
+    if (s.error_message() != last_error) {
+      EPX_LOG(Warning) << "waiting for the coordinator at " << address() << " ("
+                       << s.error_message() << "); retrying for up to "
+                       << absl::FormatDuration(absl::Trunc(give_up - absl::Now(), absl::Seconds(1)));
+      last_error = s.error_message();
+    }
+    if (stop_.WaitForNotificationWithTimeout(pause))
+      return absl::CancelledError("registration stopped");
+    pause = std::min(2 * pause, absl::Seconds(2));
+  }
+}
+
+void ControlClient::StartHeartbeats(const WorkerInfo& self, absl::Duration interval) {
+  thread_ = std::thread(&ControlClient::Loop, this, self, interval, /*registered=*/true);
+}
+
+void ControlClient::Loop(WorkerInfo self, absl::Duration interval, bool registered) {
   std::string last_error;
   do {
-    grpc::ClientContext context;
-    context.set_deadline(absl::ToChronoTime(absl::Now() + call_timeout));
     grpc::Status status;
     if (!registered) {
       v1::RegisterResponse reply;
-      status = stub->Register(&context, reg, &reply);
+      status = stub_->Register(self, &reply);
       if (status.ok()) {
         registered = true;
         interval = absl::Milliseconds(std::max<uint32_t>(reply.heartbeat_interval_ms(), 10));
-        EPX_LOG(Info) << "registered with the coordinator at " << address;
+        EPX_LOG(Info) << "registered with the coordinator at " << address();
       }
     } else {
-      v1::HeartbeatResponse reply;
-      status = stub->Heartbeat(&context, beat, &reply);
+      status = stub_->Heartbeat(self.rank);
       if (status.error_code() == grpc::StatusCode::NOT_FOUND) registered = false;
     }
     if (!status.ok() && status.error_message() != last_error) {
-      EPX_LOG(Warning) << "control plane (" << address << "): " << status.error_message();
+      EPX_LOG(Warning) << "control plane (" << address() << "): " << status.error_message();
       last_error = status.error_message();
     } else if (status.ok()) {
       last_error.clear();

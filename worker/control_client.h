@@ -1,10 +1,16 @@
-// A worker's side of the cluster control plane (proto/epx/v1/cluster.proto): registers with the
-// coordinator (rank, host, device, build, config hash, experts held), then sends a heartbeat
-// every interval the coordinator asked for, re-registering if the coordinator does not know it.
-// Runs on its own thread next to the worker's step loop; errors are logged and retried, never
-// fatal: the data plane, not the control plane, decides whether the job lives.
+// A worker's side of the cluster control plane (proto/epx/v1/cluster.proto).
 //
-// Thread-safe: construct and destroy from one thread; the work happens on an internal thread.
+// Launcher-free (`epx worker --coordinator HOST:PORT`): Register() blocks until the coordinator
+// answers, retrying with a bounded back-off while it cannot be reached (a worker may start
+// first), and returns the worker's Assignment: rank, world size, placement and data plane. The
+// data plane then bootstraps through store(), the coordinator's rendezvous store.
+// Under mpirun: Start() registers in the background with the launcher's rank.
+// Either way StartHeartbeats() keeps the coordinator informed, re-registering if it does not
+// know the worker; those errors are logged and retried, never fatal: the data plane, not the
+// control plane, decides whether the job lives.
+//
+// Thread-safe: construct and destroy from one thread; heartbeats run on an internal thread;
+// store() may be used from any thread.
 #ifndef EPX_WORKER_CONTROL_CLIENT_H_
 #define EPX_WORKER_CONTROL_CLIENT_H_
 
@@ -14,25 +20,61 @@
 
 #include "absl/status/statusor.h"
 #include "absl/synchronization/notification.h"
+#include "absl/time/time.h"
+#include "comm/key_value_store.h"
 #include "common/worker_info.h"
 
 namespace epx {
 
+// What the coordinator answers a registration with.
+struct Assignment {
+  int rank = 0;
+  int world_size = 0;
+  std::string placement_json;  // a placement file (common/placement.h)
+  std::string data_plane;
+  std::string store_prefix;
+  absl::Duration heartbeat_interval = absl::Milliseconds(500);
+  absl::Duration comm_timeout = absl::Seconds(30);
+};
+
 class ControlClient {
  public:
-  // `endpoint` is "HOST:PORT TOKEN" as the coordinator shares it. InvalidArgument if malformed.
+  // A client of the control plane at `address` (HOST:PORT) presenting `token`. Connects lazily.
+  static std::unique_ptr<ControlClient> Create(const std::string& address,
+                                               const std::string& token);
+  // Under mpirun: `endpoint` is "HOST:PORT TOKEN" as the coordinator shares it (InvalidArgument
+  // if malformed); registers `self` (its launcher rank and experts) in the background and sends
+  // heartbeats.
   static absl::StatusOr<std::unique_ptr<ControlClient>> Start(const std::string& endpoint,
                                                               const WorkerInfo& self);
-  // Stops the heartbeats and joins the thread (at most one call's deadline).
-  ~ControlClient();
-
   // What Start() expects, from the address workers reach the control plane at and the token.
   static std::string Endpoint(const std::string& address, const std::string& token);
 
- private:
-  ControlClient() = default;
-  void Loop(std::string address, std::string token, WorkerInfo self);
+  // Stops the heartbeats and joins the thread (at most one call's deadline).
+  ~ControlClient();
 
+  // Registers `self` (self.rank: the rank asked for, 0 for any). While the coordinator cannot
+  // be reached (UNAVAILABLE), retries after 100 ms, doubling up to 2 s, for at most `patience`,
+  // logging each new error once. Errors: the coordinator's refusal with its code and message
+  // (FailedPrecondition, AlreadyExists, ResourceExhausted, InvalidArgument, PermissionDenied),
+  // prefixed with "the coordinator at HOST:PORT refused this worker"; DeadlineExceeded when no
+  // coordinator answered within `patience`.
+  absl::StatusOr<Assignment> Register(const WorkerInfo& self, absl::Duration patience);
+  // From now on sends a heartbeat every `interval` (self.rank: the assigned rank), registering
+  // `self` again whenever the coordinator does not know it. Call once.
+  void StartHeartbeats(const WorkerInfo& self, absl::Duration interval);
+
+  // The coordinator's rendezvous store (StoreSet/StoreGet). Owned by this client.
+  comm::KeyValueStore* store();
+  const std::string& address() const;
+
+  class Stub;
+
+ private:
+  explicit ControlClient(std::unique_ptr<Stub> stub);
+  void Loop(WorkerInfo self, absl::Duration interval, bool registered);
+
+  std::unique_ptr<Stub> stub_;
   absl::Notification stop_;
   std::thread thread_;
 };

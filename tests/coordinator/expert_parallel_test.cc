@@ -11,7 +11,7 @@
 #include <thread>
 
 #include "cli/commands.h"
-#include "cli/runtime.h"
+#include "runtime/runtime.h"
 #include "comm/inproc_communicator.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"

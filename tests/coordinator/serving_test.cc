@@ -3,7 +3,7 @@
 // the engine's KV cache back to empty).
 #include <thread>
 
-#include "cli/runtime.h"
+#include "runtime/runtime.h"
 #include "common/tokenizer.h"
 #include "coordinator/chat_template.h"
 #include "coordinator/membership.h"
@@ -46,30 +46,31 @@ TEST(ChatTemplateTest, MixtralInstructFormat) {
 TEST(MembershipTest, ReadyOnlyWithEveryWorkerRegisteredAndHeardFrom) {
   auto placement = Placement::RoundRobin(8, 2);
   ASSERT_TRUE(placement.ok());
-  Membership m(&*placement, "build-1", 42,
+  Membership m(&*placement, {"build-1", 42, "mpi"},
                {.heartbeat_interval = absl::Milliseconds(100),
                 .heartbeat_timeout = absl::Seconds(1)});
   const absl::Time t0 = absl::FromUnixSeconds(1000);
   EXPECT_EQ(m.NotReadyReason(t0), "worker 1 has not registered");
   WorkerInfo w{.rank = 1, .host = "a", .device = "cpu", .pid = 1, .build_id = "build-1",
-               .config_hash = 42, .experts = {0, 2, 4, 6}};
-  ASSERT_TRUE(m.Register(w, t0).ok());
+               .config_hash = 42, .experts = {0, 2, 4, 6}, .data_plane = "mpi"};
+  ASSERT_EQ(m.Register(w, t0).value_or(-1), 1);
   WorkerInfo w2 = w;
   w2.rank = 2;
+  w2.pid = 2;
   w2.experts = {1, 3, 5, 7};
   WorkerInfo bad = w2;
   bad.build_id = "build-2";
-  EXPECT_EQ(m.Register(bad, t0).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(m.Register(bad, t0).status().code(), absl::StatusCode::kFailedPrecondition);
   bad = w2;
   bad.config_hash = 7;
-  EXPECT_EQ(m.Register(bad, t0).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(m.Register(bad, t0).status().code(), absl::StatusCode::kFailedPrecondition);
   bad = w2;
   bad.experts = {1, 3};
-  EXPECT_EQ(m.Register(bad, t0).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(m.Register(bad, t0).status().code(), absl::StatusCode::kFailedPrecondition);
   bad.rank = 3;
-  EXPECT_EQ(m.Register(bad, t0).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(m.Register(bad, t0).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(m.Heartbeat(2, t0).code(), absl::StatusCode::kNotFound);
-  ASSERT_TRUE(m.Register(w2, t0).ok());
+  ASSERT_EQ(m.Register(w2, t0).value_or(-1), 2);
   EXPECT_EQ(m.NotReadyReason(t0 + absl::Milliseconds(500)), "");
   ASSERT_TRUE(m.Heartbeat(1, t0 + absl::Seconds(2)).ok());
   const std::string reason = m.NotReadyReason(t0 + absl::Seconds(2));
@@ -79,6 +80,49 @@ TEST(MembershipTest, ReadyOnlyWithEveryWorkerRegisteredAndHeardFrom) {
   EXPECT_EQ(m.NotReadyReason(t0 + absl::Seconds(2)), "");
   m.MarkFailed(absl::DeadlineExceededError("rank 2 did not answer"));
   EXPECT_NE(m.NotReadyReason(t0 + absl::Seconds(2)).find("data plane failed"), std::string::npos);
+}
+
+// Registration as the rendezvous of a launcher-free cluster: the coordinator assigns ranks,
+// accepts a requested one once, refuses what does not match, and stops at W workers.
+TEST(MembershipTest, AssignsRanksAndRefusesWhatDoesNotBelong) {
+  auto placement = Placement::RoundRobin(8, 3);
+  ASSERT_TRUE(placement.ok());
+  Membership m(&*placement, {"build-1", 42, "gloo"}, {});
+  const absl::Time t0 = absl::FromUnixSeconds(1000);
+  EXPECT_FALSE(m.AwaitAllRegistered(absl::ZeroDuration()));
+  auto worker = [](int pid, int rank) {
+    return WorkerInfo{.rank = rank, .host = "h", .device = "cpu", .pid = pid,
+                      .build_id = "build-1", .config_hash = 42, .data_plane = "gloo"};
+  };
+  // Asked-for rank 3 first; the others get the lowest free ones.
+  EXPECT_EQ(m.Register(worker(10, 3), t0).value_or(-1), 3);
+  EXPECT_EQ(m.Register(worker(11, 0), t0).value_or(-1), 1);
+  // The same process again (a retried call) keeps its rank; it cannot take a second one.
+  EXPECT_EQ(m.Register(worker(11, 0), t0).value_or(-1), 1);
+  EXPECT_EQ(m.Register(worker(11, 2), t0).status().code(), absl::StatusCode::kAlreadyExists);
+  // A duplicate rank from another process, naming the holder.
+  absl::StatusOr<int> dup = m.Register(worker(12, 3), t0);
+  EXPECT_EQ(dup.status().code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_NE(dup.status().message().find("rank 3 is already held by worker 3 (h pid 10)"),
+            std::string::npos)
+      << dup.status();
+  WorkerInfo other_plane = worker(13, 0);
+  other_plane.data_plane = "nccl";
+  absl::StatusOr<int> plane = m.Register(other_plane, t0);
+  EXPECT_EQ(plane.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(plane.status().message().find("data plane \"nccl\" but the coordinator uses \"gloo\""),
+            std::string::npos)
+      << plane.status();
+  EXPECT_EQ(m.Register(worker(14, 0), t0).value_or(-1), 2);
+  EXPECT_TRUE(m.AwaitAllRegistered(absl::ZeroDuration()));
+  // A fourth worker beyond W = 3.
+  absl::StatusOr<int> extra = m.Register(worker(15, 0), t0);
+  EXPECT_EQ(extra.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(extra.status().message().find("already has its 3 workers"), std::string::npos)
+      << extra.status();
+  // The experts a worker was given are the placement's.
+  EXPECT_EQ(m.Workers(t0)[1].info.experts, placement->experts_of(2));
+  EXPECT_EQ(m.NotReadyReason(t0), "");
 }
 
 class SchedulerTest : public ::testing::Test {

@@ -1,0 +1,259 @@
+#include "comm/gloo_communicator.h"
+
+#include <gloo/rendezvous/context.h>
+#include <gloo/rendezvous/store.h>
+#include <gloo/transport/tcp/device.h>
+#include <gloo/transport/unbound_buffer.h>
+
+#include <chrono>
+#include <climits>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <stdexcept>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+
+namespace epx::comm {
+namespace {
+
+// gloo waits take milliseconds; an infinite wait (an idle worker) becomes a year.
+std::chrono::milliseconds ToMillis(absl::Duration d) {
+  if (d == absl::InfiniteDuration() || d > absl::Hours(24 * 365)) return std::chrono::hours(24 * 365);
+  return std::chrono::milliseconds(std::max<int64_t>(1, absl::ToInt64Milliseconds(d)));
+}
+
+// gloo's Store over ours. gloo calls it inside connectFullMesh and knows only exceptions, so a
+// failure is kept as a Status and surfaces as an exception that Create turns back into it.
+class StoreAdapter : public gloo::rendezvous::Store {
+ public:
+  StoreAdapter(KeyValueStore* store, std::string prefix, absl::Duration timeout)
+      : store_(store), prefix_(std::move(prefix)), timeout_(timeout) {}
+
+  void set(const std::string& key, const std::vector<char>& data) override {
+    Check(store_->Set(prefix_ + key, std::string(data.begin(), data.end())), key);
+  }
+  std::vector<char> get(const std::string& key) override {
+    absl::StatusOr<std::string> value = store_->Get(prefix_ + key, timeout_);
+    Check(value.status(), key);
+    return std::vector<char>(value->begin(), value->end());
+  }
+  void wait(const std::vector<std::string>& keys) override { wait(keys, ToMillis(timeout_)); }
+  void wait(const std::vector<std::string>& keys,
+            const std::chrono::milliseconds& timeout) override {
+    const absl::Time deadline = absl::Now() + absl::FromChrono(timeout);
+    for (const std::string& key : keys)
+      Check(store_->Get(prefix_ + key, std::max(deadline - absl::Now(), absl::ZeroDuration()))
+                .status(),
+            key);
+  }
+
+  const absl::Status& error() const { return error_; }
+
+ private:
+  // gloo's keys are the ranks' numbers: the error names the rank.
+  void Check(const absl::Status& status, const std::string& key) {
+    if (status.ok()) return;
+    int rank = -1;
+    if (status.code() == absl::StatusCode::kDeadlineExceeded && absl::SimpleAtoi(key, &rank)) {
+      error_ = absl::DeadlineExceededError(absl::StrCat(
+          "data plane rendezvous: rank ", rank, " did not join within ",
+          absl::FormatDuration(timeout_)));
+    } else {
+      error_ = absl::Status(status.code(),
+                            absl::StrCat("data plane rendezvous: ", status.message()));
+    }
+    throw std::runtime_error(std::string(error_.message()));
+  }
+
+  KeyValueStore* store_;
+  const std::string prefix_;
+  const absl::Duration timeout_;
+  absl::Status error_;
+};
+
+// One posted message: its buffer and peer.
+struct Posted {
+  std::unique_ptr<gloo::transport::UnboundBuffer> buffer;
+  int peer;
+  bool is_send;
+};
+
+class GlooCommunicator : public Communicator {
+ public:
+  explicit GlooCommunicator(std::shared_ptr<gloo::rendezvous::Context> context)
+      : context_(std::move(context)) {}
+
+  int rank() const override { return context_->rank; }
+  int world_size() const override { return context_->size; }
+
+  absl::Status AllToAllV(const void* send, absl::Span<const int64_t> send_bytes, void* recv,
+                         absl::Span<const int64_t> recv_bytes, Tag tag, absl::Duration timeout,
+                         const std::string& what) override {
+    const int n = world_size(), me = rank();
+    if (static_cast<int>(send_bytes.size()) != n || static_cast<int>(recv_bytes.size()) != n)
+      return absl::InvalidArgumentError("AllToAllV: one size per rank is needed");
+    for (int p = 0; p < n; ++p) {
+      if (send_bytes[p] < 0 || recv_bytes[p] < 0)
+        return absl::InvalidArgumentError(
+            absl::StrCat(what, ": a negative message size between ranks ", me, " and ", p));
+    }
+    if (send_bytes[me] != recv_bytes[me])
+      return absl::InternalError(absl::StrCat(what, ": rank ", me, " sends itself ",
+                                              send_bytes[me], " bytes but expects ",
+                                              recv_bytes[me]));
+    if (broken_) return Broken(what);
+    const auto* src = static_cast<const uint8_t*>(send);
+    auto* dst = static_cast<uint8_t*>(recv);
+    std::vector<Posted> posted;
+    const absl::Time deadline = absl::Now() + timeout;
+    try {
+      int64_t send_offset = 0, recv_offset = 0;
+      for (int p = 0; p < n; ++p) {
+        if (p == me) {
+          if (send_bytes[p] > 0) std::memcpy(dst + recv_offset, src + send_offset, send_bytes[p]);
+        } else {
+          if (recv_bytes[p] > 0) Post(false, dst + recv_offset, recv_bytes[p], p, tag, &posted);
+          if (send_bytes[p] > 0)
+            Post(true, const_cast<uint8_t*>(src + send_offset), send_bytes[p], p, tag, &posted);
+        }
+        send_offset += send_bytes[p];
+        recv_offset += recv_bytes[p];
+      }
+    } catch (const std::exception& e) {
+      broken_ = true;
+      return absl::UnavailableError(absl::StrCat(what, " (", TagName(tag), "): ", e.what()));
+    }
+    return WaitAll(posted, tag, timeout, deadline, what);
+  }
+
+  absl::Status Broadcast(void* data, int64_t bytes, int root, Tag tag, absl::Duration timeout,
+                         const std::string& what) override {
+    const int n = world_size();
+    if (bytes < 0) return absl::InvalidArgumentError("Broadcast: negative size");
+    if (root < 0 || root >= n) return absl::InvalidArgumentError("Broadcast: root out of range");
+    std::vector<int64_t> send_bytes(n, 0), recv_bytes(n, 0);
+    if (rank() == root) {
+      for (int p = 0; p < n; ++p)
+        if (p != root) send_bytes[p] = bytes;
+      // The root sends the same bytes to every peer: one buffer, posted once per peer.
+      return Fanout(data, bytes, send_bytes, tag, timeout, what);
+    }
+    recv_bytes[root] = bytes;
+    return AllToAllV(nullptr, send_bytes, data, recv_bytes, tag, timeout, what);
+  }
+
+  absl::Status AllGather(const void* send, int64_t bytes, void* recv, Tag tag,
+                         absl::Duration timeout, const std::string& what) override {
+    const int n = world_size();
+    std::vector<int64_t> sizes(n, bytes);
+    std::vector<uint8_t> replicated(bytes * n);
+    for (int p = 0; p < n; ++p) std::memcpy(replicated.data() + p * bytes, send, bytes);
+    return AllToAllV(replicated.data(), sizes, recv, sizes, tag, timeout, what);
+  }
+
+  // Not collective: the process ends, its connections close, and every peer waiting on it sees
+  // this rank gone.
+  void Abort(int code, const std::string& message) override {
+    std::fprintf(stderr, "epx: rank %d aborting the job: %s\n", rank(), message.c_str());
+    std::fflush(stderr);
+    std::_Exit(code);
+  }
+
+ private:
+  void Post(bool is_send, void* data, int64_t bytes, int peer, Tag tag,
+            std::vector<Posted>* posted) {
+    Posted p{context_->createUnboundBuffer(data, static_cast<size_t>(bytes)), peer, is_send};
+    const uint64_t slot = static_cast<uint64_t>(tag);
+    if (is_send) {
+      p.buffer->send(peer, slot);
+    } else {
+      p.buffer->recv(peer, slot);
+    }
+    posted->push_back(std::move(p));
+  }
+
+  absl::Status Fanout(void* data, int64_t bytes, absl::Span<const int64_t> send_bytes, Tag tag,
+                      absl::Duration timeout, const std::string& what) {
+    if (broken_) return Broken(what);
+    std::vector<Posted> posted;
+    const absl::Time deadline = absl::Now() + timeout;
+    try {
+      for (int p = 0; p < world_size(); ++p)
+        if (send_bytes[p] > 0) Post(true, data, bytes, p, tag, &posted);
+    } catch (const std::exception& e) {
+      broken_ = true;
+      return absl::UnavailableError(absl::StrCat(what, " (", TagName(tag), "): ", e.what()));
+    }
+    return WaitAll(posted, tag, timeout, deadline, what);
+  }
+
+  // Waits for every posted message in turn against the deadline. The first one that fails names
+  // its peer: past the deadline it did not answer; before it, its connection broke.
+  absl::Status WaitAll(std::vector<Posted>& posted, Tag tag, absl::Duration timeout,
+                       absl::Time deadline, const std::string& what) {
+    for (Posted& p : posted) {
+      try {
+        const std::chrono::milliseconds left =
+            timeout == absl::InfiniteDuration() ? ToMillis(timeout)
+                                                : ToMillis(deadline - absl::Now());
+        const bool done = p.is_send ? p.buffer->waitSend(nullptr, left)
+                                    : p.buffer->waitRecv(nullptr, left);
+        if (!done) throw std::runtime_error("the wait was aborted");
+      } catch (const std::exception& e) {
+        broken_ = true;
+        if (timeout != absl::InfiniteDuration() && absl::Now() >= deadline)
+          return absl::DeadlineExceededError(absl::StrCat(
+              what, " (", TagName(tag), "): rank(s) ", p.peer, " did not answer rank ", rank(),
+              " within ", absl::FormatDuration(timeout)));
+        return absl::UnavailableError(absl::StrCat(what, " (", TagName(tag), "): lost rank ",
+                                                   p.peer, " (its connection to rank ", rank(),
+                                                   " failed: ", e.what(), ")"));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Broken(const std::string& what) const {
+    return absl::FailedPreconditionError(
+        absl::StrCat(what, ": the data plane failed earlier and cannot be used"));
+  }
+
+  std::shared_ptr<gloo::rendezvous::Context> context_;
+  bool broken_ = false;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Communicator>> CreateGlooCommunicator(const GlooOptions& options) {
+  if (options.world_size < 1 || options.rank < 0 || options.rank >= options.world_size)
+    return absl::InvalidArgumentError(absl::StrCat("gloo data plane: rank ", options.rank,
+                                                   " of ", options.world_size));
+  if (options.store == nullptr)
+    return absl::InvalidArgumentError("gloo data plane: no rendezvous store");
+  // A peer that dies mid-send must become an error on this rank, not SIGPIPE.
+  std::signal(SIGPIPE, SIG_IGN);
+  StoreAdapter store(options.store, options.store_prefix, options.connect_timeout);
+  try {
+    gloo::transport::tcp::attr attr;
+    attr.hostname = options.host;
+    std::shared_ptr<gloo::transport::Device> device = gloo::transport::tcp::CreateDevice(attr);
+    auto context = std::make_shared<gloo::rendezvous::Context>(options.rank, options.world_size);
+    context->setTimeout(ToMillis(options.connect_timeout));
+    context->connectFullMesh(store, device);
+    return std::unique_ptr<Communicator>(new GlooCommunicator(std::move(context)));
+  } catch (const std::exception& e) {
+    if (!store.error().ok()) return store.error();
+    return absl::UnavailableError(absl::StrCat("gloo data plane (rank ", options.rank, " on \"",
+                                               options.host.empty() ? "this host's name"
+                                                                    : options.host,
+                                               "\"): ", e.what()));
+  }
+}
+
+}  // namespace epx::comm

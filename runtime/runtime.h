@@ -1,0 +1,195 @@
+// What one `epx` process is in a job, set up from the command line:
+//   - alone: the whole model in this process;
+//   - under mpirun (-np 1+W): rank 0 the coordinator (attention, routing, sampling; experts on
+//     the workers), ranks 1..W expert workers, over the MPI data plane;
+//   - a launcher-free cluster: a coordinator started with `workers` = W listens on its control
+//     plane, and workers started on their own with `coordinator` = HOST:PORT register there, in
+//     any order; registration gives each its rank and placement, and the data plane (gloo) is
+//     bootstrapped through the coordinator's store once all W have registered.
+// Then every multi-rank job runs the same start-up agreement over the data plane (build,
+// config, placement; weights loaded), loads the weights of the process's role only, and the
+// coordinator shuts the workers down at the end. docs/ARCHITECTURE.md, "Start-up".
+//
+// Not thread-safe; the command's thread owns it.
+#ifndef EPX_RUNTIME_RUNTIME_H_
+#define EPX_RUNTIME_RUNTIME_H_
+
+#include <functional>
+#include <memory>
+#include <optional>
+#include <ostream>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "comm/communicator.h"
+#include "comm/key_value_store.h"
+#include "common/model_config.h"
+#include "common/model_weights.h"
+#include "common/placement.h"
+#include "coordinator/cuda_forward.h"
+#include "coordinator/distributed_expert_executor.h"
+#include "coordinator/engine.h"
+#include "coordinator/membership.h"
+#include "coordinator/services.h"
+#include "worker/control_client.h"
+
+namespace epx {
+
+class Runtime;
+
+struct RuntimeOptions {
+  std::string model_dir;
+  // Set: this configuration instead of model_dir/config.json (a preset for --load-format dummy,
+  // which then needs no directory at all; or a config with overridden fields).
+  std::optional<ModelConfig> config;
+  std::string placement = "round-robin";  // or a placement file (common/placement.h)
+  std::string role;                       // "", "coordinator" or "worker" (MPMD launches)
+  absl::Duration comm_timeout = absl::Seconds(30);
+  EngineOptions engine;  // KV cache size (coordinator)
+  // Where the coordinator computes: "cpu", or "cuda" (kernels/cuda; experts too unless workers
+  // hold them).
+  std::string device = "cpu";
+  CudaForwardOptions cuda;  // --cuda-device, --expert-dtype, --grouped-gemm
+  // "auto": the checkpoint's safetensors; "dummy": synthetic weights at the config's shapes,
+  // generated on the GPU (needs --device cuda; the directory needs only config.json).
+  std::string load_format = "auto";
+  // Use this communicator instead of forming one (tests: in-process ranks). Not owned.
+  comm::Communicator* comm = nullptr;
+
+  // --data-plane: auto, mpi, gloo or nccl (comm/data_plane.h).
+  std::string data_plane = "auto";
+  // The address this rank's data plane listens on and advertises. Empty: the coordinator's
+  // listen host (or this host's name for a wildcard); a worker's address towards the
+  // coordinator.
+  std::string data_plane_host;
+  // The secret every process of a launcher-free cluster presents on the control plane (empty:
+  // none; anyone who reaches the port may join).
+  std::string cluster_token;
+
+  // Launcher-free coordinator: wait for this many workers (--workers W), on the control plane
+  // at `listen`.
+  int workers = 0;
+  std::string listen = "127.0.0.1:50051";
+  // How long the coordinator waits for its W workers (infinite by default: they may be
+  // scheduled late).
+  absl::Duration form_timeout = absl::InfiniteDuration();
+  MembershipOptions membership;  // heartbeat interval and timeout
+  // Starts the control plane of a launcher-free coordinator (serve: the whole API server),
+  // called once the config, placement, membership and store exist; returns the bound address.
+  // Unset: a server with only the control plane (eval, generate).
+  std::function<absl::StatusOr<std::string>(Runtime&)> start_control_plane;
+
+  // Launcher-free worker: the coordinator's control plane (--coordinator HOST:PORT), the rank
+  // asked for (--rank; 0: any) and how long to keep trying to reach the coordinator.
+  std::string coordinator;
+  int rank = 0;
+  absl::Duration register_timeout = absl::Minutes(10);
+};
+
+// The build identity all ranks of a job must share.
+std::string BuildId();
+// This host's name ("localhost" if it has none).
+std::string HostName();
+// The secret of a launcher-free cluster: the contents of `file` (surrounding whitespace
+// dropped; NotFound / InvalidArgument for a missing or empty file), else $EPX_CLUSTER_TOKEN,
+// else none ("").
+absl::StatusOr<std::string> ClusterToken(const std::string& file);
+
+class Runtime {
+ public:
+  // Errors: bad options or files (InvalidArgument/NotFound naming them), ranks that disagree or
+  // workers refused (FailedPrecondition naming the rank), communication failures.
+  static absl::StatusOr<std::unique_ptr<Runtime>> Start(const RuntimeOptions& options);
+  // A coordinator that was not finished shuts its workers down (or aborts the job if a step was
+  // cut short).
+  ~Runtime();
+
+  int rank() const { return rank_; }
+  int world_size() const { return world_size_; }
+  bool is_worker() const { return rank() != 0; }
+  // A cluster formed without a launcher (coordinator or worker).
+  bool launcher_free() const { return !data_plane_.empty() && data_plane_ != "mpi"; }
+  const ModelConfig& config() const { return config_; }
+  // The host weights this rank loaded; nullptr with --load-format dummy.
+  const ModelWeights* weights() const { return weights_.get(); }
+  // The resolved data plane ("mpi", "gloo"); empty alone or with an injected communicator.
+  const std::string& data_plane() const { return data_plane_; }
+
+  // Worker ranks: serves expert work until the coordinator shuts the job down. On an error the
+  // job is aborted (the coordinator cannot be reached otherwise) and the error returned.
+  absl::Status ServeAsWorker();
+  // Serving under mpirun: rank 0 hands `endpoint` (the control plane's address and the job's
+  // token) to every worker, which receive it; all ranks call this once, right after Start(). An
+  // empty string means the coordinator could not start serving. Blocks until every rank took
+  // part. Launcher-free and single-process runtimes return `endpoint`.
+  absl::StatusOr<std::string> ShareControlEndpoint(const std::string& endpoint);
+  // Where this rank computes: "cpu", or "cuda:N <device name>".
+  std::string device() const;
+  // This rank's placement (multi-rank jobs); nullptr in a single process.
+  const Placement* placement() const { return placement_.get(); }
+  // Coordinator: the workers' membership (none in a single process) and, launcher-free, the
+  // data plane's rendezvous store with its key prefix.
+  Membership* membership() { return membership_.get(); }
+  comm::KeyValueStore* store() { return store_.get(); }
+  const std::string& store_prefix() const { return store_prefix_; }
+  // Coordinator: the engine (experts local or remote).
+  Engine& engine() { return *engine_; }
+
+  // Coordinator: ends the job with `result`. OK or an input error: the workers are told to stop
+  // and `result` is returned. A failure in the middle of a step (a worker lost or silent): the
+  // failure is reported and the whole job aborted, since the workers cannot be reached cleanly.
+  absl::Status Finish(absl::Status result);
+
+  // Coordinator: SIGTERM or SIGINT arrived (or RequestStop()); commands stop between steps and
+  // Finish() cleanly, and a coordinator waiting for its workers gives up.
+  static bool stop_requested();
+  static void RequestStop();
+
+  // Per-layer time in attention, dispatch, expert compute and combine; tokens per expert and
+  // per worker; weight bytes this rank mapped.
+  void PrintStats(std::ostream& out) const;
+  // Coordinator of a multi-rank job: the executor's counters; nullptr otherwise.
+  const ExpertParallelStats* expert_parallel_stats() const {
+    return remote_experts_ ? &remote_experts_->stats() : nullptr;
+  }
+
+ private:
+  Runtime() = default;
+  // Decides this process's rank and world and forms the data plane (launcher-free: after the
+  // registrations). Sets configured_ where the configuration is read before the data plane.
+  absl::Status Connect();
+  absl::Status FormAsCoordinator();
+  absl::Status JoinAsWorker();
+  // Role, config and, for `world` > 1, the placement from the options.
+  absl::Status Configure(int world);
+  // The coordinator's engine on options_.device, over the loaded (or dummy) weights.
+  absl::Status CreateEngine(ExpertExecutor* remote_experts);
+  // Exchanges Hellos (carrying `configured`) and checks that all ranks agree.
+  absl::Status Handshake(const absl::Status& configured);
+
+  RuntimeOptions options_;
+  ModelConfig config_;
+  int rank_ = 0;
+  int world_size_ = 1;
+  std::string data_plane_;
+  std::optional<absl::Status> configured_;  // set when Connect() already configured
+  std::unique_ptr<comm::Communicator> owned_comm_;
+  comm::Communicator* comm_ = nullptr;
+  std::unique_ptr<Placement> placement_;
+  // Coordinator's control plane.
+  std::unique_ptr<Membership> membership_;
+  std::unique_ptr<comm::KeyValueStore> store_;
+  std::string store_prefix_;
+  std::unique_ptr<ApiServer> control_server_;  // eval/generate's, launcher-free
+  // Launcher-free worker's registration and heartbeats.
+  std::unique_ptr<ControlClient> control_;
+  std::unique_ptr<ModelWeights> weights_;
+  std::unique_ptr<DistributedExpertExecutor> remote_experts_;
+  std::unique_ptr<Engine> engine_;
+  bool finished_ = false;
+};
+
+}  // namespace epx
+
+#endif  // EPX_RUNTIME_RUNTIME_H_
