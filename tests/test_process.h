@@ -2,11 +2,18 @@
 #ifndef EPX_TESTS_TEST_PROCESS_H_
 #define EPX_TESTS_TEST_PROCESS_H_
 
+#include <signal.h>
+#include <spawn.h>
 #include <sys/wait.h>
 
 #include <chrono>
 #include <cstdio>
+#include <fstream>
+#include <sstream>
 #include <string>
+#include <thread>
+
+extern char** environ;
 
 namespace epx::testing {
 
@@ -30,6 +37,59 @@ inline CommandResult RunCommand(const std::string& command) {
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return r;
 }
+
+// A child process started from a shell command with its output in `log_file`; killed (SIGKILL)
+// and reaped when the object goes away if it is still running.
+class ChildProcess {
+ public:
+  ChildProcess(const std::string& command, const std::string& log_file) : log_file_(log_file) {
+    const std::string line = "exec " + command + " > " + log_file + " 2>&1";
+    const char* argv[] = {"/bin/sh", "-c", line.c_str(), nullptr};
+    if (posix_spawn(&pid_, "/bin/sh", nullptr, nullptr, const_cast<char**>(argv), environ) != 0)
+      pid_ = -1;
+  }
+  ChildProcess(const ChildProcess&) = delete;
+  ChildProcess& operator=(const ChildProcess&) = delete;
+  ~ChildProcess() {
+    if (running()) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, &status_, 0);
+    }
+  }
+
+  pid_t pid() const { return pid_; }
+  bool running() const { return pid_ > 0 && !exited_; }
+  void Signal(int sig) const {
+    if (running()) kill(pid_, sig);
+  }
+  // Waits up to `seconds` for the process to end: its exit code, 128 + the signal that killed
+  // it, or -1 if it is still running.
+  int Wait(double seconds) {
+    const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+    while (running()) {
+      if (waitpid(pid_, &status_, WNOHANG) == pid_) {
+        exited_ = true;
+        break;
+      }
+      if (std::chrono::steady_clock::now() >= end) return -1;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    if (!exited_) return -1;
+    return WIFEXITED(status_) ? WEXITSTATUS(status_) : 128 + WTERMSIG(status_);
+  }
+  std::string log() const {
+    std::ifstream in(log_file_);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+  }
+
+ private:
+  pid_t pid_ = -1;
+  int status_ = 0;
+  bool exited_ = false;
+  std::string log_file_;
+};
 
 }  // namespace epx::testing
 

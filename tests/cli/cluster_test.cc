@@ -1,0 +1,261 @@
+// A cluster formed without a launcher, on loopback: a coordinator and its `epx worker`s as
+// separate processes that find each other through registration, with the gloo data plane.
+// Results are byte-identical to one process; workers started before the coordinator join;
+// whatever does not belong is refused with a message naming it; a worker killed mid-request
+// fails that request with UNAVAILABLE naming its rank and no process hangs.
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "common/safetensors.h"
+#include "epx/v1/generation.grpc.pb.h"
+#include "gtest/gtest.h"
+#include "runtime/runtime.h"
+#include "tests/coordinator/test_util.h"
+#include "tests/serve_util.h"
+#include "tests/test_process.h"
+#include "worker/control_client.h"
+
+namespace epx {
+namespace {
+
+using testing::ChildProcess;
+using testing::Completion;
+using testing::EpxBinary;
+using testing::ServerProcess;
+
+// A port free right now on 127.0.0.1 (for a coordinator the workers must know before it
+// starts).
+int FreePort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  socklen_t len = sizeof(addr);
+  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+      getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    close(fd);
+    return 0;
+  }
+  close(fd);
+  return ntohs(addr.sin_port);
+}
+
+std::string TestDir(const std::string& name) {
+  const std::filesystem::path dir = std::filesystem::path(::testing::TempDir()) /
+                                    (name + "_" + std::to_string(getpid()));
+  std::filesystem::create_directories(dir);
+  return dir.string();
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// Waits up to `seconds` for `text` in the process's log.
+bool WaitForLog(const ChildProcess& p, const std::string& text, double seconds) {
+  for (int i = 0; i < seconds * 20; ++i) {
+    if (p.log().find(text) != std::string::npos) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return false;
+}
+
+std::unique_ptr<ChildProcess> StartWorker(const std::string& dir, const std::string& name,
+                                          const std::string& coordinator,
+                                          const std::string& extra = "") {
+  return std::make_unique<ChildProcess>(
+      absl::StrCat(EpxBinary(), " worker --model ", testing::TinyModelDir(), " --coordinator ",
+                   coordinator, " ", extra),
+      absl::StrCat(dir, "/", name, ".log"));
+}
+
+testing::CommandResult Health(const ServerProcess& server, bool wait) {
+  return testing::RunCommand(EpxBinary() + " health --server " + server.address() +
+                             " --service epx.v1.Generation" + (wait ? " --wait --timeout 60" : "") +
+                             " 2>&1");
+}
+
+v1::GenerateRequest Greedy(const std::vector<int32_t>& prompt, int max_tokens) {
+  v1::GenerateRequest r;
+  r.mutable_token_ids()->mutable_ids()->Add(prompt.begin(), prompt.end());
+  r.set_max_tokens(max_tokens);
+  r.set_temperature(0);
+  r.set_ignore_eos(true);
+  return r;
+}
+
+TEST(ClusterTest, GoldenEvalWithWorkersStartedFirstIsByteIdenticalToOneProcess) {
+  const std::string dir = TestDir("cluster_eval");
+  const int port = FreePort();
+  ASSERT_NE(port, 0);
+  const std::string coordinator = absl::StrCat("127.0.0.1:", port);
+  std::vector<std::unique_ptr<ChildProcess>> workers;
+  for (int i = 0; i < 3; ++i)
+    workers.push_back(StartWorker(dir, absl::StrCat("worker", i), coordinator));
+  // Every worker has tried and found no coordinator before there is one.
+  for (auto& w : workers)
+    ASSERT_TRUE(WaitForLog(*w, "waiting for the coordinator at " + coordinator, 60)) << w->log();
+
+  const std::string golden = testing::GoldenPath();
+  testing::CommandResult cluster = testing::RunCommand(absl::StrCat(
+      EpxBinary(), " eval --model ", testing::TinyModelDir(), " --input ", golden, " --output ",
+      dir, "/cluster.safetensors --check --workers 3 --listen ", coordinator, " --stats 2>&1"));
+  ASSERT_EQ(cluster.exit_code, 0) << cluster.output;
+  EXPECT_NE(cluster.output.find("data plane gloo formed with 3 worker(s)"), std::string::npos)
+      << cluster.output;
+  // Every worker computed rows.
+  for (int r = 1; r <= 3; ++r)
+    EXPECT_NE(cluster.output.find(absl::StrCat("rank", r, "=")), std::string::npos)
+        << cluster.output;
+  testing::CommandResult alone = testing::RunCommand(
+      absl::StrCat(EpxBinary(), " eval --model ", testing::TinyModelDir(), " --input ", golden,
+                   " --output ", dir, "/alone.safetensors 2>&1"));
+  ASSERT_EQ(alone.exit_code, 0) << alone.output;
+  const std::string expected = ReadFile(dir + "/alone.safetensors");
+  ASSERT_FALSE(expected.empty());
+  EXPECT_TRUE(ReadFile(dir + "/cluster.safetensors") == expected)
+      << "the cluster's eval output differs from the single-process one";
+  for (auto& w : workers) {
+    EXPECT_EQ(w->Wait(60), 0) << w->log();
+    EXPECT_NE(w->log().find("the coordinator ended the job"), std::string::npos) << w->log();
+  }
+}
+
+TEST(ClusterTest, ServesGoldenGreedyAndRefusesWhatDoesNotBelong) {
+  const std::string dir = TestDir("cluster_serve");
+  ServerProcess server("cluster_serve", "",
+                       "--model " + testing::TinyModelDir() +
+                           " --workers 3 --heartbeat-ms 200 --heartbeat-timeout-ms 5000");
+  ASSERT_TRUE(server.ok()) << server.log();
+  // Listening, not serving: generation says why.
+  auto stub = server.generation();
+  std::vector<std::vector<int32_t>> greedy;
+  std::vector<std::vector<int32_t>> prompts;
+  for (const testing::GoldenPrompt& p : testing::ReadGoldenPrompts()) {
+    prompts.push_back(p.tokens);
+    greedy.push_back(p.greedy);
+  }
+  ASSERT_FALSE(prompts.empty());
+  Completion early = testing::Generate(*stub, Greedy(prompts[0], 2));
+  EXPECT_EQ(early.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_NE(early.status.error_message().find("worker 1 has not registered"), std::string::npos)
+      << early.status.error_message();
+  EXPECT_NE(Health(server, false).exit_code, 0);
+
+  const std::string coordinator = server.address();
+  auto held = StartWorker(dir, "rank2", coordinator, "--rank 2");
+  ASSERT_TRUE(WaitForLog(*held, "as worker 2 of 3", 60)) << held->log();
+  // A second worker asking for rank 2.
+  auto duplicate = StartWorker(dir, "rank2_again", coordinator, "--rank 2");
+  EXPECT_EQ(duplicate->Wait(60), 1) << duplicate->log();
+  EXPECT_NE(duplicate->log().find("rank 2 is already held by worker 2"), std::string::npos)
+      << duplicate->log();
+  // A worker that read another config.
+  const std::string other = dir + "/other_model";
+  ASSERT_EQ(testing::RunCommand(absl::StrCat(EpxBinary(), " make-model --preset tiny --num-layers 1"
+                                             " --out ", other, " 2>&1"))
+                .exit_code,
+            0);
+  auto other_config = std::make_unique<ChildProcess>(
+      absl::StrCat(EpxBinary(), " worker --model ", other, " --coordinator ", coordinator),
+      dir + "/other_config.log");
+  EXPECT_EQ(other_config->Wait(60), 1) << other_config->log();
+  EXPECT_NE(other_config->log().find("loaded a model config with hash"), std::string::npos)
+      << other_config->log();
+  // Another build and another data plane, as such a worker would register.
+  std::unique_ptr<ControlClient> client = ControlClient::Create(coordinator, "");
+  auto config = ModelConfig::FromDir(testing::TinyModelDir());
+  ASSERT_TRUE(config.ok());
+  WorkerInfo self{.host = "elsewhere", .device = "cpu", .pid = 1, .build_id = "epx-0.0.1-other",
+                  .config_hash = config->Hash(), .data_plane = "gloo"};
+  absl::StatusOr<Assignment> refused = client->Register(self, absl::Seconds(30));
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(refused.status().message().find("runs build epx-0.0.1-other but the coordinator runs " +
+                                            BuildId()),
+            std::string::npos)
+      << refused.status();
+  self.build_id = BuildId();
+  self.data_plane = "nccl";
+  refused = client->Register(self, absl::Seconds(30));
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(refused.status().message().find(
+                "uses data plane \"nccl\" but the coordinator uses \"gloo\""),
+            std::string::npos)
+      << refused.status();
+
+  // The two that complete the cluster.
+  auto first = StartWorker(dir, "any1", coordinator);
+  auto third = StartWorker(dir, "any2", coordinator);
+  testing::CommandResult ready = Health(server, true);
+  ASSERT_EQ(ready.exit_code, 0) << ready.output << server.log();
+  // One too many.
+  auto extra = StartWorker(dir, "extra", coordinator);
+  EXPECT_EQ(extra->Wait(60), 1) << extra->log();
+  EXPECT_NE(extra->log().find("already has its 3 workers"), std::string::npos) << extra->log();
+
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    Completion c = testing::Generate(*stub, Greedy(prompts[i], static_cast<int>(greedy[i].size())));
+    ASSERT_TRUE(c.status.ok()) << c.status.error_message();
+    EXPECT_EQ(c.tokens, greedy[i]) << "prompt " << i;
+  }
+  server.Stop();
+  EXPECT_EQ(server.Wait(30), 0);
+  for (ChildProcess* w : {held.get(), first.get(), third.get()}) EXPECT_EQ(w->Wait(60), 0) << w->log();
+}
+
+TEST(ClusterTest, KilledWorkerFailsTheRequestWithItsRankAndNoProcessHangs) {
+  const std::string dir = TestDir("cluster_kill");
+  ServerProcess server("cluster_kill", "",
+                       "--model " + testing::TinyModelDir() +
+                           " --workers 3 --comm-timeout 30 --failure-grace-s 2"
+                           " --heartbeat-ms 200 --heartbeat-timeout-ms 5000");
+  ASSERT_TRUE(server.ok()) << server.log();
+  std::vector<std::unique_ptr<ChildProcess>> workers;
+  for (int r = 1; r <= 3; ++r)
+    workers.push_back(
+        StartWorker(dir, absl::StrCat("worker", r), server.address(), absl::StrCat("--rank ", r)));
+  ASSERT_EQ(Health(server, true).exit_code, 0) << server.log();
+
+  // A long request; once it streams, worker 2 dies.
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+  v1::GenerateRequest request = Greedy(testing::ReadGoldenPrompts()[0].tokens, 4000);
+  request.set_max_tokens(200);
+  auto stub = server.generation();
+  auto reader = stub->Generate(&context, request);
+  v1::GenerateResponse response;
+  ASSERT_TRUE(reader->Read(&response)) << server.log();
+  workers[1]->Signal(SIGKILL);
+  int streamed = 1;
+  while (reader->Read(&response)) ++streamed;
+  const grpc::Status status = reader->Finish();
+  EXPECT_LT(streamed, 200);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
+  EXPECT_NE(status.error_message().find("rank 2"), std::string::npos) << status.error_message();
+  testing::CommandResult health = Health(server, false);
+  EXPECT_NE(health.exit_code, 0);
+  EXPECT_NE(health.output.find("NOT_SERVING"), std::string::npos) << health.output;
+  // The coordinator exits non-zero after its grace period; the surviving workers follow it.
+  EXPECT_EQ(server.Wait(60), 1) << server.log();
+  EXPECT_EQ(workers[1]->Wait(10), 128 + SIGKILL);
+  for (int i : {0, 2}) {
+    const int code = workers[i]->Wait(60);
+    EXPECT_NE(code, -1) << "worker " << i + 1 << " still running\n" << workers[i]->log();
+    EXPECT_NE(code, 0) << workers[i]->log();
+  }
+}
+
+}  // namespace
+}  // namespace epx
