@@ -1,11 +1,15 @@
-// The raw data plane under mpirun: rank 0 sends `bytes` to every worker and gets `bytes` back
-// from each (the shape of one layer's dispatch + combine), through comm::Communicator (what the
-// engine uses) and through MPI_Alltoallv (the library's own collective) on the same buffers.
-// Prints median and p90 microseconds per round trip and GB/s at rank 0, so the per-layer
-// dispatch/combine times of `epx ... --stats` can be read against the cost of moving the bytes.
+// The raw data planes under mpirun: rank 0 sends `bytes` to every worker and gets `bytes` back
+// from each (the shape of one layer's dispatch + combine), through epx's MPI communicator and
+// its gloo communicator (the data plane of a launcher-free cluster; TCP, formed here through a
+// store in files so that mpirun only starts the processes), and through MPI_Alltoallv (the
+// library's own collective), on the same buffers and ranks. Prints median and p90 microseconds
+// per round trip and GB/s at rank 0, so the per-layer dispatch/combine times of `epx ... --stats`
+// can be read against the cost of moving the bytes.
 //
 //   mpirun -np 1+W build/bench/comm_alltoall_bench [bytes ...]
 #include <mpi.h>
+
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -13,10 +17,71 @@
 #include <cstdlib>
 #include <vector>
 
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "comm/gloo_communicator.h"
 #include "comm/mpi_communicator.h"
 
 namespace {
+
+// The gloo rendezvous through files in a directory every rank sees (one host here). A value is
+// written under another name and renamed, so a reader never sees half of it.
+class FileStore : public epx::comm::KeyValueStore {
+ public:
+  explicit FileStore(std::string dir) : dir_(std::move(dir)) {}
+  absl::Status Set(const std::string& key, const std::string& value) override {
+    const std::string path = Path(key);
+    std::ofstream(path + ".tmp", std::ios::binary) << value;
+    std::filesystem::rename(path + ".tmp", path);
+    return absl::OkStatus();
+  }
+  absl::StatusOr<std::string> Get(const std::string& key, absl::Duration timeout) override {
+    const absl::Time end = absl::Now() + timeout;
+    while (!std::filesystem::exists(Path(key))) {
+      if (absl::Now() > end) return absl::DeadlineExceededError(key);
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    std::ifstream in(Path(key), std::ios::binary);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+  }
+
+ private:
+  std::string Path(const std::string& key) const {
+    std::string name = key;
+    for (char& c : name)
+      if (c == '/') c = '_';
+    return dir_ + "/" + name;
+  }
+  std::string dir_;
+};
+
+// One dispatch + combine through `comm`; microseconds.
+double RoundTrip(epx::comm::Communicator& comm, std::vector<char>& send, std::vector<char>& recv,
+                 const std::vector<int64_t>& out, const std::vector<int64_t>& in) {
+  const int rank = comm.rank(), world = comm.world_size();
+  const std::vector<int64_t> none(world, 0);
+  MPI_Barrier(MPI_COMM_WORLD);
+  const auto start = std::chrono::steady_clock::now();
+  absl::Status s = comm.AllToAllV(send.data(), rank == 0 ? out : none, recv.data(),
+                                  rank == 0 ? none : in, epx::comm::Tag::kDispatch,
+                                  absl::Seconds(60), "bench");
+  if (s.ok())
+    s = comm.AllToAllV(send.data(), rank == 0 ? none : out, recv.data(), rank == 0 ? in : none,
+                       epx::comm::Tag::kCombine, absl::Seconds(60), "bench");
+  if (!s.ok()) {
+    std::fprintf(stderr, "rank %d: %s\n", rank, s.ToString().c_str());
+    MPI_Abort(MPI_COMM_WORLD, 1);
+  }
+  return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start)
+      .count();
+}
 
 struct Timing {
   double median_us, p90_us;
@@ -37,6 +102,30 @@ int main(int argc, char** argv) {
   }
   epx::comm::Communicator& comm = **created;
   const int rank = comm.rank(), world = comm.world_size();
+  // The gloo group of the same ranks, on loopback; rank 0 names the store's directory.
+  char dir[256] = {};
+  if (rank == 0) {
+    const std::string made =
+        (std::filesystem::temp_directory_path() / absl::StrCat("epx_gloo_bench_", getpid()))
+            .string();
+    std::filesystem::create_directories(made);
+    std::snprintf(dir, sizeof(dir), "%s", made.c_str());
+  }
+  MPI_Bcast(dir, sizeof(dir), MPI_CHAR, 0, MPI_COMM_WORLD);
+  FileStore store(dir);
+  auto gloo_created = epx::comm::CreateGlooCommunicator({.rank = rank,
+                                                          .world_size = world,
+                                                          .store = &store,
+                                                          .store_prefix = "bench/",
+                                                          .host = "127.0.0.1",
+                                                          .connect_timeout = absl::Seconds(60)});
+  if (!gloo_created.ok()) {
+    std::fprintf(stderr, "comm_alltoall_bench: %s\n", gloo_created.status().ToString().c_str());
+    MPI_Abort(MPI_COMM_WORLD, 1);
+  }
+  epx::comm::Communicator& gloo = **gloo_created;
+  MPI_Barrier(MPI_COMM_WORLD);
+  if (rank == 0) std::filesystem::remove_all(dir);
   std::vector<int64_t> sizes;
   for (int i = 1; i < argc; ++i) sizes.push_back(std::atoll(argv[i]));
   if (sizes.empty()) {
@@ -47,8 +136,9 @@ int main(int argc, char** argv) {
     std::printf("# %d ranks (1 coordinator + %d workers); per round trip: coordinator sends "
                 "`bytes` to each worker, each worker sends `bytes` back\n",
                 world, world - 1);
-    std::printf("%12s %14s %12s %12s %14s %12s %12s\n", "bytes", "epx_median_us", "epx_p90_us",
-                "epx_GB/s", "mpi_median_us", "mpi_p90_us", "mpi_GB/s");
+    std::printf("%12s %14s %12s %12s %15s %13s %13s %14s %12s %12s\n", "bytes",
+                "epx_median_us", "epx_p90_us", "epx_GB/s", "gloo_median_us", "gloo_p90_us",
+                "gloo_GB/s", "mpi_median_us", "mpi_p90_us", "mpi_GB/s");
   }
   for (int64_t bytes : sizes) {
     const int reps = bytes >= (1 << 24) ? 20 : 200;
@@ -65,31 +155,17 @@ int main(int argc, char** argv) {
       counts_out[p] = static_cast<int>(out[p]);
       counts_in[p] = static_cast<int>(in[p]);
     }
-    std::vector<double> ours, theirs;
+    std::vector<double> ours, over_gloo, theirs;
     for (int r = 0; r < reps + 5; ++r) {
-      MPI_Barrier(MPI_COMM_WORLD);
-      auto start = std::chrono::steady_clock::now();
-      // Dispatch then combine, as one layer does.
-      absl::Status s = comm.AllToAllV(send.data(), rank == 0 ? out : std::vector<int64_t>(world),
-                                      recv.data(), rank == 0 ? std::vector<int64_t>(world) : in,
-                                      epx::comm::Tag::kDispatch, absl::Seconds(60), "bench");
-      if (s.ok())
-        s = comm.AllToAllV(send.data(), rank == 0 ? std::vector<int64_t>(world) : out, recv.data(),
-                           rank == 0 ? in : std::vector<int64_t>(world), epx::comm::Tag::kCombine,
-                           absl::Seconds(60), "bench");
-      if (!s.ok()) {
-        std::fprintf(stderr, "rank %d: %s\n", rank, s.ToString().c_str());
-        comm.Abort(1, "bench failed");
-      }
-      const double us =
-          std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start)
-              .count();
+      const double us = RoundTrip(comm, send, recv, out, in);
       if (r >= 5) ours.push_back(us);
+      const double gloo_us = RoundTrip(gloo, send, recv, out, in);
+      if (r >= 5) over_gloo.push_back(gloo_us);
 
       // The same two exchanges with MPI's own collective.
       std::vector<int> zero(world, 0);
       MPI_Barrier(MPI_COMM_WORLD);
-      start = std::chrono::steady_clock::now();
+      const auto start = std::chrono::steady_clock::now();
       MPI_Alltoallv(send.data(), rank == 0 ? counts_out.data() : zero.data(), displs.data(),
                     MPI_BYTE, recv.data(), rank == 0 ? zero.data() : counts_in.data(),
                     displs.data(), MPI_BYTE, MPI_COMM_WORLD);
@@ -102,11 +178,12 @@ int main(int argc, char** argv) {
       if (r >= 5) theirs.push_back(mpi_us);
     }
     if (rank == 0) {
-      const Timing a = Summarise(ours), b = Summarise(theirs);
+      const Timing a = Summarise(ours), g = Summarise(over_gloo), b = Summarise(theirs);
       const double moved = 2.0 * bytes * (world - 1);
-      std::printf("%12lld %14.1f %12.1f %12.3f %14.1f %12.1f %12.3f\n",
+      std::printf("%12lld %14.1f %12.1f %12.3f %15.1f %13.1f %13.3f %14.1f %12.1f %12.3f\n",
                   static_cast<long long>(bytes), a.median_us, a.p90_us, moved / a.median_us / 1e3,
-                  b.median_us, b.p90_us, moved / b.median_us / 1e3);
+                  g.median_us, g.p90_us, moved / g.median_us / 1e3, b.median_us, b.p90_us,
+                  moved / b.median_us / 1e3);
     }
   }
   return 0;

@@ -57,7 +57,7 @@ std::string DTypeLabel(DType dtype) {
   }
 }
 
-// The layouts the backends hold (coordinator/device_weights.h, common/model_weights.h): on the
+// The layouts the backends hold (kernels/cuda/device_weights.h, common/model_weights.h): on the
 // GPU bf16 matrices, fp32 norms, bf16 KV cache, experts bf16 or fp8 e4m3 with an fp32 scale per
 // output row; on the CPU the checkpoint's dtype, fp32 norms and fp32 KV cache.
 ByteModel MakeByteModel(const ModelConfig& c, bool cuda, const ModelWeights* weights,

@@ -62,4 +62,23 @@ absl::Status VerifyReports(const std::vector<StartupReport>& reports, const std:
   return absl::OkStatus();
 }
 
+absl::StatusOr<ExpertWire> ExpertWire::Create(int64_t hidden, DType activation) {
+  if (activation != DType::kF32 && activation != DType::kBF16)
+    return absl::InvalidArgumentError(absl::StrCat("expert rows travel as F32 or BF16, not ",
+                                                   DTypeName(activation)));
+  if (hidden < 1) return absl::InvalidArgumentError(absl::StrCat("hidden size ", hidden));
+  return ExpertWire(hidden, activation);
+}
+
+// The time follows rows of 2- or 4-byte elements, so it may sit off an 8-byte boundary.
+void ExpertWire::SetComputeMicros(void* combine_payload, int64_t rows, double us) const {
+  std::memcpy(static_cast<uint8_t*>(combine_payload) + RowBytes(rows), &us, sizeof(us));
+}
+
+double ExpertWire::ComputeMicros(const void* combine_payload, int64_t rows) const {
+  double us = 0;
+  std::memcpy(&us, static_cast<const uint8_t*>(combine_payload) + RowBytes(rows), sizeof(us));
+  return us;
+}
+
 }  // namespace epx::comm

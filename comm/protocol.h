@@ -5,13 +5,15 @@
 //   kHandshake: a Hello (build, config, placement, role, and whether its set-up so far worked);
 //   kReady:     a StartupReport after loading the weights.
 //
-// Each engine step: rank 0 broadcasts a StepHeader. For kForward, every layer then runs
+// Each engine step: rank 0 broadcasts a StepHeader, which names the rows' dtype (the
+// coordinator's activations: F32 on the CPU, BF16 on a GPU). For kForward, every layer then runs
 //   counts   (kCounts)   coordinator -> worker w: int64 rows per local expert of w
-//   dispatch (kDispatch) coordinator -> worker w: those rows, fp32 [rows, hidden], grouped by
-//                         local expert in ascending expert order
-//   combine  (kCombine)  worker w -> coordinator: the expert outputs in the same order, then one
-//                         double: the worker's expert compute time in microseconds
+//   dispatch (kDispatch) coordinator -> worker w: those rows [rows, hidden], grouped by local
+//                         expert in ascending expert order
+//   combine  (kCombine)  worker w -> coordinator: the expert outputs in the same order and dtype,
+//                         then one double: the worker's expert compute time in microseconds
 // Workers exchange nothing among themselves (zero counts). kShutdown ends the worker loop.
+// ExpertWire is the one place both sides take these sizes and layouts from.
 #ifndef EPX_COMM_PROTOCOL_H_
 #define EPX_COMM_PROTOCOL_H_
 
@@ -20,6 +22,9 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "common/dtype.h"
+#include "common/tensor.h"
 
 namespace epx::comm {
 
@@ -54,8 +59,40 @@ enum class StepKind : int32_t { kForward = 1, kShutdown = 2 };
 
 struct StepHeader {
   StepKind kind = StepKind::kForward;
-  int32_t reserved = 0;
+  DType activation = DType::kF32;  // the rows' dtype this step
+  uint8_t reserved[3] = {};
   int64_t step = 0;
+};
+
+// The per-layer payloads between the coordinator and one worker.
+class ExpertWire {
+ public:
+  // InvalidArgument unless `activation` is F32 or BF16.
+  static absl::StatusOr<ExpertWire> Create(int64_t hidden, DType activation);
+
+  DType activation() const { return activation_; }
+  int64_t CountBytes(int64_t local_experts) const {
+    return local_experts * static_cast<int64_t>(sizeof(int64_t));
+  }
+  int64_t RowBytes(int64_t rows) const { return rows * row_bytes_; }
+  // The outputs, then the worker's compute time.
+  int64_t CombineBytes(int64_t rows) const {
+    return RowBytes(rows) + static_cast<int64_t>(sizeof(double));
+  }
+  // Views of `rows` rows at `payload` (dispatch or combine layout).
+  TensorView Rows(const void* payload, int64_t rows) const {
+    return TensorView(payload, activation_, {rows, hidden_});
+  }
+  void SetComputeMicros(void* combine_payload, int64_t rows, double us) const;
+  double ComputeMicros(const void* combine_payload, int64_t rows) const;
+
+ private:
+  ExpertWire(int64_t hidden, DType activation)
+      : hidden_(hidden), activation_(activation),
+        row_bytes_(hidden * static_cast<int64_t>(DTypeSize(activation))) {}
+  int64_t hidden_;
+  DType activation_;
+  int64_t row_bytes_;
 };
 
 }  // namespace epx::comm

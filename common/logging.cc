@@ -19,8 +19,14 @@ LogLevel MinLogLevel() { return static_cast<LogLevel>(g_min_level.load()); }
 LogMessage::LogMessage(LogLevel level, const char* file, int line) : level_(level) {
   static constexpr char kTag[] = {'D', 'I', 'W', 'E'};
   const char* base = std::strrchr(file, '/');
-  stream_ << '[' << kTag[static_cast<int>(level)] << " rank " << g_rank.load() << ' '
-          << (base ? base + 1 : file) << ':' << line << "] ";
+  stream_ << '[' << kTag[static_cast<int>(level)] << " rank ";
+  // A worker of a launcher-free cluster learns its rank at registration.
+  if (const int rank = g_rank.load(); rank >= 0) {
+    stream_ << rank;
+  } else {
+    stream_ << '?';
+  }
+  stream_ << ' ' << (base ? base + 1 : file) << ':' << line << "] ";
 }
 
 LogMessage::~LogMessage() {

@@ -10,7 +10,7 @@ namespace epx {
 enum class LogLevel { kDebug = 0, kInfo = 1, kWarning = 2, kError = 3 };
 
 // Process-wide settings; call before starting threads.
-void SetLogRank(int rank);
+void SetLogRank(int rank);  // -1: not known yet ("rank ?")
 void SetMinLogLevel(LogLevel level);
 LogLevel MinLogLevel();
 

@@ -22,6 +22,10 @@ int64_t NumElements(absl::Span<const int64_t> shape);
 // "[2, 3, 4]"
 std::string ShapeString(absl::Span<const int64_t> shape);
 
+// Where a view's data lives: host memory, or a GPU's (a CUDA device pointer). Views carry no
+// memory tag; interfaces that take either say which they expect (ExpertExecutor::memory()).
+enum class MemoryKind { kHost, kDevice };
+
 class TensorView {
  public:
   TensorView() = default;

@@ -55,6 +55,8 @@ absl::StatusOr<Tensor> CpuForward::Forward(const ForwardBatch& batch, EngineStat
   const ModelConfig& c = weights_->config();
   const int64_t H = c.hidden_size, Q = c.q_size(), KV = c.kv_size(), K = c.num_experts_per_tok;
   const int64_t T = static_cast<int64_t>(batch.ids.size());
+  if (experts_->memory() != MemoryKind::kHost)
+    return absl::FailedPreconditionError("the CPU forward needs an expert executor on the host");
   EPX_RETURN_IF_ERROR(experts_->BeginStep());
 
   Tensor x = Tensor::Empty(DType::kF32, {T, H});
@@ -67,7 +69,6 @@ absl::StatusOr<Tensor> CpuForward::Forward(const ForwardBatch& batch, EngineStat
   Tensor router_logits = Tensor::Empty(DType::kF32, {T, c.num_local_experts});
   Tensor topk_ids = Tensor::Empty(DType::kI32, {T, K});
   Tensor topk_weights = Tensor::Empty(DType::kF32, {T, K});
-  Tensor slot_out = Tensor::Empty(DType::kF32, {T * K, H});
   Tensor rope = Tensor::Empty(DType::kF32, {T, c.head_dim});
   EPX_RETURN_IF_ERROR(cpu::Embedding(batch.ids, weights_->embed_tokens(), x));
   EPX_RETURN_IF_ERROR(cpu::RopeTable(batch.positions, c.head_dim, c.rope_theta, rope));
@@ -107,8 +108,12 @@ absl::StatusOr<Tensor> CpuForward::Forward(const ForwardBatch& batch, EngineStat
     EPX_RETURN_IF_ERROR(cpu::RmsNorm(x, lw.post_attention_norm, eps, xn));
     EPX_RETURN_IF_ERROR(cpu::Linear(xn, lw.gate, router_logits));
     EPX_RETURN_IF_ERROR(cpu::RouterTopK(router_logits, topk_ids, topk_weights));
-    EPX_RETURN_IF_ERROR(experts_->Run(static_cast<int>(l), xn, topk_ids, slot_out));
-    EPX_RETURN_IF_ERROR(cpu::MoeCombine(x, slot_out, topk_weights, x));
+    EPX_ASSIGN_OR_RETURN(ExpertOutput out,
+                         experts_->Run(static_cast<int>(l), {.x = xn, .topk_ids = topk_ids}));
+    // The host executors return slot order.
+    if (!out.row_of_slot.empty() || out.rows.dtype() != DType::kF32)
+      return absl::InternalError("the CPU forward takes F32 expert outputs in slot order");
+    EPX_RETURN_IF_ERROR(cpu::MoeCombine(x, out.rows, topk_weights, x));
     stats.moe_us[l] += watch.Micros();
     const int32_t* routed = topk_ids.data<const int32_t>();
     for (int64_t i = 0; i < T * K; ++i) ++stats.expert_tokens[l][routed[i]];

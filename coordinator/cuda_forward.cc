@@ -2,7 +2,11 @@
 // ids, RoPE table, KV rows, sequence ranges, block tables, logit rows) into one pinned buffer and
 // sends it in one copy; every layer then runs without the host, except where the cuBLAS grouped
 // GEMM needs the per-expert row counts (large steps; one small copy and sync per layer) or the
-// experts live elsewhere. Logits come back in one copy at the end.
+// experts live behind a host data plane. Logits come back in one copy at the end.
+//
+// The experts are always an ExpertExecutor in device memory, handed the layer's BF16 rows on the
+// step's stream: CudaLocalExperts (this GPU), a device-memory executor given by the caller, or
+// a host one (MPI or gloo workers) behind NewHostStagedExpertExecutor.
 #include "coordinator/cuda_forward.h"
 
 #include <algorithm>
@@ -12,7 +16,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
-#include "coordinator/device_weights.h"
+#include "kernels/cuda/device_weights.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/runtime.h"
@@ -38,13 +42,104 @@ class Layout {
   size_t size_ = 0;
 };
 
+// The experts on this GPU: permute the rows by expert, one grouped SwiGLU over the device
+// weights, and leave the outputs in permuted order with row_of_slot for the combine.
+class CudaLocalExperts final : public ExpertExecutor {
+ public:
+  CudaLocalExperts(const ModelConfig& config, const DeviceModelWeights* weights,
+                   cuda::Blas* blas, cuda::GroupedGemmImpl impl)
+      : config_(config), weights_(weights), blas_(blas), impl_(impl) {}
+
+  absl::Status Init() {
+    EPX_ASSIGN_OR_RETURN(offsets_host_,
+                         cuda::PinnedBuffer::Allocate(config_.num_hidden_layers *
+                                                      (config_.num_local_experts + 1) * 4));
+    return absl::OkStatus();
+  }
+
+  MemoryKind memory() const override { return MemoryKind::kDevice; }
+
+  absl::StatusOr<ExpertOutput> Run(int layer, const ExpertBatch& batch) override {
+    const int64_t T = batch.x.dim(0), K = config_.num_experts_per_tok;
+    const int64_t E = config_.num_local_experts;
+    cuda::StreamHandle s = batch.stream;
+    EPX_RETURN_IF_ERROR(Reserve(T, s));
+    int32_t* offsets_host = static_cast<int32_t*>(offsets_host_.data()) + layer * (E + 1);
+    const TensorView slots = slots_.Slice(0, T * K);
+    const TensorView row_of_slot = row_of_slot_.Slice(0, T * K);
+    const TensorView permuted = permuted_.Slice(0, T * K);
+    const TensorView expert_out = expert_out_.Slice(0, T * K);
+    EPX_RETURN_IF_ERROR(cuda::ExpertPermutation(batch.topk_ids, E, offsets_, slots, row_of_slot,
+                                                permutation_scratch_, s));
+    EPX_RETURN_IF_ERROR(cuda::PermuteRows(batch.x, slots, K, permuted, s));
+    EPX_RETURN_IF_ERROR(cuda::CopyToHost(offsets_host, offsets_.raw(), offsets_.nbytes(), s));
+    const cuda::GroupedGemmImpl impl = cuda::ResolveGroupedGemmImpl(impl_, T * K);
+    // The cuBLAS forms size their GEMMs on the host: wait for this layer's counts.
+    absl::Span<const int64_t> host_offsets;
+    if (impl != cuda::GroupedGemmImpl::kSkinny) {
+      EPX_RETURN_IF_ERROR(cuda::SynchronizeStream(s));
+      host_offsets_.assign(offsets_host, offsets_host + E + 1);
+      host_offsets = host_offsets_;
+    }
+    EPX_RETURN_IF_ERROR(cuda::GroupedSwiGlu(permuted, offsets_, host_offsets,
+                                            weights_->layer(layer).experts, impl,
+                                            grouped_scratch_, expert_out, *blas_));
+    return ExpertOutput{
+        .rows = expert_out, .row_of_slot = row_of_slot, .expert_offsets = offsets_host};
+  }
+
+ private:
+  // Buffers for T tokens, grown (with room) when a step is larger.
+  absl::Status Reserve(int64_t T, cuda::StreamHandle s) {
+    if (T <= capacity_) return absl::OkStatus();
+    const ModelConfig& c = config_;
+    const int64_t want = std::max(T, 2 * capacity_), K = c.num_experts_per_tok;
+    const int64_t E = c.num_local_experts, H = c.hidden_size;
+    auto carve = [&](Layout& d) {
+      offsets_ = d.Add(DType::kI32, {E + 1});
+      slots_ = d.Add(DType::kI32, {want * K});
+      row_of_slot_ = d.Add(DType::kI32, {want * K});
+      permuted_ = d.Add(DType::kBF16, {want * K, H});
+      expert_out_ = d.Add(DType::kBF16, {want * K, H});
+      permutation_scratch_ = d.Add(
+          DType::kU8, {static_cast<int64_t>(cuda::ExpertPermutationScratchBytes(want, K, E))});
+      grouped_scratch_ = d.Add(
+          DType::kU8, {static_cast<int64_t>(cuda::GroupedSwiGluScratchBytes(
+                          want * K, H, c.intermediate_size, weights_->options().expert_dtype))});
+    };
+    Layout size;
+    carve(size);
+    EPX_RETURN_IF_ERROR(cuda::SynchronizeStream(s));
+    // The old buffer goes first; until the new one exists nothing fits.
+    capacity_ = 0;
+    buffer_ = cuda::DeviceBuffer();
+    EPX_ASSIGN_OR_RETURN(buffer_, cuda::DeviceBuffer::Allocate(size.size()));
+    Layout at(buffer_.data());
+    carve(at);
+    capacity_ = want;
+    return absl::OkStatus();
+  }
+
+  const ModelConfig config_;
+  const DeviceModelWeights* weights_;
+  cuda::Blas* blas_;
+  const cuda::GroupedGemmImpl impl_;
+  int64_t capacity_ = 0;  // tokens
+  cuda::DeviceBuffer buffer_;
+  TensorView offsets_, slots_, row_of_slot_, permuted_, expert_out_;
+  TensorView permutation_scratch_, grouped_scratch_;
+  cuda::PinnedBuffer offsets_host_;    // [layer, num_experts + 1] I32
+  std::vector<int64_t> host_offsets_;  // the layer's offsets for the cuBLAS forms
+};
+
 class CudaForward : public ModelForward {
  public:
   CudaForward(const ModelConfig& config, ExpertExecutor* experts, cuda::GroupedGemmImpl impl)
       : config_(config),
         attention_(AttentionParamsOf(config)),
         remote_experts_(experts),
-        impl_(impl) {}
+        impl_(impl),
+        expert_offsets_(config.num_hidden_layers, nullptr) {}
 
   absl::Status Init(const ModelWeights* host, const CudaForwardOptions& options);
 
@@ -61,11 +156,7 @@ class CudaForward : public ModelForward {
     // metadata, pinned on the host and mirrored on the device (one copy)
     TensorView ids, kv_rows, rope, q_start, first_position, block_tables, logit_rows;
     // activations
-    TensorView x, xn, qkv, q, attn, proj, router_logits, topk_ids, topk_weights;
-    TensorView offsets, slots, row_of_slot, permuted, expert_out, last, logits;
-    TensorView permutation_scratch, grouped_scratch;
-    // remote experts: rows to and from the host
-    TensorView xn_f32, slot_out;
+    TensorView x, xn, qkv, q, attn, proj, router_logits, topk_ids, topk_weights, last, logits;
   };
   absl::Status Reserve(const ForwardBatch& batch, int64_t max_blocks);
   void Carve(Layout& host, Layout& device, Step& s, bool on_device) const;
@@ -74,8 +165,13 @@ class CudaForward : public ModelForward {
 
   ModelConfig config_;
   const cpu::AttentionParams attention_;
-  ExpertExecutor* remote_experts_;
+  ExpertExecutor* remote_experts_;  // the caller's, or null
   cuda::GroupedGemmImpl impl_;
+  // What the layers call: the local experts, the caller's device executor, or the staging
+  // around the caller's host executor.
+  std::unique_ptr<ExpertExecutor> owned_experts_;
+  ExpertExecutor* experts_ = nullptr;
+  std::vector<const int32_t*> expert_offsets_;  // [layer], this step's, from the executor
   int device_ = 0;
   std::string device_name_;
   cuda::Stream stream_;
@@ -89,8 +185,6 @@ class CudaForward : public ModelForward {
   cuda::DeviceBuffer attention_scratch_;
   Step host_, dev_;  // views into host_buffer_ and device_buffer_
   size_t metadata_bytes_ = 0;
-  cuda::PinnedBuffer offsets_host_;  // [layer, num_experts + 1] I32
-  std::vector<int64_t> host_offsets_;  // the layer's offsets for the cuBLAS forms
   std::vector<cuda::Event> events_;  // per layer: start, attention done; then the end
 };
 
@@ -115,9 +209,15 @@ absl::Status CudaForward::Init(const ModelWeights* host, const CudaForwardOption
   } else {
     EPX_ASSIGN_OR_RETURN(weights_, DeviceModelWeights::Dummy(config_, wo, stream_.handle()));
   }
-  EPX_ASSIGN_OR_RETURN(offsets_host_,
-                       cuda::PinnedBuffer::Allocate(config_.num_hidden_layers *
-                                                    (config_.num_local_experts + 1) * 4));
+  if (remote_experts_ == nullptr) {
+    auto local = std::make_unique<CudaLocalExperts>(config_, weights_.get(), blas_.get(), impl_);
+    EPX_RETURN_IF_ERROR(local->Init());
+    owned_experts_ = std::move(local);
+  } else if (remote_experts_->memory() == MemoryKind::kHost) {
+    owned_experts_ = NewHostStagedExpertExecutor(remote_experts_, config_.num_hidden_layers,
+                                                 config_.num_local_experts);
+  }
+  experts_ = owned_experts_ != nullptr ? owned_experts_.get() : remote_experts_;
   for (int64_t i = 0; i < 2 * config_.num_hidden_layers + 1; ++i) {
     EPX_ASSIGN_OR_RETURN(cuda::Event e, cuda::Event::Create());
     events_.push_back(std::move(e));
@@ -166,30 +266,8 @@ void CudaForward::Carve(Layout& h, Layout& d, Step& s, bool on_device) const {
     s.topk_weights = d.Add(DType::kF32, {T, K});
     s.last = d.Add(DType::kBF16, {R, H});
     s.logits = d.Add(DType::kF32, {R, c.vocab_size});
-    if (remote_experts_ == nullptr) {
-      s.offsets = d.Add(DType::kI32, {E + 1});
-      s.slots = d.Add(DType::kI32, {T * K});
-      s.row_of_slot = d.Add(DType::kI32, {T * K});
-      s.permuted = d.Add(DType::kBF16, {T * K, H});
-      s.expert_out = d.Add(DType::kBF16, {T * K, H});
-      s.permutation_scratch =
-          d.Add(DType::kU8, {static_cast<int64_t>(cuda::ExpertPermutationScratchBytes(T, K, E))});
-      s.grouped_scratch = d.Add(
-          DType::kU8, {static_cast<int64_t>(cuda::GroupedSwiGluScratchBytes(
-                          T * K, H, c.intermediate_size, weights_->options().expert_dtype))});
-    } else {
-      // Remote experts need none of the local expert path's buffers (with FP8 its scratch alone
-      // is a dequantised expert, hundreds of MiB), only the rows to and from the host.
-      s.xn_f32 = d.Add(DType::kF32, {T, H});
-      s.slot_out = d.Add(DType::kF32, {T * K, H});
-    }
   } else {
     s.logits = h.Add(DType::kF32, {R, c.vocab_size});
-    if (remote_experts_ != nullptr) {
-      s.topk_ids = h.Add(DType::kI32, {T, K});
-      s.xn_f32 = h.Add(DType::kF32, {T, H});
-      s.slot_out = h.Add(DType::kF32, {T * K, H});
-    }
   }
 }
 
@@ -232,56 +310,13 @@ absl::Status CudaForward::Reserve(const ForwardBatch& batch, int64_t max_blocks)
 }
 
 absl::Status CudaForward::Experts(int64_t l, int64_t T) {
-  const ModelConfig& c = config_;
-  const int64_t K = c.num_experts_per_tok, E = c.num_local_experts;
   cuda::StreamHandle s = stream_.handle();
-  const TensorView topk_ids = dev_.topk_ids.Slice(0, T);
-  const TensorView topk_weights = dev_.topk_weights.Slice(0, T);
-  const TensorView x = dev_.x.Slice(0, T);
-  int32_t* offsets_host = static_cast<int32_t*>(offsets_host_.data()) + l * (E + 1);
-
-  if (remote_experts_ != nullptr) {
-    // Through the host: widen the normalised rows, bring them and the routing back, let the
-    // executor exchange them, and send the slot outputs up.
-    const TensorView xn_f32 = dev_.xn_f32.Slice(0, T);
-    EPX_RETURN_IF_ERROR(cuda::Convert(dev_.xn.Slice(0, T), xn_f32, s));
-    EPX_RETURN_IF_ERROR(cuda::CopyToHost(host_.xn_f32.raw(), xn_f32.raw(), xn_f32.nbytes(), s));
-    EPX_RETURN_IF_ERROR(
-        cuda::CopyToHost(host_.topk_ids.raw(), topk_ids.raw(), topk_ids.nbytes(), s));
-    EPX_RETURN_IF_ERROR(stream_.Synchronize());
-    const TensorView ids_host = host_.topk_ids.Slice(0, T);
-    std::fill(offsets_host, offsets_host + E + 1, 0);
-    for (int64_t i = 0; i < T * K; ++i) ++offsets_host[ids_host.data<int32_t>()[i] + 1];
-    const TensorView slot_out_host = host_.slot_out.Slice(0, T * K);
-    EPX_RETURN_IF_ERROR(remote_experts_->Run(static_cast<int>(l), host_.xn_f32.Slice(0, T),
-                                             ids_host, slot_out_host));
-    const TensorView slot_out = dev_.slot_out.Slice(0, T * K);
-    EPX_RETURN_IF_ERROR(
-        cuda::CopyToDevice(slot_out.raw(), slot_out_host.raw(), slot_out.nbytes(), s));
-    return cuda::MoeCombine(x, slot_out, TensorView(), topk_weights, s);
-  }
-
-  const TensorView offsets = dev_.offsets;
-  const TensorView slots = dev_.slots.Slice(0, T * K);
-  const TensorView row_of_slot = dev_.row_of_slot.Slice(0, T * K);
-  const TensorView permuted = dev_.permuted.Slice(0, T * K);
-  const TensorView expert_out = dev_.expert_out.Slice(0, T * K);
-  EPX_RETURN_IF_ERROR(cuda::ExpertPermutation(topk_ids, E, offsets, slots, row_of_slot,
-                                              dev_.permutation_scratch, s));
-  EPX_RETURN_IF_ERROR(cuda::PermuteRows(dev_.xn.Slice(0, T), slots, K, permuted, s));
-  EPX_RETURN_IF_ERROR(cuda::CopyToHost(offsets_host, offsets.raw(), offsets.nbytes(), s));
-  const cuda::GroupedGemmImpl impl = cuda::ResolveGroupedGemmImpl(impl_, T * K);
-  // The cuBLAS forms size their GEMMs on the host: wait for this layer's counts.
-  absl::Span<const int64_t> host_offsets;
-  if (impl != cuda::GroupedGemmImpl::kSkinny) {
-    EPX_RETURN_IF_ERROR(stream_.Synchronize());
-    host_offsets_.assign(offsets_host, offsets_host + E + 1);
-    host_offsets = host_offsets_;
-  }
-  EPX_RETURN_IF_ERROR(cuda::GroupedSwiGlu(permuted, offsets, host_offsets,
-                                          weights_->layer(l).experts, impl,
-                                          dev_.grouped_scratch, expert_out, *blas_));
-  return cuda::MoeCombine(x, expert_out, row_of_slot, topk_weights, s);
+  const ExpertBatch batch{
+      .x = dev_.xn.Slice(0, T), .topk_ids = dev_.topk_ids.Slice(0, T), .stream = s};
+  EPX_ASSIGN_OR_RETURN(const ExpertOutput out, experts_->Run(static_cast<int>(l), batch));
+  expert_offsets_[l] = out.expert_offsets;
+  return cuda::MoeCombine(dev_.x.Slice(0, T), out.rows, out.row_of_slot,
+                          dev_.topk_weights.Slice(0, T), s);
 }
 
 absl::StatusOr<Tensor> CudaForward::Forward(const ForwardBatch& batch, EngineStats& stats) {
@@ -296,7 +331,8 @@ absl::StatusOr<Tensor> CudaForward::Forward(const ForwardBatch& batch, EngineSta
   // A step that failed part-way may have left work queued (its metadata copy reads the pinned
   // buffer rewritten below): let it drain, which also reports a fault it hit here.
   EPX_RETURN_IF_ERROR(stream_.Synchronize());
-  if (remote_experts_ != nullptr) EPX_RETURN_IF_ERROR(remote_experts_->BeginStep());
+  EPX_RETURN_IF_ERROR(experts_->BeginStep());
+  std::fill(expert_offsets_.begin(), expert_offsets_.end(), nullptr);
   int64_t max_blocks = 1, max_queries = 0, max_kv_len = 0;
   for (const ForwardBatch::Sequence& seq : batch.sequences) {
     max_blocks = std::max<int64_t>(max_blocks, seq.block_table.size());
@@ -392,8 +428,8 @@ absl::StatusOr<Tensor> CudaForward::Forward(const ForwardBatch& batch, EngineSta
                                                               events_[2 * l + 2]));
     stats.attention_us[l] += 1e3 * attention_ms;
     stats.moe_us[l] += 1e3 * moe_ms;
-    const int32_t* offsets = static_cast<int32_t*>(offsets_host_.data()) + l * (E + 1);
-    for (int64_t e = 0; e < E; ++e) stats.expert_tokens[l][e] += offsets[e + 1] - offsets[e];
+    if (const int32_t* offsets = expert_offsets_[l]; offsets != nullptr)
+      for (int64_t e = 0; e < E; ++e) stats.expert_tokens[l][e] += offsets[e + 1] - offsets[e];
   }
   Tensor out = Tensor::Empty(DType::kF32, {R, c.vocab_size});
   std::memcpy(out.data<void>(), host_.logits.raw(), out.nbytes());

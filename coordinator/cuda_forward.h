@@ -1,8 +1,9 @@
 // The CUDA backend of ModelForward (`--device cuda`): the whole forward pass of a step on one GPU
 // with the kernels of kernels/cuda, BF16 weights and KV cache, fp32 residual stream and
 // accumulation. The experts run on the same GPU (grouped SwiGLU over the device weights) unless
-// an ExpertExecutor is given, in which case each layer's routed rows go to it through the host
-// (expert workers over MPI; an NCCL data plane, not built yet, would keep them on the device).
+// an ExpertExecutor is given, which gets each layer's BF16 rows: in device memory on the step's
+// stream if it takes device memory, else staged through pinned host memory (expert workers over
+// MPI or gloo).
 //
 // A build without CUDA links cuda_forward_unavailable.cc: NewCudaForward is FailedPrecondition.
 #ifndef EPX_COORDINATOR_CUDA_FORWARD_H_
@@ -31,7 +32,8 @@ struct CudaForwardOptions {
 
 // `weights`: the host checkpoint, whose non-expert tensors (and, with local experts, every
 // expert) are uploaded; nullptr: synthetic weights at `config`'s shapes, generated on the GPU.
-// `experts`: remote experts (not owned), or nullptr to compute them on this GPU. Errors: no CUDA
+// `experts`: remote experts (not owned; host or device memory), or nullptr to compute them on
+// this GPU. Errors: no CUDA
 // device or build (FailedPrecondition), bad options (InvalidArgument), weights that do not fit
 // (ResourceExhausted naming the tensor).
 absl::StatusOr<std::unique_ptr<ModelForward>> NewCudaForward(const ModelConfig& config,

@@ -10,14 +10,31 @@
 #include "kernels/cpu/ops.h"
 
 namespace epx {
+namespace {
+
+// Room for `bytes` in a float vector (payloads of F32 or BF16 rows, kept float-aligned).
+void Grow(std::vector<float>* v, int64_t bytes) {
+  const size_t floats = static_cast<size_t>((bytes + 3) / 4);
+  if (v->size() < floats) v->resize(floats);
+}
+
+comm::ExpertWire Wire(const ModelConfig& config, DType activation) {
+  absl::StatusOr<comm::ExpertWire> wire = comm::ExpertWire::Create(config.hidden_size, activation);
+  EPX_CHECK(wire.ok());
+  return *wire;
+}
+
+}  // namespace
+
 DistributedExpertExecutor::DistributedExpertExecutor(const ModelConfig& config,
                                                      const Placement& placement,
                                                      comm::Communicator* comm,
-                                                     absl::Duration timeout)
+                                                     absl::Duration timeout, DType activation)
     : config_(config),
       placement_(placement),
       comm_(comm),
       timeout_(timeout),
+      wire_(Wire(config, activation)),
       layers_done_(config.num_hidden_layers) {
   EPX_CHECK(comm_->rank() == 0 && placement_.num_workers() == comm_->world_size() - 1);
   const int64_t layers = config_.num_hidden_layers;
@@ -32,7 +49,7 @@ DistributedExpertExecutor::DistributedExpertExecutor(const ModelConfig& config,
   for (int w = 1; w < comm_->world_size(); ++w) {
     const int64_t local = static_cast<int64_t>(placement_.experts_of(w).size());
     group_base_[w + 1] = group_base_[w] + local;
-    count_bytes_[w] = local * static_cast<int64_t>(sizeof(int64_t));
+    count_bytes_[w] = wire_.CountBytes(local);
   }
 }
 
@@ -40,7 +57,8 @@ absl::Status DistributedExpertExecutor::BeginStep() {
   if (shut_down_) return absl::FailedPreconditionError("the expert workers were shut down");
   if (in_step()) return absl::FailedPreconditionError("the previous step did not finish");
   layers_done_ = 0;
-  comm::StepHeader header{comm::StepKind::kForward, 0, step_++};
+  comm::StepHeader header{.kind = comm::StepKind::kForward, .activation = wire_.activation(),
+                          .step = step_++};
   return comm_->Broadcast(&header, sizeof(header), 0, comm::Tag::kStepHeader, timeout_,
                           absl::StrCat("step ", header.step, " header"));
 }
@@ -48,15 +66,19 @@ absl::Status DistributedExpertExecutor::BeginStep() {
 absl::Status DistributedExpertExecutor::Shutdown() {
   if (shut_down_) return absl::OkStatus();
   shut_down_ = true;
-  comm::StepHeader header{comm::StepKind::kShutdown, 0, step_};
+  comm::StepHeader header{.kind = comm::StepKind::kShutdown, .step = step_};
   return comm_->Broadcast(&header, sizeof(header), 0, comm::Tag::kStepHeader, timeout_, "shutdown");
 }
 
-absl::Status DistributedExpertExecutor::Run(int layer, const TensorView& x,
-                                            const TensorView& topk_ids,
-                                            const TensorView& slot_out) {
+absl::StatusOr<ExpertOutput> DistributedExpertExecutor::Run(int layer, const ExpertBatch& batch) {
+  const TensorView& x = batch.x;
+  const TensorView& topk_ids = batch.topk_ids;
+  if (x.dtype() != wire_.activation())
+    return absl::InternalError(absl::StrCat("layer ", layer, ": rows of ", DTypeName(x.dtype()),
+                                            " for a data plane carrying ",
+                                            DTypeName(wire_.activation())));
   const int world = comm_->world_size();
-  const int64_t hidden = config_.hidden_size, num_experts = config_.num_local_experts;
+  const int64_t num_experts = config_.num_local_experts;
   const int64_t num_slots = topk_ids.numel(), num_topk = topk_ids.dim(1);
   const int64_t num_groups = group_base_.back();
   const int32_t* ids = topk_ids.data<const int32_t>();
@@ -94,13 +116,12 @@ absl::Status DistributedExpertExecutor::Run(int layer, const TensorView& x,
   std::vector<int64_t> row_bytes(world, 0), back_bytes(world, 0);
   for (int w = 1; w < world; ++w) {
     const int64_t n = group_offsets_[group_base_[w + 1]] - group_offsets_[group_base_[w]];
-    row_bytes[w] = n * hidden * static_cast<int64_t>(sizeof(float));
-    back_bytes[w] = row_bytes[w] + static_cast<int64_t>(sizeof(double));
+    row_bytes[w] = wire_.RowBytes(n);
+    back_bytes[w] = wire_.CombineBytes(n);
     stats_.worker_tokens[w] += n;
   }
-  send_.resize(num_slots * hidden);
-  EPX_RETURN_IF_ERROR(cpu::PermuteRows(x, order_, num_topk,
-                                       TensorView(send_.data(), DType::kF32, {num_slots, hidden})));
+  Grow(&send_, wire_.RowBytes(num_slots));
+  EPX_RETURN_IF_ERROR(cpu::PermuteRows(x, order_, num_topk, wire_.Rows(send_.data(), num_slots)));
   EPX_RETURN_IF_ERROR(comm_->AllToAllV(send_.data(), row_bytes, nullptr, no_bytes,
                                        comm::Tag::kDispatch, timeout_,
                                        absl::StrCat("layer ", layer, " dispatch")));
@@ -111,28 +132,31 @@ absl::Status DistributedExpertExecutor::Run(int layer, const TensorView& x,
   watch.Restart();
   int64_t total_back = 0;
   for (int w = 0; w < world; ++w) total_back += back_bytes[w];
-  recv_.resize(total_back / sizeof(float));
+  Grow(&recv_, total_back);
   EPX_RETURN_IF_ERROR(comm_->AllToAllV(nullptr, no_bytes, recv_.data(), back_bytes,
                                        comm::Tag::kCombine, timeout_,
                                        absl::StrCat("layer ", layer, " combine")));
   const double wall_us = watch.Micros();
   double slowest_us = 0;
-  const float* block = recv_.data();
+  Grow(&slot_out_, wire_.RowBytes(num_slots));
+  const TensorView slot_out = wire_.Rows(slot_out_.data(), num_slots);
+  const uint8_t* block = reinterpret_cast<const uint8_t*>(recv_.data());
   for (int w = 1; w < world; ++w) {
     const int64_t first = group_offsets_[group_base_[w]];
     const int64_t n = group_offsets_[group_base_[w + 1]] - first;
-    EPX_RETURN_IF_ERROR(cpu::UnpermuteRows(TensorView(block, DType::kF32, {n, hidden}),
+    EPX_RETURN_IF_ERROR(cpu::UnpermuteRows(wire_.Rows(block, n),
                                            absl::MakeConstSpan(order_).subspan(first, n),
                                            slot_out));
-    double worker_us = 0;
-    std::memcpy(&worker_us, block + n * hidden, sizeof(double));
-    slowest_us = std::max(slowest_us, worker_us);
-    block += back_bytes[w] / static_cast<int64_t>(sizeof(float));
+    slowest_us = std::max(slowest_us, wire_.ComputeMicros(block, n));
+    block += back_bytes[w];
   }
   stats_.expert_us[layer] += slowest_us;
   stats_.combine_us[layer] += std::max(0.0, wall_us - slowest_us);
   ++layers_done_;
-  return absl::OkStatus();
+  // Member by member: GCC 12 misreads the designated initialiser's empty views as uninitialised.
+  ExpertOutput out;
+  out.rows = slot_out;
+  return out;
 }
 
 }  // namespace epx

@@ -4,6 +4,9 @@
 // expert's group to replica i mod R), which changes nothing in the results: every row is
 // computed the same way wherever it goes.
 //
+// The rows travel in the coordinator's activation dtype (F32 from the CPU backend, BF16 from a
+// GPU's, staged through the host by NewHostStagedExpertExecutor), named in every step header.
+//
 // Used from the engine's thread only. Every call blocks; a worker that does not answer within
 // the timeout turns into DeadlineExceeded naming it and the layer.
 #ifndef EPX_COORDINATOR_DISTRIBUTED_EXPERT_EXECUTOR_H_
@@ -14,6 +17,7 @@
 
 #include "absl/time/time.h"
 #include "comm/communicator.h"
+#include "comm/protocol.h"
 #include "common/model_config.h"
 #include "common/placement.h"
 #include "coordinator/expert_executor.h"
@@ -30,15 +34,17 @@ struct ExpertParallelStats {
 
 class DistributedExpertExecutor : public ExpertExecutor {
  public:
-  // REQUIRES: comm->rank() == 0; placement.num_workers() == comm->world_size() - 1.
+  // REQUIRES: comm->rank() == 0; placement.num_workers() == comm->world_size() - 1;
+  // activation is F32 or BF16.
   DistributedExpertExecutor(const ModelConfig& config, const Placement& placement,
-                            comm::Communicator* comm, absl::Duration timeout);
+                            comm::Communicator* comm, absl::Duration timeout,
+                            DType activation = DType::kF32);
 
   // Broadcasts the step header that precedes the layers of one engine step. The engine's
   // Step() calls Run() once per layer after this.
   absl::Status BeginStep() override;
-  absl::Status Run(int layer, const TensorView& x, const TensorView& topk_ids,
-                   const TensorView& slot_out) override;
+  // batch.x: the activation dtype, on the host. Returns slot order.
+  absl::StatusOr<ExpertOutput> Run(int layer, const ExpertBatch& batch) override;
   // Tells every worker to leave its loop. Idempotent.
   absl::Status Shutdown();
 
@@ -52,6 +58,7 @@ class DistributedExpertExecutor : public ExpertExecutor {
   const Placement placement_;
   comm::Communicator* comm_;
   const absl::Duration timeout_;
+  const comm::ExpertWire wire_;
   int64_t step_ = 0;
   int64_t layers_done_ = 0;  // in the current step
   bool shut_down_ = false;
@@ -61,8 +68,10 @@ class DistributedExpertExecutor : public ExpertExecutor {
   // Scratch kept between layers.
   std::vector<int64_t> group_offsets_;  // [group + 1]: rows of each group in send order
   std::vector<int64_t> order_;          // send-buffer row -> slot
+  // Payloads (float vectors for alignment; they hold F32 or BF16 rows).
   std::vector<float> send_;
   std::vector<float> recv_;
+  std::vector<float> slot_out_;
 };
 
 }  // namespace epx

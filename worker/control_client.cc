@@ -122,7 +122,8 @@ absl::StatusOr<std::unique_ptr<ControlClient>> ControlClient::Start(const std::s
   std::unique_ptr<ControlClient> client =
       Create(endpoint.substr(0, space), endpoint.substr(space + 1));
   client->thread_ = std::thread(&ControlClient::Loop, client.get(), self,
-                                absl::Milliseconds(200), /*registered=*/false);
+                                absl::Milliseconds(200), /*registered=*/false,
+                                absl::InfiniteDuration(), nullptr);
   return client;
 }
 
@@ -180,12 +181,16 @@ absl::StatusOr<Assignment> ControlClient::Register(const WorkerInfo& self,
   }
 }
 
-void ControlClient::StartHeartbeats(const WorkerInfo& self, absl::Duration interval) {
-  thread_ = std::thread(&ControlClient::Loop, this, self, interval, /*registered=*/true);
+void ControlClient::StartHeartbeats(const WorkerInfo& self, absl::Duration interval,
+                                    absl::Duration lost_after, std::function<void()> on_lost) {
+  thread_ = std::thread(&ControlClient::Loop, this, self, interval, /*registered=*/true,
+                        lost_after, std::move(on_lost));
 }
 
-void ControlClient::Loop(WorkerInfo self, absl::Duration interval, bool registered) {
+void ControlClient::Loop(WorkerInfo self, absl::Duration interval, bool registered,
+                         absl::Duration lost_after, std::function<void()> on_lost) {
   std::string last_error;
+  absl::Time last_answer = absl::Now();
   do {
     grpc::Status status;
     if (!registered) {
@@ -205,6 +210,14 @@ void ControlClient::Loop(WorkerInfo self, absl::Duration interval, bool register
       last_error = status.error_message();
     } else if (status.ok()) {
       last_error.clear();
+    }
+    // Any answer, even a refusal, shows the coordinator is there.
+    const bool answered = status.error_code() != grpc::StatusCode::UNAVAILABLE &&
+                          status.error_code() != grpc::StatusCode::DEADLINE_EXCEEDED;
+    if (answered) last_answer = absl::Now();
+    if (on_lost && absl::Now() - last_answer > lost_after) {
+      on_lost();
+      on_lost = nullptr;
     }
   } while (!stop_.WaitForNotificationWithTimeout(interval));
 }

@@ -14,6 +14,7 @@
 #ifndef EPX_WORKER_CONTROL_CLIENT_H_
 #define EPX_WORKER_CONTROL_CLIENT_H_
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -61,8 +62,11 @@ class ControlClient {
   // coordinator answered within `patience`.
   absl::StatusOr<Assignment> Register(const WorkerInfo& self, absl::Duration patience);
   // From now on sends a heartbeat every `interval` (self.rank: the assigned rank), registering
-  // `self` again whenever the coordinator does not know it. Call once.
-  void StartHeartbeats(const WorkerInfo& self, absl::Duration interval);
+  // `self` again whenever the coordinator does not know it. If the coordinator answers nothing
+  // for `lost_after`, calls `on_lost` once from the heartbeat thread. Call once.
+  void StartHeartbeats(const WorkerInfo& self, absl::Duration interval,
+                       absl::Duration lost_after = absl::InfiniteDuration(),
+                       std::function<void()> on_lost = nullptr);
 
   // The coordinator's rendezvous store (StoreSet/StoreGet). Owned by this client.
   comm::KeyValueStore* store();
@@ -72,7 +76,8 @@ class ControlClient {
 
  private:
   explicit ControlClient(std::unique_ptr<Stub> stub);
-  void Loop(WorkerInfo self, absl::Duration interval, bool registered);
+  void Loop(WorkerInfo self, absl::Duration interval, bool registered, absl::Duration lost_after,
+            std::function<void()> on_lost);
 
   std::unique_ptr<Stub> stub_;
   absl::Notification stop_;

@@ -1,10 +1,11 @@
-// The worker's experts on its GPU: rows come up as fp32, are rounded to BF16 on the device, go
-// through the same grouped SwiGLU as the coordinator's local experts, and return as fp32.
+// The worker's experts on its GPU: device rows of BF16 (from a GPU coordinator) go straight
+// through the same grouped SwiGLU as the coordinator's local experts; F32 rows (from a CPU
+// coordinator) are rounded to BF16 first and the outputs widened back.
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
-#include "coordinator/device_weights.h"
+#include "kernels/cuda/device_weights.h"
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/runtime.h"
 #include "worker/expert_compute.h"
@@ -39,28 +40,34 @@ class CudaExpertCompute : public ExpertCompute {
     return absl::OkStatus();
   }
 
-  absl::Status Run(int64_t layer, const TensorView& rows, absl::Span<const int64_t> offsets,
-                   const TensorView& out) override {
+  MemoryKind memory() const override { return MemoryKind::kDevice; }
+  cuda::StreamHandle stream() const override { return stream_.handle(); }
+
+  absl::StatusOr<TensorView> Run(int64_t layer, const TensorView& rows,
+                                 absl::Span<const int64_t> offsets) override {
     const int64_t n = offsets.back(), groups = static_cast<int64_t>(offsets.size()) - 1;
-    if (n == 0) return absl::OkStatus();
+    const bool f32 = rows.dtype() == DType::kF32;
+    if (!f32 && rows.dtype() != DType::kBF16)
+      return absl::InvalidArgumentError(
+          absl::StrCat("expert rows must be F32 or BF16, not ", DTypeName(rows.dtype())));
+    if (n == 0) return TensorView(nullptr, rows.dtype(), {0, hidden_});
     EPX_RETURN_IF_ERROR(Reserve(n, groups));
+    const TensorView out_f32 = out_f32_.view(DType::kF32, {n, hidden_});
     cuda::StreamHandle s = stream_.handle();
     offsets32_.assign(offsets.begin(), offsets.end());
     const TensorView offsets_dev = offsets_.view(DType::kI32, {groups + 1});
-    const TensorView rows_f32 = rows_f32_.view(DType::kF32, {n, hidden_});
-    const TensorView rows_bf16 = rows_bf16_.view(DType::kBF16, {n, hidden_});
+    const TensorView rows_bf16 = f32 ? rows_bf16_.view(DType::kBF16, {n, hidden_}) : rows;
     const TensorView out_bf16 = out_bf16_.view(DType::kBF16, {n, hidden_});
     EPX_RETURN_IF_ERROR(
         cuda::CopyToDevice(offsets_.data(), offsets32_.data(), offsets32_.size() * 4, s));
-    EPX_RETURN_IF_ERROR(cuda::CopyToDevice(rows_f32_.data(), rows.raw(), rows.nbytes(), s));
-    EPX_RETURN_IF_ERROR(cuda::Convert(rows_f32, rows_bf16, s));
+    if (f32) EPX_RETURN_IF_ERROR(cuda::Convert(rows, rows_bf16, s));
     EPX_RETURN_IF_ERROR(cuda::GroupedSwiGlu(rows_bf16, offsets_dev, offsets, experts_[layer],
                                             cuda::ResolveGroupedGemmImpl(impl_, n),
                                             scratch_.view(DType::kU8, {scratch_bytes_}),
                                             out_bf16, *blas_));
-    EPX_RETURN_IF_ERROR(cuda::Convert(out_bf16, rows_f32, s));
-    EPX_RETURN_IF_ERROR(cuda::CopyToHost(out.raw(), rows_f32_.data(), out.nbytes(), s));
-    return stream_.Synchronize();
+    if (!f32) return out_bf16;
+    EPX_RETURN_IF_ERROR(cuda::Convert(out_bf16, out_f32, s));
+    return out_f32;
   }
 
   std::string device() const override { return name_; }
@@ -75,12 +82,12 @@ class CudaExpertCompute : public ExpertCompute {
     // nothing fits until every new buffer exists: a failed growth leaves no buffer smaller than
     // the capacities claim.
     rows_capacity_ = offsets_capacity_ = scratch_bytes_ = 0;
-    for (cuda::DeviceBuffer* b : {&rows_f32_, &rows_bf16_, &out_bf16_, &offsets_, &scratch_})
+    for (cuda::DeviceBuffer* b : {&out_f32_, &rows_bf16_, &out_bf16_, &offsets_, &scratch_})
       *b = cuda::DeviceBuffer();
     const size_t rows = static_cast<size_t>(rows_capacity * hidden_);
     const int64_t scratch_bytes = static_cast<int64_t>(
         cuda::GroupedSwiGluScratchBytes(rows_capacity, hidden_, intermediate_, expert_dtype_));
-    EPX_ASSIGN_OR_RETURN(rows_f32_, cuda::DeviceBuffer::Allocate(rows * 4));
+    EPX_ASSIGN_OR_RETURN(out_f32_, cuda::DeviceBuffer::Allocate(rows * 4));
     EPX_ASSIGN_OR_RETURN(rows_bf16_, cuda::DeviceBuffer::Allocate(rows * 2));
     EPX_ASSIGN_OR_RETURN(out_bf16_, cuda::DeviceBuffer::Allocate(rows * 2));
     EPX_ASSIGN_OR_RETURN(offsets_, cuda::DeviceBuffer::Allocate(offsets_capacity * 4));
@@ -100,8 +107,10 @@ class CudaExpertCompute : public ExpertCompute {
   std::unique_ptr<DeviceModelWeights> weights_;
   std::vector<std::vector<cuda::DeviceExpert>> experts_;  // [layer][local expert]
   int64_t rows_capacity_ = 0, offsets_capacity_ = 0, scratch_bytes_ = 0;
-  cuda::DeviceBuffer rows_f32_, rows_bf16_, out_bf16_, offsets_, scratch_;
-  std::vector<int32_t> offsets32_;  // the call's offsets as the device takes them
+  cuda::DeviceBuffer out_f32_, rows_bf16_, out_bf16_, offsets_, scratch_;
+  // The call's offsets as the device takes them; the copy from it has finished by the next Run
+  // (the worker waits for every layer's outputs).
+  std::vector<int32_t> offsets32_;
 };
 
 }  // namespace

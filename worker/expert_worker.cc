@@ -7,8 +7,18 @@
 #include "comm/protocol.h"
 #include "common/status.h"
 #include "common/stopwatch.h"
+#include "kernels/cuda/runtime.h"
 
 namespace epx {
+namespace {
+
+// Room for `bytes` in a float vector (payloads of F32 or BF16 rows, kept float-aligned).
+void Grow(std::vector<float>* v, int64_t bytes) {
+  const size_t floats = static_cast<size_t>((bytes + 3) / 4);
+  if (v->size() < floats) v->resize(floats);
+}
+
+}  // namespace
 
 absl::Status RunExpertWorker(comm::Communicator* comm, const ModelWeights& weights,
                              const Placement& placement, const ExpertWorkerOptions& options) {
@@ -17,12 +27,12 @@ absl::Status RunExpertWorker(comm::Communicator* comm, const ModelWeights& weigh
   const std::vector<int>& local = placement.experts_of(rank);
   EPX_ASSIGN_OR_RETURN(std::unique_ptr<ExpertCompute> compute,
                        NewExpertCompute(weights, local, options.compute));
-  const int64_t hidden = c.hidden_size;
+  const bool on_device = compute->memory() == MemoryKind::kDevice;
   std::vector<int64_t> counts(local.size()), offsets(local.size() + 1, 0);
   std::vector<int64_t> count_bytes(world, 0), row_bytes(world, 0), back_bytes(world, 0),
       none(world, 0);
-  count_bytes[0] = static_cast<int64_t>(local.size() * sizeof(int64_t));
-  std::vector<float> rows, out;
+  std::vector<float> rows, out;  // the payloads of the host data plane
+  cuda::DeviceStaging device_rows;
 
   while (true) {
     comm::StepHeader header;
@@ -31,25 +41,41 @@ absl::Status RunExpertWorker(comm::Communicator* comm, const ModelWeights& weigh
     if (header.kind == comm::StepKind::kShutdown) return absl::OkStatus();
     if (header.kind != comm::StepKind::kForward)
       return absl::InternalError(absl::StrCat("unknown step kind ", static_cast<int>(header.kind)));
+    EPX_ASSIGN_OR_RETURN(const comm::ExpertWire wire,
+                         comm::ExpertWire::Create(c.hidden_size, header.activation));
+    count_bytes[0] = wire.CountBytes(static_cast<int64_t>(local.size()));
     for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
       EPX_RETURN_IF_ERROR(comm->AllToAllV(nullptr, none, counts.data(), count_bytes,
                                           comm::Tag::kCounts, options.timeout,
                                           absl::StrCat("layer ", layer, " counts")));
       for (size_t i = 0; i < counts.size(); ++i) offsets[i + 1] = offsets[i] + counts[i];
       const int64_t n = offsets.back();
-      row_bytes[0] = n * hidden * static_cast<int64_t>(sizeof(float));
-      rows.resize(n * hidden);
+      row_bytes[0] = wire.RowBytes(n);
+      Grow(&rows, row_bytes[0]);
       EPX_RETURN_IF_ERROR(comm->AllToAllV(nullptr, none, rows.data(), row_bytes,
                                           comm::Tag::kDispatch, options.timeout,
                                           absl::StrCat("layer ", layer, " dispatch")));
       const Stopwatch watch;
-      // The outputs, then the compute time, in one buffer.
-      out.resize(n * hidden + (sizeof(double) + sizeof(float) - 1) / sizeof(float));
-      EPX_RETURN_IF_ERROR(compute->Run(layer, TensorView(rows.data(), DType::kF32, {n, hidden}),
-                                       offsets, TensorView(out.data(), DType::kF32, {n, hidden})));
-      const double compute_us = watch.Micros();
-      std::memcpy(out.data() + n * hidden, &compute_us, sizeof(double));
-      back_bytes[0] = row_bytes[0] + static_cast<int64_t>(sizeof(double));
+      back_bytes[0] = wire.CombineBytes(n);
+      Grow(&out, back_bytes[0]);
+      // The rows cross to the compute's memory and back when it is a GPU's.
+      TensorView in = wire.Rows(rows.data(), n);
+      if (on_device) {
+        EPX_ASSIGN_OR_RETURN(in, device_rows.Upload(in, compute->stream()));
+      }
+      EPX_ASSIGN_OR_RETURN(const TensorView result, compute->Run(layer, in, offsets));
+      if (result.dtype() != wire.activation() || result.dim(0) != n)
+        return absl::InternalError(absl::StrCat("layer ", layer, ": the expert compute returned ",
+                                                ShapeString(result.shape()), " ",
+                                                DTypeName(result.dtype())));
+      if (on_device) {
+        EPX_RETURN_IF_ERROR(
+            cuda::CopyToHost(out.data(), result.raw(), result.nbytes(), compute->stream()));
+        EPX_RETURN_IF_ERROR(cuda::SynchronizeStream(compute->stream()));
+      } else if (n > 0) {
+        std::memcpy(out.data(), result.raw(), result.nbytes());
+      }
+      wire.SetComputeMicros(out.data(), n, watch.Micros());
       EPX_RETURN_IF_ERROR(comm->AllToAllV(out.data(), back_bytes, nullptr, none,
                                           comm::Tag::kCombine, options.timeout,
                                           absl::StrCat("layer ", layer, " combine")));

@@ -134,8 +134,19 @@ absl::Status GroupedSwiGlu(const TensorView& x, absl::Span<const int64_t> offset
                            absl::Span<const SwiGluWeights> weights, absl::Span<float> scratch,
                            const TensorView& out) {
   if (offsets.size() != weights.size() + 1 || offsets.empty() || offsets.back() > x.dim(0) ||
-      out.shape() != x.shape())
+      out.shape() != x.shape() || out.dtype() != x.dtype())
     return absl::InvalidArgumentError("GroupedSwiGlu: shapes do not agree");
+  if (x.dtype() == DType::kBF16) {
+    EPX_ASSIGN_OR_RETURN(Tensor x32, ToF32(x));
+    Tensor out32 = Tensor::Empty(DType::kF32, out.shape());
+    EPX_RETURN_IF_ERROR(GroupedSwiGlu(x32, offsets, weights, scratch, out32));
+    EPX_ASSIGN_OR_RETURN(Tensor narrowed, FromF32(out32, DType::kBF16));
+    std::memcpy(out.raw(), narrowed.data<uint8_t>(), out.nbytes());
+    return absl::OkStatus();
+  }
+  if (x.dtype() != DType::kF32)
+    return absl::InvalidArgumentError(
+        absl::StrCat("GroupedSwiGlu: rows must be F32 or BF16, not ", DTypeName(x.dtype())));
   for (size_t g = 0; g < weights.size(); ++g) {
     const int64_t begin = offsets[g], end = offsets[g + 1];
     if (begin == end) continue;

@@ -108,7 +108,8 @@ int64_t GroupedSwiGluScratchFloats(absl::Span<const int64_t> offsets, int64_t in
 // Rows grouped by expert: group g, rows [offsets[g], offsets[g + 1]) of x, goes through
 // weights[g] into the same rows of out. Empty groups are skipped (their weights may be empty); a
 // non-empty group without weights is FailedPrecondition naming it. x, out: [offsets.back(),
-// hidden]; offsets: [num_groups + 1]; weights: [num_groups].
+// hidden], both F32, or both BF16 (rows from a GPU coordinator: widened exactly, computed in
+// fp32, rounded to nearest even); offsets: [num_groups + 1]; weights: [num_groups].
 absl::Status GroupedSwiGlu(const TensorView& x, absl::Span<const int64_t> offsets,
                            absl::Span<const SwiGluWeights> weights, absl::Span<float> scratch,
                            const TensorView& out);

@@ -143,6 +143,26 @@ absl::Status CopyToHost(void* dst, const void* src, size_t bytes, StreamHandle s
 absl::Status CopyOnDevice(void* dst, const void* src, size_t bytes, StreamHandle stream);
 absl::Status MemsetAsync(void* dst, int value, size_t bytes, StreamHandle stream);
 
+// A view carried to the other memory, for code whose data plane and compute sit in different
+// memories (host rows for MPI or gloo, device rows for a GPU). Each keeps one buffer that grows
+// as needed, waiting for the stream only then (queued copies may still read the old one). The
+// returned view, of the same dtype and shape, is valid until the next call; the copy is queued on
+// `stream`, so a downloaded view is readable once the stream has synchronised.
+class DeviceStaging {
+ public:
+  absl::StatusOr<TensorView> Upload(const TensorView& host, StreamHandle stream);
+
+ private:
+  DeviceBuffer buffer_;
+};
+class HostStaging {
+ public:
+  absl::StatusOr<TensorView> Download(const TensorView& device, StreamHandle stream);
+
+ private:
+  PinnedBuffer buffer_;
+};
+
 // cuBLAS (and cuBLASLt) handles bound to one stream, with their workspace. GEMM launchers in
 // kernels/cuda/ops.h take one. Create() fails with the cuBLAS status name.
 class Blas {

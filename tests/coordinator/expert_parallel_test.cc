@@ -1,7 +1,9 @@
 // Expert parallelism with ranks as threads (comm::InProcGroup): the real Runtime, handshake,
 // distributed executor and worker loop. Outputs must be bitwise identical to the single-process
 // engine for any worker count and placement; failures must name the rank.
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <functional>
 #include <set>
 #include <cstring>
@@ -16,6 +18,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/cpu/ops.h"
+#include "worker/expert_worker.h"
 #include "tests/coordinator/test_util.h"
 
 namespace epx {
@@ -254,6 +257,60 @@ TEST(ExpertParallelTest, SilentWorkerTimesOutNamingIt) {
   EXPECT_EQ(got.coordinator.code(), absl::StatusCode::kDeadlineExceeded) << got.coordinator;
   EXPECT_THAT(std::string(got.coordinator.message()), HasSubstr("rank(s) 3 did not answer"));
   EXPECT_LT(absl::Now() - start, absl::Seconds(10));
+}
+
+
+// Rows from a GPU coordinator travel as BF16 (half the bytes of F32): the CPU workers widen them,
+// compute in fp32 and round the outputs, so every slot equals the local executor given the same
+// BF16 rows, bit for bit, whatever worker a row went to.
+TEST(ExpertParallelTest, Bf16RowsOverTheWireEqualTheLocalExecutor) {
+  auto config = ModelConfig::FromDir(TinyModelDir());
+  ASSERT_TRUE(config.ok());
+  auto weights = ModelWeights::Load(TinyModelDir(), *config, WeightSelection::All(*config));
+  ASSERT_TRUE(weights.ok()) << weights.status();
+  const int workers = 3, world = workers + 1;
+  auto placement = Placement::RoundRobin(static_cast<int>(config->num_local_experts), workers);
+  ASSERT_TRUE(placement.ok());
+  const int64_t T = 7, K = config->num_experts_per_tok, H = config->hidden_size;
+  const int64_t E = config->num_local_experts;
+  Tensor x32 = Tensor::Empty(DType::kF32, {T, H});
+  for (int64_t i = 0; i < T * H; ++i) x32.data<float>()[i] = std::sin(0.37f * i) * 2.f;
+  auto x = FromF32(x32, DType::kBF16);
+  ASSERT_TRUE(x.ok());
+  Tensor ids = Tensor::Empty(DType::kI32, {T, K});
+  for (int64_t i = 0; i < T * K; ++i) ids.data<int32_t>()[i] = static_cast<int32_t>((i * 3) % E);
+
+  comm::InProcGroup group(world);
+  std::vector<std::thread> threads;
+  std::vector<absl::Status> served(world);
+  for (int r = 1; r < world; ++r)
+    threads.emplace_back([&, r] {
+      std::unique_ptr<comm::Communicator> comm = group.Join(r);
+      served[r] = RunExpertWorker(comm.get(), **weights, *placement, {});
+    });
+  std::unique_ptr<comm::Communicator> root = group.Join(0);
+  DistributedExpertExecutor remote(*config, *placement, root.get(), absl::Seconds(30),
+                                   DType::kBF16);
+  std::unique_ptr<ExpertExecutor> local = NewLocalExpertExecutor(weights->get());
+  ASSERT_TRUE(remote.BeginStep().ok());
+  for (int layer = 0; layer < config->num_hidden_layers; ++layer) {
+    auto got = remote.Run(layer, {.x = *x, .topk_ids = ids});
+    ASSERT_TRUE(got.ok()) << got.status();
+    ASSERT_EQ(got->rows.dtype(), DType::kBF16);
+    std::vector<uint8_t> remote_rows(static_cast<const uint8_t*>(got->rows.raw()),
+                                     static_cast<const uint8_t*>(got->rows.raw()) + T * K * H * 2);
+    EXPECT_NE(std::count(remote_rows.begin(), remote_rows.end(), 0), remote_rows.size());
+    auto want = local->Run(layer, {.x = *x, .topk_ids = ids});
+    ASSERT_TRUE(want.ok()) << want.status();
+    EXPECT_EQ(std::memcmp(remote_rows.data(), want->rows.raw(), remote_rows.size()), 0)
+        << "layer " << layer;
+  }
+  // F32 rows are refused by an executor that carries BF16.
+  EXPECT_EQ(remote.Run(0, {.x = x32, .topk_ids = ids}).status().code(),
+            absl::StatusCode::kInternal);
+  ASSERT_TRUE(remote.Shutdown().ok());
+  for (auto& t : threads) t.join();
+  for (int r = 1; r < world; ++r) EXPECT_TRUE(served[r].ok()) << "rank " << r << ": " << served[r];
 }
 
 }  // namespace

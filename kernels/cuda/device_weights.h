@@ -8,8 +8,8 @@
 // config's shapes, with no checkpoint.
 //
 // Immutable after creation; the views are safe to read from any thread.
-#ifndef EPX_COORDINATOR_DEVICE_WEIGHTS_H_
-#define EPX_COORDINATOR_DEVICE_WEIGHTS_H_
+#ifndef EPX_KERNELS_CUDA_DEVICE_WEIGHTS_H_
+#define EPX_KERNELS_CUDA_DEVICE_WEIGHTS_H_
 
 #include <cstdint>
 #include <memory>
@@ -73,4 +73,4 @@ class DeviceModelWeights {
 
 }  // namespace epx
 
-#endif  // EPX_COORDINATOR_DEVICE_WEIGHTS_H_
+#endif  // EPX_KERNELS_CUDA_DEVICE_WEIGHTS_H_

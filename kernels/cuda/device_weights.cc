@@ -1,4 +1,4 @@
-#include "coordinator/device_weights.h"
+#include "kernels/cuda/device_weights.h"
 
 #include <string>
 #include <utility>
