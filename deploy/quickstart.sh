@@ -2,8 +2,10 @@
 # Quickstart: build epx, make a small random Mixtral-layout model (~180 MB), start a local
 # cluster on it (a coordinator serving gRPC and 2 expert workers, under mpirun), send it a few
 # requests with the epx client, print the answers and the expert-load stats, and shut the
-# cluster down. Also checks the engine against the golden reference. Output lands in
-# ${EPX_BUILD_DIR:-build}; the server's log in $build_dir/quickstart-serve.log.
+# cluster down; then form the same cluster without mpirun (workers started on their own, joining
+# the coordinator over gRPC, gloo data plane) and check that it answers with the same tokens.
+# Also checks the engine against the golden reference. Output lands in ${EPX_BUILD_DIR:-build};
+# the logs in $build_dir/quickstart-*.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/build.sh
@@ -12,6 +14,19 @@ model_dir=${EPX_MODEL_DIR:-$build_dir/models/small}
 epx="$build_dir/cli/epx"
 port_file="$build_dir/quickstart.port"
 log="$build_dir/quickstart-serve.log"
+
+# Waits for the port file of the server started as process $1; prints HOST:PORT.
+wait_for_port() {
+  for _ in $(seq 300); do
+    [ -s "$port_file" ] && break
+    kill -0 "$1" 2>/dev/null || { cat "$2"; echo "the server did not start" >&2; exit 1; }
+    sleep 0.2
+  done
+  echo "127.0.0.1:$(cat "$port_file")"
+}
+chat() {
+  "$epx" generate --server "$1" --chat --prompt "What is a mixture of experts?" --max-tokens 32
+}
 
 echo "== golden check: the CPU engine against the float64 reference of tests/data/tiny-mixtral"
 "$epx" eval --model tests/data/tiny-mixtral --input tests/data/tiny-mixtral/golden.safetensors \
@@ -26,17 +41,13 @@ bash deploy/mpirun.sh 2 serve --model "$model_dir" --listen 127.0.0.1:0 \
   --port-file "$port_file" > "$log" 2>&1 &
 cluster=$!
 trap 'kill $cluster 2>/dev/null || true' EXIT
-for _ in $(seq 300); do
-  [ -s "$port_file" ] && break
-  kill -0 $cluster 2>/dev/null || { cat "$log"; echo "the cluster did not start"; exit 1; }
-  sleep 0.2
-done
-server="127.0.0.1:$(cat "$port_file")"
+server=$(wait_for_port $cluster "$log")
 "$epx" health --server "$server" --service epx.v1.Generation --wait --timeout 60
 
 echo "== a chat request (Mixtral-Instruct template), greedy"
 "$epx" generate --server "$server" --chat --prompt "What is a mixture of experts?" \
   --max-tokens 32 --usage
+under_mpirun=$(chat "$server")
 echo "== a sampled request (temperature 0.8, top-p 0.95, seed 7), stopping at a full stop"
 "$epx" generate --server "$server" --prompt "The experts of layer one" --max-tokens 48 \
   --temperature 0.8 --top-p 0.95 --seed 7 --stop "." --usage
@@ -49,5 +60,32 @@ echo "== the server's statistics: expert load, per-layer timings, workers"
 echo "== shutting the cluster down"
 "$epx" shutdown --server "$server"
 wait $cluster
+trap - EXIT
+
+echo "== the same cluster without mpirun: a coordinator waiting for 2 workers (--workers 2), and"
+echo "   2 \`epx worker\` processes started on their own; they register over gRPC, get their"
+echo "   ranks and experts, and form the gloo data plane"
+rm -f "$port_file"
+log="$build_dir/quickstart-coordinator.log"
+"$epx" serve --model "$model_dir" --listen 127.0.0.1:0 --port-file "$port_file" --workers 2 \
+  > "$log" 2>&1 &
+coordinator=$!
+trap 'kill $coordinator 2>/dev/null || true' EXIT
+server=$(wait_for_port $coordinator "$log")
+for w in 1 2; do
+  "$epx" worker --model "$model_dir" --coordinator "$server" \
+    > "$build_dir/quickstart-worker$w.log" 2>&1 &
+done
+"$epx" health --server "$server" --service epx.v1.Generation --wait --timeout 60
+launcher_free=$(chat "$server")
+echo "$launcher_free"
+if [ "$launcher_free" != "$under_mpirun" ]; then
+  echo "the launcher-free cluster answered differently from the mpirun one" >&2
+  exit 1
+fi
+echo "(the same tokens as the cluster under mpirun)"
+"$epx" shutdown --server "$server"
+wait $coordinator
+wait
 trap - EXIT
 echo "The weights are random, so the text is too: the point is the pipeline. Next: README.md."
