@@ -62,12 +62,19 @@ class FileStore : public epx::comm::KeyValueStore {
   std::string dir_;
 };
 
-// One dispatch + combine through `comm`; microseconds.
+// One dispatch + combine through `comm`; microseconds. The ranks line up through `comm` itself
+// first: an MPI barrier would leave the early ranks spinning in MPI while a gloo exchange needs
+// its transport threads scheduled.
 double RoundTrip(epx::comm::Communicator& comm, std::vector<char>& send, std::vector<char>& recv,
                  const std::vector<int64_t>& out, const std::vector<int64_t>& in) {
   const int rank = comm.rank(), world = comm.world_size();
   const std::vector<int64_t> none(world, 0);
-  MPI_Barrier(MPI_COMM_WORLD);
+  char mine = 0;
+  std::vector<char> all(world);
+  if (!comm.AllGather(&mine, 1, all.data(), epx::comm::Tag::kHandshake, absl::Seconds(60),
+                      "bench barrier")
+           .ok())
+    MPI_Abort(MPI_COMM_WORLD, 1);
   const auto start = std::chrono::steady_clock::now();
   absl::Status s = comm.AllToAllV(send.data(), rank == 0 ? out : none, recv.data(),
                                   rank == 0 ? none : in, epx::comm::Tag::kDispatch,

@@ -49,8 +49,10 @@ def parse_generate(text):
 def parse_comm(text):
     for line in text.splitlines():
         f = line.split()
-        if len(f) == 7 and f[0].isdigit():
-            return {"raw_alltoall_us": float(f[1]), "mpi_alltoallv_us": float(f[4])}
+        # bytes, then median/p90/GB/s for epx's MPI communicator, its gloo one, MPI_Alltoallv
+        if len(f) == 10 and f[0].isdigit():
+            return {"raw_alltoall_us": float(f[1]), "gloo_alltoall_us": float(f[4]),
+                    "mpi_alltoallv_us": float(f[7])}
     sys.exit("no result from comm_alltoall_bench\n" + text)
 
 
