@@ -20,6 +20,7 @@
 
 #include "epx/v1/admin.grpc.pb.h"
 #include "epx/v1/generation.grpc.pb.h"
+#include "tests/test_process.h"
 
 extern char** environ;
 
@@ -101,6 +102,25 @@ class ServerProcess {
   std::string port_file_, log_file_;
   std::shared_ptr<grpc::Channel> channel_;
 };
+
+// `epx health` against the server's generation service: its exit code and output. wait_s > 0:
+// until SERVING, for at most that long (the health service follows readiness within its 100 ms
+// update period).
+inline CommandResult Health(const ServerProcess& server, double wait_s = 0) {
+  return RunCommand(EpxBinary() + " health --server " + server.address() +
+                    " --service epx.v1.Generation" +
+                    (wait_s > 0 ? " --wait --timeout " + std::to_string(wait_s) : "") + " 2>&1");
+}
+
+// A greedy request for `max_tokens` tokens of `prompt`, past any EOS.
+inline v1::GenerateRequest Greedy(const std::vector<int32_t>& prompt, int max_tokens) {
+  v1::GenerateRequest r;
+  r.mutable_token_ids()->mutable_ids()->Add(prompt.begin(), prompt.end());
+  r.set_max_tokens(max_tokens);
+  r.set_temperature(0);
+  r.set_ignore_eos(true);
+  return r;
+}
 
 // The messages of one Generate call.
 struct Completion {

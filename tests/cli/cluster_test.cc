@@ -29,6 +29,7 @@ namespace {
 using testing::ChildProcess;
 using testing::Completion;
 using testing::EpxBinary;
+using testing::Greedy;
 using testing::ServerProcess;
 
 // A port free right now on 127.0.0.1 (for a coordinator the workers must know before it
@@ -79,21 +80,6 @@ std::unique_ptr<ChildProcess> StartWorker(const std::string& dir, const std::str
       absl::StrCat(EpxBinary(), " worker --model ", testing::TinyModelDir(), " --coordinator ",
                    coordinator, " ", extra),
       absl::StrCat(dir, "/", name, ".log"));
-}
-
-testing::CommandResult Health(const ServerProcess& server, bool wait) {
-  return testing::RunCommand(EpxBinary() + " health --server " + server.address() +
-                             " --service epx.v1.Generation" + (wait ? " --wait --timeout 60" : "") +
-                             " 2>&1");
-}
-
-v1::GenerateRequest Greedy(const std::vector<int32_t>& prompt, int max_tokens) {
-  v1::GenerateRequest r;
-  r.mutable_token_ids()->mutable_ids()->Add(prompt.begin(), prompt.end());
-  r.set_max_tokens(max_tokens);
-  r.set_temperature(0);
-  r.set_ignore_eos(true);
-  return r;
 }
 
 TEST(ClusterTest, GoldenEvalWithWorkersStartedFirstIsByteIdenticalToOneProcess) {
@@ -152,7 +138,7 @@ TEST(ClusterTest, ServesGoldenGreedyAndRefusesWhatDoesNotBelong) {
   EXPECT_EQ(early.status.error_code(), grpc::StatusCode::UNAVAILABLE);
   EXPECT_NE(early.status.error_message().find("worker 1 has not registered"), std::string::npos)
       << early.status.error_message();
-  EXPECT_NE(Health(server, false).exit_code, 0);
+  EXPECT_NE(testing::Health(server).exit_code, 0);
 
   const std::string coordinator = server.address();
   auto held = StartWorker(dir, "rank2", coordinator, "--rank 2");
@@ -198,7 +184,7 @@ TEST(ClusterTest, ServesGoldenGreedyAndRefusesWhatDoesNotBelong) {
   // The two that complete the cluster.
   auto first = StartWorker(dir, "any1", coordinator);
   auto third = StartWorker(dir, "any2", coordinator);
-  testing::CommandResult ready = Health(server, true);
+  testing::CommandResult ready = testing::Health(server, 60);
   ASSERT_EQ(ready.exit_code, 0) << ready.output << server.log();
   // One too many.
   auto extra = StartWorker(dir, "extra", coordinator);
@@ -226,7 +212,7 @@ TEST(ClusterTest, KilledWorkerFailsTheRequestWithItsRankAndNoProcessHangs) {
   for (int r = 1; r <= 3; ++r)
     workers.push_back(
         StartWorker(dir, absl::StrCat("worker", r), server.address(), absl::StrCat("--rank ", r)));
-  ASSERT_EQ(Health(server, true).exit_code, 0) << server.log();
+  ASSERT_EQ(testing::Health(server, 60).exit_code, 0) << server.log();
 
   // A long request; once it streams, worker 2 dies.
   grpc::ClientContext context;
@@ -244,7 +230,7 @@ TEST(ClusterTest, KilledWorkerFailsTheRequestWithItsRankAndNoProcessHangs) {
   EXPECT_LT(streamed, 200);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
   EXPECT_NE(status.error_message().find("rank 2"), std::string::npos) << status.error_message();
-  testing::CommandResult health = Health(server, false);
+  testing::CommandResult health = testing::Health(server);
   EXPECT_NE(health.exit_code, 0);
   EXPECT_NE(health.output.find("NOT_SERVING"), std::string::npos) << health.output;
   // The coordinator exits non-zero after its grace period; the surviving workers follow it.

@@ -272,5 +272,39 @@ TEST(EpxCliTest, ConfigOnlyModelAndDeviceErrors) {
   EXPECT_THAT(r.output, ::testing::HasSubstr("--device"));
 }
 
+
+// The cluster flags refuse what cannot work here, at once and saying why.
+TEST(EpxCliTest, ClusterFlagsThatCannotWorkAreRefused) {
+  const std::string model = " --model " + TinyModelDir();
+  const std::string io = " --input " + GoldenPath() + " --output " + TempPath("cluster.st");
+  Result r = RunEpx("eval" + model + io + " --workers 2 --data-plane mpi");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.output, ::testing::HasSubstr("--data-plane mpi needs an MPI launcher"));
+  r = RunEpx("eval" + model + io + " --workers 2 --data-plane nccl");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.output, ::testing::HasSubstr("--data-plane nccl is not available"));
+  r = RunEpx("eval" + model + io + " --data-plane tcp");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.output, ::testing::HasSubstr("--data-plane"));
+  r = RunEpx("worker" + model);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.output, ::testing::HasSubstr("--coordinator is required"));
+  r = RunEpx("eval" + model + io + " --workers 2 --cluster-token-file /nonexistent/token");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.output, ::testing::HasSubstr("/nonexistent/token"));
+  r = RunEpx("generate --server 127.0.0.1:1 --prompt hi --workers 2");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.output, ::testing::HasSubstr("--workers is for generating here"));
+}
+
+// A worker whose coordinator never comes gives up after --register-timeout, naming the address.
+TEST(EpxCliTest, WorkerWithoutACoordinatorGivesUpNamingIt) {
+  Result r = RunEpx("worker --model " + TinyModelDir() +
+                    " --coordinator 127.0.0.1:1 --register-timeout 1");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.output, ::testing::HasSubstr("no coordinator answered at 127.0.0.1:1 within 1s"));
+  EXPECT_THAT(r.output, ::testing::HasSubstr("waiting for the coordinator at 127.0.0.1:1"));
+}
+
 }  // namespace
 }  // namespace epx

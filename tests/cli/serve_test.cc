@@ -36,12 +36,7 @@ class ServeTest : public ::testing::Test {
   void SetUp() override { ASSERT_TRUE(server_->ok()) << server_->log(); }
 
   static v1::GenerateRequest Greedy(const std::vector<int32_t>& prompt, int max_tokens) {
-    v1::GenerateRequest r;
-    r.mutable_token_ids()->mutable_ids()->Add(prompt.begin(), prompt.end());
-    r.set_max_tokens(max_tokens);
-    r.set_temperature(0);
-    r.set_ignore_eos(true);
-    return r;
+    return testing::Greedy(prompt, max_tokens);
   }
   static v1::StatsResponse Stats() {
     grpc::ClientContext context;

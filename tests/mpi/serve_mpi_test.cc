@@ -30,14 +30,6 @@ v1::StatsResponse Stats(const ServerProcess& server) {
   return stats;
 }
 
-// `epx health` against the generation service: its exit code and output. `wait`: until
-// SERVING (the health service follows readiness within its 100 ms update period).
-testing::CommandResult Health(const ServerProcess& server, bool wait = false) {
-  return testing::RunCommand(testing::EpxBinary() + " health --server " + server.address() +
-                             " --service epx.v1.Generation" +
-                             (wait ? " --wait --timeout 10" : "") + " 2>&1");
-}
-
 TEST(ServeMpiTest, WorkersRegisterServeAndALostWorkerTurnsReadinessOff) {
   ServerProcess server("epx_serve_mpi", Mpirun(3),
                        "--model " + testing::TinyModelDir() +
@@ -48,7 +40,7 @@ TEST(ServeMpiTest, WorkersRegisterServeAndALostWorkerTurnsReadinessOff) {
   for (int i = 0; i < 300 && !(s = Stats(server)).ready(); ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   ASSERT_TRUE(s.ready()) << s.not_ready_reason() << "\n" << server.log();
-  testing::CommandResult health = Health(server, /*wait=*/true);
+  testing::CommandResult health = testing::Health(server, /*wait_s=*/10);
   EXPECT_EQ(health.exit_code, 0) << health.output;
   EXPECT_NE(health.output.find("SERVING"), std::string::npos) << health.output;
   ASSERT_EQ(s.workers_size(), 2);
@@ -63,11 +55,7 @@ TEST(ServeMpiTest, WorkersRegisterServeAndALostWorkerTurnsReadinessOff) {
   ASSERT_TRUE(golden.ok());
   const std::vector<int32_t> prompt = testing::ReadVector<int32_t>(**golden, "prompt_0.tokens");
   const std::vector<int32_t> greedy = testing::ReadVector<int32_t>(**golden, "prompt_0.greedy");
-  v1::GenerateRequest r;
-  r.mutable_token_ids()->mutable_ids()->Add(prompt.begin(), prompt.end());
-  r.set_max_tokens(greedy.size());
-  r.set_temperature(0);
-  r.set_ignore_eos(true);
+  const v1::GenerateRequest r = testing::Greedy(prompt, static_cast<int>(greedy.size()));
   auto stub = server.generation();
   Completion c = testing::Generate(*stub, r);
   ASSERT_TRUE(c.status.ok()) << c.status.error_message();
@@ -84,7 +72,7 @@ TEST(ServeMpiTest, WorkersRegisterServeAndALostWorkerTurnsReadinessOff) {
   ASSERT_EQ(kill(worker, SIGSTOP), 0);
   bool not_serving = false;
   for (int i = 0; i < 100 && !not_serving; ++i) {
-    health = Health(server);
+    health = testing::Health(server);
     not_serving = health.exit_code != 0 && health.output.find("NOT_SERVING") != std::string::npos;
     if (!not_serving) std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
