@@ -52,6 +52,7 @@ absl::Status ServeWorker(Runtime& runtime) {
     self.config_hash = runtime.config().Hash();
     self.experts = runtime.placement()->experts_of(runtime.rank());
     self.data_plane = runtime.data_plane();
+    self.instance = ProcessInstanceId();
     absl::StatusOr<std::unique_ptr<ControlClient>> started = ControlClient::Start(*endpoint, self);
     if (started.ok()) {
       control = std::move(*started);
@@ -68,12 +69,14 @@ absl::Status ServeWorker(Runtime& runtime) {
 absl::Status RunServe(const ServeOptions& options, std::ostream& log) {
   EPX_RETURN_IF_ERROR(options.scheduler.Validate());
   const std::filesystem::path dir(options.runtime.model_dir);
-  // Declared in the order they must outlive each other: the server uses the tokenizer and the
-  // runtime's membership and store, and must stop before they go.
+  // Declared in the order they must outlive each other: the server uses the notification, the
+  // tokenizer and the runtime's membership and store, and stops before they go. A launcher-free
+  // coordinator's server is the runtime's own (it outlives no failed Start).
+  absl::Notification shutdown;
   std::unique_ptr<Tokenizer> tokenizer;
   std::unique_ptr<Runtime> runtime;
-  std::unique_ptr<ApiServer> server;
-  absl::Notification shutdown;
+  std::unique_ptr<ApiServer> own_server;
+  ApiServer* server = nullptr;
 
   ApiServerOptions server_options = options.server;
   // Launcher-free, every process is given the token; under mpirun rank 0 draws it and shares it.
@@ -86,7 +89,7 @@ absl::Status RunServe(const ServeOptions& options, std::ostream& log) {
     server_options.model_name = std::filesystem::absolute(dir).parent_path().filename().string();
   // The API server over the runtime's membership: started from inside Runtime::Start in a
   // launcher-free cluster (the workers register through it), after it otherwise.
-  auto start_server = [&](Runtime& rt) -> absl::StatusOr<std::string> {
+  auto start_server = [&](Runtime& rt) -> absl::StatusOr<std::unique_ptr<ApiServer>> {
     if (tokenizer == nullptr) {
       EPX_ASSIGN_OR_RETURN(tokenizer, Tokenizer::FromFile((dir / "tokenizer.model").string()));
     }
@@ -103,14 +106,15 @@ absl::Status RunServe(const ServeOptions& options, std::ostream& log) {
       // Also ends a coordinator still waiting for its workers.
       Runtime::RequestStop();
     };
-    EPX_ASSIGN_OR_RETURN(server, ApiServer::Start(server_options, backends));
+    EPX_ASSIGN_OR_RETURN(std::unique_ptr<ApiServer> started,
+                         ApiServer::Start(server_options, backends));
     if (!options.port_file.empty()) {
       // Written whole under another name, then renamed: a reader never sees a partial port.
       const std::string tmp = options.port_file + ".tmp";
-      std::ofstream(tmp) << server->port() << "\n";
+      std::ofstream(tmp) << started->port() << "\n";
       std::filesystem::rename(tmp, options.port_file);
     }
-    return server->address();
+    return started;
   };
 
   RuntimeOptions runtime_options = options.runtime;
@@ -118,15 +122,19 @@ absl::Status RunServe(const ServeOptions& options, std::ostream& log) {
   runtime_options.start_control_plane = start_server;
   EPX_ASSIGN_OR_RETURN(runtime, Runtime::Start(runtime_options));
   if (runtime->is_worker()) return ServeWorker(*runtime);
+  server = runtime->control_server();
   if (server == nullptr) {
-    absl::StatusOr<std::string> started = start_server(*runtime);
+    absl::StatusOr<std::unique_ptr<ApiServer>> started = start_server(*runtime);
     if (!started.ok()) {
       (void)runtime->ShareControlEndpoint("");
       return runtime->Finish(started.status());
     }
+    own_server = *std::move(started);
+    server = own_server.get();
     EPX_RETURN_IF_ERROR(runtime
                             ->ShareControlEndpoint(ControlClient::Endpoint(
-                                ControlAddress(options, *started), server_options.cluster_token))
+                                ControlAddress(options, server->address()),
+                                server_options.cluster_token))
                             .status());
   }
 

@@ -4,6 +4,7 @@
 #include <gloo/rendezvous/store.h>
 #include <gloo/transport/tcp/device.h>
 #include <gloo/transport/unbound_buffer.h>
+#include <sys/socket.h>
 
 #include <chrono>
 #include <climits>
@@ -15,6 +16,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
@@ -60,7 +62,8 @@ class StoreAdapter : public gloo::rendezvous::Store {
   void Check(const absl::Status& status, const std::string& key) {
     if (status.ok()) return;
     int rank = -1;
-    if (status.code() == absl::StatusCode::kDeadlineExceeded && absl::SimpleAtoi(key, &rank)) {
+    const std::string digits = absl::StartsWith(key, "rank_") ? key.substr(5) : key;
+    if (status.code() == absl::StatusCode::kDeadlineExceeded && absl::SimpleAtoi(digits, &rank)) {
       error_ = absl::DeadlineExceededError(absl::StrCat(
           "data plane rendezvous: rank ", rank, " did not join within ",
           absl::FormatDuration(timeout_)));
@@ -112,22 +115,19 @@ class GlooCommunicator : public Communicator {
     auto* dst = static_cast<uint8_t*>(recv);
     std::vector<Posted> posted;
     const absl::Time deadline = absl::Now() + timeout;
-    try {
-      int64_t send_offset = 0, recv_offset = 0;
-      for (int p = 0; p < n; ++p) {
-        if (p == me) {
-          if (send_bytes[p] > 0) std::memcpy(dst + recv_offset, src + send_offset, send_bytes[p]);
-        } else {
-          if (recv_bytes[p] > 0) Post(false, dst + recv_offset, recv_bytes[p], p, tag, &posted);
-          if (send_bytes[p] > 0)
-            Post(true, const_cast<uint8_t*>(src + send_offset), send_bytes[p], p, tag, &posted);
-        }
-        send_offset += send_bytes[p];
-        recv_offset += recv_bytes[p];
+    int64_t send_offset = 0, recv_offset = 0;
+    for (int p = 0; p < n; ++p) {
+      if (p == me) {
+        if (send_bytes[p] > 0) std::memcpy(dst + recv_offset, src + send_offset, send_bytes[p]);
+      } else {
+        if (recv_bytes[p] > 0)
+          EPX_RETURN_IF_ERROR(Post(false, dst + recv_offset, recv_bytes[p], p, tag, what, &posted));
+        if (send_bytes[p] > 0)
+          EPX_RETURN_IF_ERROR(Post(true, const_cast<uint8_t*>(src + send_offset), send_bytes[p], p,
+                                   tag, what, &posted));
       }
-    } catch (const std::exception& e) {
-      broken_ = true;
-      return absl::UnavailableError(absl::StrCat(what, " (", TagName(tag), "): ", e.what()));
+      send_offset += send_bytes[p];
+      recv_offset += recv_bytes[p];
     }
     return WaitAll(posted, tag, timeout, deadline, what);
   }
@@ -151,6 +151,7 @@ class GlooCommunicator : public Communicator {
   absl::Status AllGather(const void* send, int64_t bytes, void* recv, Tag tag,
                          absl::Duration timeout, const std::string& what) override {
     const int n = world_size();
+    if (bytes < 0) return absl::InvalidArgumentError("AllGather: negative size");
     std::vector<int64_t> sizes(n, bytes);
     std::vector<uint8_t> replicated(bytes * n);
     for (int p = 0; p < n; ++p) std::memcpy(replicated.data() + p * bytes, send, bytes);
@@ -166,16 +167,30 @@ class GlooCommunicator : public Communicator {
   }
 
  private:
-  void Post(bool is_send, void* data, int64_t bytes, int peer, Tag tag,
-            std::vector<Posted>* posted) {
-    Posted p{context_->createUnboundBuffer(data, static_cast<size_t>(bytes)), peer, is_send};
-    const uint64_t slot = static_cast<uint64_t>(tag);
-    if (is_send) {
-      p.buffer->send(peer, slot);
-    } else {
-      p.buffer->recv(peer, slot);
+  // Posts one message. A pair that already broke (its peer died since the last call) throws
+  // here: that peer is the one lost.
+  absl::Status Post(bool is_send, void* data, int64_t bytes, int peer, Tag tag,
+                    const std::string& what, std::vector<Posted>* posted) {
+    try {
+      Posted p{context_->createUnboundBuffer(data, static_cast<size_t>(bytes)), peer, is_send};
+      const uint64_t slot = static_cast<uint64_t>(tag);
+      if (is_send) {
+        p.buffer->send(peer, slot);
+      } else {
+        p.buffer->recv(peer, slot);
+      }
+      posted->push_back(std::move(p));
+    } catch (const std::exception& e) {
+      broken_ = true;
+      return Lost(what, tag, peer, e.what());
     }
-    posted->push_back(std::move(p));
+    return absl::OkStatus();
+  }
+
+  absl::Status Lost(const std::string& what, Tag tag, int peer, const char* why) const {
+    return absl::UnavailableError(absl::StrCat(what, " (", TagName(tag), "): lost rank ", peer,
+                                               " (its connection to rank ", rank(),
+                                               " failed: ", why, ")"));
   }
 
   absl::Status Fanout(void* data, int64_t bytes, absl::Span<const int64_t> send_bytes, Tag tag,
@@ -183,13 +198,8 @@ class GlooCommunicator : public Communicator {
     if (broken_) return Broken(what);
     std::vector<Posted> posted;
     const absl::Time deadline = absl::Now() + timeout;
-    try {
-      for (int p = 0; p < world_size(); ++p)
-        if (send_bytes[p] > 0) Post(true, data, bytes, p, tag, &posted);
-    } catch (const std::exception& e) {
-      broken_ = true;
-      return absl::UnavailableError(absl::StrCat(what, " (", TagName(tag), "): ", e.what()));
-    }
+    for (int p = 0; p < world_size(); ++p)
+      if (send_bytes[p] > 0) EPX_RETURN_IF_ERROR(Post(true, data, bytes, p, tag, what, &posted));
     return WaitAll(posted, tag, timeout, deadline, what);
   }
 
@@ -211,9 +221,7 @@ class GlooCommunicator : public Communicator {
           return absl::DeadlineExceededError(absl::StrCat(
               what, " (", TagName(tag), "): rank(s) ", p.peer, " did not answer rank ", rank(),
               " within ", absl::FormatDuration(timeout)));
-        return absl::UnavailableError(absl::StrCat(what, " (", TagName(tag), "): lost rank ",
-                                                   p.peer, " (its connection to rank ", rank(),
-                                                   " failed: ", e.what(), ")"));
+        return Lost(what, tag, p.peer, e.what());
       }
     }
     return absl::OkStatus();
@@ -242,6 +250,9 @@ absl::StatusOr<std::unique_ptr<Communicator>> CreateGlooCommunicator(const GlooO
   try {
     gloo::transport::tcp::attr attr;
     attr.hostname = options.host;
+    // Every rank in one address family, or gloo refuses to connect the pair: IPv4 unless the
+    // host is an IPv6 literal (a name that resolves to both would otherwise go either way).
+    attr.ai_family = options.host.find(':') != std::string::npos ? AF_INET6 : AF_INET;
     std::shared_ptr<gloo::transport::Device> device = gloo::transport::tcp::CreateDevice(attr);
     auto context = std::make_shared<gloo::rendezvous::Context>(options.rank, options.world_size);
     context->setTimeout(ToMillis(options.connect_timeout));

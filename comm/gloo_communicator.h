@@ -6,8 +6,13 @@
 // Exchanges are point-to-point gloo messages (unbound buffers: one per peer and direction,
 // zero-byte entries skipped), waited on against the call's deadline, so a rank that stops
 // answering is DeadlineExceeded naming it and one that died (its connection closed) Unavailable
-// naming it; gloo's exceptions never leave this file. A failed call leaves the communicator
-// unusable (gloo closes every pair), as the interface says.
+// naming it; the exceptions gloo throws on the calling thread never leave this file. A failed
+// call leaves the communicator unusable (gloo closes every pair), as the interface says.
+//
+// gloo trusts its peers on message sizes: both sides take them from the protocol
+// (comm::ExpertWire), and a peer that sent more bytes than were posted would end this process
+// on gloo's event-loop thread. The data-plane ports take only gloo's own handshake; keep them,
+// like the control plane, on the cluster's network.
 //
 // Thread-compatible: one thread per communicator.
 #ifndef EPX_COMM_GLOO_COMMUNICATOR_H_
@@ -31,7 +36,7 @@ struct GlooOptions {
   // Prefix of this data plane's keys (one per cluster epoch).
   std::string store_prefix = "gloo/";
   // The address this rank listens on and advertises (a host name or IP). Empty: the address
-  // this host's name resolves to.
+  // this host's name resolves to. IPv4 unless it is an IPv6 literal.
   std::string host;
   // Limit on the rendezvous: every peer must have published its address and connected by then.
   absl::Duration connect_timeout = absl::Seconds(30);

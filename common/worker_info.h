@@ -18,6 +18,7 @@ struct WorkerInfo {
   uint64_t config_hash = 0;
   std::vector<int> experts;  // ascending; empty at registration when the coordinator assigns them
   std::string data_plane;    // resolved: "mpi", "gloo" or "nccl"
+  std::string instance;      // random, once per process (empty: host and pid identify it)
 };
 
 }  // namespace epx

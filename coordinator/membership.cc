@@ -12,6 +12,12 @@ std::string Name(const WorkerInfo& info) {
   return absl::StrCat("the worker on ", info.host, " (pid ", info.pid, ")");
 }
 
+// The same process registering again (a retried or restarted call).
+bool SameProcess(const WorkerInfo& a, const WorkerInfo& b) {
+  if (!a.instance.empty() || !b.instance.empty()) return a.instance == b.instance;
+  return a.host == b.host && a.pid == b.pid;
+}
+
 }  // namespace
 
 Membership::Membership(const Placement* placement, ClusterIdentity identity,
@@ -49,7 +55,7 @@ absl::StatusOr<int> Membership::Register(const WorkerInfo& info, absl::Time now)
   int rank = 0;
   for (int r = 1; r <= num_workers; ++r) {
     const Entry& e = workers_[r];
-    if (e.registered && e.info.host == info.host && e.info.pid == info.pid) rank = r;
+    if (e.registered && SameProcess(e.info, info)) rank = r;
   }
   if (rank != 0 && info.rank != 0 && info.rank != rank)
     return absl::AlreadyExistsError(absl::StrCat("the process on ", info.host, " (pid ", info.pid,

@@ -53,7 +53,7 @@ class Membership {
   // values, for a build, config hash, data plane or (when it lists them) expert set other than
   // the coordinator's; InvalidArgument for a requested rank outside 1..W; AlreadyExists for a
   // rank another process holds; ResourceExhausted when all W ranks are taken. The same process
-  // (host and pid) registering again gets its rank back (a restarted control-plane client).
+  // (its instance id; without one, host and pid) registering again gets its rank back.
   absl::StatusOr<int> Register(const WorkerInfo& info, absl::Time now);
   // NotFound for a rank that has not registered (it should register again).
   absl::Status Heartbeat(int rank, absl::Time now);

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <limits>
 #include <random>
 #include <thread>
 
@@ -24,6 +25,8 @@ namespace {
 
 constexpr char kGenerationService[] = "epx.v1.Generation";
 constexpr int64_t kDefaultMaxTokens = 16;
+// The longest one StoreGet waits (a rendezvous is bounded by --comm-timeout anyway).
+constexpr absl::Duration kStoreGetLimit = absl::Minutes(10);
 
 // absl and gRPC share the canonical status codes.
 grpc::Status ToGrpc(const absl::Status& s) {
@@ -373,6 +376,7 @@ class ClusterService final : public v1::Cluster::Service {
     info.config_hash = in->config_hash();
     info.experts.assign(in->experts().begin(), in->experts().end());
     info.data_plane = in->data_plane();
+    info.instance = in->instance();
     Membership& membership = *backends_.membership;
     absl::StatusOr<int> rank = membership.Register(info, absl::Now());
     if (!rank.ok()) {
@@ -389,8 +393,8 @@ class ClusterService final : public v1::Cluster::Service {
     if (backends_.placement != nullptr) out->set_placement_json(backends_.placement->ToJson());
     out->set_data_plane(membership.identity().data_plane);
     out->set_store_prefix(options_.store_prefix);
-    out->set_comm_timeout_ms(
-        static_cast<uint32_t>(absl::ToInt64Milliseconds(options_.comm_timeout)));
+    out->set_comm_timeout_ms(static_cast<uint32_t>(std::clamp<int64_t>(
+        absl::ToInt64Milliseconds(options_.comm_timeout), 1, std::numeric_limits<uint32_t>::max())));
     return grpc::Status::OK;
   }
 
@@ -411,13 +415,26 @@ class ClusterService final : public v1::Cluster::Service {
                         v1::StoreGetResponse* out) override {
     if (!Member(in->cluster_token())) return Denied(*context);
     if (backends_.store == nullptr) return NoStore();
-    // Never past the caller's own deadline.
-    absl::Duration timeout = absl::Milliseconds(in->timeout_ms());
-    timeout = std::min(timeout, FromGrpcDeadline(*context) - absl::Now());
-    absl::StatusOr<std::string> value = backends_.store->Get(in->key(), timeout);
-    if (!value.ok()) return ToGrpc(value.status());
-    out->set_value(*std::move(value));
-    return grpc::Status::OK;
+    // Never past the caller's deadline nor kStoreGetLimit, and in slices, so that a caller who
+    // goes away or a server shutting down frees the handler thread.
+    const absl::Duration timeout = std::min(
+        {absl::Milliseconds(in->timeout_ms()), kStoreGetLimit, FromGrpcDeadline(*context) - absl::Now()});
+    const absl::Time deadline = absl::Now() + timeout;
+    while (true) {
+      const absl::Duration slice = std::min(deadline - absl::Now(), absl::Milliseconds(200));
+      absl::StatusOr<std::string> value =
+          backends_.store->Get(in->key(), std::max(slice, absl::ZeroDuration()));
+      if (value.ok()) {
+        out->set_value(*std::move(value));
+        return grpc::Status::OK;
+      }
+      if (value.status().code() != absl::StatusCode::kDeadlineExceeded) return ToGrpc(value.status());
+      if (absl::Now() >= deadline)
+        return ToGrpc(absl::DeadlineExceededError(absl::StrCat(
+            "store key \"", in->key(), "\" was not set within ", absl::FormatDuration(timeout))));
+      if (context->IsCancelled())
+        return grpc::Status(grpc::StatusCode::CANCELLED, "the caller went away");
+    }
   }
 
  private:

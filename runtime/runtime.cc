@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <iomanip>
+#include <random>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
@@ -33,6 +34,14 @@ std::string HostName() {
   char name[256] = {};
   if (gethostname(name, sizeof(name) - 1) != 0 || name[0] == '\0') return "localhost";
   return name;
+}
+
+const std::string& ProcessInstanceId() {
+  static const std::string id = [] {
+    std::random_device device;
+    return absl::StrCat(absl::Hex(device(), absl::kZeroPad8), absl::Hex(device(), absl::kZeroPad8));
+  }();
+  return id;
 }
 
 absl::StatusOr<std::string> ClusterToken(const std::string& file) {
@@ -75,6 +84,8 @@ bool IsWildcard(const std::string& host) {
 std::string LocalAddressTowards(const std::string& host) {
   addrinfo hints{};
   hints.ai_socktype = SOCK_DGRAM;
+  // The data plane's family (comm/gloo_communicator.h): IPv4 unless given an IPv6 literal.
+  hints.ai_family = host.find(':') != std::string::npos ? AF_INET6 : AF_INET;
   addrinfo* found = nullptr;
   if (getaddrinfo(host.c_str(), "9", &hints, &found) != 0 || found == nullptr) return "";
   std::string local;
@@ -195,9 +206,8 @@ absl::Status Runtime::FormAsCoordinator() {
       placement_.get(), ClusterIdentity{BuildId(), config_.Hash(), data_plane_}, o.membership);
   store_ = std::make_unique<comm::MemoryKeyValueStore>();
   store_prefix_ = absl::StrCat(data_plane_, "/epoch-1/");
-  std::string address;
   if (o.start_control_plane) {
-    EPX_ASSIGN_OR_RETURN(address, o.start_control_plane(*this));
+    EPX_ASSIGN_OR_RETURN(control_server_, o.start_control_plane(*this));
   } else {
     ApiServerOptions server;
     server.listen = o.listen;
@@ -211,8 +221,8 @@ absl::Status Runtime::FormAsCoordinator() {
     backends.placement = placement_.get();
     backends.store = store_.get();
     EPX_ASSIGN_OR_RETURN(control_server_, ApiServer::Start(server, backends));
-    address = control_server_->address();
   }
+  const std::string address = control_server_->address();
   EPX_LOG(Info) << "waiting for " << o.workers << " worker(s) to register at " << address
                 << " (data plane " << data_plane_ << ")";
   const absl::Time give_up = absl::Now() + o.form_timeout;
@@ -257,14 +267,22 @@ absl::Status Runtime::JoinAsWorker() {
   self.build_id = BuildId();
   self.config_hash = config_.Hash();
   self.data_plane = data_plane_;
+  self.instance = ProcessInstanceId();
   EPX_LOG(Info) << "registering with the coordinator at " << o.coordinator;
   EPX_ASSIGN_OR_RETURN(Assignment assignment, control_->Register(self, o.register_timeout));
+  // The coordinator is trusted, but what it says is still checked before it sizes anything.
+  constexpr int kMaxWorld = 1 << 16;
+  if (assignment.world_size < 2 || assignment.world_size > kMaxWorld || assignment.rank < 1 ||
+      assignment.rank >= assignment.world_size || assignment.data_plane != data_plane_)
+    return absl::InternalError(absl::StrCat(
+        "the coordinator at ", o.coordinator, " answered rank ", assignment.rank, " of ",
+        assignment.world_size, " on data plane \"", assignment.data_plane, "\""));
   rank_ = assignment.rank;
   world_size_ = assignment.world_size;
   SetLogRank(rank_);
-  if (rank_ < 1 || rank_ >= world_size_)
-    return absl::InternalError(absl::StrCat("the coordinator assigned rank ", rank_, " of ",
-                                            world_size_));
+  // The start-up exchanges keep the coordinator's limit, as every rank of an mpirun job shares
+  // one --comm-timeout.
+  options_.comm_timeout = assignment.comm_timeout;
   absl::StatusOr<Placement> placement =
       Placement::FromJson(assignment.placement_json, static_cast<int>(config_.num_local_experts),
                           world_size_ - 1, "the coordinator's placement");

@@ -76,9 +76,10 @@ struct RuntimeOptions {
   absl::Duration form_timeout = absl::InfiniteDuration();
   MembershipOptions membership;  // heartbeat interval and timeout
   // Starts the control plane of a launcher-free coordinator (serve: the whole API server),
-  // called once the config, placement, membership and store exist; returns the bound address.
-  // Unset: a server with only the control plane (eval, generate).
-  std::function<absl::StatusOr<std::string>(Runtime&)> start_control_plane;
+  // called once the config, placement, membership and store exist. The Runtime owns the server
+  // (control_server()) and stops it before the membership and store it serves go away, also when
+  // Start fails. Unset: a server with only the control plane (eval, generate).
+  std::function<absl::StatusOr<std::unique_ptr<ApiServer>>(Runtime&)> start_control_plane;
 
   // Launcher-free worker: the coordinator's control plane (--coordinator HOST:PORT), the rank
   // asked for (--rank; 0: any) and how long to keep trying to reach the coordinator.
@@ -91,6 +92,8 @@ struct RuntimeOptions {
 std::string BuildId();
 // This host's name ("localhost" if it has none).
 std::string HostName();
+// A random id drawn once per process, which its registrations carry (WorkerInfo::instance).
+const std::string& ProcessInstanceId();
 // The secret of a launcher-free cluster: the contents of `file` (surrounding whitespace
 // dropped; NotFound / InvalidArgument for a missing or empty file), else $EPX_CLUSTER_TOKEN,
 // else none ("").
@@ -132,6 +135,8 @@ class Runtime {
   // data plane's rendezvous store with its key prefix.
   Membership* membership() { return membership_.get(); }
   comm::KeyValueStore* store() { return store_.get(); }
+  // Launcher-free coordinator: the server start_control_plane made; nullptr otherwise.
+  ApiServer* control_server() { return control_server_.get(); }
   const std::string& store_prefix() const { return store_prefix_; }
   // Coordinator: the engine (experts local or remote).
   Engine& engine() { return *engine_; }
@@ -181,7 +186,9 @@ class Runtime {
   std::unique_ptr<Membership> membership_;
   std::unique_ptr<comm::KeyValueStore> store_;
   std::string store_prefix_;
-  std::unique_ptr<ApiServer> control_server_;  // eval/generate's, launcher-free
+  // Launcher-free: serves the membership and store above, so it is declared after them (and
+  // destroyed first).
+  std::unique_ptr<ApiServer> control_server_;
   // Launcher-free worker's registration and heartbeats.
   std::unique_ptr<ControlClient> control_;
   std::unique_ptr<ModelWeights> weights_;

@@ -30,6 +30,7 @@ v1::RegisterRequest ToRequest(const WorkerInfo& self, const std::string& token) 
   reg.set_config_hash(self.config_hash);
   reg.mutable_experts()->Add(self.experts.begin(), self.experts.end());
   reg.set_data_plane(self.data_plane);
+  reg.set_instance(self.instance);
   return reg;
 }
 

@@ -51,8 +51,7 @@ class CudaExpertCompute : public ExpertCompute {
       return absl::InvalidArgumentError(
           absl::StrCat("expert rows must be F32 or BF16, not ", DTypeName(rows.dtype())));
     if (n == 0) return TensorView(nullptr, rows.dtype(), {0, hidden_});
-    EPX_RETURN_IF_ERROR(Reserve(n, groups));
-    const TensorView out_f32 = out_f32_.view(DType::kF32, {n, hidden_});
+    EPX_RETURN_IF_ERROR(Reserve(n, groups, f32));
     cuda::StreamHandle s = stream_.handle();
     offsets32_.assign(offsets.begin(), offsets.end());
     const TensorView offsets_dev = offsets_.view(DType::kI32, {groups + 1});
@@ -66,6 +65,7 @@ class CudaExpertCompute : public ExpertCompute {
                                             scratch_.view(DType::kU8, {scratch_bytes_}),
                                             out_bf16, *blas_));
     if (!f32) return out_bf16;
+    const TensorView out_f32 = out_f32_.view(DType::kF32, {n, hidden_});
     EPX_RETURN_IF_ERROR(cuda::Convert(out_bf16, out_f32, s));
     return out_f32;
   }
@@ -73,27 +73,34 @@ class CudaExpertCompute : public ExpertCompute {
   std::string device() const override { return name_; }
 
  private:
-  absl::Status Reserve(int64_t n, int64_t groups) {
-    if (n <= rows_capacity_ && groups + 1 <= offsets_capacity_) return absl::OkStatus();
+  // Buffers for n rows in `groups` groups; the F32 ones only once F32 rows come (a CPU
+  // coordinator's).
+  absl::Status Reserve(int64_t n, int64_t groups, bool f32) {
+    if (n <= rows_capacity_ && groups + 1 <= offsets_capacity_ && (!f32 || n <= f32_capacity_))
+      return absl::OkStatus();
     EPX_RETURN_IF_ERROR(stream_.Synchronize());
     const int64_t rows_capacity = std::max(n, 2 * rows_capacity_);
     const int64_t offsets_capacity = std::max(groups + 1, offsets_capacity_);
+    const bool with_f32 = f32 || f32_capacity_ > 0;
     // The old buffers go first (the new ones may need their memory), and the capacities say
     // nothing fits until every new buffer exists: a failed growth leaves no buffer smaller than
     // the capacities claim.
-    rows_capacity_ = offsets_capacity_ = scratch_bytes_ = 0;
+    rows_capacity_ = offsets_capacity_ = f32_capacity_ = scratch_bytes_ = 0;
     for (cuda::DeviceBuffer* b : {&out_f32_, &rows_bf16_, &out_bf16_, &offsets_, &scratch_})
       *b = cuda::DeviceBuffer();
     const size_t rows = static_cast<size_t>(rows_capacity * hidden_);
     const int64_t scratch_bytes = static_cast<int64_t>(
         cuda::GroupedSwiGluScratchBytes(rows_capacity, hidden_, intermediate_, expert_dtype_));
-    EPX_ASSIGN_OR_RETURN(out_f32_, cuda::DeviceBuffer::Allocate(rows * 4));
-    EPX_ASSIGN_OR_RETURN(rows_bf16_, cuda::DeviceBuffer::Allocate(rows * 2));
+    if (with_f32) {
+      EPX_ASSIGN_OR_RETURN(out_f32_, cuda::DeviceBuffer::Allocate(rows * 4));
+      EPX_ASSIGN_OR_RETURN(rows_bf16_, cuda::DeviceBuffer::Allocate(rows * 2));
+    }
     EPX_ASSIGN_OR_RETURN(out_bf16_, cuda::DeviceBuffer::Allocate(rows * 2));
     EPX_ASSIGN_OR_RETURN(offsets_, cuda::DeviceBuffer::Allocate(offsets_capacity * 4));
     EPX_ASSIGN_OR_RETURN(scratch_, cuda::DeviceBuffer::Allocate(scratch_bytes));
     rows_capacity_ = rows_capacity;
     offsets_capacity_ = offsets_capacity;
+    f32_capacity_ = with_f32 ? rows_capacity : 0;
     scratch_bytes_ = scratch_bytes;
     return absl::OkStatus();
   }
@@ -106,7 +113,7 @@ class CudaExpertCompute : public ExpertCompute {
   std::unique_ptr<cuda::Blas> blas_;
   std::unique_ptr<DeviceModelWeights> weights_;
   std::vector<std::vector<cuda::DeviceExpert>> experts_;  // [layer][local expert]
-  int64_t rows_capacity_ = 0, offsets_capacity_ = 0, scratch_bytes_ = 0;
+  int64_t rows_capacity_ = 0, offsets_capacity_ = 0, f32_capacity_ = 0, scratch_bytes_ = 0;
   cuda::DeviceBuffer out_f32_, rows_bf16_, out_bf16_, offsets_, scratch_;
   // The call's offsets as the device takes them; the copy from it has finished by the next Run
   // (the worker waits for every layer's outputs).

@@ -369,7 +369,9 @@ TEST(ServeOverloadTest, FullQueueIsResourceExhaustedAndNoAcceptedRequestIsLost) 
     }
   }
   EXPECT_GT(exhausted, 0);
-  EXPECT_GE(ok, 3) << "one running and two queued at least";
+  // The queue's two at least. More only if the scheduler took one to running before the burst
+  // was over, which the machine's speed decides.
+  EXPECT_GE(ok, 2) << "the two the queue holds at least";
   grpc::ClientContext context;
   v1::StatsResponse s;
   ASSERT_TRUE(server.admin()->Stats(&context, {}, &s).ok());

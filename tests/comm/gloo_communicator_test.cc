@@ -147,6 +147,28 @@ TEST(GlooCommunicatorTest, VanishedPeerIsUnavailableNamingIt) {
   EXPECT_NE(s.message().find("lost rank 1"), std::string::npos) << s;
 }
 
+// A peer gone before the call: whether its pair fails while posting or while waiting, the error
+// names that peer, not another.
+TEST(GlooCommunicatorTest, PeerGoneBeforeTheCallIsNamed) {
+  MemoryKeyValueStore store;
+  auto group = FormGroup(3, &store, "test/5/");
+  ASSERT_EQ(group.size(), 3u);
+  for (auto& c : group) ASSERT_NE(c, nullptr);
+  group[2].reset();
+  std::vector<int64_t> none(3, 0), sizes = {0, 8, 8};
+  auto other = std::async(std::launch::async, [&] {
+    int64_t v = 1;
+    std::vector<int64_t> to_root = {8, 0, 0};
+    return group[1]->AllToAllV(&v, to_root, nullptr, none, Tag::kCombine, absl::Seconds(2), "x");
+  });
+  std::vector<int64_t> recv(3);
+  const absl::Status s = group[0]->AllToAllV(nullptr, none, recv.data(), sizes, Tag::kCombine,
+                                             absl::Seconds(30), "layer 1 combine");
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+  EXPECT_NE(s.message().find("lost rank 2"), std::string::npos) << s;
+  other.wait();
+}
+
 TEST(GlooCommunicatorTest, RendezvousNamesTheRankThatNeverJoined) {
   MemoryKeyValueStore store;
   absl::StatusOr<std::unique_ptr<Communicator>> c =

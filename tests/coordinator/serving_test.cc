@@ -125,6 +125,22 @@ TEST(MembershipTest, AssignsRanksAndRefusesWhatDoesNotBelong) {
   EXPECT_EQ(m.NotReadyReason(t0), "");
 }
 
+// Containers repeat host names and pids: the instance id tells two processes apart, and the same
+// instance registering again keeps its rank.
+TEST(MembershipTest, InstanceIdTellsProcessesWithTheSameHostAndPidApart) {
+  auto placement = Placement::RoundRobin(8, 2);
+  ASSERT_TRUE(placement.ok());
+  Membership m(&*placement, {"build-1", 42, "gloo"}, {});
+  const absl::Time t0 = absl::FromUnixSeconds(1000);
+  WorkerInfo a{.host = "pod", .pid = 1, .build_id = "build-1", .config_hash = 42,
+               .data_plane = "gloo", .instance = "aaaa"};
+  WorkerInfo b = a;
+  b.instance = "bbbb";
+  EXPECT_EQ(m.Register(a, t0).value_or(-1), 1);
+  EXPECT_EQ(m.Register(b, t0).value_or(-1), 2);
+  EXPECT_EQ(m.Register(a, t0).value_or(-1), 1);
+}
+
 class SchedulerTest : public ::testing::Test {
  protected:
   void SetUp() override {
