@@ -90,10 +90,13 @@ absl::StatusOr<int> Membership::Register(const WorkerInfo& info, absl::Time now)
   return rank;
 }
 
-absl::Status Membership::Heartbeat(int rank, absl::Time now) {
+absl::Status Membership::Heartbeat(int rank, const std::string& instance, absl::Time now) {
   absl::MutexLock lock(&mu_);
   if (rank < 1 || rank >= static_cast<int>(workers_.size()) || !workers_[rank].registered)
     return absl::NotFoundError(absl::StrCat("rank ", rank, " has not registered"));
+  if (!instance.empty() && instance != workers_[rank].info.instance)
+    return absl::NotFoundError(
+        absl::StrCat("rank ", rank, " is registered to another process"));
   workers_[rank].last_heartbeat = now;
   return absl::OkStatus();
 }

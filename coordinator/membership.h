@@ -55,8 +55,9 @@ class Membership {
   // rank another process holds; ResourceExhausted when all W ranks are taken. The same process
   // (its instance id; without one, host and pid) registering again gets its rank back.
   absl::StatusOr<int> Register(const WorkerInfo& info, absl::Time now);
-  // NotFound for a rank that has not registered (it should register again).
-  absl::Status Heartbeat(int rank, absl::Time now);
+  // NotFound for a rank that has not registered, or that another process holds (the caller
+  // should register again). `instance`: the caller's (WorkerInfo::instance; empty: not checked).
+  absl::Status Heartbeat(int rank, const std::string& instance, absl::Time now);
   // The data plane failed: not ready from now on, with `cause` as the reason.
   void MarkFailed(const absl::Status& cause);
 

@@ -401,7 +401,7 @@ class ClusterService final : public v1::Cluster::Service {
   grpc::Status Heartbeat(grpc::ServerContext* context, const v1::HeartbeatRequest* in,
                          v1::HeartbeatResponse* out) override {
     if (!Member(in->cluster_token())) return Denied(*context);
-    return ToGrpc(backends_.membership->Heartbeat(in->rank(), absl::Now()));
+    return ToGrpc(backends_.membership->Heartbeat(in->rank(), in->instance(), absl::Now()));
   }
 
   grpc::Status StoreSet(grpc::ServerContext* context, const v1::StoreSetRequest* in,

@@ -50,10 +50,11 @@ class ControlClient::Stub : public comm::KeyValueStore {
     context.set_deadline(absl::ToChronoTime(absl::Now() + kCallTimeout));
     return stub_->Register(&context, ToRequest(self, token_), reply);
   }
-  grpc::Status Heartbeat(int rank) {
+  grpc::Status Heartbeat(const WorkerInfo& self) {
     v1::HeartbeatRequest beat;
     beat.set_cluster_token(token_);
-    beat.set_rank(rank);
+    beat.set_rank(self.rank);
+    beat.set_instance(self.instance);
     v1::HeartbeatResponse reply;
     grpc::ClientContext context;
     context.set_deadline(absl::ToChronoTime(absl::Now() + kCallTimeout));
@@ -203,7 +204,7 @@ void ControlClient::Loop(WorkerInfo self, absl::Duration interval, bool register
         EPX_LOG(Info) << "registered with the coordinator at " << address();
       }
     } else {
-      status = stub_->Heartbeat(self.rank);
+      status = stub_->Heartbeat(self);
       if (status.error_code() == grpc::StatusCode::NOT_FOUND) registered = false;
     }
     if (!status.ok() && status.error_message() != last_error) {

@@ -69,14 +69,14 @@ TEST(MembershipTest, ReadyOnlyWithEveryWorkerRegisteredAndHeardFrom) {
   EXPECT_EQ(m.Register(bad, t0).status().code(), absl::StatusCode::kFailedPrecondition);
   bad.rank = 3;
   EXPECT_EQ(m.Register(bad, t0).status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(m.Heartbeat(2, t0).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(m.Heartbeat(2, "", t0).code(), absl::StatusCode::kNotFound);
   ASSERT_EQ(m.Register(w2, t0).value_or(-1), 2);
   EXPECT_EQ(m.NotReadyReason(t0 + absl::Milliseconds(500)), "");
-  ASSERT_TRUE(m.Heartbeat(1, t0 + absl::Seconds(2)).ok());
+  ASSERT_TRUE(m.Heartbeat(1, "", t0 + absl::Seconds(2)).ok());
   const std::string reason = m.NotReadyReason(t0 + absl::Seconds(2));
   EXPECT_NE(reason.find("worker 2 (a) silent for 2s"), std::string::npos) << reason;
   EXPECT_FALSE(m.Workers(t0 + absl::Seconds(2))[1].alive);
-  ASSERT_TRUE(m.Heartbeat(2, t0 + absl::Seconds(2)).ok());
+  ASSERT_TRUE(m.Heartbeat(2, "", t0 + absl::Seconds(2)).ok());
   EXPECT_EQ(m.NotReadyReason(t0 + absl::Seconds(2)), "");
   m.MarkFailed(absl::DeadlineExceededError("rank 2 did not answer"));
   EXPECT_NE(m.NotReadyReason(t0 + absl::Seconds(2)).find("data plane failed"), std::string::npos);
@@ -139,6 +139,9 @@ TEST(MembershipTest, InstanceIdTellsProcessesWithTheSameHostAndPidApart) {
   EXPECT_EQ(m.Register(a, t0).value_or(-1), 1);
   EXPECT_EQ(m.Register(b, t0).value_or(-1), 2);
   EXPECT_EQ(m.Register(a, t0).value_or(-1), 1);
+  // Heartbeats carry the instance: another process cannot keep a rank alive.
+  EXPECT_TRUE(m.Heartbeat(1, "aaaa", t0).ok());
+  EXPECT_EQ(m.Heartbeat(1, "bbbb", t0).code(), absl::StatusCode::kNotFound);
 }
 
 class SchedulerTest : public ::testing::Test {
