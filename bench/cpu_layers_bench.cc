@@ -1,5 +1,5 @@
 // CPU benchmarks of one Mixtral MoE layer and one attention layer, each printed next to the
-// memory-read bandwidth and fp32 FMA peak measured in the same run (DESIGN.md §11), and the MoE
+// memory-read bandwidth and fp32 FMA peak measured in the same run (docs/ARCHITECTURE.md, "Performance targets"), and the MoE
 // layer next to a peer: the same layer with its expert GEMMs done by OpenBLAS on fp32 weights.
 // See bench/README.md.
 //

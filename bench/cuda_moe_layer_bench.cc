@@ -1,6 +1,6 @@
 // One Mixtral-8x7B MoE layer on the GPU (kernels/cuda/ops.h), for T = 1, 2, 4, ..., 8192 tokens,
 // with every GroupedSwiGlu form and BF16 and FP8 expert weights, each printed next to two limits
-// measured in this process (DESIGN.md §11): a device-to-device copy (the memory limit) and a large
+// measured in this process (docs/ARCHITECTURE.md, "Performance targets"): a device-to-device copy (the memory limit) and a large
 // cuBLAS BF16 GEMM (the compute limit). bench/peer/moe_layer_torch.py runs the same layer in
 // PyTorch (transformers' MixtralSparseMoeBlock); bench/moe_layer.sh puts the two side by side.
 // See bench/README.md.
@@ -11,7 +11,7 @@
 // Inputs and weights are synthetic (cuda::FillDummy); the routing is real: the router runs on
 // random inputs, and the same inputs every iteration give the same routing. The cuBLAS forms
 // need the rows per expert on the host; they come from an untimed pass over the same inputs, as
-// an engine gets them from the dispatch counts (DESIGN.md §3) rather than from a device read.
+// an engine gets them from the dispatch counts (docs/ARCHITECTURE.md, "Expert parallelism") rather than from a device read.
 //
 // Columns: us per layer (mean over the timed repeats); bytes that must move (weights of the
 // experts hit, plus the router, plus the activations read and written once: xn BF16 in, the fp32

@@ -120,16 +120,26 @@ absl::Status RunServe(const ServeOptions& options, std::ostream& log) {
   RuntimeOptions runtime_options = options.runtime;
   runtime_options.listen = options.server.listen;
   runtime_options.start_control_plane = start_server;
-  EPX_ASSIGN_OR_RETURN(runtime, Runtime::Start(runtime_options));
+  absl::StatusOr<std::unique_ptr<Runtime>> started = Runtime::Start(runtime_options);
+  if (!started.ok()) {
+    // Admin/Shutdown while the cluster was forming is a clean end, not a failure.
+    if (started.status().code() == absl::StatusCode::kCancelled && shutdown.HasBeenNotified()) {
+      log << "epx serve: shut down before the cluster formed (" << started.status().message()
+          << ")" << std::endl;
+      return absl::OkStatus();
+    }
+    return started.status();
+  }
+  runtime = *std::move(started);
   if (runtime->is_worker()) return ServeWorker(*runtime);
   server = runtime->control_server();
   if (server == nullptr) {
-    absl::StatusOr<std::unique_ptr<ApiServer>> started = start_server(*runtime);
-    if (!started.ok()) {
+    absl::StatusOr<std::unique_ptr<ApiServer>> listening = start_server(*runtime);
+    if (!listening.ok()) {
       (void)runtime->ShareControlEndpoint("");
-      return runtime->Finish(started.status());
+      return runtime->Finish(listening.status());
     }
-    own_server = *std::move(started);
+    own_server = *std::move(listening);
     server = own_server.get();
     EPX_RETURN_IF_ERROR(runtime
                             ->ShareControlEndpoint(ControlClient::Endpoint(

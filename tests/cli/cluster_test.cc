@@ -201,6 +201,18 @@ TEST(ClusterTest, ServesGoldenGreedyAndRefusesWhatDoesNotBelong) {
   for (ChildProcess* w : {held.get(), first.get(), third.get()}) EXPECT_EQ(w->Wait(60), 0) << w->log();
 }
 
+// A coordinator told to shut down while it waits for its workers ends cleanly.
+TEST(ClusterTest, ShutdownWhileFormingEndsCleanly) {
+  ServerProcess server("cluster_forming", "", "--model " + testing::TinyModelDir() + " --workers 2");
+  ASSERT_TRUE(server.ok()) << server.log();
+  grpc::ClientContext context;
+  v1::ShutdownResponse reply;
+  ASSERT_TRUE(server.admin()->Shutdown(&context, {}, &reply).ok());
+  EXPECT_EQ(server.Wait(30), 0) << server.log();
+  EXPECT_NE(server.log().find("shut down before the cluster formed"), std::string::npos)
+      << server.log();
+}
+
 TEST(ClusterTest, KilledWorkerFailsTheRequestWithItsRankAndNoProcessHangs) {
   const std::string dir = TestDir("cluster_kill");
   ServerProcess server("cluster_kill", "",
