@@ -13,12 +13,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <stdexcept>
 #include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "comm/exchange.h"
 #include "common/status.h"
 
 namespace epx::comm {
@@ -98,37 +100,15 @@ class GlooCommunicator : public Communicator {
   absl::Status AllToAllV(const void* send, absl::Span<const int64_t> send_bytes, void* recv,
                          absl::Span<const int64_t> recv_bytes, Tag tag, absl::Duration timeout,
                          const std::string& what) override {
-    const int n = world_size(), me = rank();
-    if (static_cast<int>(send_bytes.size()) != n || static_cast<int>(recv_bytes.size()) != n)
-      return absl::InvalidArgumentError("AllToAllV: one size per rank is needed");
-    for (int p = 0; p < n; ++p) {
-      if (send_bytes[p] < 0 || recv_bytes[p] < 0)
-        return absl::InvalidArgumentError(
-            absl::StrCat(what, ": a negative message size between ranks ", me, " and ", p));
-    }
-    if (send_bytes[me] != recv_bytes[me])
-      return absl::InternalError(absl::StrCat(what, ": rank ", me, " sends itself ",
-                                              send_bytes[me], " bytes but expects ",
-                                              recv_bytes[me]));
+    EPX_RETURN_IF_ERROR(CheckAllToAllV(rank(), world_size(), send_bytes, recv_bytes,
+                                       std::numeric_limits<int64_t>::max(), what));
     if (broken_) return Broken(what);
-    const auto* src = static_cast<const uint8_t*>(send);
-    auto* dst = static_cast<uint8_t*>(recv);
     std::vector<Posted> posted;
     const absl::Time deadline = absl::Now() + timeout;
-    int64_t send_offset = 0, recv_offset = 0;
-    for (int p = 0; p < n; ++p) {
-      if (p == me) {
-        if (send_bytes[p] > 0) std::memcpy(dst + recv_offset, src + send_offset, send_bytes[p]);
-      } else {
-        if (recv_bytes[p] > 0)
-          EPX_RETURN_IF_ERROR(Post(false, dst + recv_offset, recv_bytes[p], p, tag, what, &posted));
-        if (send_bytes[p] > 0)
-          EPX_RETURN_IF_ERROR(Post(true, const_cast<uint8_t*>(src + send_offset), send_bytes[p], p,
-                                   tag, what, &posted));
-      }
-      send_offset += send_bytes[p];
-      recv_offset += recv_bytes[p];
-    }
+    EPX_RETURN_IF_ERROR(PostAllToAllV(rank(), send, send_bytes, recv, recv_bytes,
+                                      [&](bool is_send, void* data, int64_t bytes, int peer) {
+                                        return Post(is_send, data, bytes, peer, tag, what, &posted);
+                                      }));
     return WaitAll(posted, tag, timeout, deadline, what);
   }
 
@@ -150,12 +130,7 @@ class GlooCommunicator : public Communicator {
 
   absl::Status AllGather(const void* send, int64_t bytes, void* recv, Tag tag,
                          absl::Duration timeout, const std::string& what) override {
-    const int n = world_size();
-    if (bytes < 0) return absl::InvalidArgumentError("AllGather: negative size");
-    std::vector<int64_t> sizes(n, bytes);
-    std::vector<uint8_t> replicated(bytes * n);
-    for (int p = 0; p < n; ++p) std::memcpy(replicated.data() + p * bytes, send, bytes);
-    return AllToAllV(replicated.data(), sizes, recv, sizes, tag, timeout, what);
+    return AllGatherByAllToAllV(*this, send, bytes, recv, tag, timeout, what);
   }
 
   // Not collective: the process ends, its connections close, and every peer waiting on it sees

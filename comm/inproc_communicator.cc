@@ -1,10 +1,12 @@
 #include "comm/inproc_communicator.h"
 
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "comm/exchange.h"
 #include "common/status.h"
 
 namespace epx::comm {
@@ -20,8 +22,8 @@ class InProcCommunicator : public Communicator {
                          absl::Span<const int64_t> recv_bytes, Tag tag, absl::Duration timeout,
                          const std::string& what) override {
     const int n = world_size();
-    if (static_cast<int>(send_bytes.size()) != n || static_cast<int>(recv_bytes.size()) != n)
-      return absl::InvalidArgumentError("AllToAllV: one size per rank is needed");
+    EPX_RETURN_IF_ERROR(CheckAllToAllV(rank_, n, send_bytes, recv_bytes,
+                                       std::numeric_limits<int64_t>::max(), what));
     const auto* src = static_cast<const uint8_t*>(send);
     auto* dst = static_cast<uint8_t*>(recv);
     std::vector<int64_t> recv_offset(n + 1, 0);
@@ -29,10 +31,6 @@ class InProcCommunicator : public Communicator {
     int64_t offset = 0;
     for (int p = 0; p < n; ++p) {
       if (p == rank_) {
-        if (send_bytes[p] != recv_bytes[p])
-          return absl::InternalError(absl::StrCat(what, ": rank ", rank_, " sends itself ",
-                                                  send_bytes[p], " bytes but expects ",
-                                                  recv_bytes[p]));
         if (send_bytes[p] > 0) std::memcpy(dst + recv_offset[p], src + offset, send_bytes[p]);
       } else if (send_bytes[p] > 0) {
         group_->Send(rank_, p, tag, src + offset, send_bytes[p]);
@@ -70,24 +68,7 @@ class InProcCommunicator : public Communicator {
 
   absl::Status AllGather(const void* send, int64_t bytes, void* recv, Tag tag,
                          absl::Duration timeout, const std::string& what) override {
-    const int n = world_size();
-    auto* dst = static_cast<uint8_t*>(recv);
-    std::vector<int> pending;
-    for (int p = 0; p < n; ++p) {
-      if (p == rank_) {
-        std::memcpy(dst + p * bytes, send, bytes);
-      } else {
-        group_->Send(rank_, p, tag, send, bytes);
-        pending.push_back(p);
-      }
-    }
-    return ReceiveAll(pending, tag, timeout, what, [&](int p, const std::string& msg) {
-      if (static_cast<int64_t>(msg.size()) != bytes)
-        return absl::InternalError(
-            absl::StrCat(what, ": rank ", p, " sent ", msg.size(), " bytes, expected ", bytes));
-      std::memcpy(dst + p * bytes, msg.data(), bytes);
-      return absl::OkStatus();
-    });
+    return AllGatherByAllToAllV(*this, send, bytes, recv, tag, timeout, what);
   }
 
   void Abort(int code, const std::string& message) override {

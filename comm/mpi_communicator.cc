@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "comm/exchange.h"
 #include "common/status.h"
 
 namespace epx::comm {
@@ -56,39 +57,15 @@ class MpiCommunicator : public Communicator {
   absl::Status AllToAllV(const void* send, absl::Span<const int64_t> send_bytes, void* recv,
                          absl::Span<const int64_t> recv_bytes, Tag tag, absl::Duration timeout,
                          const std::string& what) override {
-    const int n = world_size_;
-    if (static_cast<int>(send_bytes.size()) != n || static_cast<int>(recv_bytes.size()) != n)
-      return absl::InvalidArgumentError("AllToAllV: one size per rank is needed");
-    // Every size is checked before anything is posted.
-    for (int p = 0; p < n; ++p) {
-      if (send_bytes[p] < 0 || recv_bytes[p] < 0 || send_bytes[p] > INT_MAX ||
-          recv_bytes[p] > INT_MAX)
-        return absl::ResourceExhaustedError(absl::StrCat(
-            what, ": a message of ", std::max(send_bytes[p], recv_bytes[p]),
-            " bytes between ranks ", rank_, " and ", p, " (the limit is 2 GiB)"));
-    }
-    if (send_bytes[rank_] != recv_bytes[rank_])
-      return absl::InternalError(absl::StrCat(what, ": rank ", rank_, " sends itself ",
-                                              send_bytes[rank_], " bytes but expects ",
-                                              recv_bytes[rank_]));
+    // Every size is checked before anything is posted; MPI counts are ints.
+    EPX_RETURN_IF_ERROR(
+        CheckAllToAllV(rank_, world_size_, send_bytes, recv_bytes, INT_MAX, what));
     Pending pending;
-    const auto* src = static_cast<const uint8_t*>(send);
-    auto* dst = static_cast<uint8_t*>(recv);
-    int64_t send_offset = 0, recv_offset = 0;
-    for (int p = 0; p < n; ++p) {
-      if (p == rank_) {
-        if (send_bytes[p] > 0) std::memcpy(dst + recv_offset, src + send_offset, send_bytes[p]);
-      } else {
-        if (recv_bytes[p] > 0)
-          EPX_RETURN_IF_ERROR(Post(/*is_send=*/false, dst + recv_offset, recv_bytes[p], p, tag,
-                                   what, &pending));
-        if (send_bytes[p] > 0)
-          EPX_RETURN_IF_ERROR(Post(/*is_send=*/true, const_cast<uint8_t*>(src + send_offset),
-                                   send_bytes[p], p, tag, what, &pending));
-      }
-      send_offset += send_bytes[p];
-      recv_offset += recv_bytes[p];
-    }
+    EPX_RETURN_IF_ERROR(PostAllToAllV(rank_, send, send_bytes, recv, recv_bytes,
+                                      [&](bool is_send, void* data, int64_t bytes, int peer) {
+                                        return Post(is_send, data, bytes, peer, tag, what,
+                                                    &pending);
+                                      }));
     return WaitAll(pending, tag, timeout, what);
   }
 
@@ -108,10 +85,7 @@ class MpiCommunicator : public Communicator {
 
   absl::Status AllGather(const void* send, int64_t bytes, void* recv, Tag tag,
                          absl::Duration timeout, const std::string& what) override {
-    std::vector<int64_t> sizes(world_size_, bytes);
-    std::vector<uint8_t> replicated(bytes * world_size_);
-    for (int p = 0; p < world_size_; ++p) std::memcpy(replicated.data() + p * bytes, send, bytes);
-    return AllToAllV(replicated.data(), sizes, recv, sizes, tag, timeout, what);
+    return AllGatherByAllToAllV(*this, send, bytes, recv, tag, timeout, what);
   }
 
   void Abort(int code, const std::string& message) override {

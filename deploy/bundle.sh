@@ -169,7 +169,9 @@ if ls "$work"/lib/libmpi.so* > /dev/null 2>&1; then
   mpi_version=$(ompi_info --version 2> /dev/null | sed -n 's/^Open MPI v//p' | head -1 || true)
   mpi_name="Open MPI${mpi_version:+ $mpi_version}"
   mpi_note="lib/ holds the libraries of $mpi_name (libmpi, libopen-rte, libopen-pal), so
-    epx runs as a single process on a node without MPI. An mpirun job needs the Open MPI runtime
+    epx runs as a single process, or as a cluster formed without mpirun (\`epx serve --workers W\`
+    and \`epx worker --coordinator HOST:PORT\`, gloo over TCP), on nodes without MPI. An mpirun
+    job needs the Open MPI runtime
     installed on every node: mpirun, orted and Open MPI's plugins (which the bundled libmpi loads
     from the node's install) are not in this folder, and must be the same Open MPI version as the
     bundled libmpi (\`ompi_info --version\`; Debian 12: apt-get install openmpi-bin). With another
