@@ -88,11 +88,18 @@ TEST(ClusterTest, GoldenEvalWithWorkersStartedFirstIsByteIdenticalToOneProcess) 
   ASSERT_NE(port, 0);
   const std::string coordinator = absl::StrCat("127.0.0.1:", port);
   std::vector<std::unique_ptr<ChildProcess>> workers;
+  // One worker names the coordinator "localhost", which may resolve to ::1 first: its data plane
+  // must still join the coordinator's IPv4 one.
+  const std::string by_name = absl::StrCat("localhost:", port);
   for (int i = 0; i < 3; ++i)
-    workers.push_back(StartWorker(dir, absl::StrCat("worker", i), coordinator));
+    workers.push_back(
+        StartWorker(dir, absl::StrCat("worker", i), i == 0 ? by_name : coordinator));
   // Every worker has tried and found no coordinator before there is one.
-  for (auto& w : workers)
-    ASSERT_TRUE(WaitForLog(*w, "waiting for the coordinator at " + coordinator, 60)) << w->log();
+  for (int i = 0; i < 3; ++i)
+    ASSERT_TRUE(WaitForLog(*workers[i],
+                           "waiting for the coordinator at " + (i == 0 ? by_name : coordinator),
+                           60))
+        << workers[i]->log();
 
   const std::string golden = testing::GoldenPath();
   testing::CommandResult cluster = testing::RunCommand(absl::StrCat(
