@@ -62,6 +62,11 @@ absl::Status VerifyReports(const std::vector<StartupReport>& reports, const std:
   return absl::OkStatus();
 }
 
+void GrowPayload(std::vector<float>* payload, int64_t bytes) {
+  const size_t floats = static_cast<size_t>((bytes + 3) / 4);
+  if (payload->size() < floats) payload->resize(floats);
+}
+
 absl::StatusOr<ExpertWire> ExpertWire::Create(int64_t hidden, DType activation) {
   if (activation != DType::kF32 && activation != DType::kBF16)
     return absl::InvalidArgumentError(absl::StrCat("expert rows travel as F32 or BF16, not ",

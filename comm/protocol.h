@@ -64,6 +64,9 @@ struct StepHeader {
   int64_t step = 0;
 };
 
+// Room for `bytes` of payload in a float vector (F32 or BF16 rows, kept float-aligned).
+void GrowPayload(std::vector<float>* payload, int64_t bytes);
+
 // The per-layer payloads between the coordinator and one worker.
 class ExpertWire {
  public:

@@ -12,12 +12,6 @@
 namespace epx {
 namespace {
 
-// Room for `bytes` in a float vector (payloads of F32 or BF16 rows, kept float-aligned).
-void Grow(std::vector<float>* v, int64_t bytes) {
-  const size_t floats = static_cast<size_t>((bytes + 3) / 4);
-  if (v->size() < floats) v->resize(floats);
-}
-
 comm::ExpertWire Wire(const ModelConfig& config, DType activation) {
   absl::StatusOr<comm::ExpertWire> wire = comm::ExpertWire::Create(config.hidden_size, activation);
   EPX_CHECK(wire.ok());
@@ -120,7 +114,7 @@ absl::StatusOr<ExpertOutput> DistributedExpertExecutor::Run(int layer, const Exp
     back_bytes[w] = wire_.CombineBytes(n);
     stats_.worker_tokens[w] += n;
   }
-  Grow(&send_, wire_.RowBytes(num_slots));
+  comm::GrowPayload(&send_, wire_.RowBytes(num_slots));
   EPX_RETURN_IF_ERROR(cpu::PermuteRows(x, order_, num_topk, wire_.Rows(send_.data(), num_slots)));
   EPX_RETURN_IF_ERROR(comm_->AllToAllV(send_.data(), row_bytes, nullptr, no_bytes,
                                        comm::Tag::kDispatch, timeout_,
@@ -132,13 +126,13 @@ absl::StatusOr<ExpertOutput> DistributedExpertExecutor::Run(int layer, const Exp
   watch.Restart();
   int64_t total_back = 0;
   for (int w = 0; w < world; ++w) total_back += back_bytes[w];
-  Grow(&recv_, total_back);
+  comm::GrowPayload(&recv_, total_back);
   EPX_RETURN_IF_ERROR(comm_->AllToAllV(nullptr, no_bytes, recv_.data(), back_bytes,
                                        comm::Tag::kCombine, timeout_,
                                        absl::StrCat("layer ", layer, " combine")));
   const double wall_us = watch.Micros();
   double slowest_us = 0;
-  Grow(&slot_out_, wire_.RowBytes(num_slots));
+  comm::GrowPayload(&slot_out_, wire_.RowBytes(num_slots));
   const TensorView slot_out = wire_.Rows(slot_out_.data(), num_slots);
   const uint8_t* block = reinterpret_cast<const uint8_t*>(recv_.data());
   for (int w = 1; w < world; ++w) {

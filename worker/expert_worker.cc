@@ -10,15 +10,6 @@
 #include "kernels/cuda/runtime.h"
 
 namespace epx {
-namespace {
-
-// Room for `bytes` in a float vector (payloads of F32 or BF16 rows, kept float-aligned).
-void Grow(std::vector<float>* v, int64_t bytes) {
-  const size_t floats = static_cast<size_t>((bytes + 3) / 4);
-  if (v->size() < floats) v->resize(floats);
-}
-
-}  // namespace
 
 absl::Status RunExpertWorker(comm::Communicator* comm, const ModelWeights& weights,
                              const Placement& placement, const ExpertWorkerOptions& options) {
@@ -51,13 +42,13 @@ absl::Status RunExpertWorker(comm::Communicator* comm, const ModelWeights& weigh
       for (size_t i = 0; i < counts.size(); ++i) offsets[i + 1] = offsets[i] + counts[i];
       const int64_t n = offsets.back();
       row_bytes[0] = wire.RowBytes(n);
-      Grow(&rows, row_bytes[0]);
+      comm::GrowPayload(&rows, row_bytes[0]);
       EPX_RETURN_IF_ERROR(comm->AllToAllV(nullptr, none, rows.data(), row_bytes,
                                           comm::Tag::kDispatch, options.timeout,
                                           absl::StrCat("layer ", layer, " dispatch")));
       const Stopwatch watch;
       back_bytes[0] = wire.CombineBytes(n);
-      Grow(&out, back_bytes[0]);
+      comm::GrowPayload(&out, back_bytes[0]);
       // The rows cross to the compute's memory and back when it is a GPU's.
       TensorView in = wire.Rows(rows.data(), n);
       if (on_device) {
