@@ -1,7 +1,5 @@
 // `epx serve`: the coordinator's gRPC server over the scheduler, or an expert worker with its
 // control-plane client.
-#include <unistd.h>
-
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -43,17 +41,8 @@ absl::Status ServeWorker(Runtime& runtime) {
   absl::StatusOr<std::string> endpoint = runtime.ShareControlEndpoint("");
   std::unique_ptr<ControlClient> control;
   if (endpoint.ok() && !endpoint->empty()) {
-    WorkerInfo self;
-    self.rank = runtime.rank();
-    self.host = HostName();
-    self.device = runtime.device();
-    self.pid = static_cast<int>(getpid());
-    self.build_id = BuildId();
-    self.config_hash = runtime.config().Hash();
-    self.experts = runtime.placement()->experts_of(runtime.rank());
-    self.data_plane = runtime.data_plane();
-    self.instance = ProcessInstanceId();
-    absl::StatusOr<std::unique_ptr<ControlClient>> started = ControlClient::Start(*endpoint, self);
+    absl::StatusOr<std::unique_ptr<ControlClient>> started =
+        ControlClient::Start(*endpoint, runtime.worker_info());
     if (started.ok()) {
       control = std::move(*started);
     } else {

@@ -122,8 +122,7 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Start(const RuntimeOptions& op
       EPX_ASSIGN_OR_RETURN(rt->weights_, ModelWeights::Load(options.model_dir, rt->config_,
                                                             WeightSelection::All(rt->config_)));
     }
-    rt->membership_ = std::make_unique<Membership>(
-        nullptr, ClusterIdentity{BuildId(), rt->config_.Hash(), ""}, options.membership);
+    rt->membership_ = rt->NewMembership();
     EPX_RETURN_IF_ERROR(rt->CreateEngine(nullptr));
     return rt;
   }
@@ -148,10 +147,7 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Start(const RuntimeOptions& op
   EPX_LOG(Info) << (rank == 0 ? "coordinator" : "worker") << " mapped "
                 << rt->weights_->bytes_mapped() << " bytes of weights";
   if (rank == 0) {
-    if (rt->membership_ == nullptr)
-      rt->membership_ = std::make_unique<Membership>(
-          rt->placement_.get(), ClusterIdentity{BuildId(), rt->config_.Hash(), rt->data_plane_},
-          options.membership);
+    if (rt->membership_ == nullptr) rt->membership_ = rt->NewMembership();
     rt->remote_experts_ = std::make_unique<DistributedExpertExecutor>(
         rt->config_, *rt->placement_, rt->comm_, options.comm_timeout,
         options.device == "cuda" ? DType::kBF16 : DType::kF32);
@@ -202,8 +198,7 @@ absl::Status Runtime::FormAsCoordinator() {
   // that differ are refused at registration.
   EPX_RETURN_IF_ERROR(Configure(world_size_));
   configured_ = absl::OkStatus();
-  membership_ = std::make_unique<Membership>(
-      placement_.get(), ClusterIdentity{BuildId(), config_.Hash(), data_plane_}, o.membership);
+  membership_ = NewMembership();
   store_ = std::make_unique<comm::MemoryKeyValueStore>();
   store_prefix_ = absl::StrCat(data_plane_, "/epoch-1/");
   if (o.start_control_plane) {
@@ -236,16 +231,9 @@ absl::Status Runtime::FormAsCoordinator() {
           "only ", membership_->num_registered(), " of ", o.workers, " workers registered within ",
           absl::FormatDuration(o.form_timeout), ": ", membership_->NotReadyReason(absl::Now())));
   }
-  comm::DataPlaneOptions dp{.name = data_plane_};
-  dp.gloo = {.rank = 0,
-             .world_size = world_size_,
-             .store = store_.get(),
-             .store_prefix = store_prefix_,
-             .host = o.data_plane_host,
-             .connect_timeout = o.comm_timeout};
-  if (dp.gloo.host.empty() && !IsWildcard(HostOf(address))) dp.gloo.host = HostOf(address);
-  EPX_ASSIGN_OR_RETURN(owned_comm_, comm::CreateDataPlane(dp));
-  comm_ = owned_comm_.get();
+  std::string host = o.data_plane_host;
+  if (host.empty() && !IsWildcard(HostOf(address))) host = HostOf(address);
+  EPX_RETURN_IF_ERROR(FormDataPlane(store_.get(), store_prefix_, host, o.comm_timeout));
   EPX_LOG(Info) << "data plane " << data_plane_ << " formed with " << o.workers << " worker(s)";
   return absl::OkStatus();
 }
@@ -259,15 +247,7 @@ absl::Status Runtime::JoinAsWorker() {
   // The config first: a worker that cannot read it never registers.
   EPX_RETURN_IF_ERROR(Configure(1));
   control_ = ControlClient::Create(o.coordinator, o.cluster_token);
-  WorkerInfo self;
-  self.rank = o.rank;
-  self.host = HostName();
-  self.device = device();
-  self.pid = static_cast<int>(getpid());
-  self.build_id = BuildId();
-  self.config_hash = config_.Hash();
-  self.data_plane = data_plane_;
-  self.instance = ProcessInstanceId();
+  WorkerInfo self = worker_info();
   EPX_LOG(Info) << "registering with the coordinator at " << o.coordinator;
   EPX_ASSIGN_OR_RETURN(Assignment assignment, control_->Register(self, o.register_timeout));
   // The coordinator is trusted, but what it says is still checked before it sizes anything.
@@ -289,8 +269,7 @@ absl::Status Runtime::JoinAsWorker() {
   configured_ = placement.status();
   if (placement.ok()) placement_ = std::make_unique<Placement>(*std::move(placement));
 
-  self.rank = rank_;
-  if (placement_ != nullptr) self.experts = placement_->experts_of(rank_);
+  self = worker_info();
   // A worker blocked on the data plane would not notice a coordinator host that vanished
   // without closing its connections; the control plane does.
   const absl::Duration lost_after =
@@ -306,19 +285,47 @@ absl::Status Runtime::JoinAsWorker() {
                               std::_Exit(1);
                             });
 
-  comm::DataPlaneOptions dp{.name = assignment.data_plane};
-  dp.gloo = {.rank = rank_,
-             .world_size = world_size_,
-             .store = control_->store(),
-             .store_prefix = assignment.store_prefix,
-             .host = o.data_plane_host,
-             .connect_timeout = assignment.comm_timeout};
-  if (dp.gloo.host.empty()) dp.gloo.host = LocalAddressTowards(HostOf(o.coordinator));
-  EPX_ASSIGN_OR_RETURN(owned_comm_, comm::CreateDataPlane(dp));
-  comm_ = owned_comm_.get();
+  const std::string host = o.data_plane_host.empty() ? LocalAddressTowards(HostOf(o.coordinator))
+                                                    : o.data_plane_host;
+  EPX_RETURN_IF_ERROR(
+      FormDataPlane(control_->store(), assignment.store_prefix, host, assignment.comm_timeout));
   EPX_LOG(Info) << "joined the data plane (" << data_plane_ << ") as rank " << rank_ << " of "
                 << world_size_;
   return absl::OkStatus();
+}
+
+absl::Status Runtime::FormDataPlane(comm::KeyValueStore* store, const std::string& prefix,
+                                    const std::string& host, absl::Duration timeout) {
+  comm::DataPlaneOptions dp{.name = data_plane_};
+  dp.gloo = {.rank = rank_,
+             .world_size = world_size_,
+             .store = store,
+             .store_prefix = prefix,
+             .host = host,
+             .connect_timeout = timeout};
+  EPX_ASSIGN_OR_RETURN(owned_comm_, comm::CreateDataPlane(dp));
+  comm_ = owned_comm_.get();
+  return absl::OkStatus();
+}
+
+std::unique_ptr<Membership> Runtime::NewMembership() const {
+  return std::make_unique<Membership>(
+      placement_.get(), ClusterIdentity{BuildId(), config_.Hash(), data_plane_},
+      options_.membership);
+}
+
+WorkerInfo Runtime::worker_info() const {
+  WorkerInfo self;
+  self.rank = rank_ > 0 ? rank_ : options_.rank;
+  self.host = HostName();
+  self.device = device();
+  self.pid = static_cast<int>(getpid());
+  self.build_id = BuildId();
+  self.config_hash = config_.Hash();
+  self.data_plane = data_plane_;
+  self.instance = ProcessInstanceId();
+  if (placement_ != nullptr && rank_ > 0) self.experts = placement_->experts_of(rank_);
+  return self;
 }
 
 std::string Runtime::device() const {

@@ -129,6 +129,10 @@ class Runtime {
   absl::StatusOr<std::string> ShareControlEndpoint(const std::string& endpoint);
   // Where this rank computes: "cpu", or "cuda:N <device name>".
   std::string device() const;
+  // What this worker says of itself at registration: its rank (the one asked for until it has
+  // one), host, device, pid, build, config hash, data plane, instance id, and its experts once
+  // the placement is known.
+  WorkerInfo worker_info() const;
   // This rank's placement (multi-rank jobs); nullptr in a single process.
   const Placement* placement() const { return placement_.get(); }
   // Coordinator: the workers' membership (none in a single process) and, launcher-free, the
@@ -166,6 +170,11 @@ class Runtime {
   absl::Status Connect();
   absl::Status FormAsCoordinator();
   absl::Status JoinAsWorker();
+  // The data plane (data_plane_) of rank_ in world_size_, bootstrapped through `store`.
+  absl::Status FormDataPlane(comm::KeyValueStore* store, const std::string& prefix,
+                             const std::string& host, absl::Duration timeout);
+  // The coordinator's view of its workers under this build, config and data plane.
+  std::unique_ptr<Membership> NewMembership() const;
   // Role, config and, for `world` > 1, the placement from the options.
   absl::Status Configure(int world);
   // The coordinator's engine on options_.device, over the loaded (or dummy) weights.

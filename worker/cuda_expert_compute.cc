@@ -1,6 +1,6 @@
 // The worker's experts on its GPU: device rows of BF16 (from a GPU coordinator) go straight
-// through the same grouped SwiGLU as the coordinator's local experts; F32 rows (from a CPU
-// coordinator) are rounded to BF16 first and the outputs widened back.
+// through the same grouped SwiGLU as the coordinator's local experts into the caller's output;
+// F32 rows (from a CPU coordinator) are rounded to BF16 first and the outputs widened back.
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
@@ -43,68 +43,41 @@ class CudaExpertCompute : public ExpertCompute {
   MemoryKind memory() const override { return MemoryKind::kDevice; }
   cuda::StreamHandle stream() const override { return stream_.handle(); }
 
-  absl::StatusOr<TensorView> Run(int64_t layer, const TensorView& rows,
-                                 absl::Span<const int64_t> offsets) override {
+  absl::Status Run(int64_t layer, const TensorView& rows, absl::Span<const int64_t> offsets,
+                   const TensorView& out) override {
     const int64_t n = offsets.back(), groups = static_cast<int64_t>(offsets.size()) - 1;
     const bool f32 = rows.dtype() == DType::kF32;
-    if (!f32 && rows.dtype() != DType::kBF16)
-      return absl::InvalidArgumentError(
-          absl::StrCat("expert rows must be F32 or BF16, not ", DTypeName(rows.dtype())));
-    if (n == 0) return TensorView(nullptr, rows.dtype(), {0, hidden_});
-    EPX_RETURN_IF_ERROR(Reserve(n, groups, f32));
+    if ((!f32 && rows.dtype() != DType::kBF16) || out.dtype() != rows.dtype())
+      return absl::InvalidArgumentError(absl::StrCat("expert rows and outputs must both be F32 or "
+                                                     "BF16, not ", DTypeName(rows.dtype()),
+                                                     " and ", DTypeName(out.dtype())));
+    if (n == 0) return absl::OkStatus();
     cuda::StreamHandle s = stream_.handle();
     offsets32_.assign(offsets.begin(), offsets.end());
-    const TensorView offsets_dev = offsets_.view(DType::kI32, {groups + 1});
-    const TensorView rows_bf16 = f32 ? rows_bf16_.view(DType::kBF16, {n, hidden_}) : rows;
-    const TensorView out_bf16 = out_bf16_.view(DType::kBF16, {n, hidden_});
-    EPX_RETURN_IF_ERROR(
-        cuda::CopyToDevice(offsets_.data(), offsets32_.data(), offsets32_.size() * 4, s));
-    if (f32) EPX_RETURN_IF_ERROR(cuda::Convert(rows, rows_bf16, s));
+    EPX_ASSIGN_OR_RETURN(const TensorView offsets_dev,
+                         offsets_.Upload(TensorView(offsets32_.data(), DType::kI32, {groups + 1}), s));
+    EPX_ASSIGN_OR_RETURN(
+        const TensorView scratch,
+        scratch_.View(DType::kU8,
+                      {static_cast<int64_t>(cuda::GroupedSwiGluScratchBytes(
+                          n, hidden_, intermediate_, expert_dtype_))},
+                      s));
+    const cuda::GroupedGemmImpl impl = cuda::ResolveGroupedGemmImpl(impl_, n);
+    if (!f32)
+      return cuda::GroupedSwiGlu(rows, offsets_dev, offsets, experts_[layer], impl, scratch, out,
+                                 *blas_);
+    // F32 rows: the kernels take BF16, so round them first and widen the outputs.
+    EPX_ASSIGN_OR_RETURN(const TensorView rows_bf16, rows_bf16_.View(DType::kBF16, {n, hidden_}, s));
+    EPX_ASSIGN_OR_RETURN(const TensorView out_bf16, out_bf16_.View(DType::kBF16, {n, hidden_}, s));
+    EPX_RETURN_IF_ERROR(cuda::Convert(rows, rows_bf16, s));
     EPX_RETURN_IF_ERROR(cuda::GroupedSwiGlu(rows_bf16, offsets_dev, offsets, experts_[layer],
-                                            cuda::ResolveGroupedGemmImpl(impl_, n),
-                                            scratch_.view(DType::kU8, {scratch_bytes_}),
-                                            out_bf16, *blas_));
-    if (!f32) return out_bf16;
-    const TensorView out_f32 = out_f32_.view(DType::kF32, {n, hidden_});
-    EPX_RETURN_IF_ERROR(cuda::Convert(out_bf16, out_f32, s));
-    return out_f32;
+                                            impl, scratch, out_bf16, *blas_));
+    return cuda::Convert(out_bf16, out, s);
   }
 
   std::string device() const override { return name_; }
 
  private:
-  // Buffers for n rows in `groups` groups; the F32 ones only once F32 rows come (a CPU
-  // coordinator's).
-  absl::Status Reserve(int64_t n, int64_t groups, bool f32) {
-    if (n <= rows_capacity_ && groups + 1 <= offsets_capacity_ && (!f32 || n <= f32_capacity_))
-      return absl::OkStatus();
-    EPX_RETURN_IF_ERROR(stream_.Synchronize());
-    const int64_t rows_capacity = std::max(n, 2 * rows_capacity_);
-    const int64_t offsets_capacity = std::max(groups + 1, offsets_capacity_);
-    const bool with_f32 = f32 || f32_capacity_ > 0;
-    // The old buffers go first (the new ones may need their memory), and the capacities say
-    // nothing fits until every new buffer exists: a failed growth leaves no buffer smaller than
-    // the capacities claim.
-    rows_capacity_ = offsets_capacity_ = f32_capacity_ = scratch_bytes_ = 0;
-    for (cuda::DeviceBuffer* b : {&out_f32_, &rows_bf16_, &out_bf16_, &offsets_, &scratch_})
-      *b = cuda::DeviceBuffer();
-    const size_t rows = static_cast<size_t>(rows_capacity * hidden_);
-    const int64_t scratch_bytes = static_cast<int64_t>(
-        cuda::GroupedSwiGluScratchBytes(rows_capacity, hidden_, intermediate_, expert_dtype_));
-    if (with_f32) {
-      EPX_ASSIGN_OR_RETURN(out_f32_, cuda::DeviceBuffer::Allocate(rows * 4));
-      EPX_ASSIGN_OR_RETURN(rows_bf16_, cuda::DeviceBuffer::Allocate(rows * 2));
-    }
-    EPX_ASSIGN_OR_RETURN(out_bf16_, cuda::DeviceBuffer::Allocate(rows * 2));
-    EPX_ASSIGN_OR_RETURN(offsets_, cuda::DeviceBuffer::Allocate(offsets_capacity * 4));
-    EPX_ASSIGN_OR_RETURN(scratch_, cuda::DeviceBuffer::Allocate(scratch_bytes));
-    rows_capacity_ = rows_capacity;
-    offsets_capacity_ = offsets_capacity;
-    f32_capacity_ = with_f32 ? rows_capacity : 0;
-    scratch_bytes_ = scratch_bytes;
-    return absl::OkStatus();
-  }
-
   std::string name_;
   cuda::GroupedGemmImpl impl_ = cuda::GroupedGemmImpl::kAuto;
   int64_t hidden_ = 0, intermediate_ = 0;
@@ -113,8 +86,8 @@ class CudaExpertCompute : public ExpertCompute {
   std::unique_ptr<cuda::Blas> blas_;
   std::unique_ptr<DeviceModelWeights> weights_;
   std::vector<std::vector<cuda::DeviceExpert>> experts_;  // [layer][local expert]
-  int64_t rows_capacity_ = 0, offsets_capacity_ = 0, f32_capacity_ = 0, scratch_bytes_ = 0;
-  cuda::DeviceBuffer out_f32_, rows_bf16_, out_bf16_, offsets_, scratch_;
+  // Each grows as needed (waiting for the stream first); the BF16 copies only for F32 rows.
+  cuda::DeviceStaging offsets_, scratch_, rows_bf16_, out_bf16_;
   // The call's offsets as the device takes them; the copy from it has finished by the next Run
   // (the worker waits for every layer's outputs).
   std::vector<int32_t> offsets32_;

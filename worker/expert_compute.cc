@@ -19,17 +19,11 @@ class CpuExpertCompute : public ExpertCompute {
                             int64_t intermediate)
       : experts_(std::move(experts)), intermediate_(intermediate) {}
 
-  absl::StatusOr<TensorView> Run(int64_t layer, const TensorView& rows,
-                                 absl::Span<const int64_t> offsets) override {
+  absl::Status Run(int64_t layer, const TensorView& rows, absl::Span<const int64_t> offsets,
+                   const TensorView& out) override {
     const int64_t need = cpu::GroupedSwiGluScratchFloats(offsets, intermediate_);
     if (static_cast<int64_t>(scratch_.size()) < need) scratch_.resize(need);
-    // Float storage keeps F32 and BF16 rows aligned.
-    const size_t floats = (rows.nbytes() + sizeof(float) - 1) / sizeof(float);
-    if (out_.size() < floats) out_.resize(floats);
-    const TensorView out(out_.data(), rows.dtype(), rows.shape());
-    EPX_RETURN_IF_ERROR(
-        cpu::GroupedSwiGlu(rows, offsets, experts_[layer], absl::MakeSpan(scratch_), out));
-    return out;
+    return cpu::GroupedSwiGlu(rows, offsets, experts_[layer], absl::MakeSpan(scratch_), out);
   }
   std::string device() const override { return "cpu"; }
 
@@ -37,7 +31,6 @@ class CpuExpertCompute : public ExpertCompute {
   std::vector<std::vector<cpu::SwiGluWeights>> experts_;  // [layer][local expert]
   int64_t intermediate_;
   std::vector<float> scratch_;
-  std::vector<float> out_;
 };
 
 }  // namespace

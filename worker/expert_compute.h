@@ -2,8 +2,8 @@
 // The CPU version runs kernels/cpu on the host; the CUDA version (`--device cuda` on a worker)
 // keeps the worker's experts on its GPU and runs the same grouped SwiGLU kernels as the
 // coordinator's local experts, on device rows and its own stream. Either takes the rows in the
-// dtype the coordinator sends (F32 from a CPU coordinator, BF16 from a GPU one) and returns the
-// outputs in that dtype.
+// dtype the coordinator sends (F32 from a CPU coordinator, BF16 from a GPU one) and writes the
+// outputs in that dtype where the caller says (for a host compute, the combine payload itself).
 //
 // Used from the worker's one thread.
 #ifndef EPX_WORKER_EXPERT_COMPUTE_H_
@@ -27,12 +27,12 @@ class ExpertCompute {
   // Where Run() takes and returns rows, and the stream a device compute queues its work on.
   virtual MemoryKind memory() const { return MemoryKind::kHost; }
   virtual cuda::StreamHandle stream() const { return nullptr; }
-  // Group g (local expert local_experts[g]) owns rows [offsets[g], offsets[g + 1]) of `rows`
-  // ([offsets.back(), hidden], F32 or BF16, in memory()); offsets are on the host. Returns the
-  // outputs in the same rows, dtype and memory: a view of the compute's own buffer, valid until
-  // its next Run(). A device compute returns once the work is queued on stream().
-  virtual absl::StatusOr<TensorView> Run(int64_t layer, const TensorView& rows,
-                                         absl::Span<const int64_t> offsets) = 0;
+  // Group g (local expert local_experts[g]) owns rows [offsets[g], offsets[g + 1]) of `rows`;
+  // the outputs go to the same rows of `out`. rows, out: [offsets.back(), hidden], both F32 or
+  // both BF16, in memory(); offsets on the host. A device compute returns once the work is
+  // queued on stream().
+  virtual absl::Status Run(int64_t layer, const TensorView& rows,
+                           absl::Span<const int64_t> offsets, const TensorView& out) = 0;
   // "cpu" or the GPU's name.
   virtual std::string device() const = 0;
 };

@@ -23,7 +23,7 @@ absl::Status RunExpertWorker(comm::Communicator* comm, const ModelWeights& weigh
   std::vector<int64_t> count_bytes(world, 0), row_bytes(world, 0), back_bytes(world, 0),
       none(world, 0);
   std::vector<float> rows, out;  // the payloads of the host data plane
-  cuda::DeviceStaging device_rows;
+  cuda::DeviceStaging device_rows, device_out;  // a GPU compute's rows in and out
 
   while (true) {
     comm::StepHeader header;
@@ -49,22 +49,20 @@ absl::Status RunExpertWorker(comm::Communicator* comm, const ModelWeights& weigh
       const Stopwatch watch;
       back_bytes[0] = wire.CombineBytes(n);
       comm::GrowPayload(&out, back_bytes[0]);
-      // The rows cross to the compute's memory and back when it is a GPU's.
-      TensorView in = wire.Rows(rows.data(), n);
+      // A host compute writes straight into the combine payload; a GPU's rows cross to its
+      // memory and back.
+      const TensorView rows_in = wire.Rows(rows.data(), n), rows_out = wire.Rows(out.data(), n);
       if (on_device) {
-        EPX_ASSIGN_OR_RETURN(in, device_rows.Upload(in, compute->stream()));
-      }
-      EPX_ASSIGN_OR_RETURN(const TensorView result, compute->Run(layer, in, offsets));
-      if (result.dtype() != wire.activation() || result.dim(0) != n)
-        return absl::InternalError(absl::StrCat("layer ", layer, ": the expert compute returned ",
-                                                ShapeString(result.shape()), " ",
-                                                DTypeName(result.dtype())));
-      if (on_device) {
-        EPX_RETURN_IF_ERROR(
-            cuda::CopyToHost(out.data(), result.raw(), result.nbytes(), compute->stream()));
+        EPX_ASSIGN_OR_RETURN(const TensorView in, device_rows.Upload(rows_in, compute->stream()));
+        EPX_ASSIGN_OR_RETURN(const TensorView result,
+                             device_out.View(wire.activation(), {n, c.hidden_size},
+                                             compute->stream()));
+        EPX_RETURN_IF_ERROR(compute->Run(layer, in, offsets, result));
+        EPX_RETURN_IF_ERROR(cuda::CopyToHost(rows_out.raw(), result.raw(), result.nbytes(),
+                                             compute->stream()));
         EPX_RETURN_IF_ERROR(cuda::SynchronizeStream(compute->stream()));
-      } else if (n > 0) {
-        std::memcpy(out.data(), result.raw(), result.nbytes());
+      } else {
+        EPX_RETURN_IF_ERROR(compute->Run(layer, rows_in, offsets, rows_out));
       }
       wire.SetComputeMicros(out.data(), n, watch.Micros());
       EPX_RETURN_IF_ERROR(comm->AllToAllV(out.data(), back_bytes, nullptr, none,

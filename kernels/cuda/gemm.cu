@@ -4,7 +4,7 @@
 // Linear is one cuBLAS call. cuBLAS is column-major, so the row-major y[m, n] = x[m, k] w[n, k]^T
 // is issued as the column-major y^T[n, m] = w * x^T (op T on w): no copy, no transpose kernel.
 // cuBLAS picks kernels (and split-K) by shape, so unlike cpu::Linear a row's bits may change with
-// the number of rows; the GPU contract is "within tolerance of the oracle" (DESIGN.md §8).
+// the number of rows; the GPU contract is "within tolerance of the oracle" (docs/ARCHITECTURE.md, "CUDA backend").
 //
 // GroupedSwiGlu runs out = w2(silu(w1 x) * (w3 x)) for rows grouped by expert, in three forms
 // because the right one depends on how many rows each expert gets:

@@ -151,6 +151,9 @@ absl::Status MemsetAsync(void* dst, int value, size_t bytes, StreamHandle stream
 class DeviceStaging {
  public:
   absl::StatusOr<TensorView> Upload(const TensorView& host, StreamHandle stream);
+  // A device view of `dtype` and `shape` in the buffer, grown as Upload grows it; its contents
+  // are whatever the buffer held (a scratch or output buffer of a size that varies by call).
+  absl::StatusOr<TensorView> View(DType dtype, Shape shape, StreamHandle stream);
 
  private:
   DeviceBuffer buffer_;

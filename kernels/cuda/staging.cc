@@ -5,11 +5,15 @@
 
 namespace epx::cuda {
 
-absl::StatusOr<TensorView> DeviceStaging::Upload(const TensorView& host, StreamHandle stream) {
+absl::StatusOr<TensorView> DeviceStaging::View(DType dtype, Shape shape, StreamHandle stream) {
+  const size_t bytes = static_cast<size_t>(NumElements(shape)) * DTypeSize(dtype);
   // Some headroom, so that a batch growing a row at a time does not reallocate every step.
-  if (buffer_.size() < host.nbytes())
-    EPX_RETURN_IF_ERROR(GrowBuffer(buffer_, host.nbytes() + host.nbytes() / 2, stream));
-  const TensorView device = buffer_.view(host.dtype(), host.shape());
+  if (buffer_.size() < bytes) EPX_RETURN_IF_ERROR(GrowBuffer(buffer_, bytes + bytes / 2, stream));
+  return buffer_.view(dtype, std::move(shape));
+}
+
+absl::StatusOr<TensorView> DeviceStaging::Upload(const TensorView& host, StreamHandle stream) {
+  EPX_ASSIGN_OR_RETURN(const TensorView device, View(host.dtype(), host.shape(), stream));
   EPX_RETURN_IF_ERROR(CopyToDevice(device.raw(), host.raw(), host.nbytes(), stream));
   return device;
 }
