@@ -53,8 +53,14 @@ int Run(int argc, char** argv) {
                     "where the coordinator (and local experts) compute: cpu or cuda")
         ->capture_default_str()
         ->check(CLI::IsMember({"cpu", "cuda"}));
-    cmd->add_option("--cuda-device", rt->cuda.device, "--device cuda: the GPU ordinal")
-        ->capture_default_str()
+    rt->cuda_device_from_local_rank = true;
+    cmd->add_option_function<int>(
+           "--cuda-device",
+           [rt](int device) {
+             rt->cuda.device = device;
+             rt->cuda_device_from_local_rank = false;
+           },
+           "--device cuda: the GPU ordinal (default: the local rank under a launcher, else 0)")
         ->check(CLI::NonNegativeNumber);
     cmd->add_option_function<std::string>(
            "--expert-dtype",

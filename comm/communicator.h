@@ -6,8 +6,9 @@
 // naming the peer ranks that did not answer; a peer known to be gone is Unavailable. After a
 // failed call the communicator is unusable; the caller reports and calls Abort().
 //
-// Backends: MPI (comm/mpi_communicator.h), in-process threads (comm/inproc_communicator.h, for
-// tests). Thread-compatible: one thread per rank object.
+// Backends: MPI (comm/mpi_communicator.h), gloo (comm/gloo_communicator.h), NCCL
+// (comm/nccl_communicator.h, which also exchanges device rows: device()), in-process threads
+// (comm/inproc_communicator.h, for tests). Thread-compatible: one thread per rank object.
 #ifndef EPX_COMM_COMMUNICATOR_H_
 #define EPX_COMM_COMMUNICATOR_H_
 
@@ -19,6 +20,8 @@
 #include "absl/types/span.h"
 
 namespace epx::comm {
+
+class DeviceCommunicator;  // comm/device_communicator.h
 
 // Message kinds; each exchange uses its own tag so that messages of different kinds never match.
 enum class Tag : int {
@@ -55,6 +58,10 @@ class Communicator {
   // Every rank's `bytes` bytes, in rank order, into `recv` (world_size * bytes) on every rank.
   virtual absl::Status AllGather(const void* send, int64_t bytes, void* recv, Tag tag,
                                  absl::Duration timeout, const std::string& what) = 0;
+
+  // The exchanges over device memory, for a data plane that has them (NCCL); nullptr for the
+  // host-only backends.
+  virtual DeviceCommunicator* device() { return nullptr; }
 
   // Ends the whole job (all ranks) with `code`. Not collective; does not return for MPI.
   virtual void Abort(int code, const std::string& message) = 0;

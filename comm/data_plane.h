@@ -2,33 +2,54 @@
 // was started. Every rank resolves `auto` on its own; the coordinator then compares the resolved
 // names at registration, so a cluster never mixes data planes.
 //
-//   auto  mpi under an MPI launcher, gloo otherwise (TCP, CPU rows)
-//   mpi   Open MPI (needs mpirun, or srun with PMI)
-//   gloo  gloo over TCP, bootstrapped through the coordinator's store (no launcher)
-//   nccl  GPU to GPU (not available in this version)
+//   auto  nccl when this rank computes on a GPU (and the build has NCCL); otherwise mpi under
+//         an MPI launcher and gloo without one
+//   mpi   Open MPI (needs mpirun, or srun with PMI); host rows
+//   gloo  gloo over TCP, bootstrapped through the coordinator's store (no launcher); host rows
+//   nccl  NCCL, GPU to GPU (every rank on a GPU); its unique id travels by an MPI broadcast
+//         under a launcher and through the coordinator's store without one
 #ifndef EPX_COMM_DATA_PLANE_H_
 #define EPX_COMM_DATA_PLANE_H_
 
+#include <functional>
 #include <memory>
 #include <string>
 
 #include "absl/status/statusor.h"
 #include "comm/communicator.h"
 #include "comm/gloo_communicator.h"
+#include "comm/key_value_store.h"
 
 namespace epx::comm {
 
-// The data plane `requested` resolves to: "mpi" or "gloo". InvalidArgument for an unknown name
-// or one that cannot work here (mpi without a launcher, gloo under one); Unimplemented for nccl.
-absl::StatusOr<std::string> ResolveDataPlane(const std::string& requested, bool launched_by_mpi);
+// The data plane `requested` resolves to: "mpi", "gloo" or "nccl". `on_gpu`: this rank computes
+// on a GPU. InvalidArgument for an unknown name or one that cannot work here (mpi without a
+// launcher, gloo under one, nccl on the CPU); FailedPrecondition for nccl in a build without it.
+absl::StatusOr<std::string> ResolveDataPlane(const std::string& requested, bool launched_by_mpi,
+                                             bool on_gpu);
 
 struct DataPlaneOptions {
-  std::string name;  // resolved ("mpi" or "gloo")
-  GlooOptions gloo;  // gloo: rank, world size, store, host, timeout
+  std::string name;  // resolved ("mpi", "gloo" or "nccl")
+  // gloo: rank, world size, store, host, timeout. nccl without a launcher: rank, world size, and
+  // the store and prefix its unique id is shared through.
+  GlooOptions gloo;
+  int cuda_device = 0;  // nccl: this rank's GPU
 };
 
 // Creates this rank's communicator; blocks until all ranks joined (see each backend).
 absl::StatusOr<std::unique_ptr<Communicator>> CreateDataPlane(const DataPlaneOptions& options);
+
+// The NCCL unique id every rank needs, from rank 0's `new_id`:
+//   through `store` under prefix + "nccl-unique-id" (rank 0 publishes it, the others wait for it
+//   up to `timeout`), or
+//   over `comm` (a broadcast from rank 0; rank 0's failure to draw one reaches every rank as an
+//   empty id, refused with a message).
+using NewIdFn = std::function<absl::StatusOr<std::string>()>;
+absl::StatusOr<std::string> ShareNcclUniqueId(KeyValueStore& store, const std::string& prefix,
+                                              int rank, absl::Duration timeout,
+                                              const NewIdFn& new_id);
+absl::StatusOr<std::string> BroadcastNcclUniqueId(Communicator& comm, absl::Duration timeout,
+                                                  const NewIdFn& new_id);
 
 }  // namespace epx::comm
 

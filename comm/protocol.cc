@@ -62,6 +62,29 @@ absl::Status VerifyReports(const std::vector<StartupReport>& reports, const std:
   return absl::OkStatus();
 }
 
+DispatchPlan PlanDispatch(absl::Span<const int64_t> group_base,
+                          absl::Span<const int64_t> group_offsets) {
+  const size_t world = group_base.size() - 1;
+  DispatchPlan plan{std::vector<int64_t>(world, 0), std::vector<int64_t>(world, 0)};
+  for (size_t w = 1; w < world; ++w) {
+    plan.first[w] = group_offsets[group_base[w]];
+    plan.rows[w] = group_offsets[group_base[w + 1]] - plan.first[w];
+  }
+  return plan;
+}
+
+absl::StatusOr<std::vector<int64_t>> LocalOffsets(absl::Span<const int32_t> slice) {
+  if (slice.empty()) return absl::InternalError("an empty offsets message");
+  std::vector<int64_t> local(slice.size(), 0);
+  for (size_t i = 0; i < slice.size(); ++i) {
+    if (slice[i] < slice[0] || (i > 0 && slice[i] < slice[i - 1]) || slice[0] < 0)
+      return absl::InternalError(absl::StrCat("offsets from the coordinator that decrease: ",
+                                              slice[i], " at ", i));
+    local[i] = int64_t{slice[i]} - slice[0];
+  }
+  return local;
+}
+
 void GrowPayload(std::vector<float>* payload, int64_t bytes) {
   const size_t floats = static_cast<size_t>((bytes + 3) / 4);
   if (payload->size() < floats) payload->resize(floats);

@@ -13,6 +13,11 @@
 //   combine  (kCombine)  worker w -> coordinator: the expert outputs in the same order and dtype,
 //                         then one double: the worker's expert compute time in microseconds
 // Workers exchange nothing among themselves (zero counts). kShutdown ends the worker loop.
+//
+// On the NCCL data plane (device rows, comm/device_communicator.h) a layer is three groups of
+// transfers on the step's stream: the counts are worker w's slice of the coordinator's group
+// offsets (local experts + 1 int32, rows counted in the coordinator's send order; LocalOffsets
+// turns them into the worker's), then the rows, then the outputs back without a compute time.
 // ExpertWire is the one place both sides take these sizes and layouts from.
 #ifndef EPX_COMM_PROTOCOL_H_
 #define EPX_COMM_PROTOCOL_H_
@@ -23,6 +28,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "common/dtype.h"
 #include "common/tensor.h"
 
@@ -64,6 +70,20 @@ struct StepHeader {
   int64_t step = 0;
 };
 
+// Where each worker's rows sit in the coordinator's send order, from the offsets of the
+// (worker, local expert) groups: worker w's groups are [group_base[w], group_base[w + 1]) and its
+// rows [first[w], first[w] + rows[w]). Rank 0 (the coordinator) has no groups.
+struct DispatchPlan {
+  std::vector<int64_t> first;  // [rank]
+  std::vector<int64_t> rows;   // [rank]
+};
+DispatchPlan PlanDispatch(absl::Span<const int64_t> group_base,
+                          absl::Span<const int64_t> group_offsets);
+
+// A worker's offsets [local experts + 1], starting at 0, from its slice of the coordinator's
+// group offsets (the NCCL counts message). Internal for a slice that decreases or is negative.
+absl::StatusOr<std::vector<int64_t>> LocalOffsets(absl::Span<const int32_t> slice);
+
 // Room for `bytes` of payload in a float vector (F32 or BF16 rows, kept float-aligned).
 void GrowPayload(std::vector<float>* payload, int64_t bytes);
 
@@ -76,6 +96,10 @@ class ExpertWire {
   DType activation() const { return activation_; }
   int64_t CountBytes(int64_t local_experts) const {
     return local_experts * static_cast<int64_t>(sizeof(int64_t));
+  }
+  // The NCCL counts message: the worker's slice of the group offsets.
+  int64_t OffsetsBytes(int64_t local_experts) const {
+    return (local_experts + 1) * static_cast<int64_t>(sizeof(int32_t));
   }
   int64_t RowBytes(int64_t rows) const { return rows * row_bytes_; }
   // The outputs, then the worker's compute time.

@@ -64,7 +64,19 @@ absl::Status DistributedExpertExecutor::Shutdown() {
   return comm_->Broadcast(&header, sizeof(header), 0, comm::Tag::kStepHeader, timeout_, "shutdown");
 }
 
+absl::Status DistributedExpertExecutor::UseDeviceExchange(comm::DeviceCommunicator* comm) {
+  if (wire_.activation() != DType::kBF16)
+    return absl::InvalidArgumentError("device rows on the data plane are BF16 (--device cuda)");
+  EPX_ASSIGN_OR_RETURN(device_, NewDeviceDispatch(config_, placement_, group_base_, comm, timeout_));
+  return absl::OkStatus();
+}
+
 absl::StatusOr<ExpertOutput> DistributedExpertExecutor::Run(int layer, const ExpertBatch& batch) {
+  if (device_ != nullptr) {
+    EPX_ASSIGN_OR_RETURN(ExpertOutput out, device_->Run(layer, step_, batch, stats_));
+    ++layers_done_;
+    return out;
+  }
   const TensorView& x = batch.x;
   const TensorView& topk_ids = batch.topk_ids;
   if (x.dtype() != wire_.activation())
@@ -107,12 +119,12 @@ absl::StatusOr<ExpertOutput> DistributedExpertExecutor::Run(int layer, const Exp
                                        absl::StrCat("layer ", layer, " counts")));
 
   // Rows out, in send order.
+  const comm::DispatchPlan plan = comm::PlanDispatch(group_base_, group_offsets_);
   std::vector<int64_t> row_bytes(world, 0), back_bytes(world, 0);
   for (int w = 1; w < world; ++w) {
-    const int64_t n = group_offsets_[group_base_[w + 1]] - group_offsets_[group_base_[w]];
-    row_bytes[w] = wire_.RowBytes(n);
-    back_bytes[w] = wire_.CombineBytes(n);
-    stats_.worker_tokens[w] += n;
+    row_bytes[w] = wire_.RowBytes(plan.rows[w]);
+    back_bytes[w] = wire_.CombineBytes(plan.rows[w]);
+    stats_.worker_tokens[w] += plan.rows[w];
   }
   comm::GrowPayload(&send_, wire_.RowBytes(num_slots));
   EPX_RETURN_IF_ERROR(cpu::PermuteRows(x, order_, num_topk, wire_.Rows(send_.data(), num_slots)));
@@ -136,8 +148,7 @@ absl::StatusOr<ExpertOutput> DistributedExpertExecutor::Run(int layer, const Exp
   const TensorView slot_out = wire_.Rows(slot_out_.data(), num_slots);
   const uint8_t* block = reinterpret_cast<const uint8_t*>(recv_.data());
   for (int w = 1; w < world; ++w) {
-    const int64_t first = group_offsets_[group_base_[w]];
-    const int64_t n = group_offsets_[group_base_[w + 1]] - first;
+    const int64_t first = plan.first[w], n = plan.rows[w];
     EPX_RETURN_IF_ERROR(cpu::UnpermuteRows(wire_.Rows(block, n),
                                            absl::MakeConstSpan(order_).subspan(first, n),
                                            slot_out));

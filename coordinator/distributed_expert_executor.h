@@ -5,7 +5,9 @@
 // computed the same way wherever it goes.
 //
 // The rows travel in the coordinator's activation dtype (F32 from the CPU backend, BF16 from a
-// GPU's, staged through the host by NewHostStagedExpertExecutor), named in every step header.
+// GPU's), named in every step header. On a host data plane (MPI, gloo) a GPU's rows are staged
+// through the host by NewHostStagedExpertExecutor; on NCCL (UseDeviceExchange) they stay on the
+// device (coordinator/device_dispatch.h) and memory() is the device.
 //
 // Used from the engine's thread only. Every call blocks; a worker that does not answer within
 // the timeout turns into DeadlineExceeded naming it and the layer.
@@ -20,6 +22,7 @@
 #include "comm/protocol.h"
 #include "common/model_config.h"
 #include "common/placement.h"
+#include "coordinator/device_dispatch.h"
 #include "coordinator/expert_executor.h"
 
 namespace epx {
@@ -40,10 +43,18 @@ class DistributedExpertExecutor : public ExpertExecutor {
                             comm::Communicator* comm, absl::Duration timeout,
                             DType activation = DType::kF32);
 
+  // Sends the rows of every layer from device memory over `comm` (the data plane's device
+  // exchanges; the activation must be BF16). FailedPrecondition without CUDA.
+  absl::Status UseDeviceExchange(comm::DeviceCommunicator* comm);
+  MemoryKind memory() const override {
+    return device_ != nullptr ? MemoryKind::kDevice : MemoryKind::kHost;
+  }
+
   // Broadcasts the step header that precedes the layers of one engine step. The engine's
   // Step() calls Run() once per layer after this.
   absl::Status BeginStep() override;
-  // batch.x: the activation dtype, on the host. Returns slot order.
+  // batch.x: the activation dtype, in memory(). Returns slot order (host), or the device rows
+  // with row_of_slot.
   absl::StatusOr<ExpertOutput> Run(int layer, const ExpertBatch& batch) override;
   // Tells every worker to leave its loop. Idempotent.
   absl::Status Shutdown();
@@ -63,6 +74,7 @@ class DistributedExpertExecutor : public ExpertExecutor {
   int64_t layers_done_ = 0;  // in the current step
   bool shut_down_ = false;
   ExpertParallelStats stats_;
+  std::unique_ptr<DeviceDispatch> device_;  // the NCCL data plane's layers
   std::vector<int64_t> group_base_;   // [rank + 1]: first (worker, local expert) group of a rank
   std::vector<int64_t> count_bytes_;  // [rank]: bytes of a worker's counts
   // Scratch kept between layers.

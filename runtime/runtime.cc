@@ -14,8 +14,10 @@
 #include <random>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "comm/data_plane.h"
+#include "comm/device_communicator.h"
 #include "comm/mpi_communicator.h"
 #include "comm/protocol.h"
 #include "common/hash.h"
@@ -107,12 +109,32 @@ std::string LocalAddressTowards(const std::string& host) {
 
 }  // namespace
 
+int LocalRankFromEnvironment() {
+  for (const char* name : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK"}) {
+    const char* value = std::getenv(name);
+    int rank = -1;
+    if (value != nullptr && absl::SimpleAtoi(value, &rank) && rank >= 0) return rank;
+  }
+  return -1;
+}
+
 bool Runtime::stop_requested() { return g_stop.load(); }
 void Runtime::RequestStop() { g_stop.store(true); }
 
 absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Start(const RuntimeOptions& options) {
   auto rt = std::unique_ptr<Runtime>(new Runtime());
   rt->options_ = options;
+  // One GPU per rank: a launcher's local rank picks it unless --cuda-device did.
+  if (options.device == "cuda" && options.cuda_device_from_local_rank) {
+    const int local = LocalRankFromEnvironment(), devices = cuda::DeviceCount();
+    if (local >= 0 && devices > 0) rt->options_.cuda.device = local % devices;
+  }
+  // A GPU that is not there is said before anything waits for peers.
+  if (options.device == "cuda") {
+    const absl::Status set = cuda::SetDevice(rt->options_.cuda.device);
+    if (!set.ok())
+      return absl::Status(set.code(), absl::StrCat("--device cuda: ", set.message()));
+  }
   EPX_RETURN_IF_ERROR(rt->Connect());
   const int rank = rt->rank(), world = rt->world_size();
   SetLogRank(rank);
@@ -151,6 +173,9 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Start(const RuntimeOptions& op
     rt->remote_experts_ = std::make_unique<DistributedExpertExecutor>(
         rt->config_, *rt->placement_, rt->comm_, options.comm_timeout,
         options.device == "cuda" ? DType::kBF16 : DType::kF32);
+    // NCCL: the rows stay on the GPU from the router to the workers and back.
+    if (comm::DeviceCommunicator* device = rt->comm_->device(); device != nullptr)
+      EPX_RETURN_IF_ERROR(rt->remote_experts_->UseDeviceExchange(device));
     EPX_RETURN_IF_ERROR(rt->CreateEngine(rt->remote_experts_.get()));
   }
   return rt;
@@ -165,8 +190,10 @@ absl::Status Runtime::Connect() {
       return absl::InvalidArgumentError(
           "--workers and --coordinator form a cluster without a launcher; under mpirun the "
           "ranks come from the launcher (drop them)");
-    EPX_ASSIGN_OR_RETURN(data_plane_, comm::ResolveDataPlane(o.data_plane, true));
-    EPX_ASSIGN_OR_RETURN(owned_comm_, comm::CreateDataPlane({.name = data_plane_}));
+    EPX_ASSIGN_OR_RETURN(data_plane_, comm::ResolveDataPlane(o.data_plane, true, OnGpu()));
+    comm::DataPlaneOptions dp{.name = data_plane_, .cuda_device = o.cuda.device};
+    dp.gloo.connect_timeout = o.comm_timeout;
+    EPX_ASSIGN_OR_RETURN(owned_comm_, comm::CreateDataPlane(dp));
     comm_ = owned_comm_.get();
     if (comm_->rank() == 0) CatchStopSignals();
   } else if (o.workers > 0) {
@@ -192,7 +219,7 @@ absl::Status Runtime::Connect() {
 absl::Status Runtime::FormAsCoordinator() {
   const RuntimeOptions& o = options_;
   CatchStopSignals();
-  EPX_ASSIGN_OR_RETURN(data_plane_, comm::ResolveDataPlane(o.data_plane, false));
+  EPX_ASSIGN_OR_RETURN(data_plane_, comm::ResolveDataPlane(o.data_plane, false, OnGpu()));
   world_size_ = o.workers + 1;
   // Nothing to agree on yet: the coordinator's own configuration is the cluster's, and workers
   // that differ are refused at registration.
@@ -240,7 +267,7 @@ absl::Status Runtime::FormAsCoordinator() {
 
 absl::Status Runtime::JoinAsWorker() {
   const RuntimeOptions& o = options_;
-  EPX_ASSIGN_OR_RETURN(data_plane_, comm::ResolveDataPlane(o.data_plane, false));
+  EPX_ASSIGN_OR_RETURN(data_plane_, comm::ResolveDataPlane(o.data_plane, false, OnGpu()));
   if (o.rank < 0)
     return absl::InvalidArgumentError(absl::StrCat("--rank must be >= 1, got ", o.rank));
   SetLogRank(-1);
@@ -296,7 +323,7 @@ absl::Status Runtime::JoinAsWorker() {
 
 absl::Status Runtime::FormDataPlane(comm::KeyValueStore* store, const std::string& prefix,
                                     const std::string& host, absl::Duration timeout) {
-  comm::DataPlaneOptions dp{.name = data_plane_};
+  comm::DataPlaneOptions dp{.name = data_plane_, .cuda_device = options_.cuda.device};
   dp.gloo = {.rank = rank_,
              .world_size = world_size_,
              .store = store,

@@ -51,6 +51,10 @@ struct RuntimeOptions {
   // hold them).
   std::string device = "cpu";
   CudaForwardOptions cuda;  // --cuda-device, --expert-dtype, --grouped-gemm
+  // --cuda-device not given: under a launcher each rank takes the GPU of its local rank
+  // (OMPI_COMM_WORLD_LOCAL_RANK, SLURM_LOCALID or LOCAL_RANK, modulo the devices it sees);
+  // otherwise cuda.device.
+  bool cuda_device_from_local_rank = false;
   // "auto": the checkpoint's safetensors; "dummy": synthetic weights at the config's shapes,
   // generated on the GPU (needs --device cuda; the directory needs only config.json).
   std::string load_format = "auto";
@@ -94,6 +98,9 @@ std::string BuildId();
 std::string HostName();
 // A random id drawn once per process, which its registrations carry (WorkerInfo::instance).
 const std::string& ProcessInstanceId();
+// This process's local rank as a launcher sets it (Open MPI, Slurm, torchrun), or -1.
+int LocalRankFromEnvironment();
+
 // The secret of a launcher-free cluster: the contents of `file` (surrounding whitespace
 // dropped; NotFound / InvalidArgument for a missing or empty file), else $EPX_CLUSTER_TOKEN,
 // else none ("").
@@ -175,6 +182,7 @@ class Runtime {
                              const std::string& host, absl::Duration timeout);
   // The coordinator's view of its workers under this build, config and data plane.
   std::unique_ptr<Membership> NewMembership() const;
+  bool OnGpu() const { return options_.device == "cuda"; }
   // Role, config and, for `world` > 1, the placement from the options.
   absl::Status Configure(int world);
   // The coordinator's engine on options_.device, over the loaded (or dummy) weights.

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -26,7 +27,11 @@ extern char** environ;
 
 namespace epx::testing {
 
-inline std::string EpxBinary() { return std::string(EPX_BINARY_DIR) + "/cli/epx"; }
+// The epx binary: $EPX_BINARY when set (test binaries run from a bundle), else the build's.
+inline std::string EpxBinary() {
+  const char* bin = std::getenv("EPX_BINARY");
+  return bin != nullptr && *bin != '\0' ? bin : std::string(EPX_BINARY_DIR) + "/cli/epx";
+}
 
 class ServerProcess {
  public:

@@ -4,12 +4,69 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "comm/device_communicator.h"
 #include "comm/protocol.h"
 #include "common/status.h"
 #include "common/stopwatch.h"
 #include "kernels/cuda/runtime.h"
 
 namespace epx {
+namespace {
+
+using Transfer = comm::DeviceCommunicator::Transfer;
+
+// A forward step on the NCCL data plane: rows from the coordinator's GPU into this one's, the
+// outputs back, with one wait per layer (for the counts, whose size NCCL needs on the host).
+class DeviceStepLoop {
+ public:
+  DeviceStepLoop(comm::DeviceCommunicator* comm, ExpertCompute* compute, int64_t local_experts,
+                 const ModelConfig& config, absl::Duration timeout)
+      : comm_(comm), compute_(compute), local_(local_experts), config_(config),
+        timeout_(timeout) {}
+
+  absl::Status Step(const comm::ExpertWire& wire) {
+    cuda::StreamHandle s = compute_->stream();
+    const int64_t H = config_.hidden_size;
+    for (int64_t layer = 0; layer < config_.num_hidden_layers; ++layer) {
+      const std::string what = absl::StrCat("layer ", layer);
+      EPX_ASSIGN_OR_RETURN(const TensorView counts,
+                           counts_.View(DType::kI32, {local_ + 1}, s));
+      const Transfer in_counts{.is_send = false, .peer = 0, .data = counts.raw(),
+                               .bytes = wire.OffsetsBytes(local_)};
+      EPX_RETURN_IF_ERROR(comm_->Post({&in_counts, 1}, s, what + " counts"));
+      EPX_ASSIGN_OR_RETURN(const TensorView host, counts_host_.Download(counts, s));
+      EPX_RETURN_IF_ERROR(comm_->Synchronize(s, timeout_, {0}, what + " counts"));
+      EPX_ASSIGN_OR_RETURN(const std::vector<int64_t> offsets,
+                           comm::LocalOffsets({host.data<const int32_t>(),
+                                               static_cast<size_t>(local_ + 1)}));
+      const int64_t n = offsets.back();
+      if (n == 0) continue;  // idle this layer: nothing to or from the coordinator
+      // The stream is idle here, so the buffers may grow.
+      EPX_ASSIGN_OR_RETURN(const TensorView rows, rows_.View(wire.activation(), {n, H}, s));
+      EPX_ASSIGN_OR_RETURN(const TensorView out, out_.View(wire.activation(), {n, H}, s));
+      const Transfer in_rows{.is_send = false, .peer = 0, .data = rows.raw(),
+                             .bytes = wire.RowBytes(n)};
+      EPX_RETURN_IF_ERROR(comm_->Post({&in_rows, 1}, s, what + " dispatch"));
+      EPX_RETURN_IF_ERROR(compute_->Run(layer, rows, offsets, out));
+      const Transfer out_rows{.is_send = true, .peer = 0, .data = out.raw(),
+                              .bytes = wire.RowBytes(n)};
+      EPX_RETURN_IF_ERROR(comm_->Post({&out_rows, 1}, s, what + " combine"));
+    }
+    // The next step header is a host call: the last outputs must have left first.
+    return comm_->Synchronize(s, timeout_, {0}, "the step's last outputs");
+  }
+
+ private:
+  comm::DeviceCommunicator* comm_;
+  ExpertCompute* compute_;
+  const int64_t local_;
+  const ModelConfig& config_;
+  const absl::Duration timeout_;
+  cuda::DeviceStaging counts_, rows_, out_;
+  cuda::HostStaging counts_host_;
+};
+
+}  // namespace
 
 absl::Status RunExpertWorker(comm::Communicator* comm, const ModelWeights& weights,
                              const Placement& placement, const ExpertWorkerOptions& options) {
@@ -24,6 +81,16 @@ absl::Status RunExpertWorker(comm::Communicator* comm, const ModelWeights& weigh
       none(world, 0);
   std::vector<float> rows, out;  // the payloads of the host data plane
   cuda::DeviceStaging device_rows, device_out;  // a GPU compute's rows in and out
+  // The NCCL data plane carries device rows straight to a GPU compute.
+  comm::DeviceCommunicator* device_comm = comm->device();
+  if (device_comm != nullptr && !on_device)
+    return absl::FailedPreconditionError(
+        "the NCCL data plane delivers rows to this worker's GPU: start it with --device cuda");
+  std::unique_ptr<DeviceStepLoop> device_loop;
+  if (device_comm != nullptr)
+    device_loop = std::make_unique<DeviceStepLoop>(device_comm, compute.get(),
+                                                   static_cast<int64_t>(local.size()), c,
+                                                   options.timeout);
 
   while (true) {
     comm::StepHeader header;
@@ -34,6 +101,10 @@ absl::Status RunExpertWorker(comm::Communicator* comm, const ModelWeights& weigh
       return absl::InternalError(absl::StrCat("unknown step kind ", static_cast<int>(header.kind)));
     EPX_ASSIGN_OR_RETURN(const comm::ExpertWire wire,
                          comm::ExpertWire::Create(c.hidden_size, header.activation));
+    if (device_loop != nullptr) {
+      EPX_RETURN_IF_ERROR(device_loop->Step(wire));
+      continue;
+    }
     count_bytes[0] = wire.CountBytes(static_cast<int64_t>(local.size()));
     for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
       EPX_RETURN_IF_ERROR(comm->AllToAllV(nullptr, none, counts.data(), count_bytes,

@@ -230,7 +230,54 @@ __global__ void PermuteRowsKernel(const Word* x, int64_t num_tokens, const int32
     permuted[r * row_words + i] = valid ? x[t * row_words + i] : Word{};
 }
 
+// ---- AssignGroups ----
+
+__global__ void AssignGroupsKernel(const int32_t* topk_ids, int64_t n, const int32_t* expert_groups,
+                                   const int32_t* replica_counts, int64_t num_experts,
+                                   int64_t max_replicas, int64_t rotation, int32_t num_groups,
+                                   int32_t* groups) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; s < n;
+       s += stride) {
+    const int64_t e = topk_ids[s];
+    if (e < 0 || e >= num_experts) {
+      groups[s] = num_groups;
+      continue;
+    }
+    const int64_t replicas = replica_counts[e];
+    groups[s] = expert_groups[e * max_replicas + (s + rotation) % replicas];
+  }
+}
+
 }  // namespace
+
+absl::Status AssignGroups(const TensorView& topk_ids, const TensorView& expert_groups,
+                          const TensorView& replica_counts, int64_t rotation, int64_t num_groups,
+                          const TensorView& groups, StreamHandle stream) {
+  constexpr const char* kOp = "AssignGroups";
+  EPX_RETURN_IF_ERROR(CheckTensor(kOp, "topk_ids", topk_ids, DType::kI32, {-1, -1}));
+  EPX_RETURN_IF_ERROR(CheckTensor(kOp, "expert_groups", expert_groups, DType::kI32, {-1, -1}));
+  const int64_t num_experts = expert_groups.dim(0), max_replicas = expert_groups.dim(1);
+  EPX_RETURN_IF_ERROR(
+      CheckTensor(kOp, "replica_counts", replica_counts, DType::kI32, {num_experts}));
+  EPX_RETURN_IF_ERROR(
+      CheckTensor(kOp, "groups", groups, DType::kI32, {topk_ids.dim(0), topk_ids.dim(1)}));
+  if (num_experts < 1 || max_replicas < 1)
+    return absl::InvalidArgumentError(absl::StrCat(kOp, ": expert_groups ",
+                                                   ShapeString(expert_groups.shape()),
+                                                   " needs an expert and a replica"));
+  if (num_groups < 1 || num_groups >= INT32_MAX || rotation < 0)
+    return absl::InvalidArgumentError(absl::StrCat(kOp, ": ", num_groups, " groups, rotation ",
+                                                   rotation));
+  const int64_t n = topk_ids.numel();
+  if (n == 0) return absl::OkStatus();
+  AssignGroupsKernel<<<FlatBlocks(n), kFlatThreads, 0, stream>>>(
+      topk_ids.data<const int32_t>(), n, expert_groups.data<const int32_t>(),
+      replica_counts.data<const int32_t>(), num_experts, max_replicas, rotation,
+      static_cast<int32_t>(num_groups), groups.data<int32_t>());
+  EPX_CUDA_RETURN_IF_LAUNCH_FAILED();
+  return absl::OkStatus();
+}
 
 absl::Status RouterTopK(const TensorView& logits, const TensorView& topk_ids,
                         const TensorView& topk_weights, StreamHandle stream) {

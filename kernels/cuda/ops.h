@@ -93,6 +93,18 @@ absl::Status ExpertPermutation(const TensorView& topk_ids, int64_t num_experts,
                                const TensorView& row_of_slot, const TensorView& scratch,
                                StreamHandle stream);
 
+// The (worker, local expert) group each routed slot goes to when the experts live on workers
+// with replicas: groups[s] = expert_groups[e, (s + rotation) % replica_counts[e]] for
+// e = topk_ids[s]. Slots of a replicated expert are dealt to its replicas by slot index, turned
+// by `rotation` (the step and layer) so that one-row decode steps reach every replica; an id
+// outside [0, num_experts) becomes num_groups, which ExpertPermutation sorts after every group.
+// topk_ids: [num_tokens, num_topk] I32; expert_groups: [num_experts, max_replicas] I32 (device,
+// each in [0, num_groups)); replica_counts: [num_experts] I32 in [1, max_replicas]; groups: like
+// topk_ids.
+absl::Status AssignGroups(const TensorView& topk_ids, const TensorView& expert_groups,
+                          const TensorView& replica_counts, int64_t rotation, int64_t num_groups,
+                          const TensorView& groups, StreamHandle stream);
+
 // permuted[r] = x[slots[r] / num_topk]. x: [num_tokens, hidden] BF16; slots: [num_rows] I32;
 // permuted: [num_rows, hidden] BF16.
 absl::Status PermuteRows(const TensorView& x, const TensorView& slots, int64_t num_topk,

@@ -28,27 +28,10 @@ namespace {
 
 using testing::ChildProcess;
 using testing::Completion;
+using testing::FreePort;
 using testing::EpxBinary;
 using testing::Greedy;
 using testing::ServerProcess;
-
-// A port free right now on 127.0.0.1 (for a coordinator the workers must know before it
-// starts).
-int FreePort() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
-  socklen_t len = sizeof(addr);
-  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-      getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-    close(fd);
-    return 0;
-  }
-  close(fd);
-  return ntohs(addr.sin_port);
-}
 
 std::string TestDir(const std::string& name) {
   const std::filesystem::path dir = std::filesystem::path(::testing::TempDir()) /

@@ -282,7 +282,10 @@ TEST(EpxCliTest, ClusterFlagsThatCannotWorkAreRefused) {
   EXPECT_THAT(r.output, ::testing::HasSubstr("--data-plane mpi needs an MPI launcher"));
   r = RunEpx("eval" + model + io + " --workers 2 --data-plane nccl");
   EXPECT_EQ(r.exit_code, 1);
-  EXPECT_THAT(r.output, ::testing::HasSubstr("--data-plane nccl is not available"));
+  EXPECT_THAT(r.output, ::testing::HasSubstr("--data-plane nccl moves rows between GPUs"));
+  r = RunEpx("worker" + model + " --coordinator 127.0.0.1:1 --data-plane nccl");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.output, ::testing::HasSubstr("add --device cuda"));
   r = RunEpx("eval" + model + io + " --data-plane tcp");
   EXPECT_NE(r.exit_code, 0);
   EXPECT_THAT(r.output, ::testing::HasSubstr("--data-plane"));

@@ -184,18 +184,5 @@ TEST(GlooCommunicatorTest, RendezvousNamesTheRankThatNeverJoined) {
             absl::StatusCode::kInvalidArgument);
 }
 
-TEST(DataPlaneTest, AutoResolvesByLauncherAndRefusesWhatCannotWork) {
-  EXPECT_EQ(ResolveDataPlane("auto", true).value_or(""), "mpi");
-  EXPECT_EQ(ResolveDataPlane("auto", false).value_or(""), "gloo");
-  EXPECT_EQ(ResolveDataPlane("gloo", false).value_or(""), "gloo");
-  EXPECT_EQ(ResolveDataPlane("mpi", true).value_or(""), "mpi");
-  EXPECT_EQ(ResolveDataPlane("mpi", false).status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(ResolveDataPlane("gloo", true).status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(ResolveDataPlane("nccl", false).status().code(), absl::StatusCode::kUnimplemented);
-  absl::StatusOr<std::string> bad = ResolveDataPlane("tcp", false);
-  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(bad.status().message().find("auto, mpi, gloo or nccl"), std::string::npos);
-}
-
 }  // namespace
 }  // namespace epx::comm
