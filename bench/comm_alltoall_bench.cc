@@ -6,7 +6,10 @@
 // per round trip and GB/s at rank 0, so the per-layer dispatch/combine times of `epx ... --stats`
 // can be read against the cost of moving the bytes.
 //
-//   mpirun -np 1+W build/bench/comm_alltoall_bench [bytes ...]
+//   mpirun -np 1+W build/bench/comm_alltoall_bench [--backend host|nccl] [bytes ...]
+//
+// --backend nccl (one GPU per rank) measures the NCCL data plane instead, next to NCCL's own
+// grouped ncclSend/ncclRecv of the same bytes (bench/comm_alltoall_nccl.cc).
 #include <mpi.h>
 
 #include <unistd.h>
@@ -15,6 +18,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #include <filesystem>
@@ -24,6 +28,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "bench/comm_alltoall_nccl.h"
 #include "comm/gloo_communicator.h"
 #include "comm/mpi_communicator.h"
 
@@ -109,6 +114,27 @@ int main(int argc, char** argv) {
   }
   epx::comm::Communicator& comm = **created;
   const int rank = comm.rank(), world = comm.world_size();
+  std::vector<int64_t> sizes;
+  bool nccl = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--backend" && i + 1 < argc) {
+      const std::string backend = argv[++i];
+      if (backend != "host" && backend != "nccl") {
+        if (rank == 0) std::fprintf(stderr, "--backend must be host or nccl\n");
+        return 2;
+      }
+      nccl = backend == "nccl";
+    } else {
+      sizes.push_back(std::atoll(argv[i]));
+    }
+  }
+  if (sizes.empty()) {
+    // One token to 4096 tokens of a 4096-wide hidden state (fp32 on the host planes, bf16 on
+    // NCCL), spread over the workers.
+    for (int64_t tokens : {1, 16, 256, 4096}) sizes.push_back(tokens * 4096 * (nccl ? 2 : 4));
+  }
+  if (nccl) return epx::bench::RunNcclAllToAll(comm, sizes);
   // The gloo group of the same ranks, on loopback; rank 0 names the store's directory.
   char dir[256] = {};
   if (rank == 0) {
@@ -133,12 +159,6 @@ int main(int argc, char** argv) {
   epx::comm::Communicator& gloo = **gloo_created;
   MPI_Barrier(MPI_COMM_WORLD);
   if (rank == 0) std::filesystem::remove_all(dir);
-  std::vector<int64_t> sizes;
-  for (int i = 1; i < argc; ++i) sizes.push_back(std::atoll(argv[i]));
-  if (sizes.empty()) {
-    // One token to 4096 tokens of a 4096-wide fp32 hidden state, spread over the workers.
-    for (int64_t tokens : {1, 16, 256, 4096}) sizes.push_back(tokens * 4096 * 4);
-  }
   if (rank == 0) {
     std::printf("# %d ranks (1 coordinator + %d workers); per round trip: coordinator sends "
                 "`bytes` to each worker, each worker sends `bytes` back\n",

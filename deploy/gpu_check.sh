@@ -31,6 +31,26 @@ if [ -z "$bundle" ] || ! [ -x "$bundle/bin/epx" ]; then die "--bundle must name 
 [ -n "$out" ] || die "--out is required"
 if [ "$tests$moe$decode" = 000 ]; then tests=1 moe=1 decode=1; fi
 bundle=$(cd "$bundle" && pwd)
+# The CUDA libraries (runtime, cuBLAS, NCCL) come from the node. Where the loader does not find
+# them, the CUDA wheels of the node's Python (site-packages/nvidia/*/lib, as PyTorch installs
+# them) are tried before giving up.
+if ldd "$bundle/bin/epx" | grep -q "not found"; then
+  wheel_libs=$(python3 - 2> /dev/null << 'PY'
+import glob, os, site
+dirs = []
+for base in site.getsitepackages() + [site.getusersitepackages()]:
+    dirs += sorted(glob.glob(os.path.join(base, "nvidia", "*", "lib")))
+    dirs += sorted(glob.glob(os.path.join(base, "nvidia", "cu*", "lib")))
+print(":".join(dict.fromkeys(dirs)))
+PY
+  ) || wheel_libs=""
+  if [ -n "$wheel_libs" ]; then export LD_LIBRARY_PATH="$wheel_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; fi
+  if ldd "$bundle/bin/epx" | grep "not found"; then
+    die "bin/epx needs the libraries above: install them, or put their folder on LD_LIBRARY_PATH"
+  fi
+fi
+# The gpu tests that start epx processes take the bundle's.
+export EPX_BINARY="$bundle/bin/epx"
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 

@@ -34,5 +34,43 @@ TEST(ExpertWireTest, ComputeTimeRoundTripsAfterOddRowBytes) {
   EXPECT_EQ(rows.dim(1), 3);
 }
 
+// The count planning both data planes share: three workers holding 2, 1 and 2 (worker, local
+// expert) groups; the coordinator (rank 0) has none.
+TEST(DispatchPlanTest, EachWorkersRowsAreTheRunOfItsGroups) {
+  const std::vector<int64_t> group_base = {0, 0, 2, 3, 5};
+  const std::vector<int64_t> offsets = {0, 3, 3, 7, 7, 9};  // group 1 and group 3 are empty
+  const DispatchPlan plan = PlanDispatch(group_base, offsets);
+  EXPECT_EQ(plan.first, (std::vector<int64_t>{0, 0, 3, 7}));
+  EXPECT_EQ(plan.rows, (std::vector<int64_t>{0, 3, 4, 2}));
+}
+
+TEST(DispatchPlanTest, AnIdleWorkerGetsNoRowsButKeepsItsPlace) {
+  const std::vector<int64_t> group_base = {0, 0, 1, 2};
+  const std::vector<int64_t> offsets = {0, 0, 5};
+  const DispatchPlan plan = PlanDispatch(group_base, offsets);
+  EXPECT_EQ(plan.rows, (std::vector<int64_t>{0, 0, 5}));
+  EXPECT_EQ(plan.first, (std::vector<int64_t>{0, 0, 0}));
+}
+
+// The NCCL counts message: a worker's slice of the coordinator's group offsets.
+TEST(DispatchPlanTest, LocalOffsetsStartAtZero) {
+  const std::vector<int32_t> slice = {7, 7, 12, 20};
+  EXPECT_EQ(LocalOffsets(slice).value_or(std::vector<int64_t>{}),
+            (std::vector<int64_t>{0, 0, 5, 13}));
+  const std::vector<int32_t> idle = {4, 4};
+  EXPECT_EQ(LocalOffsets(idle).value_or(std::vector<int64_t>{1}), (std::vector<int64_t>{0, 0}));
+}
+
+TEST(DispatchPlanTest, LocalOffsetsRefuseWhatNoCoordinatorSends) {
+  EXPECT_EQ(LocalOffsets(std::vector<int32_t>{5, 3}).status().code(),
+            absl::StatusCode::kInternal);
+  EXPECT_EQ(LocalOffsets(std::vector<int32_t>{-1, 3}).status().code(),
+            absl::StatusCode::kInternal);
+  EXPECT_EQ(LocalOffsets(std::vector<int32_t>{}).status().code(), absl::StatusCode::kInternal);
+  const absl::StatusOr<ExpertWire> wire = ExpertWire::Create(16, DType::kBF16);
+  ASSERT_TRUE(wire.ok());
+  EXPECT_EQ(wire->OffsetsBytes(3), 16);
+}
+
 }  // namespace
 }  // namespace epx::comm

@@ -448,5 +448,58 @@ TEST(CudaPermuteRowsTest, ArgumentsAreCheckedOnTheHost) {
               IsInvalidArgument("PermuteRows: too many rows"));
 }
 
+// ---- AssignGroups ----
+
+// 4 experts on 3 workers: expert 0 on workers 1 and 2, 1 on 2, 2 on 3, 3 on 1, 2 and 3. Groups
+// (worker, local expert) in send order: w1 {0, 3} = 0, 1; w2 {0, 1, 3} = 2, 3, 4; w3 {2, 3} = 5, 6.
+TEST(CudaAssignGroupsTest, DealsEachExpertsSlotsToItsReplicasByIndexAndRotation) {
+  EPX_SKIP_WITHOUT_GPU();
+  Stream stream = NewStream();
+  const StreamHandle s = stream.handle();
+  std::vector<int32_t> table = {0, 2, 0,  // expert 0: replicas on w1, w2 (padded)
+                                3, 3, 3,  // expert 1: w2
+                                5, 5, 5,  // expert 2: w3
+                                1, 4, 6};  // expert 3: w1, w2, w3
+  std::vector<int32_t> replicas = {2, 1, 1, 3};
+  const int64_t tokens = 19, topk = 2, num_groups = 7;
+  std::vector<int32_t> ids = RandomExperts(tokens * topk, 4, 11, false);
+  ids[5] = 9;  // outside the experts: sorts last
+  DeviceTensor ids_dev = Upload(I32View(ids, {tokens, topk}), s);
+  DeviceTensor table_dev = Upload(I32View(table, {4, 3}), s);
+  DeviceTensor replicas_dev = Upload(I32View(replicas, {4}), s);
+  for (int64_t rotation : {0, 1, 5}) {
+    SCOPED_TRACE(absl::StrCat("rotation ", rotation));
+    DeviceTensor groups = DeviceEmpty(DType::kI32, {tokens, topk}, s);
+    ASSERT_TRUE(
+        AssignGroups(ids_dev, table_dev, replicas_dev, rotation, num_groups, groups, s).ok());
+    std::vector<int32_t> want(ids.size());
+    for (size_t slot = 0; slot < ids.size(); ++slot) {
+      const int32_t e = ids[slot];
+      want[slot] = e < 0 || e >= 4 ? num_groups
+                                   : table[e * 3 + (slot + rotation) % replicas[e]];
+    }
+    EXPECT_EQ(ToVector32(Download(groups, s)), want);
+  }
+}
+
+TEST(CudaAssignGroupsTest, ArgumentsAreCheckedOnTheHost) {
+  EPX_SKIP_WITHOUT_CUDA_BUILD();
+  HostViews host;
+  const TensorView ids = host(DType::kI32, {3, 2});
+  const TensorView table = host(DType::kI32, {4, 2});
+  const TensorView replicas = host(DType::kI32, {4});
+  const TensorView groups = host(DType::kI32, {3, 2});
+  EXPECT_THAT(AssignGroups(host(DType::kI64, {3, 2}), table, replicas, 0, 8, groups, nullptr),
+              IsInvalidArgument("AssignGroups: topk_ids must be"));
+  EXPECT_THAT(AssignGroups(ids, table, host(DType::kI32, {3}), 0, 8, groups, nullptr),
+              IsInvalidArgument("AssignGroups: replica_counts must be"));
+  EXPECT_THAT(AssignGroups(ids, table, replicas, 0, 8, host(DType::kI32, {2, 3}), nullptr),
+              IsInvalidArgument("AssignGroups: groups must be"));
+  EXPECT_THAT(AssignGroups(ids, table, replicas, 0, 0, groups, nullptr),
+              IsInvalidArgument("AssignGroups: 0 groups"));
+  EXPECT_THAT(AssignGroups(ids, table, replicas, -1, 8, groups, nullptr),
+              IsInvalidArgument("rotation -1"));
+}
+
 }  // namespace
 }  // namespace epx::cuda

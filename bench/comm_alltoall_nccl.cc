@@ -1,0 +1,137 @@
+// comm_alltoall_bench --backend nccl: one GPU per rank (the local rank's), the same round trip
+// (coordinator sends `bytes` to each worker, each sends `bytes` back) through epx's NCCL
+// communicator (grouped transfers queued on a stream, then the watchdog's wait) and through
+// NCCL's own ncclSend/ncclRecv with a plain stream synchronisation: the library's cost of the
+// same bytes, measured in the same run.
+#include <cuda_runtime.h>
+#include <mpi.h>
+#include <nccl.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "bench/comm_alltoall_nccl.h"
+#include "comm/data_plane.h"
+#include "comm/device_communicator.h"
+#include "comm/nccl_communicator.h"
+
+namespace epx::bench {
+namespace {
+
+void Check(bool ok, const char* what) {
+  if (ok) return;
+  std::fprintf(stderr, "comm_alltoall_bench --backend nccl: %s failed\n", what);
+  MPI_Abort(MPI_COMM_WORLD, 1);
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+double P90(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() * 9 / 10];
+}
+
+}  // namespace
+
+int RunNcclAllToAll(comm::Communicator& mpi, const std::vector<int64_t>& sizes) {
+  const int rank = mpi.rank(), world = mpi.world_size();
+  int devices = 0;
+  Check(cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0, "finding a CUDA device");
+  const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
+  const int device = (local != nullptr ? std::atoi(local) : rank) % devices;
+  Check(cudaSetDevice(device) == cudaSuccess, "cudaSetDevice");
+  absl::StatusOr<std::string> id =
+      comm::BroadcastNcclUniqueId(mpi, absl::Seconds(60), comm::NewNcclUniqueId);
+  Check(id.ok(), "sharing the NCCL unique id");
+  absl::StatusOr<std::unique_ptr<comm::Communicator>> ours = comm::CreateNcclCommunicator(
+      {.rank = rank, .world_size = world, .unique_id = *id, .cuda_device = device,
+       .timeout = absl::Seconds(60)});
+  if (!ours.ok()) std::fprintf(stderr, "rank %d: %s\n", rank, ours.status().ToString().c_str());
+  Check(ours.ok(), "joining epx's NCCL communicator");
+  comm::DeviceCommunicator& dev = *(*ours)->device();
+  // NCCL's own communicator over the same ranks, for the peer numbers.
+  ncclUniqueId raw_id;
+  if (rank == 0) Check(ncclGetUniqueId(&raw_id) == ncclSuccess, "ncclGetUniqueId");
+  MPI_Bcast(&raw_id, sizeof(raw_id), MPI_BYTE, 0, MPI_COMM_WORLD);
+  ncclComm_t raw;
+  Check(ncclCommInitRank(&raw, world, raw_id, rank) == ncclSuccess, "ncclCommInitRank");
+  cudaStream_t stream;
+  Check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess, "stream");
+
+  if (rank == 0) {
+    std::printf("# %d ranks on GPUs (1 coordinator + %d workers); per round trip: coordinator "
+                "sends `bytes` to each worker, each worker sends `bytes` back\n",
+                world, world - 1);
+    std::printf("%12s %14s %12s %12s %15s %13s %13s\n", "bytes", "epx_median_us", "epx_p90_us",
+                "epx_GB/s", "nccl_median_us", "nccl_p90_us", "nccl_GB/s");
+  }
+  using Transfer = comm::DeviceCommunicator::Transfer;
+  for (int64_t bytes : sizes) {
+    const int reps = bytes >= (1 << 24) ? 20 : 200;
+    void* send = nullptr;
+    void* recv = nullptr;
+    Check(cudaMalloc(&send, bytes * world) == cudaSuccess, "cudaMalloc");
+    Check(cudaMalloc(&recv, bytes * world) == cudaSuccess, "cudaMalloc");
+    auto at = [&](void* base, int p) { return static_cast<char*>(base) + p * bytes; };
+    std::vector<Transfer> out, back;
+    std::vector<int> peers;
+    for (int p = 0; p < world; ++p) {
+      if ((rank == 0) == (p == 0)) continue;  // the coordinator and each worker
+      out.push_back({.is_send = rank == 0, .peer = p, .data = at(rank == 0 ? send : recv, p),
+                     .bytes = bytes});
+      back.push_back({.is_send = rank != 0, .peer = p, .data = at(rank == 0 ? recv : send, p),
+                      .bytes = bytes});
+      peers.push_back(p);
+    }
+    std::vector<double> epx_us, nccl_us;
+    for (int r = 0; r < reps + 5; ++r) {
+      MPI_Barrier(MPI_COMM_WORLD);
+      auto start = std::chrono::steady_clock::now();
+      Check(dev.Post(out, stream, "bench dispatch").ok(), "Post");
+      Check(dev.Post(back, stream, "bench combine").ok(), "Post");
+      Check(dev.Synchronize(stream, absl::Seconds(60), peers, "bench").ok(), "Synchronize");
+      const double a = std::chrono::duration<double, std::micro>(
+                           std::chrono::steady_clock::now() - start).count();
+      MPI_Barrier(MPI_COMM_WORLD);
+      start = std::chrono::steady_clock::now();
+      for (const std::vector<Transfer>* group : {&out, &back}) {
+        ncclGroupStart();
+        for (const Transfer& t : *group) {
+          if (t.is_send)
+            ncclSend(t.data, bytes, ncclUint8, t.peer, raw, stream);
+          else
+            ncclRecv(t.data, bytes, ncclUint8, t.peer, raw, stream);
+        }
+        Check(ncclGroupEnd() == ncclSuccess, "ncclGroupEnd");
+      }
+      Check(cudaStreamSynchronize(stream) == cudaSuccess, "cudaStreamSynchronize");
+      const double b = std::chrono::duration<double, std::micro>(
+                           std::chrono::steady_clock::now() - start).count();
+      if (r >= 5) {
+        epx_us.push_back(a);
+        nccl_us.push_back(b);
+      }
+    }
+    if (rank == 0) {
+      const double moved = 2.0 * bytes * (world - 1);
+      std::printf("%12lld %14.1f %12.1f %12.3f %15.1f %13.1f %13.3f\n",
+                  static_cast<long long>(bytes), Median(epx_us), P90(epx_us),
+                  moved / Median(epx_us) / 1e3, Median(nccl_us), P90(nccl_us),
+                  moved / Median(nccl_us) / 1e3);
+    }
+    cudaFree(send);
+    cudaFree(recv);
+  }
+  ncclCommDestroy(raw);
+  cudaStreamDestroy(stream);
+  return 0;
+}
+
+}  // namespace epx::bench
