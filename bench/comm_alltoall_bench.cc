@@ -30,42 +30,10 @@
 #include "absl/time/time.h"
 #include "bench/comm_alltoall_nccl.h"
 #include "comm/gloo_communicator.h"
+#include "comm/key_value_store.h"
 #include "comm/mpi_communicator.h"
 
 namespace {
-
-// The gloo rendezvous through files in a directory every rank sees (one host here). A value is
-// written under another name and renamed, so a reader never sees half of it.
-class FileStore : public epx::comm::KeyValueStore {
- public:
-  explicit FileStore(std::string dir) : dir_(std::move(dir)) {}
-  absl::Status Set(const std::string& key, const std::string& value) override {
-    const std::string path = Path(key);
-    std::ofstream(path + ".tmp", std::ios::binary) << value;
-    std::filesystem::rename(path + ".tmp", path);
-    return absl::OkStatus();
-  }
-  absl::StatusOr<std::string> Get(const std::string& key, absl::Duration timeout) override {
-    const absl::Time end = absl::Now() + timeout;
-    while (!std::filesystem::exists(Path(key))) {
-      if (absl::Now() > end) return absl::DeadlineExceededError(key);
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
-    std::ifstream in(Path(key), std::ios::binary);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
-  }
-
- private:
-  std::string Path(const std::string& key) const {
-    std::string name = key;
-    for (char& c : name)
-      if (c == '/') c = '_';
-    return dir_ + "/" + name;
-  }
-  std::string dir_;
-};
 
 // One dispatch + combine through `comm`; microseconds. The ranks line up through `comm` itself
 // first: an MPI barrier would leave the early ranks spinning in MPI while a gloo exchange needs
@@ -145,7 +113,7 @@ int main(int argc, char** argv) {
     std::snprintf(dir, sizeof(dir), "%s", made.c_str());
   }
   MPI_Bcast(dir, sizeof(dir), MPI_CHAR, 0, MPI_COMM_WORLD);
-  FileStore store(dir);
+  epx::comm::FileKeyValueStore store(dir);
   auto gloo_created = epx::comm::CreateGlooCommunicator({.rank = rank,
                                                           .world_size = world,
                                                           .store = &store,

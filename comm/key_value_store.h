@@ -41,6 +41,21 @@ class MemoryKeyValueStore : public KeyValueStore {
   std::map<std::string, std::string> values_ ABSL_GUARDED_BY(mu_);
 };
 
+// A store in files of one directory every rank sees (ranks on one host, or a shared file system):
+// for processes that share no control plane, such as a benchmark's ranks started by mpirun or a
+// test's. A value is written under another name and renamed, so a reader never sees half of it;
+// Get polls for the file every 5 ms. Keys may contain '/' (stored as '_').
+class FileKeyValueStore : public KeyValueStore {
+ public:
+  explicit FileKeyValueStore(std::string dir) : dir_(std::move(dir)) {}
+  absl::Status Set(const std::string& key, const std::string& value) override;
+  absl::StatusOr<std::string> Get(const std::string& key, absl::Duration timeout) override;
+
+ private:
+  std::string Path(const std::string& key) const;
+  std::string dir_;
+};
+
 }  // namespace epx::comm
 
 #endif  // EPX_COMM_KEY_VALUE_STORE_H_

@@ -15,6 +15,7 @@
 #include "comm/exchange.h"
 #include "comm/watchdog.h"
 #include "common/status.h"
+#include "kernels/cuda/cuda_check.h"
 
 namespace epx::comm {
 namespace {
@@ -42,12 +43,6 @@ absl::Status NcclError(ncclResult_t result, const char* expr, const char* file, 
                                    last != nullptr ? last : ""));
 }
 
-absl::Status CudaFailure(cudaError_t error, const char* expr, const char* file, int line) {
-  return absl::InternalError(absl::StrCat("CUDA error ", cudaGetErrorName(error), " (",
-                                          cudaGetErrorString(error), ") in ", expr, " at ", file,
-                                          ":", line));
-}
-
 }  // namespace
 }  // namespace epx::comm
 
@@ -58,12 +53,6 @@ absl::Status CudaFailure(cudaError_t error, const char* expr, const char* file, 
     const ncclResult_t epx_nccl_result_ = (expr);                                          \
     if (epx_nccl_result_ != ncclSuccess && epx_nccl_result_ != ncclInProgress)             \
       return ::epx::comm::NcclError(epx_nccl_result_, #expr, __FILE__, __LINE__, (handle)); \
-  } while (0)
-#define EPX_NCCL_CUDA_RETURN_IF_ERROR(expr)                                        \
-  do {                                                                             \
-    const cudaError_t epx_cuda_error_ = (expr);                                    \
-    if (epx_cuda_error_ != cudaSuccess)                                            \
-      return ::epx::comm::CudaFailure(epx_cuda_error_, #expr, __FILE__, __LINE__); \
   } while (0)
 
 namespace epx::comm {
@@ -87,7 +76,7 @@ class NcclProbe final : public WatchProbe {
     const cudaError_t query = cudaStreamQuery(stream_);
     if (query == cudaSuccess) return true;
     if (query == cudaErrorNotReady) return false;
-    return CudaFailure(query, "cudaStreamQuery", __FILE__, __LINE__);
+    return cuda::CudaError(query, "cudaStreamQuery", __FILE__, __LINE__);
   }
   void Abort() override {
     if (*aborted_) return;
@@ -139,8 +128,8 @@ class NcclCommunicator final : public Communicator, public DeviceCommunicator {
     if (o.cuda_device < 0 || o.cuda_device >= devices)
       return absl::InvalidArgumentError(absl::StrCat("--cuda-device ", o.cuda_device, ": this rank sees ",
                                                      devices, " device(s)"));
-    EPX_NCCL_CUDA_RETURN_IF_ERROR(cudaSetDevice(o.cuda_device));
-    EPX_NCCL_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    EPX_CUDA_RETURN_IF_ERROR(cudaSetDevice(o.cuda_device));
+    EPX_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     ncclUniqueId id;
     std::memcpy(&id, o.unique_id.data(), sizeof(id));
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
@@ -204,7 +193,7 @@ class NcclCommunicator final : public Communicator, public DeviceCommunicator {
     const int64_t in = std::accumulate(recv_bytes.begin(), recv_bytes.end(), int64_t{0});
     EPX_RETURN_IF_ERROR(Stage(out + in));
     if (out > 0) std::memcpy(pinned_, send, static_cast<size_t>(out));
-    EPX_NCCL_CUDA_RETURN_IF_ERROR(
+    EPX_CUDA_RETURN_IF_ERROR(
         cudaMemcpyAsync(device_, pinned_, static_cast<size_t>(out), cudaMemcpyHostToDevice, stream_));
     std::vector<Transfer> transfers;
     int64_t send_at = 0, recv_at = out;
@@ -217,7 +206,7 @@ class NcclCommunicator final : public Communicator, public DeviceCommunicator {
       recv_at += recv_bytes[p];
     }
     EPX_RETURN_IF_ERROR(Post(transfers, stream_, what));
-    EPX_NCCL_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(pinned_ + out, device_ + out,
+    EPX_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(pinned_ + out, device_ + out,
                                                   static_cast<size_t>(in), cudaMemcpyDeviceToHost,
                                                   stream_));
     std::vector<int> peers;
@@ -238,7 +227,7 @@ class NcclCommunicator final : public Communicator, public DeviceCommunicator {
     const size_t n = static_cast<size_t>(bytes);
     if (rank() == root) {
       std::memcpy(pinned_, data, n);
-      EPX_NCCL_CUDA_RETURN_IF_ERROR(
+      EPX_CUDA_RETURN_IF_ERROR(
           cudaMemcpyAsync(device_, pinned_, n, cudaMemcpyHostToDevice, stream_));
     }
     EPX_NCCL_RETURN_IF_ERROR(ncclBroadcast(device_, device_, n, ncclUint8, root, comm_, stream_),
@@ -246,7 +235,7 @@ class NcclCommunicator final : public Communicator, public DeviceCommunicator {
     const std::vector<int> peers = rank() == root ? Others() : std::vector<int>{root};
     EPX_RETURN_IF_ERROR(Settle(peers, what));
     if (rank() != root)
-      EPX_NCCL_CUDA_RETURN_IF_ERROR(
+      EPX_CUDA_RETURN_IF_ERROR(
           cudaMemcpyAsync(pinned_, device_, n, cudaMemcpyDeviceToHost, stream_));
     EPX_RETURN_IF_ERROR(Synchronize(stream_, timeout, peers, what));
     if (rank() != root) std::memcpy(data, pinned_, n);
@@ -261,12 +250,12 @@ class NcclCommunicator final : public Communicator, public DeviceCommunicator {
     EPX_RETURN_IF_ERROR(Stage(bytes + all));
     const size_t n = static_cast<size_t>(bytes);
     std::memcpy(pinned_, send, n);
-    EPX_NCCL_CUDA_RETURN_IF_ERROR(
+    EPX_CUDA_RETURN_IF_ERROR(
         cudaMemcpyAsync(device_, pinned_, n, cudaMemcpyHostToDevice, stream_));
     EPX_NCCL_RETURN_IF_ERROR(
         ncclAllGather(device_, device_ + bytes, n, ncclUint8, comm_, stream_), comm_);
     EPX_RETURN_IF_ERROR(Settle(Others(), what));
-    EPX_NCCL_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(pinned_ + bytes, device_ + bytes,
+    EPX_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(pinned_ + bytes, device_ + bytes,
                                                   static_cast<size_t>(all),
                                                   cudaMemcpyDeviceToHost, stream_));
     EPX_RETURN_IF_ERROR(Synchronize(stream_, timeout, Others(), what));
@@ -316,8 +305,8 @@ class NcclCommunicator final : public Communicator, public DeviceCommunicator {
     device_ = nullptr;
     pinned_ = nullptr;
     capacity_ = 0;
-    EPX_NCCL_CUDA_RETURN_IF_ERROR(cudaMalloc(&device_, static_cast<size_t>(want)));
-    EPX_NCCL_CUDA_RETURN_IF_ERROR(cudaMallocHost(&pinned_, static_cast<size_t>(want)));
+    EPX_CUDA_RETURN_IF_ERROR(cudaMalloc(&device_, static_cast<size_t>(want)));
+    EPX_CUDA_RETURN_IF_ERROR(cudaMallocHost(&pinned_, static_cast<size_t>(want)));
     capacity_ = want;
     return absl::OkStatus();
   }

@@ -27,17 +27,22 @@ class DeviceStepLoop {
   absl::Status Step(const comm::ExpertWire& wire) {
     cuda::StreamHandle s = compute_->stream();
     const int64_t H = config_.hidden_size;
+    // Sized once, while the stream is idle (growing a staging buffer waits on the stream, which
+    // here would be a wait on the coordinator without the watchdog).
+    if (counts_host_.size() == 0) {
+      EPX_ASSIGN_OR_RETURN(counts_, cuda::DeviceBuffer::Allocate(wire.OffsetsBytes(local_)));
+      EPX_ASSIGN_OR_RETURN(counts_host_, cuda::PinnedBuffer::Allocate(wire.OffsetsBytes(local_)));
+    }
     for (int64_t layer = 0; layer < config_.num_hidden_layers; ++layer) {
       const std::string what = absl::StrCat("layer ", layer);
-      EPX_ASSIGN_OR_RETURN(const TensorView counts,
-                           counts_.View(DType::kI32, {local_ + 1}, s));
-      const Transfer in_counts{.is_send = false, .peer = 0, .data = counts.raw(),
+      const Transfer in_counts{.is_send = false, .peer = 0, .data = counts_.data(),
                                .bytes = wire.OffsetsBytes(local_)};
       EPX_RETURN_IF_ERROR(comm_->Post({&in_counts, 1}, s, what + " counts"));
-      EPX_ASSIGN_OR_RETURN(const TensorView host, counts_host_.Download(counts, s));
+      EPX_RETURN_IF_ERROR(
+          cuda::CopyToHost(counts_host_.data(), counts_.data(), counts_.size(), s));
       EPX_RETURN_IF_ERROR(comm_->Synchronize(s, timeout_, {0}, what + " counts"));
       EPX_ASSIGN_OR_RETURN(const std::vector<int64_t> offsets,
-                           comm::LocalOffsets({host.data<const int32_t>(),
+                           comm::LocalOffsets({static_cast<const int32_t*>(counts_host_.data()),
                                                static_cast<size_t>(local_ + 1)}));
       const int64_t n = offsets.back();
       if (n == 0) continue;  // idle this layer: nothing to or from the coordinator
@@ -62,8 +67,9 @@ class DeviceStepLoop {
   const int64_t local_;
   const ModelConfig& config_;
   const absl::Duration timeout_;
-  cuda::DeviceStaging counts_, rows_, out_;
-  cuda::HostStaging counts_host_;
+  cuda::DeviceBuffer counts_;       // the counts message, [local experts + 1] I32
+  cuda::PinnedBuffer counts_host_;  // its copy on the host
+  cuda::DeviceStaging rows_, out_;
 };
 
 }  // namespace

@@ -25,32 +25,6 @@
 namespace epx::comm {
 namespace {
 
-// The unique id through a file: rank 0 writes it under another name and renames it.
-class FileStore : public KeyValueStore {
- public:
-  explicit FileStore(std::string dir) : dir_(std::move(dir)) {}
-  absl::Status Set(const std::string& key, const std::string& value) override {
-    std::ofstream(Path(key) + ".tmp", std::ios::binary) << value;
-    std::filesystem::rename(Path(key) + ".tmp", Path(key));
-    return absl::OkStatus();
-  }
-  absl::StatusOr<std::string> Get(const std::string& key, absl::Duration timeout) override {
-    const absl::Time end = absl::Now() + timeout;
-    while (!std::filesystem::exists(Path(key))) {
-      if (absl::Now() > end) return absl::DeadlineExceededError(key);
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
-    std::ifstream in(Path(key), std::ios::binary);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
-  }
-
- private:
-  std::string Path(const std::string& key) const { return dir_ + "/" + key; }
-  std::string dir_;
-};
-
 #define EXPECT_OK(expr)                          \
   do {                                           \
     const absl::Status s_ = (expr);              \
@@ -64,7 +38,7 @@ TEST(NcclRank, DISABLED_Rank) {
   const char* dir = std::getenv("EPX_NCCL_TEST_DIR");
   ASSERT_TRUE(rank_text != nullptr && dir != nullptr);
   const int rank = std::atoi(rank_text);
-  FileStore store(dir);
+  FileKeyValueStore store(dir);
   absl::StatusOr<std::string> id =
       rank == 0 ? NewNcclUniqueId() : store.Get("id", absl::Seconds(60));
   ASSERT_TRUE(id.ok()) << id.status();

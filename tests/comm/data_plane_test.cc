@@ -6,10 +6,14 @@
 
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
+#include <filesystem>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "comm/inproc_communicator.h"
 #include "comm/nccl_communicator.h"
 #include "kernels/cuda/runtime.h"
@@ -109,6 +113,25 @@ TEST(DataPlaneTest, UniqueIdOverTheLaunchersCommunicatorWhenRankZeroFails) {
   EXPECT_EQ(got[0].code(), absl::StatusCode::kInternal) << got[0];
   EXPECT_EQ(got[1].code(), absl::StatusCode::kUnavailable) << got[1];
   EXPECT_NE(got[1].message().find("rank 0"), std::string::npos) << got[1];
+}
+
+TEST(DataPlaneTest, UniqueIdThroughAFileStore) {
+  const std::string dir = absl::StrCat(::testing::TempDir(), "/file_store_", getpid());
+  std::filesystem::create_directories(dir);
+  FileKeyValueStore store(dir);
+  std::string worker;
+  std::thread waiting([&] {
+    worker = ShareNcclUniqueId(store, "nccl/epoch-1/", 1, absl::Seconds(60), nullptr).value_or("");
+  });
+  const NewIdFn new_id = [] { return absl::StatusOr<std::string>(std::string(128, 'z')); };
+  EXPECT_EQ(ShareNcclUniqueId(store, "nccl/epoch-1/", 0, absl::Seconds(60), new_id).value_or(""),
+            std::string(128, 'z'));
+  waiting.join();
+  EXPECT_EQ(worker, std::string(128, 'z'));
+  const absl::StatusOr<std::string> missing = store.Get("other", absl::ZeroDuration());
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_NE(missing.status().message().find("other"), std::string::npos) << missing.status();
+  std::filesystem::remove_all(dir);
 }
 
 TEST(DataPlaneTest, NcclWithoutADeviceIsAClearError) {
