@@ -186,6 +186,7 @@ absl::Status Runtime::Connect() {
   if (o.comm != nullptr) {
     comm_ = o.comm;
   } else if (comm::LaunchedByMpi()) {
+    launched_by_mpi_ = true;
     if (o.workers > 0 || !o.coordinator.empty())
       return absl::InvalidArgumentError(
           "--workers and --coordinator form a cluster without a launcher; under mpirun the "

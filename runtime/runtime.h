@@ -119,11 +119,11 @@ class Runtime {
   int world_size() const { return world_size_; }
   bool is_worker() const { return rank() != 0; }
   // A cluster formed without a launcher (coordinator or worker).
-  bool launcher_free() const { return !data_plane_.empty() && data_plane_ != "mpi"; }
+  bool launcher_free() const { return !data_plane_.empty() && !launched_by_mpi_; }
   const ModelConfig& config() const { return config_; }
   // The host weights this rank loaded; nullptr with --load-format dummy.
   const ModelWeights* weights() const { return weights_.get(); }
-  // The resolved data plane ("mpi", "gloo"); empty alone or with an injected communicator.
+  // The resolved data plane ("mpi", "gloo", "nccl"); empty alone or with an injected communicator.
   const std::string& data_plane() const { return data_plane_; }
 
   // Worker ranks: serves expert work until the coordinator shuts the job down. On an error the
@@ -195,6 +195,7 @@ class Runtime {
   int rank_ = 0;
   int world_size_ = 1;
   std::string data_plane_;
+  bool launched_by_mpi_ = false;  // the ranks came from mpirun (data plane mpi, or nccl over it)
   std::optional<absl::Status> configured_;  // set when Connect() already configured
   std::unique_ptr<comm::Communicator> owned_comm_;
   comm::Communicator* comm_ = nullptr;
