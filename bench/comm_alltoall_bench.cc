@@ -8,8 +8,10 @@
 //
 //   mpirun -np 1+W build/bench/comm_alltoall_bench [--backend host|nccl] [bytes ...]
 //
-// --backend nccl (one GPU per rank) measures the NCCL data plane instead, next to NCCL's own
-// grouped ncclSend/ncclRecv of the same bytes (bench/comm_alltoall_nccl.cc).
+// --backend nccl (one GPU per rank, by local rank) measures the NCCL data plane instead, next to
+// NCCL's own grouped ncclSend/ncclRecv of the same bytes (bench/comm_alltoall_nccl.cc). It also
+// runs without mpirun, each rank started by hand:
+//   comm_alltoall_bench --backend nccl --rank R --world W --dir DIR [--cuda-device N] [bytes ...]
 #include <mpi.h>
 
 #include <unistd.h>
@@ -29,9 +31,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "bench/comm_alltoall_nccl.h"
+#include "comm/data_plane.h"
 #include "comm/gloo_communicator.h"
 #include "comm/key_value_store.h"
 #include "comm/mpi_communicator.h"
+#include "comm/nccl_communicator.h"
+#include "kernels/cuda/runtime.h"
 
 namespace {
 
@@ -75,24 +80,28 @@ Timing Summarise(std::vector<double> us) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  auto created = epx::comm::CreateMpiCommunicator(&argc, &argv);
-  if (!created.ok()) {
-    std::fprintf(stderr, "comm_alltoall_bench: %s\n", created.status().ToString().c_str());
-    return 1;
-  }
-  epx::comm::Communicator& comm = **created;
-  const int rank = comm.rank(), world = comm.world_size();
   std::vector<int64_t> sizes;
   bool nccl = false;
+  int self_rank = -1, self_world = 0, cuda_device = -1;
+  std::string dir_flag;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
-    if (arg == "--backend" && i + 1 < argc) {
+    const bool has_value = i + 1 < argc;
+    if (arg == "--backend" && has_value) {
       const std::string backend = argv[++i];
       if (backend != "host" && backend != "nccl") {
-        if (rank == 0) std::fprintf(stderr, "--backend must be host or nccl\n");
+        std::fprintf(stderr, "--backend must be host or nccl\n");
         return 2;
       }
       nccl = backend == "nccl";
+    } else if (arg == "--rank" && has_value) {
+      self_rank = std::atoi(argv[++i]);
+    } else if (arg == "--world" && has_value) {
+      self_world = std::atoi(argv[++i]);
+    } else if (arg == "--dir" && has_value) {
+      dir_flag = argv[++i];
+    } else if (arg == "--cuda-device" && has_value) {
+      cuda_device = std::atoi(argv[++i]);
     } else {
       sizes.push_back(std::atoll(argv[i]));
     }
@@ -102,7 +111,42 @@ int main(int argc, char** argv) {
     // NCCL), spread over the workers.
     for (int64_t tokens : {1, 16, 256, 4096}) sizes.push_back(tokens * 4096 * (nccl ? 2 : 4));
   }
-  if (nccl) return epx::bench::RunNcclAllToAll(comm, sizes);
+  const int devices = epx::cuda::DeviceCount();
+  if (nccl && !epx::comm::LaunchedByMpi()) {
+    // Without a launcher each rank is started by hand, with the same --dir for the rendezvous.
+    if (self_rank < 0 || self_world < 2 || self_rank >= self_world || dir_flag.empty()) {
+      std::fprintf(stderr, "--backend nccl without mpirun needs --rank R --world W --dir DIR\n");
+      return 2;
+    }
+    epx::comm::FileKeyValueStore store(dir_flag);
+    absl::StatusOr<std::string> id = epx::comm::ShareNcclUniqueId(
+        store, "nccl/", self_rank, absl::Seconds(120), epx::comm::NewNcclUniqueId);
+    if (!id.ok()) {
+      std::fprintf(stderr, "rank %d: %s\n", self_rank, id.status().ToString().c_str());
+      return 1;
+    }
+    return epx::bench::RunNcclAllToAll(self_rank, self_world, *id,
+                                       cuda_device >= 0 ? cuda_device : 0, sizes);
+  }
+  auto created = epx::comm::CreateMpiCommunicator(&argc, &argv);
+  if (!created.ok()) {
+    std::fprintf(stderr, "comm_alltoall_bench: %s\n", created.status().ToString().c_str());
+    return 1;
+  }
+  epx::comm::Communicator& comm = **created;
+  const int rank = comm.rank(), world = comm.world_size();
+  if (nccl) {
+    absl::StatusOr<std::string> id =
+        epx::comm::BroadcastNcclUniqueId(comm, absl::Seconds(60), epx::comm::NewNcclUniqueId);
+    if (!id.ok()) {
+      std::fprintf(stderr, "rank %d: %s\n", rank, id.status().ToString().c_str());
+      MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    const int local = epx::comm::LocalRankFromEnvironment();
+    const int device = cuda_device >= 0 ? cuda_device
+                                        : (devices > 0 ? (local >= 0 ? local : rank) % devices : 0);
+    return epx::bench::RunNcclAllToAll(rank, world, *id, device, sizes);
+  }
   // The gloo group of the same ranks, on loopback; rank 0 names the store's directory.
   char dir[256] = {};
   if (rank == 0) {

@@ -1,10 +1,9 @@
-// comm_alltoall_bench --backend nccl: one GPU per rank (the local rank's), the same round trip
+// comm_alltoall_bench --backend nccl: one GPU per rank, the same round trip
 // (coordinator sends `bytes` to each worker, each sends `bytes` back) through epx's NCCL
 // communicator (grouped transfers queued on a stream, then the watchdog's wait) and through
 // NCCL's own ncclSend/ncclRecv with a plain stream synchronisation: the library's cost of the
 // same bytes, measured in the same run.
 #include <cuda_runtime.h>
-#include <mpi.h>
 #include <nccl.h>
 
 #include <algorithm>
@@ -25,7 +24,7 @@ namespace {
 void Check(bool ok, const char* what) {
   if (ok) return;
   std::fprintf(stderr, "comm_alltoall_bench --backend nccl: %s failed\n", what);
-  MPI_Abort(MPI_COMM_WORLD, 1);
+  std::exit(1);
 }
 
 double Median(std::vector<double> v) {
@@ -40,26 +39,30 @@ double P90(std::vector<double> v) {
 
 }  // namespace
 
-int RunNcclAllToAll(comm::Communicator& mpi, const std::vector<int64_t>& sizes) {
-  const int rank = mpi.rank(), world = mpi.world_size();
-  int devices = 0;
-  Check(cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0, "finding a CUDA device");
-  const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
-  const int device = (local != nullptr ? std::atoi(local) : rank) % devices;
-  Check(cudaSetDevice(device) == cudaSuccess, "cudaSetDevice");
-  absl::StatusOr<std::string> id =
-      comm::BroadcastNcclUniqueId(mpi, absl::Seconds(60), comm::NewNcclUniqueId);
-  Check(id.ok(), "sharing the NCCL unique id");
+int RunNcclAllToAll(int rank, int world, const std::string& unique_id, int cuda_device,
+                    const std::vector<int64_t>& sizes) {
   absl::StatusOr<std::unique_ptr<comm::Communicator>> ours = comm::CreateNcclCommunicator(
-      {.rank = rank, .world_size = world, .unique_id = *id, .cuda_device = device,
+      {.rank = rank, .world_size = world, .unique_id = unique_id, .cuda_device = cuda_device,
        .timeout = absl::Seconds(60)});
   if (!ours.ok()) std::fprintf(stderr, "rank %d: %s\n", rank, ours.status().ToString().c_str());
   Check(ours.ok(), "joining epx's NCCL communicator");
-  comm::DeviceCommunicator& dev = *(*ours)->device();
-  // NCCL's own communicator over the same ranks, for the peer numbers.
+  comm::Communicator& host = **ours;
+  comm::DeviceCommunicator& dev = *host.device();
+  // The ranks line up through the communicator's own host call (no launcher needed).
+  auto barrier = [&] {
+    char mine = 0;
+    std::vector<char> all(world);
+    Check(host.AllGather(&mine, 1, all.data(), comm::Tag::kHandshake, absl::Seconds(60), "barrier")
+              .ok(),
+          "barrier");
+  };
+  // NCCL's own communicator over the same ranks, for the peer numbers; its id travels over ours.
   ncclUniqueId raw_id;
   if (rank == 0) Check(ncclGetUniqueId(&raw_id) == ncclSuccess, "ncclGetUniqueId");
-  MPI_Bcast(&raw_id, sizeof(raw_id), MPI_BYTE, 0, MPI_COMM_WORLD);
+  Check(host.Broadcast(&raw_id, sizeof(raw_id), 0, comm::Tag::kHandshake, absl::Seconds(60),
+                       "raw id")
+            .ok(),
+        "sharing the raw NCCL id");
   ncclComm_t raw;
   Check(ncclCommInitRank(&raw, world, raw_id, rank) == ncclSuccess, "ncclCommInitRank");
   cudaStream_t stream;
@@ -92,14 +95,14 @@ int RunNcclAllToAll(comm::Communicator& mpi, const std::vector<int64_t>& sizes) 
     }
     std::vector<double> epx_us, nccl_us;
     for (int r = 0; r < reps + 5; ++r) {
-      MPI_Barrier(MPI_COMM_WORLD);
+      barrier();
       auto start = std::chrono::steady_clock::now();
       Check(dev.Post(out, stream, "bench dispatch").ok(), "Post");
       Check(dev.Post(back, stream, "bench combine").ok(), "Post");
       Check(dev.Synchronize(stream, absl::Seconds(60), peers, "bench").ok(), "Synchronize");
       const double a = std::chrono::duration<double, std::micro>(
                            std::chrono::steady_clock::now() - start).count();
-      MPI_Barrier(MPI_COMM_WORLD);
+      barrier();
       start = std::chrono::steady_clock::now();
       for (const std::vector<Transfer>* group : {&out, &back}) {
         ncclGroupStart();

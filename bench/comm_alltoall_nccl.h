@@ -4,14 +4,17 @@
 #define EPX_BENCH_COMM_ALLTOALL_NCCL_H_
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "comm/communicator.h"
 
 namespace epx::bench {
 
-// Under mpirun, every rank: the round trips of `sizes` bytes; prints at rank 0. Exit code.
-int RunNcclAllToAll(comm::Communicator& mpi, const std::vector<int64_t>& sizes);
+// Every rank of a job of `world` ranks: the round trips of `sizes` bytes on the GPU `cuda_device`;
+// prints at rank 0. `unique_id`: rank 0's NCCL unique id (comm/data_plane.h shares it). Exit code.
+int RunNcclAllToAll(int rank, int world, const std::string& unique_id, int cuda_device,
+                    const std::vector<int64_t>& sizes);
 
 }  // namespace epx::bench
 

@@ -1,7 +1,9 @@
 #include "comm/data_plane.h"
 
+#include <cstdlib>
 #include <cstring>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "comm/mpi_communicator.h"
 #include "comm/nccl_communicator.h"
@@ -15,6 +17,15 @@ namespace {
 constexpr int64_t kMaxIdBytes = 1024;
 
 }  // namespace
+
+int LocalRankFromEnvironment() {
+  for (const char* name : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK"}) {
+    const char* value = std::getenv(name);
+    int rank = -1;
+    if (value != nullptr && absl::SimpleAtoi(value, &rank) && rank >= 0) return rank;
+  }
+  return -1;
+}
 
 absl::StatusOr<std::string> ResolveDataPlane(const std::string& requested, bool launched_by_mpi,
                                              bool on_gpu) {

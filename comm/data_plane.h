@@ -22,6 +22,9 @@
 
 namespace epx::comm {
 
+// This process's local rank as a launcher sets it (Open MPI, Slurm, torchrun), or -1.
+int LocalRankFromEnvironment();
+
 // The data plane `requested` resolves to: "mpi", "gloo" or "nccl". `on_gpu`: this rank computes
 // on a GPU. InvalidArgument for an unknown name or one that cannot work here (mpi without a
 // launcher, gloo under one, nccl on the CPU); FailedPrecondition for nccl in a build without it.

@@ -6,16 +6,17 @@
 # and the source tree (tests/data for the fixtures, bench/ for the peer scripts). Writes every
 # log and JSON under OUT and prints a summary; exits non-zero if a test failed.
 # Usage:
-#   deploy/gpu_check.sh --bundle DIR --out OUT [--tests] [--moe-layer] [--decode]
+#   deploy/gpu_check.sh --bundle DIR --out OUT [--tests] [--moe-layer] [--decode] [--nccl]
 #     --tests      every gpu test binary (tests/cuda_*_test), one log each
 #     --moe-layer  bench/moe_layer.sh: one Mixtral-8x7B MoE layer, epx next to PyTorch
 #     --decode     bench/decode.sh: whole-model decode, epx next to HF transformers
-#   With none of the three, all of them.
+#     --nccl       bench/nccl_layer.sh: remote experts over NCCL, next to NCCL's own exchange
+#   With none of them, all of them.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 die() { echo "gpu_check: error: $*" >&2; exit 1; }
 
-bundle="" out="" tests=0 moe=0 decode=0
+bundle="" out="" tests=0 moe=0 decode=0 nccl=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --bundle) [ $# -ge 2 ] || die "--bundle needs a value"; bundle=$2; shift 2 ;;
@@ -23,13 +24,14 @@ while [ $# -gt 0 ]; do
     --tests) tests=1; shift ;;
     --moe-layer) moe=1; shift ;;
     --decode) decode=1; shift ;;
+    --nccl) nccl=1; shift ;;
     -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
     *) die "unknown argument '$1'" ;;
   esac
 done
 if [ -z "$bundle" ] || ! [ -x "$bundle/bin/epx" ]; then die "--bundle must name a bundle (bin/epx)"; fi
 [ -n "$out" ] || die "--out is required"
-if [ "$tests$moe$decode" = 000 ]; then tests=1 moe=1 decode=1; fi
+if [ "$tests$moe$decode$nccl" = 0000 ]; then tests=1 moe=1 decode=1 nccl=1; fi
 bundle=$(cd "$bundle" && pwd)
 # The CUDA libraries (runtime, cuBLAS, NCCL) come from the node. Where the loader does not find
 # them, the CUDA wheels of the node's Python (site-packages/nvidia/*/lib, as PyTorch installs
@@ -95,5 +97,12 @@ if [ "$decode" = 1 ]; then
     > "$out/decode.txt" 2>&1 ||
     echo "  decode.sh exited non-zero: see decode.txt"
   tail -n 25 "$out/decode.txt"
+fi
+if [ "$nccl" = 1 ]; then
+  echo "== remote experts over NCCL (bench/nccl_layer.sh)"
+  EPX_BIN="$bundle/bin/epx" BENCH_BIN="$bundle/bench/comm_alltoall_bench" OUT_DIR="$out/nccl_layer" \
+    bash "$root/bench/nccl_layer.sh" > "$out/nccl_layer.txt" 2>&1 ||
+    echo "  nccl_layer.sh exited non-zero: see nccl_layer.txt"
+  tail -n 25 "$out/nccl_layer.txt"
 fi
 exit "$failed"

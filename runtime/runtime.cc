@@ -14,7 +14,6 @@
 #include <random>
 
 #include "absl/strings/ascii.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "comm/data_plane.h"
 #include "comm/device_communicator.h"
@@ -109,15 +108,6 @@ std::string LocalAddressTowards(const std::string& host) {
 
 }  // namespace
 
-int LocalRankFromEnvironment() {
-  for (const char* name : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK"}) {
-    const char* value = std::getenv(name);
-    int rank = -1;
-    if (value != nullptr && absl::SimpleAtoi(value, &rank) && rank >= 0) return rank;
-  }
-  return -1;
-}
-
 bool Runtime::stop_requested() { return g_stop.load(); }
 void Runtime::RequestStop() { g_stop.store(true); }
 
@@ -126,7 +116,7 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Start(const RuntimeOptions& op
   rt->options_ = options;
   // One GPU per rank: a launcher's local rank picks it unless --cuda-device did.
   if (options.device == "cuda" && options.cuda_device_from_local_rank) {
-    const int local = LocalRankFromEnvironment(), devices = cuda::DeviceCount();
+    const int local = comm::LocalRankFromEnvironment(), devices = cuda::DeviceCount();
     if (local >= 0 && devices > 0) rt->options_.cuda.device = local % devices;
   }
   // A GPU that is not there is said before anything waits for peers.

@@ -98,9 +98,6 @@ std::string BuildId();
 std::string HostName();
 // A random id drawn once per process, which its registrations carry (WorkerInfo::instance).
 const std::string& ProcessInstanceId();
-// This process's local rank as a launcher sets it (Open MPI, Slurm, torchrun), or -1.
-int LocalRankFromEnvironment();
-
 // The secret of a launcher-free cluster: the contents of `file` (surrounding whitespace
 // dropped; NotFound / InvalidArgument for a missing or empty file), else $EPX_CLUSTER_TOKEN,
 // else none ("").
