@@ -3,6 +3,8 @@
 // communicator (grouped transfers queued on a stream, then the watchdog's wait) and through
 // NCCL's own ncclSend/ncclRecv with a plain stream synchronisation: the library's cost of the
 // same bytes, measured in the same run.
+#include "bench/comm_alltoall_nccl.h"
+
 #include <cuda_runtime.h>
 #include <nccl.h>
 
@@ -13,7 +15,6 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "bench/comm_alltoall_nccl.h"
 #include "comm/data_plane.h"
 #include "comm/device_communicator.h"
 #include "comm/nccl_communicator.h"
@@ -41,9 +42,12 @@ double P90(std::vector<double> v) {
 
 int RunNcclAllToAll(int rank, int world, const std::string& unique_id, int cuda_device,
                     const std::vector<int64_t>& sizes) {
-  absl::StatusOr<std::unique_ptr<comm::Communicator>> ours = comm::CreateNcclCommunicator(
-      {.rank = rank, .world_size = world, .unique_id = unique_id, .cuda_device = cuda_device,
-       .timeout = absl::Seconds(60)});
+  absl::StatusOr<std::unique_ptr<comm::Communicator>> ours =
+      comm::CreateNcclCommunicator({.rank = rank,
+                                    .world_size = world,
+                                    .unique_id = unique_id,
+                                    .cuda_device = cuda_device,
+                                    .timeout = absl::Seconds(60)});
   if (!ours.ok()) std::fprintf(stderr, "rank %d: %s\n", rank, ours.status().ToString().c_str());
   Check(ours.ok(), "joining epx's NCCL communicator");
   comm::Communicator& host = **ours;
@@ -59,19 +63,20 @@ int RunNcclAllToAll(int rank, int world, const std::string& unique_id, int cuda_
   // NCCL's own communicator over the same ranks, for the peer numbers; its id travels over ours.
   ncclUniqueId raw_id;
   if (rank == 0) Check(ncclGetUniqueId(&raw_id) == ncclSuccess, "ncclGetUniqueId");
-  Check(host.Broadcast(&raw_id, sizeof(raw_id), 0, comm::Tag::kHandshake, absl::Seconds(60),
-                       "raw id")
-            .ok(),
-        "sharing the raw NCCL id");
+  Check(
+      host.Broadcast(&raw_id, sizeof(raw_id), 0, comm::Tag::kHandshake, absl::Seconds(60), "raw id")
+          .ok(),
+      "sharing the raw NCCL id");
   ncclComm_t raw;
   Check(ncclCommInitRank(&raw, world, raw_id, rank) == ncclSuccess, "ncclCommInitRank");
   cudaStream_t stream;
   Check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess, "stream");
 
   if (rank == 0) {
-    std::printf("# %d ranks on GPUs (1 coordinator + %d workers); per round trip: coordinator "
-                "sends `bytes` to each worker, each worker sends `bytes` back\n",
-                world, world - 1);
+    std::printf(
+        "# %d ranks on GPUs (1 coordinator + %d workers); per round trip: coordinator "
+        "sends `bytes` to each worker, each worker sends `bytes` back\n",
+        world, world - 1);
     std::printf("%12s %14s %12s %12s %15s %13s %13s\n", "bytes", "epx_median_us", "epx_p90_us",
                 "epx_GB/s", "nccl_median_us", "nccl_p90_us", "nccl_GB/s");
   }
@@ -87,9 +92,13 @@ int RunNcclAllToAll(int rank, int world, const std::string& unique_id, int cuda_
     std::vector<int> peers;
     for (int p = 0; p < world; ++p) {
       if ((rank == 0) == (p == 0)) continue;  // the coordinator and each worker
-      out.push_back({.is_send = rank == 0, .peer = p, .data = at(rank == 0 ? send : recv, p),
+      out.push_back({.is_send = rank == 0,
+                     .peer = p,
+                     .data = at(rank == 0 ? send : recv, p),
                      .bytes = bytes});
-      back.push_back({.is_send = rank != 0, .peer = p, .data = at(rank == 0 ? recv : send, p),
+      back.push_back({.is_send = rank != 0,
+                      .peer = p,
+                      .data = at(rank == 0 ? recv : send, p),
                       .bytes = bytes});
       peers.push_back(p);
     }
@@ -100,8 +109,9 @@ int RunNcclAllToAll(int rank, int world, const std::string& unique_id, int cuda_
       Check(dev.Post(out, stream, "bench dispatch").ok(), "Post");
       Check(dev.Post(back, stream, "bench combine").ok(), "Post");
       Check(dev.Synchronize(stream, absl::Seconds(60), peers, "bench").ok(), "Synchronize");
-      const double a = std::chrono::duration<double, std::micro>(
-                           std::chrono::steady_clock::now() - start).count();
+      const double a =
+          std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start)
+              .count();
       barrier();
       start = std::chrono::steady_clock::now();
       for (const std::vector<Transfer>* group : {&out, &back}) {
@@ -115,8 +125,9 @@ int RunNcclAllToAll(int rank, int world, const std::string& unique_id, int cuda_
         Check(ncclGroupEnd() == ncclSuccess, "ncclGroupEnd");
       }
       Check(cudaStreamSynchronize(stream) == cudaSuccess, "cudaStreamSynchronize");
-      const double b = std::chrono::duration<double, std::micro>(
-                           std::chrono::steady_clock::now() - start).count();
+      const double b =
+          std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start)
+              .count();
       if (r >= 5) {
         epx_us.push_back(a);
         nccl_us.push_back(b);

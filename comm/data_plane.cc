@@ -108,6 +108,18 @@ absl::StatusOr<std::string> BroadcastNcclUniqueId(Communicator& comm, absl::Dura
   return id;
 }
 
+absl::StatusOr<std::unique_ptr<Communicator>> CreateNcclOverLauncher(
+    std::unique_ptr<Communicator> launcher, int cuda_device, absl::Duration timeout) {
+  NcclOptions nccl;
+  nccl.cuda_device = cuda_device;
+  nccl.timeout = timeout;
+  nccl.rank = launcher->rank();
+  nccl.world_size = launcher->world_size();
+  EPX_ASSIGN_OR_RETURN(nccl.unique_id, BroadcastNcclUniqueId(*launcher, timeout, NewNcclUniqueId));
+  nccl.launcher = std::move(launcher);
+  return CreateNcclCommunicator(std::move(nccl));
+}
+
 absl::StatusOr<std::unique_ptr<Communicator>> CreateDataPlane(const DataPlaneOptions& options) {
   if (options.name == "mpi") return CreateMpiCommunicator(nullptr, nullptr);
   if (options.name == "gloo") return CreateGlooCommunicator(options.gloo);
@@ -116,11 +128,9 @@ absl::StatusOr<std::unique_ptr<Communicator>> CreateDataPlane(const DataPlaneOpt
     nccl.cuda_device = options.cuda_device;
     nccl.timeout = options.gloo.connect_timeout;
     if (LaunchedByMpi()) {
-      EPX_ASSIGN_OR_RETURN(nccl.launcher, CreateMpiCommunicator(nullptr, nullptr));
-      nccl.rank = nccl.launcher->rank();
-      nccl.world_size = nccl.launcher->world_size();
-      EPX_ASSIGN_OR_RETURN(nccl.unique_id,
-                           BroadcastNcclUniqueId(*nccl.launcher, nccl.timeout, NewNcclUniqueId));
+      EPX_ASSIGN_OR_RETURN(std::unique_ptr<Communicator> mpi,
+                           CreateMpiCommunicator(nullptr, nullptr));
+      return CreateNcclOverLauncher(std::move(mpi), options.cuda_device, nccl.timeout);
     } else {
       if (options.gloo.store == nullptr)
         return absl::InvalidArgumentError("the NCCL data plane without a launcher needs a store");

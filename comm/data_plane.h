@@ -39,8 +39,14 @@ struct DataPlaneOptions {
   int cuda_device = 0;  // nccl: this rank's GPU
 };
 
-// Creates this rank's communicator; blocks until all ranks joined (see each backend).
+// Creates this rank's communicator; blocks until all ranks joined (see each backend). Under an
+// MPI launcher, nccl first joins the MPI job (CreateNcclOverLauncher).
 absl::StatusOr<std::unique_ptr<Communicator>> CreateDataPlane(const DataPlaneOptions& options);
+
+// The NCCL communicator of the ranks of `launcher` (an MPI job), its unique id broadcast over it;
+// it keeps `launcher`, through which Abort() ends the whole job.
+absl::StatusOr<std::unique_ptr<Communicator>> CreateNcclOverLauncher(
+    std::unique_ptr<Communicator> launcher, int cuda_device, absl::Duration timeout);
 
 // The NCCL unique id every rank needs, from rank 0's `new_id`:
 //   through `store` under prefix + "nccl-unique-id" (rank 0 publishes it, the others wait for it

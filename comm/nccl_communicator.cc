@@ -3,10 +3,10 @@
 #include <cuda_runtime.h>
 #include <nccl.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <algorithm>
 #include <numeric>
 #include <vector>
 
@@ -36,11 +36,11 @@ absl::StatusCode CodeOf(ncclResult_t result) {
 absl::Status NcclError(ncclResult_t result, const char* expr, const char* file, int line,
                        ncclComm_t comm) {
   const char* last = ncclGetLastError(comm);
-  return absl::Status(CodeOf(result),
-                      absl::StrCat("NCCL error ", static_cast<int>(result), " (",
-                                   ncclGetErrorString(result), ") in ", expr, " at ", file, ":",
-                                   line, last != nullptr && *last != 0 ? ": " : "",
-                                   last != nullptr ? last : ""));
+  return absl::Status(
+      CodeOf(result),
+      absl::StrCat("NCCL error ", static_cast<int>(result), " (", ncclGetErrorString(result),
+                   ") in ", expr, " at ", file, ":", line,
+                   last != nullptr && *last != 0 ? ": " : "", last != nullptr ? last : ""));
 }
 
 }  // namespace
@@ -48,10 +48,10 @@ absl::Status NcclError(ncclResult_t result, const char* expr, const char* file, 
 
 // In non-blocking mode a call may answer ncclInProgress: not an error, the caller then waits for
 // the communicator to settle (NcclCommunicator::Settle).
-#define EPX_NCCL_RETURN_IF_ERROR(expr, handle)                                               \
-  do {                                                                                     \
-    const ncclResult_t epx_nccl_result_ = (expr);                                          \
-    if (epx_nccl_result_ != ncclSuccess && epx_nccl_result_ != ncclInProgress)             \
+#define EPX_NCCL_RETURN_IF_ERROR(expr, handle)                                              \
+  do {                                                                                      \
+    const ncclResult_t epx_nccl_result_ = (expr);                                           \
+    if (epx_nccl_result_ != ncclSuccess && epx_nccl_result_ != ncclInProgress)              \
       return ::epx::comm::NcclError(epx_nccl_result_, #expr, __FILE__, __LINE__, (handle)); \
   } while (0)
 
@@ -69,7 +69,8 @@ class NcclProbe final : public WatchProbe {
   absl::StatusOr<bool> Poll() override {
     ncclResult_t async = ncclSuccess;
     const ncclResult_t got = ncclCommGetAsyncError(comm_, &async);
-    if (got != ncclSuccess) return NcclError(got, "ncclCommGetAsyncError", __FILE__, __LINE__, comm_);
+    if (got != ncclSuccess)
+      return NcclError(got, "ncclCommGetAsyncError", __FILE__, __LINE__, comm_);
     if (async != ncclSuccess && async != ncclInProgress)
       return NcclError(async, "an NCCL operation", __FILE__, __LINE__, comm_);
     if (stream_ == nullptr) return async == ncclSuccess;
@@ -118,16 +119,15 @@ class NcclCommunicator final : public Communicator, public DeviceCommunicator {
       return absl::InvalidArgumentError(
           absl::StrCat("NCCL rank ", o.rank, " of ", o.world_size, " ranks"));
     if (o.unique_id.size() != sizeof(ncclUniqueId))
-      return absl::InvalidArgumentError(absl::StrCat("an NCCL unique id has ",
-                                                     sizeof(ncclUniqueId), " bytes, got ",
-                                                     o.unique_id.size()));
+      return absl::InvalidArgumentError(absl::StrCat("an NCCL unique id has ", sizeof(ncclUniqueId),
+                                                     " bytes, got ", o.unique_id.size()));
     int devices = 0;
     if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0)
       return absl::FailedPreconditionError(
           "--data-plane nccl needs a CUDA device on every rank, and this one sees none");
     if (o.cuda_device < 0 || o.cuda_device >= devices)
-      return absl::InvalidArgumentError(absl::StrCat("--cuda-device ", o.cuda_device, ": this rank sees ",
-                                                     devices, " device(s)"));
+      return absl::InvalidArgumentError(absl::StrCat("--cuda-device ", o.cuda_device,
+                                                     ": this rank sees ", devices, " device(s)"));
     EPX_CUDA_RETURN_IF_ERROR(cudaSetDevice(o.cuda_device));
     EPX_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     ncclUniqueId id;
@@ -152,8 +152,8 @@ class NcclCommunicator final : public Communicator, public DeviceCommunicator {
     for (const Transfer& t : transfers) {
       if (t.peer < 0 || t.peer >= world_size() || t.bytes < 0 || t.bytes > kMaxMessageBytes ||
           (t.bytes > 0 && t.data == nullptr))
-        return absl::InvalidArgumentError(absl::StrCat(what, ": a transfer of ", t.bytes,
-                                                       " bytes with rank ", t.peer));
+        return absl::InvalidArgumentError(
+            absl::StrCat(what, ": a transfer of ", t.bytes, " bytes with rank ", t.peer));
       if (t.bytes > 0 && t.peer != rank() &&
           std::find(peers.begin(), peers.end(), t.peer) == peers.end())
         peers.push_back(t.peer);
@@ -162,9 +162,8 @@ class NcclCommunicator final : public Communicator, public DeviceCommunicator {
     for (const Transfer& t : transfers) {
       if (t.bytes == 0) continue;
       const size_t n = static_cast<size_t>(t.bytes);
-      const ncclResult_t posted = t.is_send
-                                      ? ncclSend(t.data, n, ncclUint8, t.peer, comm_, stream)
-                                      : ncclRecv(t.data, n, ncclUint8, t.peer, comm_, stream);
+      const ncclResult_t posted = t.is_send ? ncclSend(t.data, n, ncclUint8, t.peer, comm_, stream)
+                                            : ncclRecv(t.data, n, ncclUint8, t.peer, comm_, stream);
       if (posted != ncclSuccess && posted != ncclInProgress) {
         ncclGroupEnd();
         return NcclError(posted, t.is_send ? "ncclSend" : "ncclRecv", __FILE__, __LINE__, comm_);
@@ -193,22 +192,21 @@ class NcclCommunicator final : public Communicator, public DeviceCommunicator {
     const int64_t in = std::accumulate(recv_bytes.begin(), recv_bytes.end(), int64_t{0});
     EPX_RETURN_IF_ERROR(Stage(out + in));
     if (out > 0) std::memcpy(pinned_, send, static_cast<size_t>(out));
-    EPX_CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(device_, pinned_, static_cast<size_t>(out), cudaMemcpyHostToDevice, stream_));
+    EPX_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(device_, pinned_, static_cast<size_t>(out),
+                                             cudaMemcpyHostToDevice, stream_));
     std::vector<Transfer> transfers;
     int64_t send_at = 0, recv_at = out;
     for (int p = 0; p < world_size(); ++p) {
-      transfers.push_back({.is_send = false, .peer = p, .data = device_ + recv_at,
-                           .bytes = recv_bytes[p]});
-      transfers.push_back({.is_send = true, .peer = p, .data = device_ + send_at,
-                           .bytes = send_bytes[p]});
+      transfers.push_back(
+          {.is_send = false, .peer = p, .data = device_ + recv_at, .bytes = recv_bytes[p]});
+      transfers.push_back(
+          {.is_send = true, .peer = p, .data = device_ + send_at, .bytes = send_bytes[p]});
       send_at += send_bytes[p];
       recv_at += recv_bytes[p];
     }
     EPX_RETURN_IF_ERROR(Post(transfers, stream_, what));
-    EPX_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(pinned_ + out, device_ + out,
-                                                  static_cast<size_t>(in), cudaMemcpyDeviceToHost,
-                                                  stream_));
+    EPX_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(pinned_ + out, device_ + out, static_cast<size_t>(in),
+                                             cudaMemcpyDeviceToHost, stream_));
     std::vector<int> peers;
     for (int p = 0; p < world_size(); ++p)
       if (p != rank() && (send_bytes[p] > 0 || recv_bytes[p] > 0)) peers.push_back(p);
@@ -220,8 +218,8 @@ class NcclCommunicator final : public Communicator, public DeviceCommunicator {
   absl::Status Broadcast(void* data, int64_t bytes, int root, Tag tag, absl::Duration timeout,
                          const std::string& what) override {
     if (root < 0 || root >= world_size() || bytes < 0)
-      return absl::InvalidArgumentError(absl::StrCat(what, ": broadcast of ", bytes,
-                                                     " bytes from rank ", root));
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": broadcast of ", bytes, " bytes from rank ", root));
     EPX_RETURN_IF_ERROR(Usable(what));
     EPX_RETURN_IF_ERROR(Stage(bytes));
     const size_t n = static_cast<size_t>(bytes);
@@ -250,14 +248,13 @@ class NcclCommunicator final : public Communicator, public DeviceCommunicator {
     EPX_RETURN_IF_ERROR(Stage(bytes + all));
     const size_t n = static_cast<size_t>(bytes);
     std::memcpy(pinned_, send, n);
-    EPX_CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(device_, pinned_, n, cudaMemcpyHostToDevice, stream_));
-    EPX_NCCL_RETURN_IF_ERROR(
-        ncclAllGather(device_, device_ + bytes, n, ncclUint8, comm_, stream_), comm_);
+    EPX_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(device_, pinned_, n, cudaMemcpyHostToDevice, stream_));
+    EPX_NCCL_RETURN_IF_ERROR(ncclAllGather(device_, device_ + bytes, n, ncclUint8, comm_, stream_),
+                             comm_);
     EPX_RETURN_IF_ERROR(Settle(Others(), what));
     EPX_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(pinned_ + bytes, device_ + bytes,
-                                                  static_cast<size_t>(all),
-                                                  cudaMemcpyDeviceToHost, stream_));
+                                             static_cast<size_t>(all), cudaMemcpyDeviceToHost,
+                                             stream_));
     EPX_RETURN_IF_ERROR(Synchronize(stream_, timeout, Others(), what));
     std::memcpy(recv, pinned_ + bytes, static_cast<size_t>(all));
     return absl::OkStatus();

@@ -50,10 +50,9 @@ absl::Status WaitWithWatchdog(WatchProbe& probe, WatchClock& clock, absl::Durati
     if (*done) return absl::OkStatus();
     if (clock.Now() >= deadline) {
       probe.Abort();
-      return absl::UnavailableError(absl::StrCat(what, ": ", Ranks(peers),
-                                                 " did not answer within ",
-                                                 absl::FormatDuration(timeout),
-                                                 " (the communicator was aborted)"));
+      return absl::UnavailableError(
+          absl::StrCat(what, ": ", Ranks(peers), " did not answer within ",
+                       absl::FormatDuration(timeout), " (the communicator was aborted)"));
     }
     clock.Pause(polls);
   }

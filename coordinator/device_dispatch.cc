@@ -60,7 +60,8 @@ class NcclDispatch final : public DeviceDispatch {
     const TensorView& x = batch.x;
     cuda::StreamHandle s = batch.stream;
     if (x.dtype() != DType::kBF16 || s == nullptr)
-      return absl::InternalError(absl::StrCat("layer ", layer, ": the NCCL data plane takes BF16 "
+      return absl::InternalError(absl::StrCat("layer ", layer,
+                                              ": the NCCL data plane takes BF16 "
                                               "rows on the step's stream, got ",
                                               DTypeName(x.dtype())));
     const int64_t T = x.dim(0), K = config_.num_experts_per_tok, H = config_.hidden_size;
@@ -74,10 +75,10 @@ class NcclDispatch final : public DeviceDispatch {
     const TensorView slots = slots_.Slice(0, num_slots);
     const TensorView row_of_slot = row_of_slot_.Slice(0, num_slots);
     const TensorView send = send_.Slice(0, num_slots), recv = recv_.Slice(0, num_slots);
-    EPX_RETURN_IF_ERROR(cuda::AssignGroups(batch.topk_ids, table_, replicas_, step + layer,
-                                           num_groups, groups, s));
-    EPX_RETURN_IF_ERROR(cuda::ExpertPermutation(groups, num_groups, offsets_, slots, row_of_slot,
-                                                scratch_, s));
+    EPX_RETURN_IF_ERROR(
+        cuda::AssignGroups(batch.topk_ids, table_, replicas_, step + layer, num_groups, groups, s));
+    EPX_RETURN_IF_ERROR(
+        cuda::ExpertPermutation(groups, num_groups, offsets_, slots, row_of_slot, scratch_, s));
     EPX_RETURN_IF_ERROR(cuda::PermuteRows(x, slots, K, send, s));
     int32_t* offsets_host = static_cast<int32_t*>(offsets_host_.data());
     EPX_RETURN_IF_ERROR(cuda::CopyToHost(offsets_host, offsets_.raw(), offsets_.nbytes(), s));
@@ -93,13 +94,18 @@ class NcclDispatch final : public DeviceDispatch {
     };
     std::vector<Transfer> counts, rows, outputs;
     for (int w : workers_) {
-      counts.push_back({.is_send = true, .peer = w,
+      counts.push_back({.is_send = true,
+                        .peer = w,
                         .data = offsets_.data<int32_t>() + group_base_[w],
                         .bytes = (group_base_[w + 1] - group_base_[w] + 1) *
                                  static_cast<int64_t>(sizeof(int32_t))});
-      rows.push_back({.is_send = true, .peer = w, .data = rows_at(send, w),
+      rows.push_back({.is_send = true,
+                      .peer = w,
+                      .data = rows_at(send, w),
                       .bytes = plan.rows[w] * row_bytes});
-      outputs.push_back({.is_send = false, .peer = w, .data = rows_at(recv, w),
+      outputs.push_back({.is_send = false,
+                         .peer = w,
+                         .data = rows_at(recv, w),
                          .bytes = plan.rows[w] * row_bytes});
       stats.worker_tokens[w] += plan.rows[w];
     }
@@ -148,14 +154,14 @@ class NcclDispatch final : public DeviceDispatch {
     EPX_ASSIGN_OR_RETURN(row_of_slot_, row_of_slot_buf_.View(DType::kI32, {want}, s));
     EPX_ASSIGN_OR_RETURN(send_, send_buf_.View(DType::kBF16, {want, H}, s));
     EPX_ASSIGN_OR_RETURN(recv_, recv_buf_.View(DType::kBF16, {want, H}, s));
-    const int64_t scratch = static_cast<int64_t>(
-        cuda::ExpertPermutationScratchBytes(want, 1, G));
+    const int64_t scratch = static_cast<int64_t>(cuda::ExpertPermutationScratchBytes(want, 1, G));
     EPX_ASSIGN_OR_RETURN(scratch_, scratch_buf_.View(DType::kU8, {scratch}, s));
     if (!uploaded_) {
       const int64_t E = config_.num_local_experts;
       EPX_ASSIGN_OR_RETURN(offsets_, offsets_buf_.View(DType::kI32, {G + 1}, s));
       EPX_ASSIGN_OR_RETURN(
-          table_, table_buf_.Upload(TensorView(table_host_.data(), DType::kI32, {E, max_replicas_}), s));
+          table_,
+          table_buf_.Upload(TensorView(table_host_.data(), DType::kI32, {E, max_replicas_}), s));
       EPX_ASSIGN_OR_RETURN(
           replicas_, replicas_buf_.Upload(TensorView(replicas_host_.data(), DType::kI32, {E}), s));
       uploaded_ = true;
@@ -174,8 +180,8 @@ class NcclDispatch final : public DeviceDispatch {
   std::vector<int32_t> table_host_, replicas_host_;  // uploaded once, kept for the copies
   bool uploaded_ = false;
   int64_t capacity_ = 0;  // slots
-  cuda::DeviceStaging groups_buf_, slots_buf_, row_of_slot_buf_, send_buf_, recv_buf_,
-      scratch_buf_, offsets_buf_, table_buf_, replicas_buf_;
+  cuda::DeviceStaging groups_buf_, slots_buf_, row_of_slot_buf_, send_buf_, recv_buf_, scratch_buf_,
+      offsets_buf_, table_buf_, replicas_buf_;
   TensorView groups_, slots_, row_of_slot_, send_, recv_, scratch_, offsets_, table_, replicas_;
   cuda::PinnedBuffer offsets_host_;  // [groups + 1]
   Timing timing_[2];
@@ -183,11 +189,13 @@ class NcclDispatch final : public DeviceDispatch {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<DeviceDispatch>> NewDeviceDispatch(
-    const ModelConfig& config, const Placement& placement, std::vector<int64_t> group_base,
-    comm::DeviceCommunicator* comm, absl::Duration timeout) {
-  auto dispatch = std::make_unique<NcclDispatch>(config, placement, std::move(group_base), comm,
-                                                 timeout);
+absl::StatusOr<std::unique_ptr<DeviceDispatch>> NewDeviceDispatch(const ModelConfig& config,
+                                                                  const Placement& placement,
+                                                                  std::vector<int64_t> group_base,
+                                                                  comm::DeviceCommunicator* comm,
+                                                                  absl::Duration timeout) {
+  auto dispatch =
+      std::make_unique<NcclDispatch>(config, placement, std::move(group_base), comm, timeout);
   EPX_RETURN_IF_ERROR(dispatch->Init());
   return std::unique_ptr<DeviceDispatch>(std::move(dispatch));
 }

@@ -37,9 +37,11 @@ class DeviceDispatch {
 };
 
 // group_base: [world + 1], worker w's groups [group_base[w], group_base[w + 1]).
-absl::StatusOr<std::unique_ptr<DeviceDispatch>> NewDeviceDispatch(
-    const ModelConfig& config, const Placement& placement, std::vector<int64_t> group_base,
-    comm::DeviceCommunicator* comm, absl::Duration timeout);
+absl::StatusOr<std::unique_ptr<DeviceDispatch>> NewDeviceDispatch(const ModelConfig& config,
+                                                                  const Placement& placement,
+                                                                  std::vector<int64_t> group_base,
+                                                                  comm::DeviceCommunicator* comm,
+                                                                  absl::Duration timeout);
 
 }  // namespace epx
 

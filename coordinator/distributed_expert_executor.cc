@@ -67,7 +67,8 @@ absl::Status DistributedExpertExecutor::Shutdown() {
 absl::Status DistributedExpertExecutor::UseDeviceExchange(comm::DeviceCommunicator* comm) {
   if (wire_.activation() != DType::kBF16)
     return absl::InvalidArgumentError("device rows on the data plane are BF16 (--device cuda)");
-  EPX_ASSIGN_OR_RETURN(device_, NewDeviceDispatch(config_, placement_, group_base_, comm, timeout_));
+  EPX_ASSIGN_OR_RETURN(device_,
+                       NewDeviceDispatch(config_, placement_, group_base_, comm, timeout_));
   return absl::OkStatus();
 }
 

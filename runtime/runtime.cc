@@ -181,10 +181,25 @@ absl::Status Runtime::Connect() {
       return absl::InvalidArgumentError(
           "--workers and --coordinator form a cluster without a launcher; under mpirun the "
           "ranks come from the launcher (drop them)");
-    EPX_ASSIGN_OR_RETURN(data_plane_, comm::ResolveDataPlane(o.data_plane, true, OnGpu()));
-    comm::DataPlaneOptions dp{.name = data_plane_, .cuda_device = o.cuda.device};
-    dp.gloo.connect_timeout = o.comm_timeout;
-    EPX_ASSIGN_OR_RETURN(owned_comm_, comm::CreateDataPlane(dp));
+    // The launcher's communicator first: it is the data plane (mpi) or carries NCCL's id.
+    EPX_ASSIGN_OR_RETURN(std::unique_ptr<comm::Communicator> mpi,
+                         comm::CreateDataPlane({.name = "mpi"}));
+    bool on_gpu = OnGpu();
+    if (o.data_plane == "auto") {
+      // Every rank must pick the same one: NCCL only where all of them compute on a GPU.
+      const char mine = on_gpu ? 1 : 0;
+      std::vector<char> all(mpi->world_size());
+      EPX_RETURN_IF_ERROR(mpi->AllGather(&mine, 1, all.data(), comm::Tag::kHandshake,
+                                         o.comm_timeout, "choosing the data plane"));
+      on_gpu = std::all_of(all.begin(), all.end(), [](char gpu) { return gpu != 0; });
+    }
+    EPX_ASSIGN_OR_RETURN(data_plane_, comm::ResolveDataPlane(o.data_plane, true, on_gpu));
+    if (data_plane_ == "nccl") {
+      EPX_ASSIGN_OR_RETURN(owned_comm_, comm::CreateNcclOverLauncher(std::move(mpi), o.cuda.device,
+                                                                     o.comm_timeout));
+    } else {
+      owned_comm_ = std::move(mpi);
+    }
     comm_ = owned_comm_.get();
     if (comm_->rank() == 0) CatchStopSignals();
   } else if (o.workers > 0) {

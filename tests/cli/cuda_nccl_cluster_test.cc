@@ -30,8 +30,8 @@ using testing::EpxBinary;
 constexpr const char* kBf16Tolerance = "3e-2";
 
 std::string TestDir(const std::string& name) {
-  const std::filesystem::path dir = std::filesystem::path(::testing::TempDir()) /
-                                    (name + "_" + std::to_string(getpid()));
+  const std::filesystem::path dir =
+      std::filesystem::path(::testing::TempDir()) / (name + "_" + std::to_string(getpid()));
   std::filesystem::create_directories(dir);
   return dir.string();
 }
@@ -51,11 +51,11 @@ bool DuplicateGpu(const std::string& log) { return log.find("Duplicate GPU") != 
 TEST(NcclClusterTest, GoldenEvalWithinTheBf16ToleranceAsOnOneGpu) {
   if (!HaveNcclDevice()) GTEST_SKIP() << "needs a CUDA device and an NCCL build";
   const std::string dir = TestDir("nccl_eval");
-  const std::string check = absl::StrCat(" --input ", testing::GoldenPath(),
-                                         " --check --tolerance ", kBf16Tolerance);
+  const std::string check =
+      absl::StrCat(" --input ", testing::GoldenPath(), " --check --tolerance ", kBf16Tolerance);
   testing::CommandResult alone = testing::RunCommand(
-      absl::StrCat(EpxBinary(), " eval --model ", testing::TinyModelDir(), check, " --output ",
-                   dir, "/alone.safetensors --device cuda 2>&1"));
+      absl::StrCat(EpxBinary(), " eval --model ", testing::TinyModelDir(), check, " --output ", dir,
+                   "/alone.safetensors --device cuda 2>&1"));
   ASSERT_EQ(alone.exit_code, 0) << "the single-GPU eval itself fails:\n" << alone.output;
 
   // The worker starts first and waits for the coordinator.
@@ -63,14 +63,15 @@ TEST(NcclClusterTest, GoldenEvalWithinTheBf16ToleranceAsOnOneGpu) {
   ASSERT_NE(port, 0);
   const std::string address = absl::StrCat("127.0.0.1:", port);
   std::unique_ptr<ChildProcess> worker = StartCudaWorker(dir, address);
-  testing::CommandResult cluster = testing::RunCommand(absl::StrCat(
-      "env NCCL_HOSTID=epx-test-coordinator ", EpxBinary(), " eval --model ",
-      testing::TinyModelDir(), check, " --output ", dir,
-      "/cluster.safetensors --device cuda --data-plane nccl --workers 1 --listen ", address,
-      " --stats 2>&1"));
+  testing::CommandResult cluster = testing::RunCommand(
+      absl::StrCat("env NCCL_HOSTID=epx-test-coordinator ", EpxBinary(), " eval --model ",
+                   testing::TinyModelDir(), check, " --output ", dir,
+                   "/cluster.safetensors --device cuda --data-plane nccl --workers 1 --listen ",
+                   address, " --stats 2>&1"));
   if (cluster.exit_code != 0 && (DuplicateGpu(cluster.output) || DuplicateGpu(worker->log())))
     GTEST_SKIP() << "NCCL refuses two ranks on one GPU even with distinct NCCL_HOSTID:\n"
-                 << cluster.output << "\nworker:\n" << worker->log();
+                 << cluster.output << "\nworker:\n"
+                 << worker->log();
   ASSERT_EQ(cluster.exit_code, 0) << cluster.output << "\nworker:\n" << worker->log();
   EXPECT_NE(cluster.output.find("data plane nccl formed with 1 worker(s)"), std::string::npos)
       << cluster.output;

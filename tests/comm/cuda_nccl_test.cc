@@ -43,7 +43,10 @@ TEST(NcclRank, DISABLED_Rank) {
       rank == 0 ? NewNcclUniqueId() : store.Get("id", absl::Seconds(60));
   ASSERT_TRUE(id.ok()) << id.status();
   if (rank == 0) EXPECT_OK(store.Set("id", *id));
-  NcclOptions options{.rank = rank, .world_size = 2, .unique_id = *id, .cuda_device = 0,
+  NcclOptions options{.rank = rank,
+                      .world_size = 2,
+                      .unique_id = *id,
+                      .cuda_device = 0,
                       .timeout = absl::Seconds(60)};
   absl::StatusOr<std::unique_ptr<Communicator>> comm = CreateNcclCommunicator(std::move(options));
   ASSERT_TRUE(comm.ok()) << comm.status();
@@ -60,8 +63,8 @@ TEST(NcclRank, DISABLED_Rank) {
   EXPECT_EQ(all[1], 101);
   std::vector<uint8_t> out(5, static_cast<uint8_t>(rank + 1)), in(5, 0);
   const std::vector<int64_t> none = {0, 0};
-  const std::vector<int64_t> to_peer = rank == 0 ? std::vector<int64_t>{0, 5}
-                                                 : std::vector<int64_t>{5, 0};
+  const std::vector<int64_t> to_peer =
+      rank == 0 ? std::vector<int64_t>{0, 5} : std::vector<int64_t>{5, 0};
   EXPECT_OK(c.AllToAllV(out.data(), to_peer, in.data(), to_peer, Tag::kCounts, absl::Seconds(60),
                         "host exchange"));
   EXPECT_EQ(in, std::vector<uint8_t>(5, static_cast<uint8_t>(2 - rank)));
@@ -94,8 +97,10 @@ TEST(NcclRank, DISABLED_Rank) {
   const Transfer idle{.is_send = sends, .peer = peer, .data = nullptr, .bytes = 0};
   const Transfer dispatch[2] = {t_rows, idle};
   EXPECT_OK(device->Post(dispatch, s, "dispatch"));
-  const Transfer t_back{.is_send = !sends, .peer = peer,
-                        .data = rank == 0 ? back->data() : rows->data(), .bytes = 1000};
+  const Transfer t_back{.is_send = !sends,
+                        .peer = peer,
+                        .data = rank == 0 ? back->data() : rows->data(),
+                        .bytes = 1000};
   EXPECT_OK(device->Post({&t_back, 1}, s, "combine"));
   EXPECT_OK(device->Synchronize(s, absl::Seconds(60), {peer}, "layer 0"));
   std::vector<uint8_t> got(1000);
@@ -149,12 +154,11 @@ TEST(NcclTest, APeerThatNeverJoinsIsUnavailableAtTheTimeout) {
 
 TEST(NcclTest, BadOptionsAreRefusedBeforeNcclIsCalled) {
   if (!HaveNcclDevice()) GTEST_SKIP() << "needs a CUDA device and an NCCL build";
-  EXPECT_EQ(CreateNcclCommunicator({.rank = 0, .world_size = 2, .unique_id = "short"})
-                .status()
-                .code(),
-            absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(CreateNcclCommunicator({.rank = 0, .world_size = 2,
-                                    .unique_id = std::string(128, 0), .cuda_device = 999})
+  EXPECT_EQ(
+      CreateNcclCommunicator({.rank = 0, .world_size = 2, .unique_id = "short"}).status().code(),
+      absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(CreateNcclCommunicator(
+                {.rank = 0, .world_size = 2, .unique_id = std::string(128, 0), .cuda_device = 999})
                 .status()
                 .code(),
             absl::StatusCode::kInvalidArgument);

@@ -5,7 +5,6 @@
 #include "comm/data_plane.h"
 
 #include <gtest/gtest.h>
-
 #include <unistd.h>
 
 #include <filesystem>
@@ -78,7 +77,9 @@ TEST(DataPlaneTest, UniqueIdThroughTheStoreIsDrawnOnceByRankZero) {
 
 TEST(DataPlaneTest, UniqueIdFailureOnRankZeroReachesEveryRank) {
   MemoryKeyValueStore store;
-  const NewIdFn fails = [] { return absl::StatusOr<std::string>(absl::InternalError("no socket")); };
+  const NewIdFn fails = [] {
+    return absl::StatusOr<std::string>(absl::InternalError("no socket"));
+  };
   EXPECT_EQ(ShareNcclUniqueId(store, "p/", 0, absl::Seconds(1), fails).status().code(),
             absl::StatusCode::kInternal);
 }
@@ -90,9 +91,10 @@ TEST(DataPlaneTest, UniqueIdOverTheLaunchersCommunicator) {
   for (int r = 0; r < 3; ++r)
     ranks.emplace_back([&, r] {
       std::unique_ptr<Communicator> comm = group.Join(r);
-      got[r] = BroadcastNcclUniqueId(*comm, absl::Seconds(60), [r]() -> absl::StatusOr<std::string> {
-        return std::string(128, static_cast<char>(r == 0 ? 'x' : 'y'));
-      });
+      got[r] =
+          BroadcastNcclUniqueId(*comm, absl::Seconds(60), [r]() -> absl::StatusOr<std::string> {
+            return std::string(128, static_cast<char>(r == 0 ? 'x' : 'y'));
+          });
     });
   for (std::thread& t : ranks) t.join();
   for (int r = 0; r < 3; ++r) EXPECT_EQ(got[r].value_or(""), std::string(128, 'x')) << r;

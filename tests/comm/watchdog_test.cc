@@ -17,7 +17,8 @@ class FakeProbe : public WatchProbe {
   absl::StatusOr<bool> Poll() override {
     ++polls;
     if (error_at_ >= 0 && polls >= error_at_)
-      return absl::InternalError("NCCL error 6 (remote process exited or there was a network error)");
+      return absl::InternalError(
+          "NCCL error 6 (remote process exited or there was a network error)");
     return until_done_ >= 0 && polls >= until_done_;
   }
   void Abort() override { ++aborts; }
@@ -69,11 +70,10 @@ TEST(WatchdogTest, PastTheDeadlineAbortsOnceAndNamesTheRanksAndTheExchange) {
 TEST(WatchdogTest, AnAsynchronousErrorAbortsAtOnceWithTheLibrarysMessage) {
   FakeProbe probe(-1, 3);
   FakeClock clock(absl::Milliseconds(1));
-  const absl::Status s = WaitWithWatchdog(probe, clock, absl::InfiniteDuration(), {0},
-                                          "layer 2 counts");
+  const absl::Status s =
+      WaitWithWatchdog(probe, clock, absl::InfiniteDuration(), {0}, "layer 2 counts");
   EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
-  EXPECT_NE(s.message().find("layer 2 counts: waiting on rank 0: NCCL error 6"),
-            std::string::npos)
+  EXPECT_NE(s.message().find("layer 2 counts: waiting on rank 0: NCCL error 6"), std::string::npos)
       << s;
   EXPECT_EQ(probe.aborts, 1);
   EXPECT_EQ(probe.polls, 3);
