@@ -1,6 +1,7 @@
 // The data-plane factory: which Communicator a rank uses, from --data-plane and how the process
-// was started. Every rank resolves `auto` on its own; the coordinator then compares the resolved
-// names at registration, so a cluster never mixes data planes.
+// was started. Launcher-free, every rank resolves `auto` on its own and the coordinator compares
+// the resolved names at registration; under mpirun the ranks agree on `auto` over the launcher's
+// communicator first (runtime/runtime.cc). Either way a cluster never mixes data planes.
 //
 //   auto  nccl when this rank computes on a GPU (and the build has NCCL); otherwise mpi under
 //         an MPI launcher and gloo without one
