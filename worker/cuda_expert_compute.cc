@@ -75,6 +75,19 @@ class CudaExpertCompute : public ExpertCompute {
     return cuda::Convert(out_bf16, out, s);
   }
 
+  absl::Status Reserve(int64_t rows, int64_t groups) override {
+    cuda::StreamHandle s = stream_.handle();
+    EPX_RETURN_IF_ERROR(offsets_.View(DType::kI32, {groups + 1}, s).status());
+    EPX_RETURN_IF_ERROR(
+        scratch_
+            .View(DType::kU8,
+                  {static_cast<int64_t>(cuda::GroupedSwiGluScratchBytes(
+                      rows, hidden_, intermediate_, expert_dtype_))},
+                  s)
+            .status());
+    return absl::OkStatus();
+  }
+
   std::string device() const override { return name_; }
 
  private:

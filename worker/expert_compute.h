@@ -33,6 +33,10 @@ class ExpertCompute {
   // queued on stream().
   virtual absl::Status Run(int64_t layer, const TensorView& rows,
                            absl::Span<const int64_t> offsets, const TensorView& out) = 0;
+  // Makes room for `rows` rows in `groups` groups before they arrive, so that Run() grows no
+  // buffer (a device compute's growth waits on its stream, which may then hold the transfer of
+  // those rows from a peer). A host compute needs nothing.
+  virtual absl::Status Reserve(int64_t rows, int64_t groups) { return absl::OkStatus(); }
   // "cpu" or the GPU's name.
   virtual std::string device() const = 0;
 };

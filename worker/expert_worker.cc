@@ -46,9 +46,10 @@ class DeviceStepLoop {
                                                static_cast<size_t>(local_ + 1)}));
       const int64_t n = offsets.back();
       if (n == 0) continue;  // idle this layer: nothing to or from the coordinator
-      // The stream is idle here, so the buffers may grow.
+      // The stream is idle here, so the buffers (this loop's and the compute's) may grow.
       EPX_ASSIGN_OR_RETURN(const TensorView rows, rows_.View(wire.activation(), {n, H}, s));
       EPX_ASSIGN_OR_RETURN(const TensorView out, out_.View(wire.activation(), {n, H}, s));
+      EPX_RETURN_IF_ERROR(compute_->Reserve(n, local_));
       const Transfer in_rows{.is_send = false, .peer = 0, .data = rows.raw(),
                              .bytes = wire.RowBytes(n)};
       EPX_RETURN_IF_ERROR(comm_->Post({&in_rows, 1}, s, what + " dispatch"));
