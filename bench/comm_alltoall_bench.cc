@@ -68,16 +68,16 @@ double RoundTrip(epx::comm::Communicator& comm, std::vector<char>& send, std::ve
       .count();
 }
 
-struct Timing {
-  double median_us, p90_us;
-};
+}  // namespace
+
+namespace epx::bench {
 
 Timing Summarise(std::vector<double> us) {
   std::sort(us.begin(), us.end());
   return {us[us.size() / 2], us[us.size() * 9 / 10]};
 }
 
-}  // namespace
+}  // namespace epx::bench
 
 int main(int argc, char** argv) {
   std::vector<int64_t> sizes;
@@ -217,7 +217,9 @@ int main(int argc, char** argv) {
       if (r >= 5) theirs.push_back(mpi_us);
     }
     if (rank == 0) {
-      const Timing a = Summarise(ours), g = Summarise(over_gloo), b = Summarise(theirs);
+      using epx::bench::Summarise;
+      const epx::bench::Timing a = Summarise(ours), g = Summarise(over_gloo),
+                               b = Summarise(theirs);
       const double moved = 2.0 * bytes * (world - 1);
       std::printf("%12lld %14.1f %12.1f %12.3f %15.1f %13.1f %13.3f %14.1f %12.1f %12.3f\n",
                   static_cast<long long>(bytes), a.median_us, a.p90_us, moved / a.median_us / 1e3,

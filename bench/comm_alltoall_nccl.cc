@@ -28,16 +28,6 @@ void Check(bool ok, const char* what) {
   std::exit(1);
 }
 
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-double P90(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() * 9 / 10];
-}
-
 }  // namespace
 
 int RunNcclAllToAll(int rank, int world, const std::string& unique_id, int cuda_device,
@@ -135,10 +125,11 @@ int RunNcclAllToAll(int rank, int world, const std::string& unique_id, int cuda_
     }
     if (rank == 0) {
       const double moved = 2.0 * bytes * (world - 1);
+      const Timing a = Summarise(epx_us), b = Summarise(nccl_us);
       std::printf("%12lld %14.1f %12.1f %12.3f %15.1f %13.1f %13.3f\n",
-                  static_cast<long long>(bytes), Median(epx_us), P90(epx_us),
-                  moved / Median(epx_us) / 1e3, Median(nccl_us), P90(nccl_us),
-                  moved / Median(nccl_us) / 1e3);
+                  static_cast<long long>(bytes), a.median_us, a.p90_us,
+                  moved / a.median_us / 1e3, b.median_us, b.p90_us,
+                  moved / b.median_us / 1e3);
     }
     cudaFree(send);
     cudaFree(recv);

@@ -124,22 +124,18 @@ absl::StatusOr<std::unique_ptr<Communicator>> CreateDataPlane(const DataPlaneOpt
   if (options.name == "mpi") return CreateMpiCommunicator(nullptr, nullptr);
   if (options.name == "gloo") return CreateGlooCommunicator(options.gloo);
   if (options.name == "nccl") {
+    if (options.gloo.store == nullptr)
+      return absl::InvalidArgumentError(
+          "the NCCL data plane without a launcher needs a store (under mpirun: "
+          "CreateNcclOverLauncher)");
     NcclOptions nccl;
+    nccl.rank = options.gloo.rank;
+    nccl.world_size = options.gloo.world_size;
     nccl.cuda_device = options.cuda_device;
     nccl.timeout = options.gloo.connect_timeout;
-    if (LaunchedByMpi()) {
-      EPX_ASSIGN_OR_RETURN(std::unique_ptr<Communicator> mpi,
-                           CreateMpiCommunicator(nullptr, nullptr));
-      return CreateNcclOverLauncher(std::move(mpi), options.cuda_device, nccl.timeout);
-    } else {
-      if (options.gloo.store == nullptr)
-        return absl::InvalidArgumentError("the NCCL data plane without a launcher needs a store");
-      nccl.rank = options.gloo.rank;
-      nccl.world_size = options.gloo.world_size;
-      EPX_ASSIGN_OR_RETURN(nccl.unique_id,
-                           ShareNcclUniqueId(*options.gloo.store, options.gloo.store_prefix,
-                                             nccl.rank, nccl.timeout, NewNcclUniqueId));
-    }
+    EPX_ASSIGN_OR_RETURN(nccl.unique_id,
+                         ShareNcclUniqueId(*options.gloo.store, options.gloo.store_prefix,
+                                           nccl.rank, nccl.timeout, NewNcclUniqueId));
     return CreateNcclCommunicator(std::move(nccl));
   }
   return absl::InvalidArgumentError(

@@ -34,14 +34,15 @@ absl::StatusOr<std::string> ResolveDataPlane(const std::string& requested, bool 
 
 struct DataPlaneOptions {
   std::string name;  // resolved ("mpi", "gloo" or "nccl")
-  // gloo: rank, world size, store, host, timeout. nccl without a launcher: rank, world size, and
-  // the store and prefix its unique id is shared through.
+  // gloo: rank, world size, store, host, timeout. nccl: rank, world size, timeout, and the
+  // store and prefix its unique id is shared through.
   GlooOptions gloo;
   int cuda_device = 0;  // nccl: this rank's GPU
 };
 
-// Creates this rank's communicator; blocks until all ranks joined (see each backend). Under an
-// MPI launcher, nccl first joins the MPI job (CreateNcclOverLauncher).
+// Creates this rank's communicator; blocks until all ranks joined (see each backend). nccl here
+// is the launcher-free form (its id through options.gloo's store); under an MPI launcher it is
+// CreateNcclOverLauncher, over the job's MPI communicator.
 absl::StatusOr<std::unique_ptr<Communicator>> CreateDataPlane(const DataPlaneOptions& options);
 
 // The NCCL communicator of the ranks of `launcher` (an MPI job), its unique id broadcast over it;

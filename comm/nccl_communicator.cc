@@ -148,15 +148,11 @@ class NcclCommunicator final : public Communicator, public DeviceCommunicator {
   absl::Status Post(absl::Span<const Transfer> transfers, CUstream_st* stream,
                     const std::string& what) override {
     EPX_RETURN_IF_ERROR(Usable(what));
-    std::vector<int> peers;
     for (const Transfer& t : transfers) {
       if (t.peer < 0 || t.peer >= world_size() || t.bytes < 0 || t.bytes > kMaxMessageBytes ||
           (t.bytes > 0 && t.data == nullptr))
         return absl::InvalidArgumentError(
             absl::StrCat(what, ": a transfer of ", t.bytes, " bytes with rank ", t.peer));
-      if (t.bytes > 0 && t.peer != rank() &&
-          std::find(peers.begin(), peers.end(), t.peer) == peers.end())
-        peers.push_back(t.peer);
     }
     EPX_NCCL_RETURN_IF_ERROR(ncclGroupStart(), comm_);
     for (const Transfer& t : transfers) {
@@ -171,7 +167,7 @@ class NcclCommunicator final : public Communicator, public DeviceCommunicator {
     }
     EPX_NCCL_RETURN_IF_ERROR(ncclGroupEnd(), comm_);
     // Queuing may still be under way (the first transfer to a peer connects to it).
-    return Settle(peers, what);
+    return Settle(PeersOf(transfers), what);
   }
 
   absl::Status Synchronize(CUstream_st* stream, absl::Duration timeout,
@@ -207,10 +203,7 @@ class NcclCommunicator final : public Communicator, public DeviceCommunicator {
     EPX_RETURN_IF_ERROR(Post(transfers, stream_, what));
     EPX_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(pinned_ + out, device_ + out, static_cast<size_t>(in),
                                              cudaMemcpyDeviceToHost, stream_));
-    std::vector<int> peers;
-    for (int p = 0; p < world_size(); ++p)
-      if (p != rank() && (send_bytes[p] > 0 || recv_bytes[p] > 0)) peers.push_back(p);
-    EPX_RETURN_IF_ERROR(Synchronize(stream_, timeout, peers, what));
+    EPX_RETURN_IF_ERROR(Synchronize(stream_, timeout, PeersOf(transfers), what));
     if (in > 0) std::memcpy(recv, pinned_ + out, static_cast<size_t>(in));
     return absl::OkStatus();
   }
@@ -272,6 +265,16 @@ class NcclCommunicator final : public Communicator, public DeviceCommunicator {
   }
 
  private:
+  // The other ranks that `transfers` move bytes with, in first-seen order.
+  std::vector<int> PeersOf(absl::Span<const Transfer> transfers) const {
+    std::vector<int> peers;
+    for (const Transfer& t : transfers)
+      if (t.bytes > 0 && t.peer != rank() &&
+          std::find(peers.begin(), peers.end(), t.peer) == peers.end())
+        peers.push_back(t.peer);
+    return peers;
+  }
+
   std::vector<int> Others() const {
     std::vector<int> peers;
     for (int p = 0; p < world_size(); ++p)

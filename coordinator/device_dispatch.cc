@@ -16,32 +16,28 @@ using Transfer = comm::DeviceCommunicator::Transfer;
 
 class NcclDispatch final : public DeviceDispatch {
  public:
-  NcclDispatch(const ModelConfig& config, const Placement& placement,
-               std::vector<int64_t> group_base, comm::DeviceCommunicator* comm,
-               absl::Duration timeout)
-      : config_(config),
-        placement_(placement),
-        group_base_(std::move(group_base)),
-        comm_(comm),
-        timeout_(timeout) {
-    for (int w = 1; w <= placement_.num_workers(); ++w) workers_.push_back(w);
+  NcclDispatch(const ModelConfig& config, std::vector<int64_t> group_base,
+               comm::DeviceCommunicator* comm, absl::Duration timeout)
+      : config_(config), group_base_(std::move(group_base)), comm_(comm), timeout_(timeout) {
+    for (int w = 1; w + 1 < static_cast<int>(group_base_.size()); ++w) workers_.push_back(w);
   }
 
-  absl::Status Init() {
+  // The replica table from `placement`, the pinned offsets, the timing events.
+  absl::Status Init(const Placement& placement) {
     const int64_t E = config_.num_local_experts;
     int64_t max_replicas = 1;
     for (int e = 0; e < E; ++e)
-      max_replicas = std::max<int64_t>(max_replicas, placement_.replicas(e).size());
+      max_replicas = std::max<int64_t>(max_replicas, placement.replicas(e).size());
     // Row e: the groups of expert e's replicas, padded with its first.
     table_host_.assign(E * max_replicas, 0);
     replicas_host_.assign(E, 0);
     for (int e = 0; e < E; ++e) {
-      const std::vector<int>& replicas = placement_.replicas(e);
+      const std::vector<int>& replicas = placement.replicas(e);
       replicas_host_[e] = static_cast<int32_t>(replicas.size());
       for (int64_t r = 0; r < max_replicas; ++r) {
         const int w = replicas[r % replicas.size()];
         table_host_[e * max_replicas + r] =
-            static_cast<int32_t>(group_base_[w] + placement_.LocalIndex(w, e));
+            static_cast<int32_t>(group_base_[w] + placement.LocalIndex(w, e));
       }
     }
     max_replicas_ = max_replicas;
@@ -85,14 +81,19 @@ class NcclDispatch final : public DeviceDispatch {
     // The sizes of the transfers: the layer's one wait (also on the previous layer's outputs).
     EPX_RETURN_IF_ERROR(comm_->Synchronize(s, timeout_, workers_, what + " routing"));
     ReadTimes(timing_[(layer + 1) % 2], stats);  // the previous layer's
-    const std::vector<int64_t> offsets(offsets_host, offsets_host + num_groups + 1);
-    const comm::DispatchPlan plan = comm::PlanDispatch(group_base_, offsets);
+    offsets64_.assign(offsets_host, offsets_host + num_groups + 1);
+    const comm::DispatchPlan plan = comm::PlanDispatch(group_base_, offsets64_);
 
     const int64_t row_bytes = H * static_cast<int64_t>(sizeof(uint16_t));
     auto rows_at = [&](const TensorView& t, int w) {
       return static_cast<uint8_t*>(t.raw()) + plan.first[w] * row_bytes;
     };
-    std::vector<Transfer> counts, rows, outputs;
+    std::vector<Transfer>& counts = counts_tx_;
+    std::vector<Transfer>& rows = rows_tx_;
+    std::vector<Transfer>& outputs = outputs_tx_;
+    counts.clear();
+    rows.clear();
+    outputs.clear();
     for (int w : workers_) {
       counts.push_back({.is_send = true,
                         .peer = w,
@@ -171,7 +172,6 @@ class NcclDispatch final : public DeviceDispatch {
   }
 
   const ModelConfig config_;
-  const Placement placement_;
   const std::vector<int64_t> group_base_;
   comm::DeviceCommunicator* comm_;
   const absl::Duration timeout_;
@@ -185,6 +185,9 @@ class NcclDispatch final : public DeviceDispatch {
   TensorView groups_, slots_, row_of_slot_, send_, recv_, scratch_, offsets_, table_, replicas_;
   cuda::PinnedBuffer offsets_host_;  // [groups + 1]
   Timing timing_[2];
+  // The layer's offsets and transfers, reused from layer to layer.
+  std::vector<int64_t> offsets64_;
+  std::vector<Transfer> counts_tx_, rows_tx_, outputs_tx_;
 };
 
 }  // namespace
@@ -194,9 +197,8 @@ absl::StatusOr<std::unique_ptr<DeviceDispatch>> NewDeviceDispatch(const ModelCon
                                                                   std::vector<int64_t> group_base,
                                                                   comm::DeviceCommunicator* comm,
                                                                   absl::Duration timeout) {
-  auto dispatch =
-      std::make_unique<NcclDispatch>(config, placement, std::move(group_base), comm, timeout);
-  EPX_RETURN_IF_ERROR(dispatch->Init());
+  auto dispatch = std::make_unique<NcclDispatch>(config, std::move(group_base), comm, timeout);
+  EPX_RETURN_IF_ERROR(dispatch->Init(placement));
   return std::unique_ptr<DeviceDispatch>(std::move(dispatch));
 }
 

@@ -115,12 +115,12 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Start(const RuntimeOptions& op
   auto rt = std::unique_ptr<Runtime>(new Runtime());
   rt->options_ = options;
   // One GPU per rank: a launcher's local rank picks it unless --cuda-device did.
-  if (options.device == "cuda" && options.cuda_device_from_local_rank) {
+  if (rt->OnGpu() && options.cuda_device_from_local_rank) {
     const int local = comm::LocalRankFromEnvironment(), devices = cuda::DeviceCount();
     if (local >= 0 && devices > 0) rt->options_.cuda.device = local % devices;
   }
   // A GPU that is not there is said before anything waits for peers.
-  if (options.device == "cuda") {
+  if (rt->OnGpu()) {
     const absl::Status set = cuda::SetDevice(rt->options_.cuda.device);
     if (!set.ok())
       return absl::Status(set.code(), absl::StrCat("--device cuda: ", set.message()));

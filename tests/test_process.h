@@ -10,10 +10,13 @@
 
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
 #include <thread>
+
+#include "gtest/gtest.h"
 
 extern char** environ;
 
@@ -56,6 +59,15 @@ inline int FreePort() {
   }
   close(fd);
   return ntohs(addr.sin_port);
+}
+
+// A directory for one test's files, under the test temp dir, with the pid in its name (ctest
+// runs the tests of one binary in parallel processes).
+inline std::string TestDir(const std::string& name) {
+  const std::filesystem::path dir = std::filesystem::path(::testing::TempDir()) /
+                                    (name + "_" + std::to_string(getpid()));
+  std::filesystem::create_directories(dir);
+  return dir.string();
 }
 
 // A child process started from a shell command with its output in `log_file`; killed (SIGKILL)

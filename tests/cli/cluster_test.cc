@@ -30,15 +30,9 @@ using testing::ChildProcess;
 using testing::Completion;
 using testing::FreePort;
 using testing::EpxBinary;
+using testing::TestDir;
 using testing::Greedy;
 using testing::ServerProcess;
-
-std::string TestDir(const std::string& name) {
-  const std::filesystem::path dir = std::filesystem::path(::testing::TempDir()) /
-                                    (name + "_" + std::to_string(getpid()));
-  std::filesystem::create_directories(dir);
-  return dir.string();
-}
 
 std::string ReadFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);

@@ -26,15 +26,9 @@ namespace {
 
 using testing::ChildProcess;
 using testing::EpxBinary;
+using testing::TestDir;
 
 constexpr const char* kBf16Tolerance = "3e-2";
-
-std::string TestDir(const std::string& name) {
-  const std::filesystem::path dir =
-      std::filesystem::path(::testing::TempDir()) / (name + "_" + std::to_string(getpid()));
-  std::filesystem::create_directories(dir);
-  return dir.string();
-}
 
 bool HaveNcclDevice() { return comm::NcclBuilt() && cuda::DeviceCount() > 0; }
 
