@@ -23,6 +23,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/time/time.h"
 #include "cli/grpc_client.h"
 #include "common/status.h"
 #include "epx/v1/admin.grpc.pb.h"
@@ -248,7 +249,10 @@ void PrintWorkers(const v1::StatsResponse& stats, std::ostream& out) {
   out << absl::StrFormat("  %4s %-20s %-24s %-5s %9s %-16s %14s\n", "rank", "host", "device",
                          "alive", "heartbeat", "experts", "rows");
   for (const v1::WorkerStatus& worker : stats.workers()) {
-    const std::string alive = !worker.registered() ? "unreg" : worker.alive() ? "yes" : "LOST";
+    const std::string alive = !worker.registered() ? "vacant"
+                              : !worker.alive()    ? "LOST"
+                              : worker.member()    ? "yes"
+                                                   : "joins";
     const std::string age = worker.registered()
                                 ? absl::StrFormat("%.1f s", worker.last_heartbeat_age_s())
                                 : std::string("-");
@@ -256,6 +260,16 @@ void PrintWorkers(const v1::StatsResponse& stats, std::ostream& out) {
                            worker.device(), alive, age, ExpertRanges(worker.experts()),
                            worker.rows_received());
   }
+}
+
+// The data plane's epoch, its placement, and what happened to the cluster.
+void PrintCluster(const v1::StatsResponse& stats, std::ostream& out) {
+  if (stats.epoch() == 0) return;
+  out << "\ncluster     epoch " << stats.epoch() << " of the data plane\n";
+  out << "placement   " << stats.placement() << "\n";
+  for (const v1::ClusterEvent& e : stats.events())
+    out << "  " << absl::FormatTime("%Y-%m-%d %H:%M:%E3S", absl::FromUnixMicros(static_cast<int64_t>(e.time_unix_s() * 1e6)), absl::UTCTimeZone())
+        << "  " << e.kind() << ": " << e.message() << "\n";
 }
 
 void PrintStats(const v1::StatsResponse& stats, const std::string& server, std::ostream& out) {
@@ -284,6 +298,7 @@ void PrintStats(const v1::StatsResponse& stats, const std::string& server, std::
   PrintExpertLoad(stats, out);
   PrintLayerTimes(stats, out);
   PrintWorkers(stats, out);
+  PrintCluster(stats, out);
 }
 
 }  // namespace

@@ -96,6 +96,11 @@ int Run(int argc, char** argv) {
                     "expert placement of a multi-rank job: round-robin or a JSON file "
                     "{\"experts\": {\"0\": [1, 2], ...}}")
         ->capture_default_str();
+    cmd->add_option("--replicas", rt->replicas,
+                    "round-robin placement: copies of every expert, on distinct workers (2 or "
+                    "more lets a launcher-free cluster on gloo lose a worker and keep serving)")
+        ->capture_default_str()
+        ->check(CLI::PositiveNumber);
     cmd->add_option("--role", rt->role, "coordinator or worker (MPMD launches; default: by rank)")
         ->check(CLI::IsMember({"coordinator", "worker"}));
     cmd->add_option("--comm-timeout", *timeout_s,
@@ -447,8 +452,8 @@ int Run(int argc, char** argv) {
     }
     absl::Status flags =
         RejectFlags(*gen_cmd,
-                    {"--model", "--placement", "--role", "--comm-timeout", "--stats", "--workers",
-                     "--listen", "--data-plane"},
+                    {"--model", "--placement", "--replicas", "--role", "--comm-timeout", "--stats",
+                     "--workers", "--listen", "--data-plane"},
                     "is for generating here; not with --server (see `epx stats` for the server's)");
     if (!flags.ok()) return Finish(flags);
     remote_gen.prompt = gen.prompt;

@@ -84,7 +84,6 @@ absl::Status RunServe(const ServeOptions& options, std::ostream& log) {
     }
     server_options.world_size = rt.world_size();
     server_options.placement_name = rt.placement() == nullptr ? "local" : options.runtime.placement;
-    server_options.store_prefix = rt.store_prefix();
     ApiServerBackends backends;
     backends.membership = rt.membership();
     backends.tokenizer = tokenizer.get();
@@ -137,8 +136,10 @@ absl::Status RunServe(const ServeOptions& options, std::ostream& log) {
                             .status());
   }
 
+  // A launcher-free cluster on gloo keeps serving through a lost worker and takes new ones in.
   Scheduler scheduler(&runtime->engine(), tokenizer.get(), options.scheduler,
-                      runtime->expert_parallel_stats());
+                      runtime->expert_parallel_stats(),
+                      runtime->resilient() ? runtime.get() : nullptr);
   server->SetScheduler(&scheduler);
   const KvCache& kv = runtime->engine().kv_cache();
   log << absl::StrFormat(

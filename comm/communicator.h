@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
@@ -62,6 +63,10 @@ class Communicator {
   // The exchanges over device memory, for a data plane that has them (NCCL); nullptr for the
   // host-only backends.
   virtual DeviceCommunicator* device() { return nullptr; }
+
+  // The peers a failed call found gone or silent, ascending (empty before any failure, or where
+  // the backend cannot tell). What a cluster that survives a lost worker drops.
+  virtual std::vector<int> failed_peers() const { return {}; }
 
   // Ends the whole job (all ranks) with `code`. Not collective; does not return for MPI.
   virtual void Abort(int code, const std::string& message) = 0;

@@ -6,6 +6,7 @@
 #include <gloo/transport/unbound_buffer.h>
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <chrono>
 #include <climits>
 #include <csignal>
@@ -96,6 +97,7 @@ class GlooCommunicator : public Communicator {
 
   int rank() const override { return context_->rank; }
   int world_size() const override { return context_->size; }
+  std::vector<int> failed_peers() const override { return failed_peers_; }
 
   absl::Status AllToAllV(const void* send, absl::Span<const int64_t> send_bytes, void* recv,
                          absl::Span<const int64_t> recv_bytes, Tag tag, absl::Duration timeout,
@@ -156,7 +158,7 @@ class GlooCommunicator : public Communicator {
       }
       posted->push_back(std::move(p));
     } catch (const std::exception& e) {
-      broken_ = true;
+      Failed(peer);
       return Lost(what, tag, peer, e.what());
     }
     return absl::OkStatus();
@@ -191,7 +193,7 @@ class GlooCommunicator : public Communicator {
                                     : p.buffer->waitRecv(nullptr, left);
         if (!done) throw std::runtime_error("the wait was aborted");
       } catch (const std::exception& e) {
-        broken_ = true;
+        Failed(p.peer);
         if (timeout != absl::InfiniteDuration() && absl::Now() >= deadline)
           return absl::DeadlineExceededError(absl::StrCat(
               what, " (", TagName(tag), "): rank(s) ", p.peer, " did not answer rank ", rank(),
@@ -202,6 +204,14 @@ class GlooCommunicator : public Communicator {
     return absl::OkStatus();
   }
 
+  void Failed(int peer) {
+    broken_ = true;
+    failed_peers_.push_back(peer);
+    std::sort(failed_peers_.begin(), failed_peers_.end());
+    failed_peers_.erase(std::unique(failed_peers_.begin(), failed_peers_.end()),
+                        failed_peers_.end());
+  }
+
   absl::Status Broken(const std::string& what) const {
     return absl::FailedPreconditionError(
         absl::StrCat(what, ": the data plane failed earlier and cannot be used"));
@@ -209,6 +219,7 @@ class GlooCommunicator : public Communicator {
 
   std::shared_ptr<gloo::rendezvous::Context> context_;
   bool broken_ = false;
+  std::vector<int> failed_peers_;
 };
 
 }  // namespace

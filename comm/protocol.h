@@ -12,7 +12,9 @@
 //                         expert in ascending expert order
 //   combine  (kCombine)  worker w -> coordinator: the expert outputs in the same order and dtype,
 //                         then one double: the worker's expert compute time in microseconds
-// Workers exchange nothing among themselves (zero counts). kShutdown ends the worker loop.
+// Workers exchange nothing among themselves (zero counts). kShutdown ends the worker loop;
+// kReform ends this data plane (the control plane hands out the next, docs/ARCHITECTURE.md,
+// "Losing and gaining workers").
 //
 // On the NCCL data plane (device rows, comm/device_communicator.h) a layer is three groups of
 // transfers on the step's stream: the counts are worker w's slice of the coordinator's group
@@ -61,7 +63,9 @@ StartupReport MakeReport(const absl::Status& status);
 // The first failed rank's error (its status code; the message names the rank and the stage).
 absl::Status VerifyReports(const std::vector<StartupReport>& reports, const std::string& stage);
 
-enum class StepKind : int32_t { kForward = 1, kShutdown = 2 };
+// kReform: the coordinator re-forms the data plane (a worker joins or leaves); the workers
+// leave this one and ask the control plane for the next.
+enum class StepKind : int32_t { kForward = 1, kShutdown = 2, kReform = 3 };
 
 struct StepHeader {
   StepKind kind = StepKind::kForward;

@@ -10,15 +10,21 @@
 
 namespace epx {
 
-absl::StatusOr<Placement> Placement::RoundRobin(int num_experts, int num_workers) {
+absl::StatusOr<Placement> Placement::RoundRobin(int num_experts, int num_workers,
+                                                int copies) {
   if (num_experts < 1 || num_workers < 1)
     return absl::InvalidArgumentError(
         absl::StrCat("round-robin placement needs experts >= 1 and "
                      "workers >= 1, got ",
                      num_experts, " and ", num_workers));
+  if (copies < 1 || copies > num_workers)
+    return absl::InvalidArgumentError(
+        absl::StrCat("--replicas ", copies, ": every expert's copies sit on distinct workers, so "
+                     "it must be between 1 and the ", num_workers, " worker(s)"));
   std::vector<std::vector<int>> replicas(num_experts);
-  if (num_workers <= num_experts) {
-    for (int e = 0; e < num_experts; ++e) replicas[e].push_back(1 + e % num_workers);
+  if (num_workers < num_experts * copies) {
+    for (int e = 0; e < num_experts; ++e)
+      for (int j = 0; j < copies; ++j) replicas[e].push_back(1 + (e * copies + j) % num_workers);
   } else {
     for (int w = 1; w <= num_workers; ++w) replicas[(w - 1) % num_experts].push_back(w);
   }
@@ -90,6 +96,29 @@ absl::StatusOr<Placement> Placement::Build(std::vector<std::vector<int>> replica
           source, ": worker rank ", w, " holds no expert (every worker must hold at least one)"));
   p.replicas_ = std::move(replicas);
   return p;
+}
+
+absl::StatusOr<Placement> Placement::Among(const Placement& base,
+                                           const std::vector<int>& members) {
+  // The new rank of each base rank (0: not a member).
+  std::vector<int> renumbered(base.num_workers() + 1, 0);
+  for (size_t i = 1; i < members.size(); ++i) {
+    const int r = members[i];
+    if (r < 1 || r > base.num_workers() || renumbered[r] != 0 || (i > 1 && r <= members[i - 1]))
+      return absl::InternalError(absl::StrCat("members [", absl::StrJoin(members, ","),
+                                              "] are not ascending worker ranks"));
+    renumbered[r] = static_cast<int>(i);
+  }
+  std::vector<std::vector<int>> replicas(base.num_experts());
+  for (int e = 0; e < base.num_experts(); ++e) {
+    for (int r : base.replicas(e))
+      if (renumbered[r] != 0) replicas[e].push_back(renumbered[r]);
+    if (replicas[e].empty())
+      return absl::FailedPreconditionError(absl::StrCat(
+          "expert ", e, " has no live worker (it was on worker",
+          base.replicas(e).size() > 1 ? "s " : " ", absl::StrJoin(base.replicas(e), ", "), ")"));
+  }
+  return Build(std::move(replicas), static_cast<int>(members.size()) - 1, "the placement");
 }
 
 int Placement::LocalIndex(int rank, int expert) const {

@@ -16,9 +16,17 @@ namespace epx {
 
 class Placement {
  public:
-  // Expert e on worker 1 + e % W when W <= E; with W > E, worker w holds expert (w - 1) % E, so
-  // every worker works and experts get replicas. InvalidArgument for W < 1 or E < 1.
-  static absl::StatusOr<Placement> RoundRobin(int num_experts, int num_workers);
+  // `replicas` copies of every expert (--replicas R): replica j of expert e on worker
+  // 1 + (e * R + j) % W, so the copies of an expert sit on distinct workers and every worker
+  // holds about E * R / W experts. When W >= E * R, worker w holds expert (w - 1) % E instead, so
+  // that every worker works (experts then get W / E replicas or more). With R = 1: expert e on
+  // worker 1 + e % W. InvalidArgument for W < 1, E < 1, R < 1 or R > W.
+  static absl::StatusOr<Placement> RoundRobin(int num_experts, int num_workers, int replicas = 1);
+
+  // `base` among the workers still in the cluster: members[i] is the base rank that becomes
+  // rank i (members[0] = 0, the coordinator; the others ascending), and each expert keeps the
+  // replicas that are members. FailedPrecondition naming the first expert left without one.
+  static absl::StatusOr<Placement> Among(const Placement& base, const std::vector<int>& members);
 
   // Parses a placement file: JSON {"experts": {"0": [1, 2], "1": [3], ...}} mapping every expert
   // to the worker ranks holding it. Errors name the file and the offending entry: an expert

@@ -36,6 +36,11 @@ DistributedExpertExecutor::DistributedExpertExecutor(const ModelConfig& config,
   stats_.expert_us.assign(layers, 0);
   stats_.combine_us.assign(layers, 0);
   stats_.worker_tokens.assign(comm_->world_size(), 0);
+  for (int r = 0; r < comm_->world_size(); ++r) members_.push_back(r);
+  Layout();
+}
+
+void DistributedExpertExecutor::Layout() {
   // Groups (worker, local expert) in send order: worker w's are [group_base_[w],
   // group_base_[w + 1]); each worker receives one count per local expert.
   group_base_.assign(comm_->world_size() + 1, 0);
@@ -62,6 +67,33 @@ absl::Status DistributedExpertExecutor::Shutdown() {
   shut_down_ = true;
   comm::StepHeader header{.kind = comm::StepKind::kShutdown, .step = step_};
   return comm_->Broadcast(&header, sizeof(header), 0, comm::Tag::kStepHeader, timeout_, "shutdown");
+}
+
+absl::Status DistributedExpertExecutor::Reform() {
+  if (in_step()) return absl::FailedPreconditionError("a step is in progress");
+  comm::StepHeader header{.kind = comm::StepKind::kReform, .step = step_};
+  return comm_->Broadcast(&header, sizeof(header), 0, comm::Tag::kStepHeader, timeout_,
+                          "re-forming the data plane");
+}
+
+absl::Status DistributedExpertExecutor::Rebind(comm::Communicator* comm,
+                                               const Placement& placement,
+                                               std::vector<int> members) {
+  if (device_ != nullptr)
+    return absl::FailedPreconditionError("the NCCL data plane cannot be re-formed yet");
+  if (comm->rank() != 0 || placement.num_workers() != comm->world_size() - 1 ||
+      static_cast<int>(members.size()) != comm->world_size() || members[0] != 0)
+    return absl::InternalError(absl::StrCat("re-formed data plane of ", comm->world_size(),
+                                            " ranks for a placement of ",
+                                            placement.num_workers(), " workers"));
+  comm_ = comm;
+  placement_ = placement;
+  members_ = std::move(members);
+  for (int w : members_)
+    if (w >= static_cast<int>(stats_.worker_tokens.size())) stats_.worker_tokens.resize(w + 1, 0);
+  layers_done_ = config_.num_hidden_layers;
+  Layout();
+  return absl::OkStatus();
 }
 
 absl::Status DistributedExpertExecutor::UseDeviceExchange(comm::DeviceCommunicator* comm) {
@@ -125,7 +157,7 @@ absl::StatusOr<ExpertOutput> DistributedExpertExecutor::Run(int layer, const Exp
   for (int w = 1; w < world; ++w) {
     row_bytes[w] = wire_.RowBytes(plan.rows[w]);
     back_bytes[w] = wire_.CombineBytes(plan.rows[w]);
-    stats_.worker_tokens[w] += plan.rows[w];
+    stats_.worker_tokens[members_[w]] += plan.rows[w];
   }
   comm::GrowPayload(&send_, wire_.RowBytes(num_slots));
   EPX_RETURN_IF_ERROR(cpu::PermuteRows(x, order_, num_topk, wire_.Rows(send_.data(), num_slots)));

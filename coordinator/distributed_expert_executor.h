@@ -32,7 +32,7 @@ struct ExpertParallelStats {
   std::vector<double> dispatch_us;     // [layer] counts + rows out, coordinator's wall time
   std::vector<double> expert_us;       // [layer] slowest worker's compute time, summed over steps
   std::vector<double> combine_us;      // [layer] rows back, minus the slowest worker's compute
-  std::vector<int64_t> worker_tokens;  // [rank] rows received, all layers
+  std::vector<int64_t> worker_tokens;  // [worker rank] rows received, all layers
 };
 
 class DistributedExpertExecutor : public ExpertExecutor {
@@ -58,6 +58,14 @@ class DistributedExpertExecutor : public ExpertExecutor {
   absl::StatusOr<ExpertOutput> Run(int layer, const ExpertBatch& batch) override;
   // Tells every worker to leave its loop. Idempotent.
   absl::Status Shutdown();
+  // Tells every worker that the data plane is re-formed: they leave this one and ask the
+  // control plane for the next (the cluster changes between two steps).
+  absl::Status Reform();
+  // From the next step on, the rows go over `comm` with `placement` (in its ranks), whose rank
+  // i is worker members[i] (members[0] = 0): the data plane re-formed around a lost or a new
+  // worker. Clears a step cut short. Host data planes only (FailedPrecondition on NCCL).
+  absl::Status Rebind(comm::Communicator* comm, const Placement& placement,
+                      std::vector<int> members);
 
   const ExpertParallelStats& stats() const { return stats_; }
   // True between BeginStep() and the last layer's Run(): the workers are inside a step, and a
@@ -65,8 +73,12 @@ class DistributedExpertExecutor : public ExpertExecutor {
   bool in_step() const { return layers_done_ < config_.num_hidden_layers; }
 
  private:
+  // group_base_ and count_bytes_ for comm_ and placement_.
+  void Layout();
+
   const ModelConfig config_;
-  const Placement placement_;
+  Placement placement_;
+  std::vector<int> members_;  // [data-plane rank] -> worker rank
   comm::Communicator* comm_;
   const absl::Duration timeout_;
   const comm::ExpertWire wire_;

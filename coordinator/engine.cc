@@ -117,7 +117,16 @@ absl::StatusOr<Tensor> Engine::Step(absl::Span<const SequenceInput> batch) {
   fb.sequences = sequences;
   fb.logit_rows = logit_rows;
   fb.block_size = cache_.block_size();
-  EPX_ASSIGN_OR_RETURN(Tensor logits, forward_->Forward(fb, stats_));
+  // A step cut short (a worker lost mid-step) commits nothing: the KV rows it wrote lie past
+  // the sequences' lengths and are written again, and its counters are taken back, so that a
+  // step run again after the cluster re-formed counts once.
+  EngineStats before = stats_;
+  absl::StatusOr<Tensor> result = forward_->Forward(fb, stats_);
+  if (!result.ok()) {
+    stats_ = std::move(before);
+    return result.status();
+  }
+  Tensor logits = *std::move(result);
 
   stats_.tokens += static_cast<int64_t>(ids.size());
   ++stats_.steps;

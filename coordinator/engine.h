@@ -67,7 +67,8 @@ class Engine {
   // row per token if all_logits, else one row for its last token. On an invalid input (unknown
   // sequence, empty tokens, a sequence twice, token id outside the vocabulary, positions beyond
   // max_position_embeddings) returns InvalidArgument/NotFound and changes nothing; when the KV
-  // cache has too few free blocks, ResourceExhausted and changes nothing.
+  // cache has too few free blocks, ResourceExhausted and changes nothing. A step whose forward
+  // fails (a worker lost) commits nothing either: the same batch may run again.
   absl::StatusOr<Tensor> Step(absl::Span<const SequenceInput> batch);
 
   const EngineStats& stats() const { return stats_; }

@@ -1,7 +1,11 @@
 #include "coordinator/membership.h"
 
+#include <algorithm>
+#include <utility>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/logging.h"
 
 namespace epx {
 namespace {
@@ -18,7 +22,20 @@ bool SameProcess(const WorkerInfo& a, const WorkerInfo& b) {
   return a.host == b.host && a.pid == b.pid;
 }
 
+// What identifies a process once it is gone.
+std::string ProcessKey(const WorkerInfo& info) {
+  return info.instance.empty() ? absl::StrCat(info.host, ":", info.pid) : info.instance;
+}
+
+constexpr size_t kMaxEvents = 256;
+
 }  // namespace
+
+int ClusterEpoch::DataPlaneRank(int rank) const {
+  for (size_t i = 1; i < members.size(); ++i)
+    if (members[i] == rank) return static_cast<int>(i);
+  return -1;
+}
 
 Membership::Membership(const Placement* placement, ClusterIdentity identity,
                        const MembershipOptions& options)
@@ -52,6 +69,11 @@ absl::StatusOr<int> Membership::Register(const WorkerInfo& info, absl::Time now)
                                                    " is not a worker of this job (ranks 1..",
                                                    num_workers, ")"));
   absl::MutexLock lock(&mu_);
+  for (const auto& [key, why] : removed_)
+    if (key == ProcessKey(info))
+      return absl::FailedPreconditionError(absl::StrCat(
+          Name(info), " was removed from the cluster (", why,
+          "); start a new worker to take its place"));
   int rank = 0;
   for (int r = 1; r <= num_workers; ++r) {
     const Entry& e = workers_[r];
@@ -82,6 +104,10 @@ absl::StatusOr<int> Membership::Register(const WorkerInfo& info, absl::Time now)
         "worker ", rank, " holds experts [", absl::StrJoin(info.experts, ","),
         "] but the placement gives it [", absl::StrJoin(placement_->experts_of(rank), ","), "]"));
   Entry& e = workers_[rank];
+  if (!e.registered || !SameProcess(e.info, info)) {
+    e.back_after = -1;
+    e.joined = 0;
+  }
   e.info = info;
   e.info.rank = rank;
   if (e.info.experts.empty() && placement_ != nullptr) e.info.experts = placement_->experts_of(rank);
@@ -99,6 +125,145 @@ absl::Status Membership::Heartbeat(int rank, const std::string& instance, absl::
         absl::StrCat("rank ", rank, " is registered to another process"));
   workers_[rank].last_heartbeat = now;
   return absl::OkStatus();
+}
+
+absl::StatusOr<ClusterEpoch> Membership::AwaitEpoch(int rank, const std::string& instance,
+                                                    int64_t after, absl::Duration timeout) {
+  absl::MutexLock lock(&mu_);
+  auto held = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return rank >= 1 && rank < static_cast<int>(workers_.size()) && workers_[rank].registered &&
+           (instance.empty() || workers_[rank].info.instance == instance);
+  };
+  auto removed = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) -> const std::string* {
+    for (const auto& [key, why] : removed_)
+      if (key == instance) return &why;
+    return nullptr;
+  };
+  if (const std::string* why = removed(); why != nullptr)
+    return absl::FailedPreconditionError(
+        absl::StrCat("worker ", rank, " was removed from the cluster (", *why, ")"));
+  if (!held())
+    return absl::NotFoundError(absl::StrCat("rank ", rank, " is not registered to this process"));
+  workers_[rank].back_after = std::max(workers_[rank].back_after, after);
+  auto ready = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return !held() || (epoch_.number > after && workers_[rank].joined == epoch_.number);
+  };
+  mu_.AwaitWithTimeout(absl::Condition(&ready), timeout);
+  if (const std::string* why = removed(); why != nullptr)
+    return absl::FailedPreconditionError(
+        absl::StrCat("worker ", rank, " was removed from the cluster (", *why, ")"));
+  if (!held())
+    return absl::NotFoundError(absl::StrCat("rank ", rank, " is not registered to this process"));
+  if (!ready())
+    return absl::UnavailableError(absl::StrCat("no data plane after epoch ", after,
+                                               " has formed with worker ", rank, " yet"));
+  return epoch_;
+}
+
+bool Membership::WaitingLocked(int rank) const {
+  const Entry& e = workers_[rank];
+  return e.registered && e.back_after >= e.joined;
+}
+
+std::vector<int> Membership::AwaitWaiting(const std::vector<int>& ranks,
+                                          absl::Duration timeout) const {
+  const absl::Time deadline = absl::Now() + timeout;
+  absl::MutexLock lock(&mu_);
+  auto count = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return std::count_if(ranks.begin(), ranks.end(), [&](int r) { return WaitingLocked(r); });
+  };
+  while (true) {
+    const absl::Time now = absl::Now();
+    bool pending = false;
+    for (int r : ranks)
+      if (!WaitingLocked(r) && workers_[r].registered &&
+          now - workers_[r].last_heartbeat <= options_.heartbeat_timeout)
+        pending = true;
+    if (!pending || now >= deadline) break;
+    // Woken by AwaitEpoch; the heartbeat ages are looked at again at least every 100 ms.
+    const auto before = count();
+    auto changed = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return count() != before; };
+    mu_.AwaitWithTimeout(absl::Condition(&changed),
+                         std::min(absl::Milliseconds(100), deadline - now));
+  }
+  std::vector<int> out;
+  for (int r : ranks)
+    if (WaitingLocked(r)) out.push_back(r);
+  return out;
+}
+
+void Membership::MarkLost(int rank, const std::string& reason, absl::Time now) {
+  absl::MutexLock lock(&mu_);
+  if (rank < 1 || rank >= static_cast<int>(workers_.size())) return;
+  Entry& e = workers_[rank];
+  if (e.registered) removed_.emplace_back(ProcessKey(e.info), reason);
+  e.registered = false;
+  e.back_after = -1;
+  e.joined = 0;
+  RecordLocked({now, "lost", rank,
+                absl::StrCat("worker ", rank, " (", e.info.host, " pid ", e.info.pid,
+                             ") lost: ", reason)});
+}
+
+void Membership::PublishEpoch(ClusterEpoch epoch, absl::Time now) {
+  absl::MutexLock lock(&mu_);
+  std::vector<int> workers(epoch.members.begin() + 1, epoch.members.end());
+  for (int r : workers) {
+    Entry& e = workers_[r];
+    if (e.joined == 0 && epoch.number > 1)
+      RecordLocked({now, "joined", r, absl::StrCat("worker ", r, " (", e.info.host, " pid ",
+                                                   e.info.pid, ") joined")});
+    e.joined = epoch.number;
+  }
+  epoch_ = std::move(epoch);
+  if (epoch_.number > 1)
+    RecordLocked({now, "re-formed", 0,
+                  absl::StrCat("epoch ", epoch_.number, ": the data plane re-formed with worker",
+                               workers.size() == 1 ? " " : "s ", absl::StrJoin(workers, ", "))});
+}
+
+ClusterEpoch Membership::epoch() const {
+  absl::MutexLock lock(&mu_);
+  return epoch_;
+}
+
+std::vector<int> Membership::Joiners() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<int> out;
+  for (int r = 1; r < static_cast<int>(workers_.size()); ++r)
+    if (workers_[r].registered && workers_[r].joined == 0) out.push_back(r);
+  return out;
+}
+
+std::vector<int> Membership::Registered() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<int> out;
+  for (int r = 1; r < static_cast<int>(workers_.size()); ++r)
+    if (workers_[r].registered) out.push_back(r);
+  return out;
+}
+
+void Membership::SetNotServing(const std::string& reason, absl::Time now) {
+  absl::MutexLock lock(&mu_);
+  if (reason == not_serving_) return;
+  not_serving_ = reason;
+  if (!reason.empty()) RecordLocked({now, "not serving", 0, reason});
+}
+
+void Membership::Record(ClusterEvent event) {
+  absl::MutexLock lock(&mu_);
+  RecordLocked(std::move(event));
+}
+
+void Membership::RecordLocked(ClusterEvent event) {
+  EPX_LOG(Info) << "cluster: " << event.message;
+  events_.push_back(std::move(event));
+  if (events_.size() > kMaxEvents) events_.erase(events_.begin());
+}
+
+std::vector<ClusterEvent> Membership::events() const {
+  absl::MutexLock lock(&mu_);
+  return events_;
 }
 
 void Membership::MarkFailed(const absl::Status& cause) {
@@ -126,9 +291,16 @@ int Membership::num_registered() const {
 std::string Membership::NotReadyReason(absl::Time now) const {
   absl::MutexLock lock(&mu_);
   if (!failure_.ok()) return absl::StrCat("data plane failed: ", failure_.message());
-  for (size_t rank = 1; rank < workers_.size(); ++rank) {
+  if (!not_serving_.empty()) return not_serving_;
+  // Before the first formation every slot; then the current epoch's members.
+  std::vector<int> expected;
+  for (int r = 1; r < static_cast<int>(workers_.size()); ++r)
+    if (epoch_.number == 0 || epoch_.DataPlaneRank(r) > 0) expected.push_back(r);
+  for (int rank : expected) {
     const Entry& e = workers_[rank];
     if (!e.registered) return absl::StrCat("worker ", rank, " has not registered");
+    if (epoch_.number > 0 && e.joined != epoch_.number)
+      return absl::StrCat("worker ", rank, " is joining the data plane");
     if (now - e.last_heartbeat > options_.heartbeat_timeout)
       return absl::StrCat("worker ", rank, " (", e.info.host, ") silent for ",
                           absl::FormatDuration(absl::Trunc(now - e.last_heartbeat,
@@ -150,6 +322,9 @@ std::vector<WorkerState> Membership::Workers(absl::Time now) const {
     s.registered = e.registered;
     s.heartbeat_age = e.registered ? now - e.last_heartbeat : absl::InfiniteDuration();
     s.alive = e.registered && s.heartbeat_age <= options_.heartbeat_timeout;
+    const int dp = epoch_.DataPlaneRank(static_cast<int>(rank));
+    s.member = dp > 0 && e.registered && e.joined == epoch_.number;
+    if (s.member && dp < static_cast<int>(epoch_.experts.size())) s.info.experts = epoch_.experts[dp];
     out.push_back(std::move(s));
   }
   return out;

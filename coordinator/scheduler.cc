@@ -76,8 +76,12 @@ struct Scheduler::Active {
 };
 
 Scheduler::Scheduler(Engine* engine, const Tokenizer* tokenizer, const SchedulerOptions& options,
-                     const ExpertParallelStats* expert_parallel)
-    : engine_(engine), tokenizer_(tokenizer), options_(options), expert_parallel_(expert_parallel) {
+                     const ExpertParallelStats* expert_parallel, StepRecovery* recovery)
+    : engine_(engine),
+      tokenizer_(tokenizer),
+      options_(options),
+      expert_parallel_(expert_parallel),
+      recovery_(recovery) {
   EPX_CHECK(options.Validate().ok());
   stats_.kv_blocks_total = engine->kv_cache().num_blocks();
   stats_.kv_block_size = engine->kv_cache().block_size();
@@ -381,6 +385,19 @@ absl::Status Scheduler::Run() {
       if (stopping_) break;
     }
 
+    // The cluster changes between two steps; while it cannot serve, what waits fails.
+    if (recovery_ != nullptr) {
+      absl::Status serving = recovery_->BeforeStep();
+      {
+        absl::MutexLock lock(&mu_);
+        stats_.not_serving = serving;
+      }
+      if (!serving.ok()) {
+        FailAll(serving);
+        continue;
+      }
+    }
+
     // Cancelled and expired requests leave before the step, freeing their blocks now.
     const absl::Time now = absl::Now();
     for (auto it = running_.begin(); it != running_.end();) {
@@ -422,6 +439,23 @@ absl::Status Scheduler::Run() {
       budget -= n;
     }
     absl::StatusOr<Tensor> logits = engine_->Step(batch);
+    const absl::StatusCode code = logits.status().code();
+    if (!logits.ok() && recovery_ != nullptr &&
+        (code == absl::StatusCode::kUnavailable || code == absl::StatusCode::kDeadlineExceeded)) {
+      // The engine committed nothing: once the expert tier re-formed, the same requests run the
+      // same step again (a request's output never depends on the batch or the placement).
+      EPX_LOG(Warning) << "engine step failed: " << logits.status();
+      absl::Status recovered = recovery_->Recover(logits.status());
+      {
+        absl::MutexLock lock(&mu_);
+        stats_.not_serving = recovered;
+        if (recovered.ok()) ++stats_.recoveries;
+      }
+      if (recovered.ok()) continue;
+      EPX_LOG(Error) << "not serving: " << recovered;
+      FailAll(recovered);
+      continue;
+    }
     if (!logits.ok()) {
       EPX_LOG(Error) << "engine step failed: " << logits.status();
       FailAll(logits.status());

@@ -84,6 +84,21 @@ class RequestStream {
   std::atomic<bool> cancelled_{false};
 };
 
+// A cluster that can re-form its expert tier between steps (runtime/runtime.h). The scheduler
+// asks it before every step (and every 100 ms while idle) and after a step that failed.
+// Called from the step thread only.
+class StepRecovery {
+ public:
+  virtual ~StepRecovery() = default;
+  // Applies what changed since the last step (a worker waiting to join). OK: steps may run;
+  // else why not: the running and queued requests fail with it (UNAVAILABLE).
+  virtual absl::Status BeforeStep() = 0;
+  // After a step failed with `failure` (UNAVAILABLE or DEADLINE_EXCEEDED): OK once the expert
+  // tier re-formed and the same step may run again (it gives the same bits); else the error
+  // the running requests fail with. The scheduler keeps running either way.
+  virtual absl::Status Recover(const absl::Status& failure) = 0;
+};
+
 struct SchedulerOptions {
   int64_t max_queue = 256;        // waiting requests; beyond: ResourceExhausted
   int64_t max_running = 64;       // sequences in one step
@@ -104,17 +119,20 @@ struct SchedulerStats {
   int64_t prompt_tokens = 0, generated_tokens = 0;
   bool draining = false;
   absl::Status failure;  // set once the engine failed; the scheduler then refuses everything
+  int64_t recoveries = 0;    // steps run again after the expert tier re-formed
+  absl::Status not_serving;  // the StepRecovery's last answer (OK: serving)
   EngineStats engine;    // as of the last step
   std::optional<ExpertParallelStats> expert_parallel;  // multi-rank jobs, as of the last step
 };
 
 class Scheduler {
  public:
-  // REQUIRES: options.Validate() is OK. `engine`, `tokenizer` and `expert_parallel` (the remote
-  // executor's counters, or null) must outlive the scheduler; only Run() touches the engine
-  // once the scheduler exists.
+  // REQUIRES: options.Validate() is OK. `engine`, `tokenizer`, `expert_parallel` (the remote
+  // executor's counters, or null) and `recovery` (null: a failed step ends Run) must outlive
+  // the scheduler; only Run() touches the engine once the scheduler exists.
   Scheduler(Engine* engine, const Tokenizer* tokenizer, const SchedulerOptions& options,
-            const ExpertParallelStats* expert_parallel = nullptr);
+            const ExpertParallelStats* expert_parallel = nullptr,
+            StepRecovery* recovery = nullptr);
   ~Scheduler();
 
   // Queues a request. InvalidArgument with a precise message for a bad parameter (empty prompt,
@@ -130,8 +148,8 @@ class Scheduler {
   // Ends Run(): running requests finish with kCancelled, queued ones get Unavailable.
   void Stop();
 
-  // The step loop; returns after Stop() (OK) or an engine failure (that error, after failing
-  // every request with Unavailable). Call once, from one thread.
+  // The step loop; returns after Stop() (OK) or an engine failure it cannot recover from (that
+  // error, after failing every request with Unavailable). Call once, from one thread.
   absl::Status Run();
 
   SchedulerStats stats() const;
@@ -158,6 +176,7 @@ class Scheduler {
   const Tokenizer* const tokenizer_;
   const SchedulerOptions options_;
   const ExpertParallelStats* const expert_parallel_;
+  StepRecovery* const recovery_;
   int64_t next_seq_id_ = 0;           // step thread
   int64_t reserved_blocks_ = 0;       // step thread: blocks promised to running requests
   std::list<std::unique_ptr<Active>> running_;  // step thread, in admission order

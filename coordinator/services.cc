@@ -315,9 +315,20 @@ class AdminService final : public v1::Admin::Service {
       ws->set_alive(w.alive);
       ws->set_last_heartbeat_age_s(w.registered ? absl::ToDoubleSeconds(w.heartbeat_age) : -1);
       ws->mutable_experts()->Add(w.info.experts.begin(), w.info.experts.end());
+      ws->set_member(w.member);
       if (s.expert_parallel.has_value() &&
           w.info.rank < static_cast<int>(s.expert_parallel->worker_tokens.size()))
         ws->set_rows_received(s.expert_parallel->worker_tokens[w.info.rank]);
+    }
+    const ClusterEpoch epoch = backends_.membership->epoch();
+    out->set_epoch(epoch.number);
+    out->set_placement(epoch.placement_text);
+    for (const ClusterEvent& e : backends_.membership->events()) {
+      v1::ClusterEvent* ce = out->add_events();
+      ce->set_time_unix_s(absl::ToUnixMicros(e.time) / 1e6);
+      ce->set_kind(e.kind);
+      ce->set_rank(e.rank);
+      ce->set_message(e.message);
     }
     return grpc::Status::OK;
   }
@@ -392,10 +403,39 @@ class ClusterService final : public v1::Cluster::Service {
     out->set_world_size(membership.num_workers() + 1);
     if (backends_.placement != nullptr) out->set_placement_json(backends_.placement->ToJson());
     out->set_data_plane(membership.identity().data_plane);
-    out->set_store_prefix(options_.store_prefix);
+    out->set_store_prefix(membership.epoch().store_prefix);
     out->set_comm_timeout_ms(static_cast<uint32_t>(std::clamp<int64_t>(
         absl::ToInt64Milliseconds(options_.comm_timeout), 1, std::numeric_limits<uint32_t>::max())));
     return grpc::Status::OK;
+  }
+
+  grpc::Status AwaitEpoch(grpc::ServerContext* context, const v1::AwaitEpochRequest* in,
+                          v1::EpochResponse* out) override {
+    if (!Member(in->cluster_token())) return Denied(*context);
+    // In slices, like StoreGet, so that a caller who goes away frees the handler thread.
+    const absl::Time deadline =
+        absl::Now() + std::min({absl::Milliseconds(in->timeout_ms()), kStoreGetLimit,
+                                FromGrpcDeadline(*context) - absl::Now()});
+    const int64_t after = static_cast<int64_t>(
+        std::min<uint64_t>(in->after_epoch(), std::numeric_limits<int64_t>::max()));
+    while (true) {
+      const absl::Duration slice = std::min(deadline - absl::Now(), absl::Milliseconds(200));
+      absl::StatusOr<ClusterEpoch> epoch = backends_.membership->AwaitEpoch(
+          in->rank(), in->instance(), after, std::max(slice, absl::ZeroDuration()));
+      if (epoch.ok()) {
+        out->set_epoch(epoch->number);
+        out->set_data_plane_rank(epoch->DataPlaneRank(in->rank()));
+        out->set_world_size(static_cast<int32_t>(epoch->members.size()));
+        out->set_placement_json(epoch->placement_json);
+        out->set_store_prefix(epoch->store_prefix);
+        out->mutable_members()->Add(epoch->members.begin(), epoch->members.end());
+        return grpc::Status::OK;
+      }
+      if (epoch.status().code() != absl::StatusCode::kUnavailable || absl::Now() >= deadline)
+        return ToGrpc(epoch.status());
+      if (context->IsCancelled())
+        return grpc::Status(grpc::StatusCode::CANCELLED, "the caller went away");
+    }
   }
 
   grpc::Status Heartbeat(grpc::ServerContext* context, const v1::HeartbeatRequest* in,

@@ -36,9 +36,7 @@ struct ApiServerOptions {
   int64_t max_request_bytes = 1 << 20;     // larger requests: INVALID_ARGUMENT
   // Control-plane callers must present it; empty in a launcher-free cluster started without one.
   std::string cluster_token;
-  // Register's answer in a launcher-free cluster: the data plane's key prefix in the store and
-  // the coordinator's --comm-timeout.
-  std::string store_prefix;
+  // Register's answer in a launcher-free cluster: the coordinator's --comm-timeout.
   absl::Duration comm_timeout = absl::Seconds(30);
   // What ModelInfo reports.
   std::string model_name;

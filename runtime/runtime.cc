@@ -15,6 +15,7 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "comm/data_plane.h"
 #include "comm/device_communicator.h"
 #include "comm/mpi_communicator.h"
@@ -143,19 +144,7 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Start(const RuntimeOptions& op
   // the same message naming the rank at fault.
   const absl::Status configured =
       rt->configured_.has_value() ? *rt->configured_ : rt->Configure(world);
-  EPX_RETURN_IF_ERROR(rt->Handshake(configured));
-  absl::Status loaded = [&]() -> absl::Status {
-    EPX_ASSIGN_OR_RETURN(rt->weights_,
-                         ModelWeights::Load(options.model_dir, rt->config_,
-                                            WeightSelection::ForRank(*rt->placement_, rank)));
-    return absl::OkStatus();
-  }();
-  comm::StartupReport mine = comm::MakeReport(loaded);
-  std::vector<comm::StartupReport> reports(world);
-  EPX_RETURN_IF_ERROR(rt->comm_->AllGather(&mine, sizeof(mine), reports.data(),
-                                           comm::Tag::kReady, options.comm_timeout,
-                                           "start-up (weights loaded)"));
-  EPX_RETURN_IF_ERROR(comm::VerifyReports(reports, "loading its weights"));
+  EPX_RETURN_IF_ERROR(rt->AgreeOnEpoch(configured));
   EPX_LOG(Info) << (rank == 0 ? "coordinator" : "worker") << " mapped "
                 << rt->weights_->bytes_mapped() << " bytes of weights";
   if (rank == 0) {
@@ -233,7 +222,6 @@ absl::Status Runtime::FormAsCoordinator() {
   configured_ = absl::OkStatus();
   membership_ = NewMembership();
   store_ = std::make_unique<comm::MemoryKeyValueStore>();
-  store_prefix_ = absl::StrCat(data_plane_, "/epoch-1/");
   if (o.start_control_plane) {
     EPX_ASSIGN_OR_RETURN(control_server_, o.start_control_plane(*this));
   } else {
@@ -242,7 +230,6 @@ absl::Status Runtime::FormAsCoordinator() {
     server.cluster_token = o.cluster_token;
     server.build_id = BuildId();
     server.world_size = world_size_;
-    server.store_prefix = store_prefix_;
     server.comm_timeout = o.comm_timeout;
     ApiServerBackends backends;
     backends.membership = membership_.get();
@@ -264,9 +251,13 @@ absl::Status Runtime::FormAsCoordinator() {
           "only ", membership_->num_registered(), " of ", o.workers, " workers registered within ",
           absl::FormatDuration(o.form_timeout), ": ", membership_->NotReadyReason(absl::Now())));
   }
-  std::string host = o.data_plane_host;
-  if (host.empty() && !IsWildcard(HostOf(address))) host = HostOf(address);
-  EPX_RETURN_IF_ERROR(FormDataPlane(store_.get(), store_prefix_, host, o.comm_timeout));
+  data_plane_host_ = o.data_plane_host;
+  if (data_plane_host_.empty() && !IsWildcard(HostOf(address))) data_plane_host_ = HostOf(address);
+  std::vector<int> members;
+  for (int r = 0; r <= o.workers; ++r) members.push_back(r);
+  EPX_RETURN_IF_ERROR(PublishEpoch(members));
+  EPX_RETURN_IF_ERROR(
+      FormDataPlane(store_.get(), store_prefix_, data_plane_host_, o.comm_timeout));
   EPX_LOG(Info) << "data plane " << data_plane_ << " formed with " << o.workers << " worker(s)";
   return absl::OkStatus();
 }
@@ -290,17 +281,11 @@ absl::Status Runtime::JoinAsWorker() {
     return absl::InternalError(absl::StrCat(
         "the coordinator at ", o.coordinator, " answered rank ", assignment.rank, " of ",
         assignment.world_size, " on data plane \"", assignment.data_plane, "\""));
-  rank_ = assignment.rank;
-  world_size_ = assignment.world_size;
-  SetLogRank(rank_);
+  worker_rank_ = assignment.rank;
+  SetLogRank(worker_rank_);
   // The start-up exchanges keep the coordinator's limit, as every rank of an mpirun job shares
   // one --comm-timeout.
   options_.comm_timeout = assignment.comm_timeout;
-  absl::StatusOr<Placement> placement =
-      Placement::FromJson(assignment.placement_json, static_cast<int>(config_.num_local_experts),
-                          world_size_ - 1, "the coordinator's placement");
-  configured_ = placement.status();
-  if (placement.ok()) placement_ = std::make_unique<Placement>(*std::move(placement));
 
   self = worker_info();
   // A worker blocked on the data plane would not notice a coordinator host that vanished
@@ -317,13 +302,35 @@ absl::Status Runtime::JoinAsWorker() {
                               std::fflush(stderr);
                               std::_Exit(1);
                             });
+  data_plane_host_ = o.data_plane_host.empty() ? LocalAddressTowards(HostOf(o.coordinator))
+                                               : o.data_plane_host;
+  EPX_RETURN_IF_ERROR(JoinEpoch());
+  return absl::OkStatus();
+}
 
-  const std::string host = o.data_plane_host.empty() ? LocalAddressTowards(HostOf(o.coordinator))
-                                                    : o.data_plane_host;
+absl::Status Runtime::JoinEpoch() {
+  // No limit: the coordinator may wait for a worker to replace a lost one; if it goes away, the
+  // heartbeats end this process.
+  EPX_ASSIGN_OR_RETURN(const EpochAssignment epoch,
+                       control_->AwaitEpoch(worker_info(), epoch_, absl::InfiniteDuration()));
+  constexpr int kMaxWorld = 1 << 16;
+  if (epoch.epoch <= epoch_ || epoch.world_size < 2 || epoch.world_size > kMaxWorld ||
+      epoch.data_plane_rank < 1 || epoch.data_plane_rank >= epoch.world_size)
+    return absl::InternalError(absl::StrCat("the coordinator answered epoch ", epoch.epoch,
+                                            " with data-plane rank ", epoch.data_plane_rank,
+                                            " of ", epoch.world_size));
+  epoch_ = epoch.epoch;
+  rank_ = epoch.data_plane_rank;
+  world_size_ = epoch.world_size;
+  absl::StatusOr<Placement> placement =
+      Placement::FromJson(epoch.placement_json, static_cast<int>(config_.num_local_experts),
+                          world_size_ - 1, "the coordinator's placement");
+  configured_ = placement.status();
+  if (placement.ok()) placement_ = std::make_unique<Placement>(*std::move(placement));
   EPX_RETURN_IF_ERROR(
-      FormDataPlane(control_->store(), assignment.store_prefix, host, assignment.comm_timeout));
-  EPX_LOG(Info) << "joined the data plane (" << data_plane_ << ") as rank " << rank_ << " of "
-                << world_size_;
+      FormDataPlane(control_->store(), epoch.store_prefix, data_plane_host_, options_.comm_timeout));
+  EPX_LOG(Info) << "joined the data plane (" << data_plane_ << ", epoch " << epoch_ << ") as rank "
+                << rank_ << " of " << world_size_;
   return absl::OkStatus();
 }
 
@@ -349,7 +356,7 @@ std::unique_ptr<Membership> Runtime::NewMembership() const {
 
 WorkerInfo Runtime::worker_info() const {
   WorkerInfo self;
-  self.rank = rank_ > 0 ? rank_ : options_.rank;
+  self.rank = worker_rank_ > 0 ? worker_rank_ : rank_ > 0 ? rank_ : options_.rank;
   self.host = HostName();
   self.device = device();
   self.pid = static_cast<int>(getpid());
@@ -357,7 +364,9 @@ WorkerInfo Runtime::worker_info() const {
   self.config_hash = config_.Hash();
   self.data_plane = data_plane_;
   self.instance = ProcessInstanceId();
-  if (placement_ != nullptr && rank_ > 0) self.experts = placement_->experts_of(rank_);
+  // A launcher-free worker's experts are the coordinator's to say.
+  if (placement_ != nullptr && rank_ > 0 && worker_rank_ == 0)
+    self.experts = placement_->experts_of(rank_);
   return self;
 }
 
@@ -405,9 +414,13 @@ absl::Status Runtime::Configure(int world) {
   }
   if (world == 1) return absl::OkStatus();
   const int experts = static_cast<int>(config_.num_local_experts);
+  if (options_.replicas != 1 && options_.placement != "round-robin")
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--replicas ", options_.replicas, " makes a round-robin placement; the placement file ",
+        options_.placement, " lists its own replicas"));
   absl::StatusOr<Placement> placement =
       options_.placement == "round-robin"
-          ? Placement::RoundRobin(experts, world - 1)
+          ? Placement::RoundRobin(experts, world - 1, options_.replicas)
           : Placement::FromFile(options_.placement, experts, world - 1);
   if (!placement.ok()) return placement.status();
   placement_ = std::make_unique<Placement>(*std::move(placement));
@@ -420,7 +433,7 @@ absl::Status Runtime::Handshake(const absl::Status& configured) {
   std::strncpy(hello.build, BuildId().c_str(), sizeof(hello.build) - 1);
   if (configured.ok()) {
     hello.config_hash = config_.Hash();
-    hello.placement_hash = Fnv1a64(placement_->ToString());
+    hello.placement_hash = Fnv1a64(current_placement().ToString());
   }
   hello.rank = rank();
   const bool wants_worker = options_.role.empty() ? rank() != 0 : options_.role == "worker";
@@ -435,21 +448,194 @@ absl::Status Runtime::Handshake(const absl::Status& configured) {
 
 absl::Status Runtime::ServeAsWorker() {
   if (!is_worker()) return absl::FailedPreconditionError("rank 0 is the coordinator");
-  ExpertWorkerOptions worker;
-  worker.compute.device = options_.device;
-  worker.compute.cuda_device = options_.cuda.device;
-  worker.compute.expert_dtype = options_.cuda.expert_dtype;
-  worker.compute.grouped_gemm = options_.cuda.grouped_gemm;
-  absl::Status status = RunExpertWorker(comm_, *weights_, *placement_, worker);
+  ExpertWorkerOptions options;
+  options.compute.device = options_.device;
+  options.compute.cuda_device = options_.cuda.device;
+  options.compute.expert_dtype = options_.cuda.expert_dtype;
+  options.compute.grouped_gemm = options_.cuda.grouped_gemm;
+  // The experts of the first data plane are the ones this worker loads and computes; later ones
+  // give it those or fewer.
+  absl::StatusOr<std::unique_ptr<ExpertWorker>> created =
+      ExpertWorker::Create(*weights_, placement_->experts_of(rank_), options);
+  absl::Status status = created.status();
+  if (created.ok()) worker_ = *std::move(created);
+  while (status.ok()) {
+    absl::StatusOr<WorkerLoopEnd> end = worker_->Serve(comm_, placement_->experts_of(rank_));
+    if (end.ok() && *end == WorkerLoopEnd::kShutdown) return absl::OkStatus();
+    status = end.status();
+    if (end.ok())
+      status = absl::FailedPreconditionError(
+          "the coordinator re-formed the data plane, which only a launcher-free worker on gloo "
+          "can follow");
+    if (!launcher_free() || data_plane_ != "gloo") break;
+    // The coordinator re-forms the data plane (a worker joined or was lost, or it told us so):
+    // ask it for the next one, as many times as it takes.
+    EPX_LOG(Info) << (end.ok() ? std::string("the coordinator re-forms the data plane")
+                               : absl::StrCat("the data plane ended (", end.status().message(),
+                                              ")"))
+                  << "; waiting for the next one";
+    while (true) {
+      DropDataPlane();
+      status = JoinEpoch();
+      if (status.ok()) status = AgreeOnEpoch(*configured_);
+      if (status.ok() || (status.code() != absl::StatusCode::kUnavailable &&
+                          status.code() != absl::StatusCode::kDeadlineExceeded))
+        break;
+      EPX_LOG(Warning) << "the data plane of epoch " << epoch_ << " did not form (" << status
+                       << "); waiting for the next one";
+    }
+  }
   // The coordinator is waiting on this rank mid-step: only aborting the job reaches it, and the
-  // message names this rank.
-  if (!status.ok()) comm_->Abort(1, std::string(status.message()));
+  // message names this rank. A launcher-free worker that was removed just leaves.
+  if (comm_ != nullptr && !launcher_free()) comm_->Abort(1, std::string(status.message()));
   return status;
+}
+
+absl::Status Runtime::AgreeOnEpoch(const absl::Status& configured) {
+  EPX_RETURN_IF_ERROR(Handshake(configured));
+  absl::Status loaded = absl::OkStatus();
+  if (weights_ == nullptr) {
+    loaded = [&]() -> absl::Status {
+      EPX_ASSIGN_OR_RETURN(weights_,
+                           ModelWeights::Load(options_.model_dir, config_,
+                                              WeightSelection::ForRank(*placement_, rank_)));
+      return absl::OkStatus();
+    }();
+  }
+  comm::StartupReport mine = comm::MakeReport(loaded);
+  std::vector<comm::StartupReport> reports(world_size_);
+  EPX_RETURN_IF_ERROR(comm_->AllGather(&mine, sizeof(mine), reports.data(), comm::Tag::kReady,
+                                       options_.comm_timeout, "start-up (weights loaded)"));
+  return comm::VerifyReports(reports, "loading its weights");
+}
+
+void Runtime::DropDataPlane() {
+  owned_comm_.reset();
+  comm_ = nullptr;
+}
+
+bool Runtime::resilient() const {
+  return rank_ == 0 && launcher_free() && data_plane_ == "gloo" && remote_experts_ != nullptr;
+}
+
+absl::Status Runtime::PublishEpoch(const std::vector<int>& members) {
+  EPX_ASSIGN_OR_RETURN(Placement placement, Placement::Among(*placement_, members));
+  ClusterEpoch epoch;
+  epoch.number = epoch_ + 1;
+  epoch.members = members;
+  epoch.store_prefix = absl::StrCat(data_plane_, "/epoch-", epoch.number, "/");
+  epoch.placement_json = placement.ToJson();
+  // For people, in worker ranks.
+  std::vector<std::string> parts;
+  for (int e = 0; e < placement.num_experts(); ++e) {
+    std::vector<int> workers;
+    for (int r : placement.replicas(e)) workers.push_back(members[r]);
+    parts.push_back(absl::StrCat("expert ", e, " -> [", absl::StrJoin(workers, ", "), "]"));
+  }
+  epoch.placement_text = absl::StrJoin(parts, "; ");
+  epoch.experts.resize(members.size());
+  for (int r = 1; r < static_cast<int>(members.size()); ++r)
+    epoch.experts[r] = placement.experts_of(r);
+  epoch_ = epoch.number;
+  store_prefix_ = epoch.store_prefix;
+  members_ = members;
+  world_size_ = static_cast<int>(members.size());
+  epoch_placement_ = std::make_unique<Placement>(std::move(placement));
+  EPX_LOG(Info) << "epoch " << epoch_ << ": placement " << epoch.placement_text;
+  membership_->PublishEpoch(std::move(epoch), absl::Now());
+  return absl::OkStatus();
+}
+
+absl::Status Runtime::FormNextEpoch() {
+  const absl::Duration timeout = options_.comm_timeout;
+  constexpr int kAttempts = 3;
+  for (int attempt = 1;; ++attempt) {
+    // Every registered worker, once it waits for the next data plane; one that does not come
+    // (and a silent one) is dropped.
+    const std::vector<int> registered = membership_->Registered();
+    const std::vector<int> waiting = membership_->AwaitWaiting(registered, timeout);
+    for (int r : registered)
+      if (std::find(waiting.begin(), waiting.end(), r) == waiting.end())
+        membership_->MarkLost(r,
+                              absl::StrCat("it did not ask for the next data plane within ",
+                                           absl::FormatDuration(timeout)),
+                              absl::Now());
+    std::vector<int> members = {0};
+    members.insert(members.end(), waiting.begin(), waiting.end());
+    absl::Status published = PublishEpoch(members);
+    if (!published.ok()) {
+      serving_ = absl::UnavailableError(absl::StrCat(
+          "not serving: ", published.message(), "; start a worker (epx worker --coordinator ",
+          control_server_ != nullptr ? control_server_->address() : options_.listen,
+          ") to take its place"));
+      membership_->SetNotServing(std::string(serving_.message()), absl::Now());
+      return serving_;
+    }
+    absl::Status formed = FormDataPlane(store_.get(), store_prefix_, data_plane_host_, timeout);
+    if (formed.ok()) formed = AgreeOnEpoch(absl::OkStatus());
+    if (formed.ok()) formed = remote_experts_->Rebind(comm_, *epoch_placement_, members_);
+    if (formed.ok()) {
+      serving_ = absl::OkStatus();
+      membership_->SetNotServing("", absl::Now());
+      return absl::OkStatus();
+    }
+    EPX_LOG(Error) << "the data plane of epoch " << epoch_ << " did not form: " << formed;
+    DropDataPlane();
+    if (attempt == kAttempts) {
+      serving_ = absl::UnavailableError(absl::StrCat(
+          "not serving: the data plane did not re-form in ", kAttempts, " attempts (",
+          formed.message(), ")"));
+      membership_->SetNotServing(std::string(serving_.message()), absl::Now());
+      return serving_;
+    }
+  }
+}
+
+absl::Status Runtime::BeforeStep() {
+  if (!resilient()) return absl::OkStatus();
+  const std::vector<int> joiners = membership_->Joiners();
+  if (joiners.empty()) return serving_;
+  EPX_LOG(Info) << "worker(s) " << absl::StrJoin(joiners, ", ")
+                << " joining: re-forming the data plane between two steps";
+  if (comm_ != nullptr) {
+    // The workers of the current data plane leave it for the next.
+    if (absl::Status told = remote_experts_->Reform(); !told.ok()) return Recover(told);
+    DropDataPlane();
+  }
+  return FormNextEpoch();
+}
+
+absl::Status Runtime::Recover(const absl::Status& failure) {
+  if (!resilient() || comm_ == nullptr) return failure;
+  // The workers the failed exchange names (data-plane ranks) are out; the others are waited for.
+  std::vector<int> lost;
+  for (int peer : comm_->failed_peers())
+    if (peer >= 1 && peer < static_cast<int>(members_.size())) lost.push_back(members_[peer]);
+  const std::string why =
+      lost.empty() ? std::string(failure.message())
+                   : absl::StrCat("worker", lost.size() > 1 ? "s " : " ", absl::StrJoin(lost, ", "),
+                                  " lost (", failure.message(), ")");
+  EPX_LOG(Warning) << why << ": re-forming the data plane without "
+                   << (lost.empty() ? "the workers that do not come back" : "it");
+  membership_->SetNotServing(absl::StrCat("re-forming the data plane: ", why), absl::Now());
+  const absl::Time now = absl::Now();
+  for (int r : lost) membership_->MarkLost(r, std::string(failure.message()), now);
+  // Closing this end ends every survivor's wait on the data plane: they ask for the next one.
+  DropDataPlane();
+  absl::Status formed = FormNextEpoch();
+  if (formed.ok()) return formed;
+  return absl::Status(formed.code(), absl::StrCat(why, "; ", formed.message()));
 }
 
 absl::Status Runtime::Finish(absl::Status result) {
   if (finished_ || remote_experts_ == nullptr) return result;  // alone, a worker, or half-built
   finished_ = true;
+  if (comm_ == nullptr) {
+    // No data plane (it did not re-form): the workers waiting for one leave when the control
+    // plane goes away.
+    EPX_LOG(Warning) << "ending the job without a data plane to tell the workers on";
+    return result;
+  }
   if (remote_experts_->in_step()) {
     const std::string message =
         absl::StrCat("a step failed with the workers in the middle of it: ", result.message());

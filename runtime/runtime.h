@@ -10,6 +10,12 @@
 // config, placement; weights loaded), loads the weights of the process's role only, and the
 // coordinator shuts the workers down at the end. docs/ARCHITECTURE.md, "Start-up".
 //
+// A launcher-free cluster on gloo survives a lost worker and takes new ones in (the coordinator
+// is a StepRecovery for its scheduler): a step that fails on the data plane is run again on a
+// data plane re-formed among the workers that are left, with the replicas they hold; a worker
+// registering into a free slot joins between two steps. docs/ARCHITECTURE.md, "Losing and
+// gaining workers".
+//
 // Not thread-safe; the command's thread owns it.
 #ifndef EPX_RUNTIME_RUNTIME_H_
 #define EPX_RUNTIME_RUNTIME_H_
@@ -31,8 +37,10 @@
 #include "coordinator/distributed_expert_executor.h"
 #include "coordinator/engine.h"
 #include "coordinator/membership.h"
+#include "coordinator/scheduler.h"
 #include "coordinator/services.h"
 #include "worker/control_client.h"
+#include "worker/expert_worker.h"
 
 namespace epx {
 
@@ -44,6 +52,7 @@ struct RuntimeOptions {
   // which then needs no directory at all; or a config with overridden fields).
   std::optional<ModelConfig> config;
   std::string placement = "round-robin";  // or a placement file (common/placement.h)
+  int replicas = 1;  // round-robin: copies of every expert, on distinct workers (--replicas)
   std::string role;                       // "", "coordinator" or "worker" (MPMD launches)
   absl::Duration comm_timeout = absl::Seconds(30);
   EngineOptions engine;  // KV cache size (coordinator)
@@ -103,7 +112,7 @@ const std::string& ProcessInstanceId();
 // else none ("").
 absl::StatusOr<std::string> ClusterToken(const std::string& file);
 
-class Runtime {
+class Runtime : public StepRecovery {
  public:
   // Errors: bad options or files (InvalidArgument/NotFound naming them), ranks that disagree or
   // workers refused (FailedPrecondition naming the rank), communication failures.
@@ -149,6 +158,17 @@ class Runtime {
   // Coordinator: the engine (experts local or remote).
   Engine& engine() { return *engine_; }
 
+  // Coordinator of a launcher-free cluster on gloo: its scheduler's StepRecovery (docs/
+  // ARCHITECTURE.md, "Losing and gaining workers"). Fail-stop otherwise (MPI aborts a job on a
+  // process death; NCCL cannot re-form yet).
+  bool resilient() const;
+  // Between steps: a worker waiting to join re-forms the data plane with it. Not OK while some
+  // expert has no live worker (UNAVAILABLE naming it).
+  absl::Status BeforeStep() override;
+  // A step failed on the data plane: the workers it names are dropped, the data plane re-forms
+  // among the others, and OK means the same step may run again. Else why not.
+  absl::Status Recover(const absl::Status& failure) override;
+
   // Coordinator: ends the job with `result`. OK or an input error: the workers are told to stop
   // and `result` is returned. A failure in the middle of a step (a worker lost or silent): the
   // failure is reported and the whole job aborted, since the workers cannot be reached cleanly.
@@ -186,6 +206,23 @@ class Runtime {
   absl::Status CreateEngine(ExpertExecutor* remote_experts);
   // Exchanges Hellos (carrying `configured`) and checks that all ranks agree.
   absl::Status Handshake(const absl::Status& configured);
+  // The agreement every data plane starts with: Handshake, this rank's weights loaded (unless
+  // they are), and every rank's report of that.
+  absl::Status AgreeOnEpoch(const absl::Status& configured);
+  // The placement of the current data plane (in its ranks).
+  const Placement& current_placement() const {
+    return epoch_placement_ != nullptr ? *epoch_placement_ : *placement_;
+  }
+  // Coordinator: publishes the next epoch with `members` (worker ranks, ascending, after 0).
+  // FailedPrecondition when some expert has no member holding it.
+  absl::Status PublishEpoch(const std::vector<int>& members);
+  // Coordinator: the next data plane among the registered workers that wait for it, agreed on
+  // and bound to the executor; Unavailable (also set as serving_) when it cannot serve.
+  absl::Status FormNextEpoch();
+  // Worker: waits for the next epoch after epoch_ and joins its data plane.
+  absl::Status JoinEpoch();
+  // Closes this rank's data plane (the peers' waits on it end).
+  void DropDataPlane();
 
   RuntimeOptions options_;
   ModelConfig config_;
@@ -210,6 +247,15 @@ class Runtime {
   std::unique_ptr<DistributedExpertExecutor> remote_experts_;
   std::unique_ptr<Engine> engine_;
   bool finished_ = false;
+  // Launcher-free: the current data plane's epoch, its placement (coordinator; a worker's is
+  // placement_), and its members ([data-plane rank] -> worker rank).
+  int64_t epoch_ = 0;
+  std::unique_ptr<Placement> epoch_placement_;
+  std::vector<int> members_;
+  std::string data_plane_host_;  // the address this rank's data plane listens on
+  int worker_rank_ = 0;          // launcher-free worker: its slot, kept across epochs
+  std::unique_ptr<ExpertWorker> worker_;
+  absl::Status serving_;  // coordinator: why the cluster cannot serve now (OK: it can)
 };
 
 }  // namespace epx

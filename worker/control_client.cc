@@ -50,6 +50,19 @@ class ControlClient::Stub : public comm::KeyValueStore {
     context.set_deadline(absl::ToChronoTime(absl::Now() + kCallTimeout));
     return stub_->Register(&context, ToRequest(self, token_), reply);
   }
+  grpc::Status AwaitEpoch(const WorkerInfo& self, int64_t after, absl::Duration timeout,
+                          v1::EpochResponse* reply) {
+    v1::AwaitEpochRequest in;
+    in.set_cluster_token(token_);
+    in.set_rank(self.rank);
+    in.set_instance(self.instance);
+    in.set_after_epoch(static_cast<uint64_t>(std::max<int64_t>(after, 0)));
+    in.set_timeout_ms(static_cast<uint32_t>(
+        std::clamp<int64_t>(absl::ToInt64Milliseconds(timeout), 0, 1 << 30)));
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + timeout + kCallTimeout));
+    return stub_->AwaitEpoch(&context, in, reply);
+  }
   grpc::Status Heartbeat(const WorkerInfo& self) {
     v1::HeartbeatRequest beat;
     beat.set_cluster_token(token_);
@@ -180,6 +193,51 @@ absl::StatusOr<Assignment> ControlClient::Register(const WorkerInfo& self,
     if (stop_.WaitForNotificationWithTimeout(pause))
       return absl::CancelledError("registration stopped");
     pause = std::min(2 * pause, absl::Seconds(2));
+  }
+}
+
+absl::StatusOr<EpochAssignment> ControlClient::AwaitEpoch(const WorkerInfo& self, int64_t after,
+                                                          absl::Duration patience) {
+  const absl::Time give_up = absl::Now() + patience;
+  std::string last_error;
+  while (true) {
+    v1::EpochResponse reply;
+    const absl::Duration wait = std::clamp(give_up - absl::Now(), absl::ZeroDuration(),
+                                           absl::Seconds(20));
+    const absl::Time asked = absl::Now();
+    const grpc::Status s = stub_->AwaitEpoch(self, after, wait, &reply);
+    if (s.ok()) {
+      EpochAssignment a;
+      a.epoch = static_cast<int64_t>(reply.epoch());
+      a.data_plane_rank = reply.data_plane_rank();
+      a.world_size = reply.world_size();
+      a.placement_json = reply.placement_json();
+      a.store_prefix = reply.store_prefix();
+      a.members.assign(reply.members().begin(), reply.members().end());
+      return a;
+    }
+    // No epoch yet (the coordinator is still re-forming, or waits for a worker to replace a lost
+    // one), or no answer: ask again.
+    const bool retry = s.error_code() == grpc::StatusCode::UNAVAILABLE ||
+                       s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED;
+    if (!retry)
+      return absl::Status(FromGrpc(s).code(), absl::StrCat("the coordinator at ", address(), ": ",
+                                                           s.error_message()));
+    if (absl::Now() >= give_up)
+      return absl::DeadlineExceededError(
+          absl::StrCat("no data plane after epoch ", after, " formed within ",
+                       absl::FormatDuration(patience), " (", s.error_message(), ")"));
+    if (s.error_message() != last_error) {
+      EPX_LOG(Info) << "waiting for the coordinator to form the data plane: "
+                    << s.error_message();
+      last_error = s.error_message();
+    }
+    // An answer that comes back at once (an unreachable coordinator) is asked again after a
+    // pause; one that waited is asked again now.
+    const absl::Duration pause =
+        absl::Now() - asked < absl::Milliseconds(100) ? absl::Milliseconds(200) : absl::ZeroDuration();
+    if (stop_.WaitForNotificationWithTimeout(pause))
+      return absl::CancelledError("stopped waiting for the data plane");
   }
 }
 

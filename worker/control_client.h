@@ -18,6 +18,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/synchronization/notification.h"
@@ -36,6 +37,16 @@ struct Assignment {
   std::string store_prefix;
   absl::Duration heartbeat_interval = absl::Milliseconds(500);
   absl::Duration comm_timeout = absl::Seconds(30);
+};
+
+// A formation of the data plane the worker is a member of (Cluster.AwaitEpoch).
+struct EpochAssignment {
+  int64_t epoch = 0;
+  int data_plane_rank = 0;
+  int world_size = 0;
+  std::string placement_json;  // in data-plane ranks
+  std::string store_prefix;
+  std::vector<int> members;  // [data-plane rank] -> worker rank
 };
 
 class ControlClient {
@@ -61,6 +72,12 @@ class ControlClient {
   // prefixed with "the coordinator at HOST:PORT refused this worker"; DeadlineExceeded when no
   // coordinator answered within `patience`.
   absl::StatusOr<Assignment> Register(const WorkerInfo& self, absl::Duration patience);
+  // The next data plane worker `self` (registered) is a member of, after epoch `after`: waits
+  // for the coordinator to form it, asking again while it has not (or cannot be reached), for
+  // at most `patience`. Errors: the coordinator's refusal (FailedPrecondition once this worker
+  // was removed from the cluster), DeadlineExceeded past `patience`, Cancelled on destruction.
+  absl::StatusOr<EpochAssignment> AwaitEpoch(const WorkerInfo& self, int64_t after,
+                                             absl::Duration patience);
   // From now on sends a heartbeat every `interval` (self.rank: the assigned rank), registering
   // `self` again whenever the coordinator does not know it. If the coordinator answers nothing
   // for `lost_after`, calls `on_lost` once from the heartbeat thread. Call once.

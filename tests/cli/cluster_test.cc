@@ -1,8 +1,9 @@
 // A cluster formed without a launcher, on loopback: a coordinator and its `epx worker`s as
 // separate processes that find each other through registration, with the gloo data plane.
 // Results are byte-identical to one process; workers started before the coordinator join;
-// whatever does not belong is refused with a message naming it; a worker killed mid-request
-// fails that request with UNAVAILABLE naming its rank and no process hangs.
+// whatever does not belong is refused with a message naming it. A worker lost mid-request: with
+// replicas every stream completes with the same tokens; without, the request fails naming it,
+// and a new worker restores service.
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -14,6 +15,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/blocking_counter.h"
 #include "common/safetensors.h"
 #include "epx/v1/generation.grpc.pb.h"
 #include "gtest/gtest.h"
@@ -197,12 +199,30 @@ TEST(ClusterTest, ShutdownWhileFormingEndsCleanly) {
       << server.log();
 }
 
-TEST(ClusterTest, KilledWorkerFailsTheRequestWithItsRankAndNoProcessHangs) {
+// Waits up to `seconds` for readiness to read `serving` (SERVING or NOT_SERVING); the health
+// service follows it within its 100 ms update period.
+testing::CommandResult AwaitHealth(const ServerProcess& server, const std::string& serving,
+                                   double seconds) {
+  testing::CommandResult health;
+  for (int i = 0; i < seconds * 10; ++i) {
+    health = testing::Health(server);
+    const bool not_serving = health.output.find("NOT_SERVING") != std::string::npos;
+    if ((serving == "NOT_SERVING") == not_serving && health.output.find("SERVING") != std::string::npos)
+      break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  return health;
+}
+
+// Without a replica of its experts, a lost worker fails the request in flight with its rank and
+// readiness turns NOT_SERVING, but the coordinator keeps running: a new worker takes the free
+// slot, gets the lost one's experts, and the cluster serves the same tokens as one process again.
+TEST(ClusterTest, LostWorkerWithoutReplicaStopsServingUntilANewWorkerTakesItsPlace) {
   const std::string dir = TestDir("cluster_kill");
   ServerProcess server("cluster_kill", "",
                        "--model " + testing::TinyModelDir() +
-                           " --workers 3 --comm-timeout 10 --failure-grace-s 2"
-                           " --heartbeat-ms 200 --heartbeat-timeout-ms 5000");
+                           " --workers 3 --comm-timeout 10 --heartbeat-ms 200"
+                           " --heartbeat-timeout-ms 5000");
   ASSERT_TRUE(server.ok()) << server.log();
   std::vector<std::unique_ptr<ChildProcess>> workers;
   for (int r = 1; r <= 3; ++r)
@@ -211,10 +231,10 @@ TEST(ClusterTest, KilledWorkerFailsTheRequestWithItsRankAndNoProcessHangs) {
   ASSERT_EQ(testing::Health(server, 60).exit_code, 0) << server.log();
 
   // A long request; once it streams, worker 2 dies.
+  const testing::GoldenPrompt golden = testing::ReadGoldenPrompts()[0];
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
-  v1::GenerateRequest request = Greedy(testing::ReadGoldenPrompts()[0].tokens, 4000);
-  request.set_max_tokens(200);
+  v1::GenerateRequest request = Greedy(golden.tokens, 200);
   auto stub = server.generation();
   auto reader = stub->Generate(&context, request);
   v1::GenerateResponse response;
@@ -225,30 +245,143 @@ TEST(ClusterTest, KilledWorkerFailsTheRequestWithItsRankAndNoProcessHangs) {
   const grpc::Status status = reader->Finish();
   EXPECT_LT(streamed, 200);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
-  // Its closed connection names it at once ("lost rank 2"); if gloo does not see the close, the
-  // comm timeout does ("rank(s) 2 did not answer").
+  // Its closed connection names it at once; if gloo does not see the close, the comm timeout
+  // does. Either way the experts it held have no other worker.
   const std::string& message = status.error_message();
-  EXPECT_TRUE(message.find("lost rank 2") != std::string::npos ||
-              message.find("rank(s) 2 did not answer") != std::string::npos)
-      << message;
-  // Readiness follows within the health service's 100 ms update period.
-  testing::CommandResult health;
-  for (int i = 0; i < 100; ++i) {
-    health = testing::Health(server);
-    if (health.output.find("NOT_SERVING") != std::string::npos) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
+  EXPECT_NE(message.find("worker 2 lost"), std::string::npos) << message;
+  EXPECT_NE(message.find("has no live worker (it was on worker 2)"), std::string::npos) << message;
+  testing::CommandResult health = AwaitHealth(server, "NOT_SERVING", 10);
   EXPECT_NE(health.exit_code, 0);
   EXPECT_NE(health.output.find("NOT_SERVING"), std::string::npos) << health.output;
-  // The coordinator exits non-zero after its grace period; the surviving workers follow it.
-  EXPECT_EQ(server.Wait(60), 1) << server.log();
   EXPECT_EQ(workers[1]->Wait(10), 128 + SIGKILL);
-  for (int i : {0, 2}) {
-    const int code = workers[i]->Wait(60);
-    EXPECT_NE(code, -1) << "worker " << i + 1 << " still running\n" << workers[i]->log();
-    EXPECT_NE(code, 0) << workers[i]->log();
-  }
+  // Still there, and saying why it does not serve.
+  Completion refused = testing::Generate(*stub, Greedy(golden.tokens, 4));
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_NE(refused.status.error_message().find("no live worker"), std::string::npos)
+      << refused.status.error_message();
+
+  // A new worker takes the free slot and the lost one's experts.
+  auto replacement = StartWorker(dir, "replacement", server.address());
+  ASSERT_EQ(testing::Health(server, 60).exit_code, 0) << server.log() << replacement->log();
+  EXPECT_NE(replacement->log().find("epoch 2"), std::string::npos) << replacement->log();
+  Completion again = testing::Generate(*stub, Greedy(golden.tokens,
+                                                     static_cast<int>(golden.greedy.size())));
+  ASSERT_TRUE(again.status.ok()) << again.status.error_message() << server.log();
+  EXPECT_EQ(again.tokens, golden.greedy);
+  testing::CommandResult stats = testing::RunCommand(
+      absl::StrCat(EpxBinary(), " stats --server ", server.address(), " 2>&1"));
+  EXPECT_EQ(stats.exit_code, 0) << stats.output;
+  EXPECT_NE(stats.output.find("epoch 2 of the data plane"), std::string::npos) << stats.output;
+  EXPECT_NE(stats.output.find("lost: worker 2"), std::string::npos) << stats.output;
+  EXPECT_NE(stats.output.find("joined: worker 2"), std::string::npos) << stats.output;
+
+  server.Stop();
+  EXPECT_EQ(server.Wait(30), 0) << server.log();
+  for (ChildProcess* w : {workers[0].get(), workers[2].get(), replacement.get()})
+    EXPECT_EQ(w->Wait(60), 0) << w->log();
 }
+
+// 16 greedy streams of 200 tokens, three workers holding every expert twice: one worker is
+// killed (SIGKILL) or stopped (SIGSTOP, found by the comm timeout) once every stream has its
+// first token. Every stream completes with the tokens one process gives.
+class ReplicaTest : public ::testing::TestWithParam<int> {};
+
+TEST_P(ReplicaTest, LostWorkerLosesNoStreamAndChangesNoToken) {
+  const int signal = GetParam();
+  const std::string name = signal == SIGKILL ? "replica_kill" : "replica_stop";
+  const std::string dir = TestDir(name);
+  constexpr int kStreams = 16, kTokens = 200;
+  std::vector<v1::GenerateRequest> requests;
+  const std::vector<testing::GoldenPrompt> golden = testing::ReadGoldenPrompts();
+  for (int i = 0; i < kStreams; ++i) {
+    std::vector<int32_t> prompt = golden[i % golden.size()].tokens;
+    prompt.push_back(3 + i);  // 16 different prompts
+    requests.push_back(Greedy(prompt, kTokens));
+  }
+  // What one process gives.
+  std::vector<std::vector<int32_t>> expected(kStreams);
+  {
+    ServerProcess alone(name + "_alone", "", "--model " + testing::TinyModelDir());
+    ASSERT_TRUE(alone.ok()) << alone.log();
+    auto stub = alone.generation();
+    for (int i = 0; i < kStreams; ++i) {
+      Completion c = testing::Generate(*stub, requests[i]);
+      ASSERT_TRUE(c.status.ok()) << c.status.error_message();
+      ASSERT_EQ(c.tokens.size(), static_cast<size_t>(kTokens));
+      expected[i] = c.tokens;
+    }
+  }
+
+  ServerProcess server(name, "",
+                       "--model " + testing::TinyModelDir() +
+                           " --workers 3 --replicas 2 --comm-timeout 3 --heartbeat-ms 200"
+                           " --heartbeat-timeout-ms 2000");
+  ASSERT_TRUE(server.ok()) << server.log();
+  std::vector<std::unique_ptr<ChildProcess>> workers;
+  for (int r = 1; r <= 3; ++r)
+    workers.push_back(
+        StartWorker(dir, absl::StrCat("worker", r), server.address(), absl::StrCat("--rank ", r)));
+  ASSERT_EQ(testing::Health(server, 60).exit_code, 0) << server.log();
+
+  auto stub = server.generation();
+  absl::BlockingCounter started(kStreams);
+  std::vector<Completion> got(kStreams);
+  std::vector<std::thread> streams;
+  for (int i = 0; i < kStreams; ++i)
+    streams.emplace_back([&, i] {
+      grpc::ClientContext context;
+      context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(240));
+      auto reader = stub->Generate(&context, requests[i]);
+      v1::GenerateResponse response;
+      bool first = true;
+      while (reader->Read(&response)) {
+        got[i].tokens.insert(got[i].tokens.end(), response.token_ids().begin(),
+                             response.token_ids().end());
+        if (first) started.DecrementCount();
+        first = false;
+      }
+      if (first) started.DecrementCount();
+      got[i].status = reader->Finish();
+    });
+  started.Wait();
+  workers[1]->Signal(signal);
+  for (std::thread& t : streams) t.join();
+  for (int i = 0; i < kStreams; ++i) {
+    ASSERT_TRUE(got[i].status.ok()) << "stream " << i << ": " << got[i].status.error_message()
+                                    << "\n" << server.log();
+    EXPECT_EQ(got[i].tokens, expected[i]) << "stream " << i;
+  }
+  EXPECT_EQ(testing::Health(server).exit_code, 0) << server.log();
+  testing::CommandResult stats = testing::RunCommand(
+      absl::StrCat(EpxBinary(), " stats --server ", server.address(), " 2>&1"));
+  EXPECT_EQ(stats.exit_code, 0) << stats.output;
+  EXPECT_NE(stats.output.find("lost: worker 2"), std::string::npos) << stats.output;
+  EXPECT_NE(stats.output.find("epoch 2: the data plane re-formed with workers 1, 3"),
+            std::string::npos)
+      << stats.output;
+  // Worker 2's experts now live on their other replicas only.
+  EXPECT_NE(stats.output.find("expert 0 -> [1]; expert 1 -> [1, 3]; expert 2 -> [3]"),
+            std::string::npos)
+      << stats.output;
+
+  if (signal == SIGSTOP) {
+    // Resumed, it finds itself removed from the cluster and leaves.
+    workers[1]->Signal(SIGCONT);
+    EXPECT_EQ(workers[1]->Wait(60), 1) << workers[1]->log();
+    EXPECT_NE(workers[1]->log().find("was removed from the cluster"), std::string::npos)
+        << workers[1]->log();
+  } else {
+    EXPECT_EQ(workers[1]->Wait(10), 128 + SIGKILL);
+  }
+  server.Stop();
+  EXPECT_EQ(server.Wait(30), 0) << server.log();
+  for (int i : {0, 2}) EXPECT_EQ(workers[i]->Wait(60), 0) << workers[i]->log();
+}
+
+INSTANTIATE_TEST_SUITE_P(Signals, ReplicaTest, ::testing::Values(SIGKILL, SIGSTOP),
+                         [](const ::testing::TestParamInfo<int>& info) {
+                           return std::string(info.param == SIGKILL ? "Kill" : "Stop");
+                         });
 
 }  // namespace
 }  // namespace epx

@@ -37,6 +37,48 @@ TEST(PlacementTest, RoundRobinMoreWorkersThanExpertsMakesReplicas) {
   for (int w = 1; w <= 10; ++w) EXPECT_EQ(p->experts_of(w).size(), 1u);
 }
 
+TEST(PlacementTest, RoundRobinReplicasSitOnDistinctWorkers) {
+  auto p = Placement::RoundRobin(8, 3, 2);
+  ASSERT_TRUE(p.ok());
+  EXPECT_THAT(p->replicas(0), ElementsAre(1, 2));
+  EXPECT_THAT(p->replicas(1), ElementsAre(1, 3));
+  EXPECT_THAT(p->replicas(2), ElementsAre(2, 3));
+  for (int e = 0; e < 8; ++e) EXPECT_EQ(p->replicas(e).size(), 2u) << "expert " << e;
+  // 16 copies over 3 workers.
+  EXPECT_EQ(p->experts_of(1).size() + p->experts_of(2).size() + p->experts_of(3).size(), 16u);
+  for (int w = 1; w <= 3; ++w) EXPECT_GE(p->experts_of(w).size(), 5u);
+  // Enough workers for every copy: one expert each.
+  auto wide = Placement::RoundRobin(4, 8, 2);
+  ASSERT_TRUE(wide.ok());
+  for (int w = 1; w <= 8; ++w) EXPECT_EQ(wide->experts_of(w).size(), 1u);
+  for (int e = 0; e < 4; ++e) EXPECT_EQ(wide->replicas(e).size(), 2u);
+  EXPECT_THAT(std::string(Placement::RoundRobin(8, 3, 4).status().message()),
+              HasSubstr("--replicas 4"));
+  EXPECT_FALSE(Placement::RoundRobin(8, 3, 0).ok());
+}
+
+TEST(PlacementTest, AmongTheSurvivorsRenumbersAndKeepsLiveReplicas) {
+  auto base = Placement::RoundRobin(8, 3, 2);
+  ASSERT_TRUE(base.ok());
+  // Worker 2 lost: workers 1 and 3 become ranks 1 and 2.
+  auto survivors = Placement::Among(*base, {0, 1, 3});
+  ASSERT_TRUE(survivors.ok()) << survivors.status();
+  EXPECT_EQ(survivors->num_workers(), 2);
+  EXPECT_THAT(survivors->replicas(0), ElementsAre(1));
+  EXPECT_THAT(survivors->replicas(1), ElementsAre(1, 2));
+  EXPECT_THAT(survivors->replicas(2), ElementsAre(2));
+  EXPECT_EQ(survivors->experts_of(1), base->experts_of(1));
+  EXPECT_EQ(survivors->experts_of(2), base->experts_of(3));
+  // Without replicas a lost worker leaves its experts without one.
+  auto single = Placement::RoundRobin(8, 3);
+  ASSERT_TRUE(single.ok());
+  auto broken = Placement::Among(*single, {0, 1, 3});
+  EXPECT_EQ(broken.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(broken.status().message()),
+              HasSubstr("expert 1 has no live worker (it was on worker 2)"));
+  EXPECT_FALSE(Placement::Among(*single, {0, 3, 1}).ok());
+}
+
 TEST(PlacementTest, FileWithReplicas) {
   auto p =
       Placement::FromJson(R"({"experts": {"0": [1, 2], "1": [2], "2": [3, 1]}})", 3, 3, "p.json");
