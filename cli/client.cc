@@ -25,6 +25,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/time/time.h"
 #include "cli/grpc_client.h"
+#include "common/json.h"
 #include "common/status.h"
 #include "epx/v1/admin.grpc.pb.h"
 #include "epx/v1/generation.grpc.pb.h"
@@ -421,6 +422,57 @@ absl::Status RunDrain(const ClientOptions& options, bool wait, std::ostream& out
   if (wait)
     return absl::DeadlineExceededError(
         absl::StrCat(options.server, ": drain: still ", left, " at the deadline"));
+  return absl::OkStatus();
+}
+
+namespace {
+
+void PrintPlacement(const v1::PlacementResponse& p, std::ostream& out) {
+  out << "epoch       " << p.epoch() << " (workers " << absl::StrJoin(p.workers(), ", ") << ")\n";
+  out << "placement   " << p.placement() << "\n";
+  if (p.target() != p.placement())
+    out << "moving to   " << p.target() << " (version " << p.target_version()
+        << ", loading in the background)\n";
+}
+
+}  // namespace
+
+absl::Status RunDrainWorker(const ClientOptions& options, int rank, bool wait, std::ostream& out) {
+  EPX_RETURN_IF_ERROR(ValidateClientOptions(options));
+  std::unique_ptr<v1::Admin::Stub> stub = v1::Admin::NewStub(MakeClientChannel(options));
+  grpc::ClientContext context;
+  context.set_deadline(ClientDeadline(options.timeout_s));
+  v1::DrainWorkerRequest request;
+  request.set_rank(rank);
+  request.set_wait(wait);
+  v1::PlacementResponse response;
+  EPX_RETURN_IF_ERROR(FromGrpcStatus(stub->DrainWorker(&context, request, &response),
+                                     options.server, "epx.v1.Admin/DrainWorker"));
+  out << "worker " << rank << (wait ? " left" : " is draining") << "\n";
+  PrintPlacement(response, out);
+  return absl::OkStatus();
+}
+
+absl::Status RunPlacement(const ClientOptions& options, const std::string& set_file, bool wait,
+                          std::ostream& out) {
+  EPX_RETURN_IF_ERROR(ValidateClientOptions(options));
+  std::unique_ptr<v1::Admin::Stub> stub = v1::Admin::NewStub(MakeClientChannel(options));
+  grpc::ClientContext context;
+  context.set_deadline(ClientDeadline(options.timeout_s));
+  v1::PlacementResponse response;
+  if (set_file.empty()) {
+    EPX_RETURN_IF_ERROR(FromGrpcStatus(
+        stub->GetPlacement(&context, v1::GetPlacementRequest(), &response), options.server,
+        "epx.v1.Admin/GetPlacement"));
+  } else {
+    EPX_ASSIGN_OR_RETURN(std::string json, ReadTextFile(set_file));
+    v1::SetPlacementRequest request;
+    request.set_placement_json(json);
+    request.set_wait(wait);
+    EPX_RETURN_IF_ERROR(FromGrpcStatus(stub->SetPlacement(&context, request, &response),
+                                       options.server, "epx.v1.Admin/SetPlacement"));
+  }
+  PrintPlacement(response, out);
   return absl::OkStatus();
 }
 

@@ -67,6 +67,11 @@ absl::Status RunStats(const ClientOptions& options, bool json, std::ostream& out
 absl::Status RunDrain(const ClientOptions& options, bool wait, std::ostream& out);
 
 // epx.v1.Admin/Shutdown, after draining when `drain` is set.
+// Admin/DrainWorker: worker `rank` hands its experts to the others and leaves.
+absl::Status RunDrainWorker(const ClientOptions& options, int rank, bool wait, std::ostream& out);
+// Admin/GetPlacement, or with `set_file` Admin/SetPlacement.
+absl::Status RunPlacement(const ClientOptions& options, const std::string& set_file, bool wait,
+                          std::ostream& out);
 absl::Status RunShutdown(const ClientOptions& options, bool drain, std::ostream& out);
 
 // epx.v1.Generation/ModelInfo printed as JSON.

@@ -233,6 +233,24 @@ int Run(int argc, char** argv) {
   add_client_options(drain_cmd, &drain);
   drain_cmd->add_flag("--wait", drain_wait, "return when nothing is left (or at --timeout)");
 
+  int drain_rank = 0;
+  drain_cmd->add_option("--rank", drain_rank,
+                        "drain one worker instead: it hands its experts to the others and leaves "
+                        "(launcher-free cluster on gloo); --wait: until it left")
+      ->check(CLI::PositiveNumber);
+
+  epx::ClientOptions placement_client;
+  std::string placement_set;
+  bool placement_wait = false;
+  CLI::App* placement_cmd = app.add_subcommand(
+      "placement", "A server's expert placement; --set FILE moves it to another while serving");
+  add_client_options(placement_cmd, &placement_client);
+  placement_cmd->add_option("--set", placement_set,
+                            "a placement file in worker ranks ({\"experts\": {\"0\": [1, 2], "
+                            "...}}): the workers load it in the background, then it is used")
+      ->check(CLI::ExistingFile);
+  placement_cmd->add_flag("--wait", placement_wait, "--set: return once it is in use");
+
   epx::ClientOptions shutdown;
   bool shutdown_drain = false;
   CLI::App* shutdown_cmd = app.add_subcommand(
@@ -353,6 +371,17 @@ int Run(int argc, char** argv) {
                         "tokens in one step: decode tokens plus prompt chunks")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  serve_cmd->add_option("--rebalance-interval", serve.runtime.rebalance_interval,
+                        "launcher-free cluster on gloo: every STEPS steps, give the experts "
+                        "routed the most tokens extra replicas (loaded in the background, "
+                        "switched between two steps); 0: never")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  serve_cmd->add_option("--max-workers", serve.runtime.max_workers,
+                        "launcher-free cluster on gloo: workers it may grow to as more join "
+                        "after --workers")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   serve_cmd->add_option("--kv-block-size", serve.runtime.engine.kv_block_size,
                         "tokens per KV cache block")
       ->capture_default_str()
@@ -468,7 +497,11 @@ int Run(int argc, char** argv) {
   if (health_cmd->parsed())
     return Finish(epx::RunHealth(health, health_service, health_wait, std::cout));
   if (stats_cmd->parsed()) return Finish(epx::RunStats(stats, stats_json, std::cout));
+  if (drain_cmd->parsed() && drain_rank > 0)
+    return Finish(epx::RunDrainWorker(drain, drain_rank, drain_wait, std::cout));
   if (drain_cmd->parsed()) return Finish(epx::RunDrain(drain, drain_wait, std::cout));
+  if (placement_cmd->parsed())
+    return Finish(epx::RunPlacement(placement_client, placement_set, placement_wait, std::cout));
   if (shutdown_cmd->parsed()) return Finish(epx::RunShutdown(shutdown, shutdown_drain, std::cout));
   if (model_info_cmd->parsed()) return Finish(epx::RunModelInfo(model_info, std::cout));
   if (bench_serve_cmd->parsed()) return Finish(epx::RunBenchServe(bench_serve, std::cout));

@@ -89,6 +89,10 @@ absl::Status RunServe(const ServeOptions& options, std::ostream& log) {
     backends.tokenizer = tokenizer.get();
     backends.placement = rt.placement();
     backends.store = rt.store();
+    backends.set_placement = [&rt](const std::string& json) {
+      return rt.RequestPlacement(json, "Admin/SetPlacement");
+    };
+    backends.drain_worker = [&rt](int rank) { return rt.RequestDrain(rank); };
     backends.on_shutdown = [&shutdown] {
       if (!shutdown.HasBeenNotified()) shutdown.Notify();
       // Also ends a coordinator still waiting for its workers.

@@ -37,8 +37,23 @@ absl::StatusOr<Placement> Placement::FromFile(const std::string& path, int num_e
   return FromJson(text, num_experts, num_workers, path);
 }
 
+absl::StatusOr<Placement> Placement::FromReplicas(std::vector<std::vector<int>> replicas,
+                                                  int num_workers, const std::string& source) {
+  for (size_t e = 0; e < replicas.size(); ++e) {
+    if (replicas[e].empty())
+      return absl::InvalidArgumentError(absl::StrCat(source, ": expert ", e,
+                                                     " is not placed on any worker"));
+    for (int r : replicas[e])
+      if (r < 1 || r > num_workers)
+        return absl::InvalidArgumentError(absl::StrCat(source, ": expert ", e, " on rank ", r,
+                                                       ", outside 1..", num_workers));
+  }
+  return Build(std::move(replicas), num_workers, source, /*allow_idle=*/true);
+}
+
 absl::StatusOr<Placement> Placement::FromJson(const std::string& text, int num_experts,
-                                              int num_workers, const std::string& source) {
+                                              int num_workers, const std::string& source,
+                                              bool allow_idle) {
   using nlohmann::json;
   auto bad = [&](const std::string& what) {
     return absl::InvalidArgumentError(absl::StrCat(source, ": ", what));
@@ -74,11 +89,11 @@ absl::StatusOr<Placement> Placement::FromJson(const std::string& text, int num_e
   }
   for (int e = 0; e < num_experts; ++e)
     if (!seen[e]) return bad(absl::StrCat("expert ", e, " is not placed on any worker"));
-  return Build(std::move(replicas), num_workers, source);
+  return Build(std::move(replicas), num_workers, source, allow_idle);
 }
 
 absl::StatusOr<Placement> Placement::Build(std::vector<std::vector<int>> replicas, int num_workers,
-                                           const std::string& source) {
+                                           const std::string& source, bool allow_idle) {
   Placement p;
   p.num_workers_ = num_workers;
   p.experts_of_.resize(num_workers + 1);
@@ -90,7 +105,7 @@ absl::StatusOr<Placement> Placement::Build(std::vector<std::vector<int>> replica
             absl::StrCat(source, ": expert ", e, " lists rank ", replicas[e][i], " twice"));
     for (int rank : replicas[e]) p.experts_of_[rank].push_back(static_cast<int>(e));
   }
-  for (int w = 1; w <= num_workers; ++w)
+  for (int w = 1; w <= num_workers && !allow_idle; ++w)
     if (p.experts_of_[w].empty())
       return absl::InvalidArgumentError(absl::StrCat(
           source, ": worker rank ", w, " holds no expert (every worker must hold at least one)"));

@@ -33,8 +33,14 @@ class Placement {
   // missing or unknown, a rank outside 1..num_workers, a repeated rank, a worker with no expert.
   static absl::StatusOr<Placement> FromFile(const std::string& path, int num_experts,
                                             int num_workers);
+  // `allow_idle`: a worker may hold no expert (a placement the cluster moves to, where a
+  // draining worker holds none).
   static absl::StatusOr<Placement> FromJson(const std::string& text, int num_experts,
-                                            int num_workers, const std::string& source);
+                                            int num_workers, const std::string& source,
+                                            bool allow_idle = false);
+  // replicas[e]: the worker ranks holding expert e (none empty); workers may be idle.
+  static absl::StatusOr<Placement> FromReplicas(std::vector<std::vector<int>> replicas,
+                                                int num_workers, const std::string& source);
 
   int num_experts() const { return static_cast<int>(replicas_.size()); }
   int num_workers() const { return num_workers_; }
@@ -52,7 +58,7 @@ class Placement {
 
  private:
   static absl::StatusOr<Placement> Build(std::vector<std::vector<int>> replicas, int num_workers,
-                                         const std::string& source);
+                                         const std::string& source, bool allow_idle = false);
   int num_workers_ = 0;
   std::vector<std::vector<int>> replicas_;    // [expert] -> ranks
   std::vector<std::vector<int>> experts_of_;  // [rank] -> experts (index 0 unused)

@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/logging.h"
+#include "common/status.h"
 
 namespace epx {
 namespace {
@@ -42,7 +43,15 @@ Membership::Membership(const Placement* placement, ClusterIdentity identity,
     : placement_(placement),
       identity_(std::move(identity)),
       options_(options),
-      workers_(placement == nullptr ? 1 : placement->num_workers() + 1) {}
+      workers_(placement == nullptr ? 1 : placement->num_workers() + 1) {
+  for (int r = 1; r < static_cast<int>(workers_.size()); ++r)
+    workers_[r].target = placement->experts_of(r);
+}
+
+int Membership::num_workers() const {
+  absl::MutexLock lock(&mu_);
+  return static_cast<int>(workers_.size()) - 1;
+}
 
 absl::Status Membership::CheckIdentity(const WorkerInfo& info) const {
   if (info.build_id != identity_.build_id)
@@ -63,19 +72,22 @@ absl::Status Membership::CheckIdentity(const WorkerInfo& info) const {
 
 absl::StatusOr<int> Membership::Register(const WorkerInfo& info, absl::Time now) {
   if (absl::Status s = CheckIdentity(info); !s.ok()) return s;
-  const int num_workers = this->num_workers();
-  if (info.rank < 0 || info.rank > num_workers || (info.rank == 0 && num_workers == 0))
-    return absl::InvalidArgumentError(absl::StrCat("rank ", info.rank,
-                                                   " is not a worker of this job (ranks 1..",
-                                                   num_workers, ")"));
   absl::MutexLock lock(&mu_);
-  for (const auto& [key, why] : removed_)
-    if (key == ProcessKey(info))
+  const int num_workers = static_cast<int>(workers_.size()) - 1;
+  if (info.rank < 0 || info.rank > std::max(num_workers, max_workers_) ||
+      (info.rank == 0 && num_workers == 0))
+    return absl::InvalidArgumentError(absl::StrCat(
+        "rank ", info.rank, " is not a worker of this job (ranks 1..",
+        std::max(num_workers, max_workers_), ")"));
+  // A growing cluster makes room for the rank asked for.
+  if (info.rank > num_workers) workers_.resize(info.rank + 1);
+  for (const Removed& r : removed_)
+    if (r.key == ProcessKey(info))
       return absl::FailedPreconditionError(absl::StrCat(
-          Name(info), " was removed from the cluster (", why,
+          Name(info), " was removed from the cluster (", r.why,
           "); start a new worker to take its place"));
   int rank = 0;
-  for (int r = 1; r <= num_workers; ++r) {
+  for (int r = 1; r < static_cast<int>(workers_.size()); ++r) {
     const Entry& e = workers_[r];
     if (e.registered && SameProcess(e.info, info)) rank = r;
   }
@@ -83,6 +95,7 @@ absl::StatusOr<int> Membership::Register(const WorkerInfo& info, absl::Time now)
     return absl::AlreadyExistsError(absl::StrCat("the process on ", info.host, " (pid ", info.pid,
                                                  ") is already worker ", rank,
                                                  "; it cannot also be worker ", info.rank));
+  const int slots = static_cast<int>(workers_.size()) - 1;
   if (rank == 0 && info.rank != 0) {
     const Entry& held = workers_[info.rank];
     if (held.registered)
@@ -92,25 +105,32 @@ absl::StatusOr<int> Membership::Register(const WorkerInfo& info, absl::Time now)
     rank = info.rank;
   }
   if (rank == 0) {
-    for (int r = 1; r <= num_workers && rank == 0; ++r)
+    for (int r = 1; r <= slots && rank == 0; ++r)
       if (!workers_[r].registered) rank = r;
+    // A growing cluster (one that formed) gives a worker beyond its slots a new one.
+    if (rank == 0 && slots < max_workers_) {
+      workers_.emplace_back();
+      rank = slots + 1;
+    }
     if (rank == 0)
       return absl::ResourceExhaustedError(absl::StrCat(
           "the cluster already has its ", num_workers, " workers (the coordinator's --workers ",
           num_workers, "): ", Name(info), " is one too many"));
   }
-  if (!info.experts.empty() && placement_ != nullptr && info.experts != placement_->experts_of(rank))
+  Entry& e = workers_[rank];
+  if (!info.experts.empty() && placement_ != nullptr && info.experts != e.target)
     return absl::FailedPreconditionError(absl::StrCat(
         "worker ", rank, " holds experts [", absl::StrJoin(info.experts, ","),
-        "] but the placement gives it [", absl::StrJoin(placement_->experts_of(rank), ","), "]"));
-  Entry& e = workers_[rank];
+        "] but the placement gives it [", absl::StrJoin(e.target, ","), "]"));
   if (!e.registered || !SameProcess(e.info, info)) {
     e.back_after = -1;
     e.joined = 0;
+    e.reported = false;
+    e.loaded.clear();
   }
   e.info = info;
   e.info.rank = rank;
-  if (e.info.experts.empty() && placement_ != nullptr) e.info.experts = placement_->experts_of(rank);
+  if (e.info.experts.empty()) e.info.experts = e.target;
   e.registered = true;
   e.last_heartbeat = now;
   return rank;
@@ -134,14 +154,17 @@ absl::StatusOr<ClusterEpoch> Membership::AwaitEpoch(int rank, const std::string&
     return rank >= 1 && rank < static_cast<int>(workers_.size()) && workers_[rank].registered &&
            (instance.empty() || workers_[rank].info.instance == instance);
   };
-  auto removed = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) -> const std::string* {
-    for (const auto& [key, why] : removed_)
-      if (key == instance) return &why;
+  auto removed = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) -> const Removed* {
+    for (const Removed& r : removed_)
+      if (r.key == instance) return &r;
     return nullptr;
   };
-  if (const std::string* why = removed(); why != nullptr)
+  auto refusal = [&](const Removed& r) {
+    if (r.released) return absl::CancelledError(absl::StrCat("worker ", rank, " leaves: ", r.why));
     return absl::FailedPreconditionError(
-        absl::StrCat("worker ", rank, " was removed from the cluster (", *why, ")"));
+        absl::StrCat("worker ", rank, " was removed from the cluster (", r.why, ")"));
+  };
+  if (const Removed* r = removed(); r != nullptr) return refusal(*r);
   if (!held())
     return absl::NotFoundError(absl::StrCat("rank ", rank, " is not registered to this process"));
   workers_[rank].back_after = std::max(workers_[rank].back_after, after);
@@ -149,9 +172,7 @@ absl::StatusOr<ClusterEpoch> Membership::AwaitEpoch(int rank, const std::string&
     return !held() || (epoch_.number > after && workers_[rank].joined == epoch_.number);
   };
   mu_.AwaitWithTimeout(absl::Condition(&ready), timeout);
-  if (const std::string* why = removed(); why != nullptr)
-    return absl::FailedPreconditionError(
-        absl::StrCat("worker ", rank, " was removed from the cluster (", *why, ")"));
+  if (const Removed* r = removed(); r != nullptr) return refusal(*r);
   if (!held())
     return absl::NotFoundError(absl::StrCat("rank ", rank, " is not registered to this process"));
   if (!ready())
@@ -194,15 +215,27 @@ std::vector<int> Membership::AwaitWaiting(const std::vector<int>& ranks,
 
 void Membership::MarkLost(int rank, const std::string& reason, absl::Time now) {
   absl::MutexLock lock(&mu_);
+  RemoveLocked(rank, reason, false, now);
+}
+
+void Membership::Release(int rank, const std::string& reason, absl::Time now) {
+  absl::MutexLock lock(&mu_);
+  RemoveLocked(rank, reason, true, now);
+}
+
+void Membership::RemoveLocked(int rank, const std::string& reason, bool released,
+                              absl::Time now) {
   if (rank < 1 || rank >= static_cast<int>(workers_.size())) return;
   Entry& e = workers_[rank];
-  if (e.registered) removed_.emplace_back(ProcessKey(e.info), reason);
+  if (e.registered) removed_.push_back({ProcessKey(e.info), reason, released});
   e.registered = false;
   e.back_after = -1;
   e.joined = 0;
-  RecordLocked({now, "lost", rank,
+  e.reported = false;
+  e.loaded.clear();
+  RecordLocked({now, released ? "left" : "lost", rank,
                 absl::StrCat("worker ", rank, " (", e.info.host, " pid ", e.info.pid,
-                             ") lost: ", reason)});
+                             released ? ") left: " : ") lost: ", reason)});
 }
 
 void Membership::PublishEpoch(ClusterEpoch epoch, absl::Time now) {
@@ -266,6 +299,44 @@ std::vector<ClusterEvent> Membership::events() const {
   return events_;
 }
 
+absl::StatusOr<ExpertTarget> Membership::Heartbeat(int rank, const std::string& instance,
+                                                   const std::vector<int>& loaded, absl::Time now) {
+  EPX_RETURN_IF_ERROR(Heartbeat(rank, instance, now));
+  absl::MutexLock lock(&mu_);
+  Entry& e = workers_[rank];
+  e.loaded = loaded;
+  e.reported = true;
+  return ExpertTarget{target_version_, e.target};
+}
+
+std::pair<int64_t, std::string> Membership::target() const {
+  absl::MutexLock lock(&mu_);
+  return {target_version_, target_text_.empty() ? epoch_.placement_text : target_text_};
+}
+
+void Membership::SetTargets(int64_t version, const std::vector<std::vector<int>>& experts_of,
+                            const std::string& text) {
+  absl::MutexLock lock(&mu_);
+  target_version_ = version;
+  target_text_ = text;
+  if (experts_of.size() > workers_.size()) workers_.resize(experts_of.size());
+  for (size_t r = 1; r < workers_.size(); ++r)
+    workers_[r].target = r < experts_of.size() ? experts_of[r] : std::vector<int>{};
+}
+
+std::optional<std::vector<int>> Membership::Loaded(int rank) const {
+  absl::MutexLock lock(&mu_);
+  if (rank < 1 || rank >= static_cast<int>(workers_.size()) || !workers_[rank].registered ||
+      !workers_[rank].reported)
+    return std::nullopt;
+  return workers_[rank].loaded;
+}
+
+void Membership::AllowGrowth(int max_workers) {
+  absl::MutexLock lock(&mu_);
+  max_workers_ = max_workers;
+}
+
 void Membership::MarkFailed(const absl::Status& cause) {
   absl::MutexLock lock(&mu_);
   if (failure_.ok()) failure_ = cause;
@@ -318,7 +389,7 @@ std::vector<WorkerState> Membership::Workers(absl::Time now) const {
     WorkerState s;
     s.info = e.info;
     s.info.rank = static_cast<int>(rank);
-    if (!e.registered && placement_ != nullptr) s.info.experts = placement_->experts_of(rank);
+    if (!e.registered) s.info.experts = e.target;
     s.registered = e.registered;
     s.heartbeat_age = e.registered ? now - e.last_heartbeat : absl::InfiniteDuration();
     s.alive = e.registered && s.heartbeat_age <= options_.heartbeat_timeout;

@@ -21,6 +21,7 @@
 #define EPX_COORDINATOR_MEMBERSHIP_H_
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -54,10 +55,16 @@ struct ClusterEpoch {
   int DataPlaneRank(int rank) const;
 };
 
+// The experts a worker should hold (the placement the coordinator moves to), with its version.
+struct ExpertTarget {
+  int64_t version = 0;
+  std::vector<int> experts;
+};
+
 // What happened to the cluster, for Stats and the logs.
 struct ClusterEvent {
   absl::Time time;
-  std::string kind;  // "lost", "joined", "re-formed", "not serving"
+  std::string kind;  // "lost", "left", "joined", "re-formed", "re-placement", "not serving"
   int rank = 0;      // the worker it concerns; 0: the cluster
   std::string message;
 };
@@ -101,6 +108,9 @@ class Membership {
   // The worker is out of the cluster: its slot is free for a new worker, and its process is
   // refused from now on.
   void MarkLost(int rank, const std::string& reason, absl::Time now);
+  // The same for a worker that leaves in good order (drained): its AwaitEpoch answers
+  // Cancelled with `reason`, and it exits cleanly.
+  void Release(int rank, const std::string& reason, absl::Time now);
   // The data plane forms as `epoch` (numbers ascending, members registered): its members'
   // processes are in it, and AwaitEpoch hands it to them.
   void PublishEpoch(ClusterEpoch epoch, absl::Time now);
@@ -117,12 +127,28 @@ class Membership {
   // NotFound for a rank that has not registered, or that another process holds (the caller
   // should register again). `instance`: the caller's (WorkerInfo::instance; empty: not checked).
   absl::Status Heartbeat(int rank, const std::string& instance, absl::Time now);
+  // A heartbeat that also reports the experts the worker has loaded, answered with the experts
+  // it should hold (a worker loads those in the background; the coordinator moves to a new
+  // placement once every worker it needs has them).
+  absl::StatusOr<ExpertTarget> Heartbeat(int rank, const std::string& instance,
+                                         const std::vector<int>& loaded, absl::Time now);
+  // The experts each worker slot should hold ([rank], index 0 unused; slots beyond its size:
+  // none), as version `version`. Slots it names beyond the current ones are added.
+  void SetTargets(int64_t version, const std::vector<std::vector<int>>& experts_of,
+                  const std::string& text = "");
+  // The target's version and text (SetTargets).
+  std::pair<int64_t, std::string> target() const;
+  // The experts worker `rank` last reported loaded; none before its first report.
+  std::optional<std::vector<int>> Loaded(int rank) const;
+  // After the first formation: a worker registering when every slot is held gets a new one, up
+  // to `max_workers` slots (scale up).
+  void AllowGrowth(int max_workers);
   // The data plane failed: not ready from now on, with `cause` as the reason.
   void MarkFailed(const absl::Status& cause);
 
   // Blocks until every worker slot is registered (true) or `timeout` passed (false).
   bool AwaitAllRegistered(absl::Duration timeout) const;
-  int num_workers() const { return static_cast<int>(workers_.size()) - 1; }
+  int num_workers() const;  // worker slots
   int num_registered() const;
 
   // Empty when ready; else why not (the first worker missing or silent, or the failure).
@@ -138,6 +164,9 @@ class Membership {
     absl::Time last_heartbeat = absl::InfinitePast();
     int64_t back_after = -1;  // the process asked for an epoch after this one (AwaitEpoch)
     int64_t joined = 0;       // the epoch this process is a member of (0: none yet)
+    std::vector<int> target;  // the experts the slot should hold
+    std::vector<int> loaded;  // the experts its process reported loaded
+    bool reported = false;
   };
   // The process in slot `rank` waits for the next epoch.
   bool WaitingLocked(int rank) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -150,12 +179,22 @@ class Membership {
   const MembershipOptions options_;
 
   mutable absl::Mutex mu_;
-  std::vector<Entry> workers_ ABSL_GUARDED_BY(mu_);  // [rank], index 0 unused; size fixed
+  std::vector<Entry> workers_ ABSL_GUARDED_BY(mu_);  // [rank], index 0 unused; grows (scale up)
+  int max_workers_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t target_version_ ABSL_GUARDED_BY(mu_) = 0;
+  std::string target_text_ ABSL_GUARDED_BY(mu_);
   absl::Status failure_ ABSL_GUARDED_BY(mu_);
   ClusterEpoch epoch_ ABSL_GUARDED_BY(mu_);
   std::string not_serving_ ABSL_GUARDED_BY(mu_);
-  // Processes removed from the cluster (instance, or host:pid) and why.
-  std::vector<std::pair<std::string, std::string>> removed_ ABSL_GUARDED_BY(mu_);
+  // Processes removed from the cluster (instance, or host:pid), why, and whether they left in
+  // good order.
+  struct Removed {
+    std::string key, why;
+    bool released = false;
+  };
+  std::vector<Removed> removed_ ABSL_GUARDED_BY(mu_);
+  void RemoveLocked(int rank, const std::string& reason, bool released, absl::Time now)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::vector<ClusterEvent> events_ ABSL_GUARDED_BY(mu_);
 };
 

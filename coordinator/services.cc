@@ -358,7 +358,64 @@ class AdminService final : public v1::Admin::Service {
     return grpc::Status::OK;
   }
 
+  grpc::Status GetPlacement(grpc::ServerContext* context, const v1::GetPlacementRequest* in,
+                            v1::PlacementResponse* out) override {
+    FillPlacement(out);
+    return grpc::Status::OK;
+  }
+
+  grpc::Status SetPlacement(grpc::ServerContext* context, const v1::SetPlacementRequest* in,
+                            v1::PlacementResponse* out) override {
+    if (!backends_.set_placement)
+      return ToGrpc(absl::FailedPreconditionError("this server's placement is fixed"));
+    if (absl::Status s = backends_.set_placement(in->placement_json()); !s.ok()) return ToGrpc(s);
+    EPX_LOG(Info) << "placement requested by " << context->peer();
+    if (in->wait()) {
+      // Until the coordinator took the request up, then until it moved.
+      const int64_t before = backends_.membership->target().first;
+      WaitFor(*context, [&] {
+        const auto [version, text] = backends_.membership->target();
+        return version > before && text == backends_.membership->epoch().placement_text;
+      });
+    }
+    FillPlacement(out);
+    return grpc::Status::OK;
+  }
+
+  grpc::Status DrainWorker(grpc::ServerContext* context, const v1::DrainWorkerRequest* in,
+                           v1::PlacementResponse* out) override {
+    if (!backends_.drain_worker)
+      return ToGrpc(absl::FailedPreconditionError("this server's workers are fixed"));
+    if (absl::Status s = backends_.drain_worker(in->rank()); !s.ok()) return ToGrpc(s);
+    EPX_LOG(Info) << "drain of worker " << in->rank() << " requested by " << context->peer();
+    if (in->wait()) {
+      WaitFor(*context, [&] {
+        for (const WorkerState& w : backends_.membership->Workers(absl::Now()))
+          if (w.info.rank == in->rank()) return !w.registered;
+        return true;
+      });
+    }
+    FillPlacement(out);
+    return grpc::Status::OK;
+  }
+
  private:
+  void FillPlacement(v1::PlacementResponse* out) const {
+    const ClusterEpoch epoch = backends_.membership->epoch();
+    const auto [version, text] = backends_.membership->target();
+    out->set_epoch(epoch.number);
+    out->set_placement(epoch.placement_text);
+    out->set_target(text);
+    out->set_target_version(version);
+    out->mutable_workers()->Add(epoch.members.begin() + std::min<size_t>(1, epoch.members.size()),
+                                epoch.members.end());
+  }
+  template <typename Done>
+  static void WaitFor(const grpc::ServerContext& context, Done done) {
+    while (!done() && !context.IsCancelled() &&
+           std::chrono::system_clock::now() < context.deadline())
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
   static void WaitIdle(const Scheduler& scheduler, const grpc::ServerContext& context) {
     while (!scheduler.Idle() && !context.IsCancelled())
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -441,7 +498,15 @@ class ClusterService final : public v1::Cluster::Service {
   grpc::Status Heartbeat(grpc::ServerContext* context, const v1::HeartbeatRequest* in,
                          v1::HeartbeatResponse* out) override {
     if (!Member(in->cluster_token())) return Denied(*context);
-    return ToGrpc(backends_.membership->Heartbeat(in->rank(), in->instance(), absl::Now()));
+    if (!in->reports_loaded())
+      return ToGrpc(backends_.membership->Heartbeat(in->rank(), in->instance(), absl::Now()));
+    absl::StatusOr<ExpertTarget> target = backends_.membership->Heartbeat(
+        in->rank(), in->instance(),
+        std::vector<int>(in->loaded_experts().begin(), in->loaded_experts().end()), absl::Now());
+    if (!target.ok()) return ToGrpc(target.status());
+    out->set_target_version(static_cast<uint64_t>(target->version));
+    out->mutable_target_experts()->Add(target->experts.begin(), target->experts.end());
+    return grpc::Status::OK;
   }
 
   grpc::Status StoreSet(grpc::ServerContext* context, const v1::StoreSetRequest* in,

@@ -57,6 +57,10 @@ struct ApiServerBackends {
   comm::KeyValueStore* store = nullptr;
   // Admin/Shutdown: called once, from a gRPC thread, after the reply is sent; it must not block.
   std::function<void()> on_shutdown;
+  // Admin/SetPlacement and Admin/DrainWorker (Runtime::RequestPlacement, RequestDrain):
+  // thread-safe, non-blocking. Unset: FAILED_PRECONDITION.
+  std::function<absl::Status(const std::string& placement_json)> set_placement;
+  std::function<absl::Status(int rank)> drain_worker;
 };
 
 class ApiServer {

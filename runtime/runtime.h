@@ -20,13 +20,18 @@
 #ifndef EPX_RUNTIME_RUNTIME_H_
 #define EPX_RUNTIME_RUNTIME_H_
 
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <optional>
 #include <ostream>
 #include <string>
+#include <thread>
+#include <utility>
+#include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "comm/communicator.h"
 #include "comm/key_value_store.h"
@@ -99,6 +104,14 @@ struct RuntimeOptions {
   std::string coordinator;
   int rank = 0;
   absl::Duration register_timeout = absl::Minutes(10);
+
+  // Launcher-free coordinator on gloo: every this many steps, a placement that gives the
+  // experts routed the most tokens in those steps extra replicas (same number of copies in all)
+  // is computed, loaded by the workers in the background, and switched to between two steps.
+  // 0: never.
+  int64_t rebalance_interval = 0;
+  // Worker slots a launcher-free cluster may grow to as workers join (scale up).
+  int max_workers = 256;
 };
 
 // The build identity all ranks of a job must share.
@@ -169,6 +182,15 @@ class Runtime : public StepRecovery {
   // among the others, and OK means the same step may run again. Else why not.
   absl::Status Recover(const absl::Status& failure) override;
 
+  // Coordinator (resilient): moves to `placement_json` (a placement file in worker ranks; a
+  // worker may hold none, and then leaves): the workers load their new experts in the
+  // background and the switch happens between two steps. Thread-safe; InvalidArgument for a
+  // placement that does not parse or fit, FailedPrecondition when not resilient.
+  absl::Status RequestPlacement(const std::string& placement_json, const std::string& why);
+  // Coordinator (resilient): worker `rank` hands its experts to the others and leaves.
+  // Thread-safe; NotFound for a worker not in the cluster, FailedPrecondition for the last one.
+  absl::Status RequestDrain(int rank);
+
   // Coordinator: ends the job with `result`. OK or an input error: the workers are told to stop
   // and `result` is returned. A failure in the middle of a step (a worker lost or silent): the
   // failure is reported and the whole job aborted, since the workers cannot be reached cleanly.
@@ -213,9 +235,21 @@ class Runtime : public StepRecovery {
   const Placement& current_placement() const {
     return epoch_placement_ != nullptr ? *epoch_placement_ : *placement_;
   }
-  // Coordinator: publishes the next epoch with `members` (worker ranks, ascending, after 0).
-  // FailedPrecondition when some expert has no member holding it.
-  absl::Status PublishEpoch(const std::vector<int>& members);
+  // Coordinator: publishes the next epoch with `members` (worker ranks, ascending, after 0) and
+  // `placement` (worker ranks). FailedPrecondition when some expert has no member holding it.
+  absl::Status PublishEpoch(const std::vector<int>& members, const Placement& placement);
+  // Coordinator: makes `target` (worker ranks) the placement the cluster moves to.
+  void SetTarget(Placement target, const std::string& why);
+  // Coordinator: applies queued requests, gives joiners without experts some, and rebalances.
+  void UpdateTarget();
+  // Coordinator: every worker of `ranks` in the current epoch holds its target experts.
+  bool TargetLoaded(const std::vector<int>& ranks) const;
+  // Worker: holds the experts its placement gives it, swapping in those loaded in the
+  // background when they are needed.
+  absl::Status HoldEpochExperts();
+  // Worker: loads the experts the coordinator asks for (ControlClient::OnTarget), one request at
+  // a time, on loader_.
+  void LoaderLoop();
   // Coordinator: the next data plane among the registered workers that wait for it, agreed on
   // and bound to the executor; Unavailable (also set as serving_) when it cannot serve.
   absl::Status FormNextEpoch();
@@ -255,7 +289,28 @@ class Runtime : public StepRecovery {
   std::string data_plane_host_;  // the address this rank's data plane listens on
   int worker_rank_ = 0;          // launcher-free worker: its slot, kept across epochs
   std::unique_ptr<ExpertWorker> worker_;
+  ExpertWorkerOptions worker_options_;
+  std::atomic<bool> resilient_{false};  // read from gRPC threads (RequestPlacement)
   absl::Status serving_;  // coordinator: why the cluster cannot serve now (OK: it can)
+  // Coordinator: placement_ is the target (worker ranks) the cluster moves to; active_ the one
+  // its data plane was formed from.
+  std::unique_ptr<Placement> active_;
+  int64_t target_version_ = 0;
+  int64_t rebalanced_at_step_ = 0;
+  std::vector<int64_t> load_at_rebalance_;  // [expert] tokens routed, all layers
+  absl::Mutex requests_mu_;
+  std::vector<std::pair<std::string, std::string>> requests_ ABSL_GUARDED_BY(requests_mu_);
+  // Worker: experts loaded in the background for the coordinator's next placement.
+  absl::Mutex loader_mu_;
+  int64_t wanted_version_ ABSL_GUARDED_BY(loader_mu_) = 0;
+  int64_t loaded_version_ ABSL_GUARDED_BY(loader_mu_) = 0;
+  bool stop_loader_ ABSL_GUARDED_BY(loader_mu_) = false;
+  std::vector<int> wanted_ ABSL_GUARDED_BY(loader_mu_);
+  std::vector<int> current_ ABSL_GUARDED_BY(loader_mu_);  // what worker_ computes
+  std::vector<int> next_experts_ ABSL_GUARDED_BY(loader_mu_);
+  std::unique_ptr<ModelWeights> next_weights_ ABSL_GUARDED_BY(loader_mu_);
+  std::unique_ptr<ExpertWorker> next_worker_ ABSL_GUARDED_BY(loader_mu_);
+  std::thread loader_;
 };
 
 }  // namespace epx

@@ -63,15 +63,19 @@ class ControlClient::Stub : public comm::KeyValueStore {
     context.set_deadline(absl::ToChronoTime(absl::Now() + timeout + kCallTimeout));
     return stub_->AwaitEpoch(&context, in, reply);
   }
-  grpc::Status Heartbeat(const WorkerInfo& self) {
+  grpc::Status Heartbeat(const WorkerInfo& self, const std::optional<std::vector<int>>& loaded,
+                         v1::HeartbeatResponse* reply) {
     v1::HeartbeatRequest beat;
     beat.set_cluster_token(token_);
     beat.set_rank(self.rank);
     beat.set_instance(self.instance);
-    v1::HeartbeatResponse reply;
+    if (loaded.has_value()) {
+      beat.set_reports_loaded(true);
+      beat.mutable_loaded_experts()->Add(loaded->begin(), loaded->end());
+    }
     grpc::ClientContext context;
     context.set_deadline(absl::ToChronoTime(absl::Now() + kCallTimeout));
-    return stub_->Heartbeat(&context, beat, &reply);
+    return stub_->Heartbeat(&context, beat, reply);
   }
 
   absl::Status Set(const std::string& key, const std::string& value) override {
@@ -241,6 +245,11 @@ absl::StatusOr<EpochAssignment> ControlClient::AwaitEpoch(const WorkerInfo& self
   }
 }
 
+void ControlClient::SetLoaded(std::vector<int> experts) {
+  absl::MutexLock lock(&loaded_mu_);
+  loaded_ = std::move(experts);
+}
+
 void ControlClient::StartHeartbeats(const WorkerInfo& self, absl::Duration interval,
                                     absl::Duration lost_after, std::function<void()> on_lost) {
   thread_ = std::thread(&ControlClient::Loop, this, self, interval, /*registered=*/true,
@@ -251,6 +260,7 @@ void ControlClient::Loop(WorkerInfo self, absl::Duration interval, bool register
                          absl::Duration lost_after, std::function<void()> on_lost) {
   std::string last_error;
   absl::Time last_answer = absl::Now();
+  int64_t target_version = 0;
   do {
     grpc::Status status;
     if (!registered) {
@@ -262,8 +272,20 @@ void ControlClient::Loop(WorkerInfo self, absl::Duration interval, bool register
         EPX_LOG(Info) << "registered with the coordinator at " << address();
       }
     } else {
-      status = stub_->Heartbeat(self);
+      std::optional<std::vector<int>> loaded;
+      {
+        absl::MutexLock lock(&loaded_mu_);
+        loaded = loaded_;
+      }
+      v1::HeartbeatResponse reply;
+      status = stub_->Heartbeat(self, loaded, &reply);
       if (status.error_code() == grpc::StatusCode::NOT_FOUND) registered = false;
+      const int64_t version = static_cast<int64_t>(reply.target_version());
+      if (status.ok() && loaded.has_value() && on_target_ && version > target_version) {
+        target_version = version;
+        on_target_(version, std::vector<int>(reply.target_experts().begin(),
+                                             reply.target_experts().end()));
+      }
     }
     if (!status.ok() && status.error_message() != last_error) {
       EPX_LOG(Warning) << "control plane (" << address() << "): " << status.error_message();

@@ -16,11 +16,13 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "comm/key_value_store.h"
@@ -84,6 +86,13 @@ class ControlClient {
   void StartHeartbeats(const WorkerInfo& self, absl::Duration interval,
                        absl::Duration lost_after = absl::InfiniteDuration(),
                        std::function<void()> on_lost = nullptr);
+  // Launcher-free: the heartbeats from now on report `experts` as loaded. Thread-safe.
+  void SetLoaded(std::vector<int> experts);
+  // Called from the heartbeat thread whenever the coordinator answers a newer target version:
+  // the experts this worker should hold. Set before StartHeartbeats.
+  void OnTarget(std::function<void(int64_t version, std::vector<int> experts)> on_target) {
+    on_target_ = std::move(on_target);
+  }
 
   // The coordinator's rendezvous store (StoreSet/StoreGet). Owned by this client.
   comm::KeyValueStore* store();
@@ -97,6 +106,9 @@ class ControlClient {
             std::function<void()> on_lost);
 
   std::unique_ptr<Stub> stub_;
+  std::function<void(int64_t, std::vector<int>)> on_target_;
+  absl::Mutex loaded_mu_;
+  std::optional<std::vector<int>> loaded_ ABSL_GUARDED_BY(loaded_mu_);
   absl::Notification stop_;
   std::thread thread_;
 };

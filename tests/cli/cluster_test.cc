@@ -172,10 +172,18 @@ TEST(ClusterTest, ServesGoldenGreedyAndRefusesWhatDoesNotBelong) {
   auto third = StartWorker(dir, "any2", coordinator);
   testing::CommandResult ready = testing::Health(server, 60);
   ASSERT_EQ(ready.exit_code, 0) << ready.output << server.log();
-  // One too many.
+  // One more joins the running cluster (scale up): it takes a new slot, is given copies of
+  // experts, and the data plane re-forms with it between two steps.
   auto extra = StartWorker(dir, "extra", coordinator);
-  EXPECT_EQ(extra->Wait(60), 1) << extra->log();
-  EXPECT_NE(extra->log().find("already has its 3 workers"), std::string::npos) << extra->log();
+  ASSERT_TRUE(WaitForLog(*extra, "joined the data plane (gloo, epoch 2) as rank 4 of 5", 60))
+      << extra->log() << server.log();
+  ASSERT_EQ(testing::Health(server, 60).exit_code, 0) << server.log();
+  testing::CommandResult placement = testing::RunCommand(
+      absl::StrCat(EpxBinary(), " placement --server ", coordinator, " 2>&1"));
+  EXPECT_EQ(placement.exit_code, 0) << placement.output;
+  EXPECT_NE(placement.output.find("epoch       2 (workers 1, 2, 3, 4)"), std::string::npos)
+      << placement.output;
+  EXPECT_NE(placement.output.find(", 4]"), std::string::npos) << placement.output;
 
   for (size_t i = 0; i < prompts.size(); ++i) {
     Completion c = testing::Generate(*stub, Greedy(prompts[i], static_cast<int>(greedy[i].size())));
@@ -184,7 +192,8 @@ TEST(ClusterTest, ServesGoldenGreedyAndRefusesWhatDoesNotBelong) {
   }
   server.Stop();
   EXPECT_EQ(server.Wait(30), 0);
-  for (ChildProcess* w : {held.get(), first.get(), third.get()}) EXPECT_EQ(w->Wait(60), 0) << w->log();
+  for (ChildProcess* w : {held.get(), first.get(), third.get(), extra.get()})
+    EXPECT_EQ(w->Wait(60), 0) << w->log();
 }
 
 // A coordinator told to shut down while it waits for its workers ends cleanly.
