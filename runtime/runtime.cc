@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <iomanip>
+#include <numeric>
 #include <random>
 
 #include "absl/strings/ascii.h"
@@ -503,6 +504,11 @@ absl::Status Runtime::ServeAsWorker() {
                        << "); waiting for the next one";
     }
   }
+  // Drained: the coordinator let this worker go.
+  if (status.code() == absl::StatusCode::kCancelled && launcher_free()) {
+    EPX_LOG(Info) << status.message();
+    return absl::OkStatus();
+  }
   // The coordinator is waiting on this rank mid-step: only aborting the job reaches it, and the
   // message names this rank. A launcher-free worker that was removed just leaves.
   if (comm_ != nullptr && !launcher_free()) comm_->Abort(1, std::string(status.message()));
@@ -769,15 +775,19 @@ absl::StatusOr<Placement> Grown(const Placement& base, int rank, int num_workers
 }
 
 // The placement that serves `load` (tokens routed per expert) best with as many copies as
-// `base` has: copies go one by one to the expert with the most load per copy, and each copy to
+// `base` has, at least one more than experts per worker: copies go one by one to the expert with the most load per copy, and each copy to
 // the worker with the least load that does not hold the expert yet, preferring workers that
 // already hold it (so that little moves). Deterministic; ties go to the lower index.
 absl::StatusOr<Placement> Rebalanced(const Placement& base, const std::vector<int64_t>& load,
                                      const std::vector<int>& workers) {
   const int E = base.num_experts();
   const int W = static_cast<int>(workers.size());
-  int64_t copies = 0;
-  for (int e = 0; e < E; ++e) copies += static_cast<int64_t>(base.replicas(e).size());
+  // As many copies as now, and at least one spare per worker for the hot experts (as vLLM's
+  // EPLB keeps redundant experts).
+  int64_t copies = E + W;
+  int64_t now = 0;
+  for (int e = 0; e < E; ++e) now += static_cast<int64_t>(base.replicas(e).size());
+  copies = std::max(copies, now);
   std::vector<int> count(E, 1);
   for (int64_t c = E; c < copies; ++c) {
     int best = -1;
@@ -819,6 +829,16 @@ absl::StatusOr<Placement> Rebalanced(const Placement& base, const std::vector<in
   }
   return Placement::FromReplicas(std::move(replicas), base.num_workers(),
                                  "the rebalanced placement");
+}
+
+// The most load any worker of `placement` serves, each expert's load split evenly over its
+// replicas.
+double MaxWorkerLoad(const Placement& placement, const std::vector<int64_t>& load) {
+  std::vector<double> per(placement.num_workers() + 1, 0);
+  for (int e = 0; e < placement.num_experts(); ++e)
+    for (int w : placement.replicas(e))
+      per[w] += static_cast<double>(load[e]) / placement.replicas(e).size();
+  return *std::max_element(per.begin(), per.end());
 }
 
 }  // namespace
@@ -900,7 +920,11 @@ void Runtime::UpdateTarget() {
       if (r <= placement_->num_workers() && !placement_->experts_of(r).empty())
         workers.push_back(r);
     absl::StatusOr<Placement> rebalanced = Rebalanced(*placement_, recent, workers);
-    if (rebalanced.ok() && rebalanced->ToString() != placement_->ToString())
+    // Only for a clear gain (a tenth off the busiest worker's load), so that a steady load does
+    // not move experts back and forth.
+    const bool gain = rebalanced.ok() && std::accumulate(recent.begin(), recent.end(), int64_t{0}) > 0 &&
+                      MaxWorkerLoad(*rebalanced, recent) < 0.9 * MaxWorkerLoad(*placement_, recent);
+    if (gain && rebalanced->ToString() != placement_->ToString())
       SetTarget(*std::move(rebalanced),
                 absl::StrCat("rebalanced for the load of the last ", options_.rebalance_interval,
                              " steps: ", absl::StrJoin(recent, " ")));

@@ -8,7 +8,10 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <memory>
 #include <sstream>
@@ -391,6 +394,154 @@ INSTANTIATE_TEST_SUITE_P(Signals, ReplicaTest, ::testing::Values(SIGKILL, SIGSTO
                          [](const ::testing::TestParamInfo<int>& info) {
                            return std::string(info.param == SIGKILL ? "Kill" : "Stop");
                          });
+
+// Runs `requests` concurrently; calls `during` once every stream has its first token.
+std::vector<Completion> RunConcurrently(v1::Generation::Stub& stub,
+                                        const std::vector<v1::GenerateRequest>& requests,
+                                        const std::function<void()>& during = nullptr) {
+  const int n = static_cast<int>(requests.size());
+  absl::BlockingCounter started(n);
+  std::vector<Completion> got(n);
+  std::vector<std::thread> streams;
+  for (int i = 0; i < n; ++i)
+    streams.emplace_back([&, i] {
+      grpc::ClientContext context;
+      context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(240));
+      auto reader = stub.Generate(&context, requests[i]);
+      v1::GenerateResponse response;
+      bool first = true;
+      while (reader->Read(&response)) {
+        got[i].tokens.insert(got[i].tokens.end(), response.token_ids().begin(),
+                             response.token_ids().end());
+        if (first) started.DecrementCount();
+        first = false;
+      }
+      if (first) started.DecrementCount();
+      got[i].status = reader->Finish();
+    });
+  started.Wait();
+  if (during) during();
+  for (std::thread& t : streams) t.join();
+  return got;
+}
+
+// What one process answers `requests` with.
+std::vector<std::vector<int32_t>> AloneTokens(const std::string& name,
+                                              const std::vector<v1::GenerateRequest>& requests) {
+  std::vector<std::vector<int32_t>> out;
+  ServerProcess alone(name + "_alone", "", "--model " + testing::TinyModelDir());
+  EXPECT_TRUE(alone.ok()) << alone.log();
+  auto stub = alone.generation();
+  for (const v1::GenerateRequest& r : requests) {
+    Completion c = testing::Generate(*stub, r);
+    EXPECT_TRUE(c.status.ok()) << c.status.error_message();
+    out.push_back(c.tokens);
+  }
+  return out;
+}
+
+// A skewed prompt set (one golden prompt with a different last token each).
+std::vector<v1::GenerateRequest> SkewedRequests(int n, int tokens) {
+  std::vector<v1::GenerateRequest> requests;
+  const std::vector<int32_t> prompt = testing::ReadGoldenPrompts()[1].tokens;
+  for (int i = 0; i < n; ++i) {
+    std::vector<int32_t> p = prompt;
+    p.push_back(5 + 7 * i);
+    requests.push_back(Greedy(p, tokens));
+  }
+  return requests;
+}
+
+std::string RunOk(const std::string& command) {
+  testing::CommandResult r = testing::RunCommand(command + " 2>&1");
+  EXPECT_EQ(r.exit_code, 0) << command << "\n" << r.output;
+  return r.output;
+}
+
+// Waits (bounded) until the placement in use is the one the cluster moves to and the data plane
+// is past epoch `epoch`; returns the last `epx placement` output.
+std::string AwaitPlacementMoved(const std::string& server, int64_t epoch) {
+  std::string out;
+  for (int i = 0; i < 300; ++i) {
+    out = RunOk(absl::StrCat(EpxBinary(), " placement --server ", server));
+    int64_t now = 0;
+    if (sscanf(out.c_str(), "epoch %ld", &now) == 1 && now > epoch &&
+        out.find("moving to") == std::string::npos)
+      break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  return out;
+}
+
+// The router's load moves hot experts onto more workers while serving, a worker drains, and a
+// placement set by hand takes over: no request fails and every token equals one process's.
+TEST(ClusterTest, RebalanceDrainAndSetPlacementChangeNoToken) {
+  const std::string dir = TestDir("cluster_rebalance");
+  const std::vector<v1::GenerateRequest> requests = SkewedRequests(8, 48);
+  const std::vector<std::vector<int32_t>> expected = AloneTokens("cluster_rebalance", requests);
+  ServerProcess server("cluster_rebalance", "",
+                       "--model " + testing::TinyModelDir() +
+                           " --workers 3 --rebalance-interval 16 --heartbeat-ms 100"
+                           " --heartbeat-timeout-ms 5000");
+  ASSERT_TRUE(server.ok()) << server.log();
+  std::vector<std::unique_ptr<ChildProcess>> workers;
+  for (int r = 1; r <= 3; ++r)
+    workers.push_back(
+        StartWorker(dir, absl::StrCat("worker", r), server.address(), absl::StrCat("--rank ", r)));
+  ASSERT_EQ(testing::Health(server, 60).exit_code, 0) << server.log();
+  auto stub = server.generation();
+  auto check = [&](const std::vector<Completion>& got, const std::string& round) {
+    for (size_t i = 0; i < got.size(); ++i) {
+      ASSERT_TRUE(got[i].status.ok()) << round << " stream " << i << ": "
+                                      << got[i].status.error_message() << "\n" << server.log();
+      EXPECT_EQ(got[i].tokens, expected[i]) << round << " stream " << i;
+    }
+  };
+  const std::string before = RunOk(absl::StrCat(EpxBinary(), " placement --server ", server.address()));
+
+  // Round 1 under rebalancing: the hot experts gain replicas (one spare copy per worker).
+  check(RunConcurrently(*stub, requests), "rebalance");
+  std::string moved = AwaitPlacementMoved(server.address(), 1);
+  EXPECT_NE(moved, before);
+  const std::string stats = RunOk(absl::StrCat(EpxBinary(), " stats --server ", server.address()));
+  EXPECT_NE(stats.find("re-placement: placement 1 (rebalanced for the load of the last 16 steps"),
+            std::string::npos)
+      << stats << server.log();
+  int64_t copies = 0;
+  {
+    // 11 copies of 8 experts now: "expert 0 -> [1, 3]" counts two.
+    const std::string line = moved.substr(moved.find("placement   "));
+    for (size_t at = line.find('['); at != std::string::npos; at = line.find('[', at + 1))
+      copies += 1 + std::count(line.begin() + at, line.begin() + line.find(']', at), ',');
+  }
+  EXPECT_EQ(copies, 11) << moved;
+
+  // Round 2: worker 3 drains while the streams run; it leaves, and the others hold everything.
+  check(RunConcurrently(*stub, requests,
+                        [&] {
+                          RunOk(absl::StrCat(EpxBinary(), " drain --server ", server.address(),
+                                           " --rank 3 --wait --timeout 60"));
+                        }),
+        "drain");
+  EXPECT_EQ(workers[2]->Wait(60), 0) << workers[2]->log();
+  EXPECT_NE(workers[2]->log().find("leaves"), std::string::npos) << workers[2]->log();
+  const std::string drained = RunOk(absl::StrCat(EpxBinary(), " placement --server ", server.address()));
+  EXPECT_NE(drained.find("(workers 1, 2)"), std::string::npos) << drained;
+
+  // Round 3: a placement set by hand (every expert on both workers), in use before the streams.
+  const std::string file = dir + "/both.json";
+  std::ofstream(file) << R"({"experts": {"0": [1, 2], "1": [1, 2], "2": [1, 2], "3": [1, 2],
+                             "4": [1, 2], "5": [1, 2], "6": [1, 2], "7": [1, 2]}})";
+  const std::string set = RunOk(absl::StrCat(EpxBinary(), " placement --server ", server.address(),
+                                           " --set ", file, " --wait --timeout 60"));
+  EXPECT_NE(set.find("expert 0 -> [1, 2]; expert 1 -> [1, 2]"), std::string::npos) << set;
+  EXPECT_EQ(set.find("moving to"), std::string::npos) << set;
+  check(RunConcurrently(*stub, requests), "set");
+
+  server.Stop();
+  EXPECT_EQ(server.Wait(30), 0) << server.log();
+  for (int i : {0, 1}) EXPECT_EQ(workers[i]->Wait(60), 0) << workers[i]->log();
+}
 
 }  // namespace
 }  // namespace epx
