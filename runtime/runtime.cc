@@ -25,6 +25,7 @@
 #include "common/hash.h"
 #include "common/json.h"
 #include "common/logging.h"
+#include "common/placement_planner.h"
 #include "common/status.h"
 #include "common/stopwatch.h"
 #include "kernels/cuda/runtime.h"
@@ -725,124 +726,6 @@ void Runtime::SetTarget(Placement target, const std::string& why) {
                                     "): ", placement_->ToString())});
 }
 
-namespace {
-
-// `base` with the experts of `rank` moved to the other workers holding the fewest experts
-// (those the others already hold just lose that copy), and worker `rank` idle.
-absl::StatusOr<Placement> Drained(const Placement& base, int rank,
-                                  const std::vector<int>& workers) {
-  std::vector<int> others;
-  for (int w : workers)
-    if (w != rank && w <= base.num_workers()) others.push_back(w);
-  if (others.empty())
-    return absl::FailedPreconditionError(
-        absl::StrCat("worker ", rank, " is the last worker: there is nowhere to move its experts"));
-  std::vector<int> held(base.num_workers() + 1, 0);
-  for (int w : others) held[w] = static_cast<int>(base.experts_of(w).size());
-  std::vector<std::vector<int>> replicas(base.num_experts());
-  for (int e = 0; e < base.num_experts(); ++e) {
-    for (int w : base.replicas(e))
-      if (w != rank) replicas[e].push_back(w);
-    if (!replicas[e].empty()) continue;
-    int to = others[0];
-    for (int w : others)
-      if (held[w] < held[to]) to = w;
-    replicas[e].push_back(to);
-    ++held[to];
-  }
-  return Placement::FromReplicas(std::move(replicas), base.num_workers(), "the drained placement");
-}
-
-// `base` over `num_workers` slots with worker `rank` (idle in it) given copies of the experts
-// with the fewest replicas, as many as an average worker holds.
-absl::StatusOr<Placement> Grown(const Placement& base, int rank, int num_workers,
-                                const std::vector<int>& workers) {
-  std::vector<std::vector<int>> replicas(base.num_experts());
-  int64_t copies = 0;
-  for (int e = 0; e < base.num_experts(); ++e) {
-    replicas[e] = base.replicas(e);
-    copies += static_cast<int64_t>(replicas[e].size());
-  }
-  const int64_t share = std::max<int64_t>(
-      1, copies / std::max<int64_t>(1, static_cast<int64_t>(workers.size())));
-  std::vector<int> order(base.num_experts());
-  for (int e = 0; e < base.num_experts(); ++e) order[e] = e;
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int a, int b) { return replicas[a].size() < replicas[b].size(); });
-  for (int64_t i = 0; i < share && i < static_cast<int64_t>(order.size()); ++i)
-    replicas[order[i]].push_back(rank);
-  return Placement::FromReplicas(std::move(replicas), num_workers, "the grown placement");
-}
-
-// The placement that serves `load` (tokens routed per expert) best with as many copies as
-// `base` has, at least one more than experts per worker: copies go one by one to the expert with the most load per copy, and each copy to
-// the worker with the least load that does not hold the expert yet, preferring workers that
-// already hold it (so that little moves). Deterministic; ties go to the lower index.
-absl::StatusOr<Placement> Rebalanced(const Placement& base, const std::vector<int64_t>& load,
-                                     const std::vector<int>& workers) {
-  const int E = base.num_experts();
-  const int W = static_cast<int>(workers.size());
-  // As many copies as now, and at least one spare per worker for the hot experts (as vLLM's
-  // EPLB keeps redundant experts).
-  int64_t copies = E + W;
-  int64_t now = 0;
-  for (int e = 0; e < E; ++e) now += static_cast<int64_t>(base.replicas(e).size());
-  copies = std::max(copies, now);
-  std::vector<int> count(E, 1);
-  for (int64_t c = E; c < copies; ++c) {
-    int best = -1;
-    for (int e = 0; e < E; ++e) {
-      if (count[e] >= W) continue;
-      if (best < 0 || load[e] * count[best] > load[best] * count[e]) best = e;
-    }
-    if (best < 0) break;
-    ++count[best];
-  }
-  std::vector<int> order(E);
-  for (int e = 0; e < E; ++e) order[e] = e;
-  std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
-    return load[a] * count[b] > load[b] * count[a];
-  });
-  std::vector<double> worker_load(base.num_workers() + 1, 0);
-  std::vector<int> worker_experts(base.num_workers() + 1, 0);
-  std::vector<std::vector<int>> replicas(E);
-  for (int e : order) {
-    const double share = static_cast<double>(load[e]) / count[e];
-    for (int c = 0; c < count[e]; ++c) {
-      int to = -1;
-      bool to_held = false;
-      for (int w : workers) {
-        if (std::find(replicas[e].begin(), replicas[e].end(), w) != replicas[e].end()) continue;
-        const bool held = base.LocalIndex(w, e) >= 0;
-        if (to < 0 || (held && !to_held) ||
-            (held == to_held && (worker_load[w] < worker_load[to] ||
-                                 (worker_load[w] == worker_load[to] &&
-                                  worker_experts[w] < worker_experts[to])))) {
-          to = w;
-          to_held = held;
-        }
-      }
-      replicas[e].push_back(to);
-      worker_load[to] += share;
-      ++worker_experts[to];
-    }
-  }
-  return Placement::FromReplicas(std::move(replicas), base.num_workers(),
-                                 "the rebalanced placement");
-}
-
-// The most load any worker of `placement` serves, each expert's load split evenly over its
-// replicas.
-double MaxWorkerLoad(const Placement& placement, const std::vector<int64_t>& load) {
-  std::vector<double> per(placement.num_workers() + 1, 0);
-  for (int e = 0; e < placement.num_experts(); ++e)
-    for (int w : placement.replicas(e))
-      per[w] += static_cast<double>(load[e]) / placement.replicas(e).size();
-  return *std::max_element(per.begin(), per.end());
-}
-
-}  // namespace
-
 absl::Status Runtime::RequestPlacement(const std::string& placement_json, const std::string& why) {
   if (!resilient())
     return absl::FailedPreconditionError(
@@ -884,7 +767,7 @@ void Runtime::UpdateTarget() {
   for (const auto& [what, why] : requests) {
     absl::StatusOr<Placement> target;
     if (absl::StartsWith(what, "drain ")) {
-      target = Drained(*placement_, std::stoi(what.substr(6)), registered);
+      target = DrainPlacement(*placement_, std::stoi(what.substr(6)), registered);
     } else {
       target = Placement::FromJson(what, static_cast<int>(config_.num_local_experts), slots,
                                    "the placement", /*allow_idle=*/true);
@@ -899,7 +782,7 @@ void Runtime::UpdateTarget() {
   // fewest.
   for (int r : membership_->Joiners()) {
     if (r <= placement_->num_workers() && !placement_->experts_of(r).empty()) continue;
-    absl::StatusOr<Placement> grown = Grown(*placement_, r, slots, registered);
+    absl::StatusOr<Placement> grown = GrowPlacement(*placement_, r, slots, registered);
     if (grown.ok()) SetTarget(*std::move(grown), absl::StrCat("worker ", r, " joined"));
   }
   // Rebalancing from the load of the last interval.
@@ -919,11 +802,11 @@ void Runtime::UpdateTarget() {
     for (int r : registered)
       if (r <= placement_->num_workers() && !placement_->experts_of(r).empty())
         workers.push_back(r);
-    absl::StatusOr<Placement> rebalanced = Rebalanced(*placement_, recent, workers);
+    absl::StatusOr<Placement> rebalanced = RebalancePlacement(*placement_, recent, workers);
     // Only for a clear gain (a tenth off the busiest worker's load), so that a steady load does
     // not move experts back and forth.
     const bool gain = rebalanced.ok() && std::accumulate(recent.begin(), recent.end(), int64_t{0}) > 0 &&
-                      MaxWorkerLoad(*rebalanced, recent) < 0.9 * MaxWorkerLoad(*placement_, recent);
+                      BusiestWorkerLoad(*rebalanced, recent) < 0.9 * BusiestWorkerLoad(*placement_, recent);
     if (gain && rebalanced->ToString() != placement_->ToString())
       SetTarget(*std::move(rebalanced),
                 absl::StrCat("rebalanced for the load of the last ", options_.rebalance_interval,

@@ -313,5 +313,86 @@ TEST(ExpertParallelTest, Bf16RowsOverTheWireEqualTheLocalExecutor) {
   for (int r = 1; r < world; ++r) EXPECT_TRUE(served[r].ok()) << "rank " << r << ": " << served[r];
 }
 
+// A data plane re-formed without worker 2: the coordinator rebinds to the survivors with the
+// replicas they hold, each survivor keeps computing the experts it loaded (the new placement
+// gives it those or fewer), and every slot still equals the local executor, bit for bit.
+TEST(ExpertParallelTest, ReformedAmongTheSurvivorsEqualsTheLocalExecutor) {
+  auto config = ModelConfig::FromDir(TinyModelDir());
+  ASSERT_TRUE(config.ok());
+  auto weights = ModelWeights::Load(TinyModelDir(), *config, WeightSelection::All(*config));
+  ASSERT_TRUE(weights.ok()) << weights.status();
+  const int E = static_cast<int>(config->num_local_experts);
+  auto base = Placement::RoundRobin(E, 3, 2);
+  ASSERT_TRUE(base.ok());
+  auto survivors = Placement::Among(*base, {0, 1, 3});
+  ASSERT_TRUE(survivors.ok());
+  const int64_t T = 9, K = config->num_experts_per_tok, H = config->hidden_size;
+  Tensor x = Tensor::Empty(DType::kF32, {T, H});
+  for (int64_t i = 0; i < T * H; ++i) x.data<float>()[i] = std::cos(0.11f * i);
+  Tensor ids = Tensor::Empty(DType::kI32, {T, K});
+  for (int64_t i = 0; i < T * K; ++i) ids.data<int32_t>()[i] = static_cast<int32_t>((i * 5) % E);
+  std::unique_ptr<ExpertExecutor> local = NewLocalExpertExecutor(weights->get());
+
+  // Workers 1..3 load their experts once and serve the first data plane, then (1 and 3) the
+  // second with fewer.
+  std::vector<std::unique_ptr<ExpertWorker>> workers(4);
+  for (int w = 1; w <= 3; ++w) {
+    auto created = ExpertWorker::Create(**weights, base->experts_of(w), {});
+    ASSERT_TRUE(created.ok()) << created.status();
+    workers[w] = *std::move(created);
+  }
+  comm::InProcGroup first(4), second(3);
+  std::vector<absl::StatusOr<WorkerLoopEnd>> ends(4, WorkerLoopEnd::kShutdown),
+      second_ends(3, WorkerLoopEnd::kShutdown);
+  std::vector<std::thread> threads;
+  for (int w = 1; w <= 3; ++w)
+    threads.emplace_back([&, w] {
+      std::unique_ptr<comm::Communicator> comm = first.Join(w);
+      ends[w] = workers[w]->Serve(comm.get(), base->experts_of(w));
+      if (w == 2) return;  // lost
+      const int rank = w == 1 ? 1 : 2;
+      std::unique_ptr<comm::Communicator> next = second.Join(rank);
+      second_ends[rank] = workers[w]->Serve(next.get(), survivors->experts_of(rank));
+    });
+  std::unique_ptr<comm::Communicator> root = first.Join(0);
+  DistributedExpertExecutor remote(*config, *base, root.get(), absl::Seconds(30));
+  auto run_all = [&](const std::string& when) {
+    ASSERT_TRUE(remote.BeginStep().ok());
+    for (int layer = 0; layer < config->num_hidden_layers; ++layer) {
+      auto got = remote.Run(layer, {.x = x, .topk_ids = ids});
+      ASSERT_TRUE(got.ok()) << when << ": " << got.status();
+      auto want = local->Run(layer, {.x = x, .topk_ids = ids});
+      ASSERT_TRUE(want.ok());
+      EXPECT_EQ(std::memcmp(got->rows.raw(), want->rows.raw(), got->rows.nbytes()), 0)
+          << when << ", layer " << layer;
+    }
+  };
+  run_all("all three workers");
+  ASSERT_TRUE(remote.Reform().ok());
+  std::unique_ptr<comm::Communicator> next_root = second.Join(0);
+  ASSERT_TRUE(remote.Rebind(next_root.get(), *survivors, {0, 1, 3}).ok());
+  run_all("workers 1 and 3");
+  ASSERT_TRUE(remote.Shutdown().ok());
+  for (auto& t : threads) t.join();
+  for (int w = 1; w <= 3; ++w) {
+    ASSERT_TRUE(ends[w].ok()) << ends[w].status();
+    EXPECT_EQ(*ends[w], WorkerLoopEnd::kReform);
+  }
+  for (int r = 1; r <= 2; ++r) {
+    ASSERT_TRUE(second_ends[r].ok()) << second_ends[r].status();
+    EXPECT_EQ(*second_ends[r], WorkerLoopEnd::kShutdown);
+  }
+  // Rows went only to live workers, counted by worker rank.
+  EXPECT_GT(remote.stats().worker_tokens[3], 0);
+  // A placement that gives a worker an expert it has not loaded is refused.
+  comm::InProcGroup lone(2);
+  std::thread refuse([&] {
+    std::unique_ptr<comm::Communicator> c = lone.Join(1);
+    EXPECT_EQ(workers[1]->Serve(c.get(), {2}).status().code(),
+              absl::StatusCode::kFailedPrecondition);
+  });
+  refuse.join();
+}
+
 }  // namespace
 }  // namespace epx

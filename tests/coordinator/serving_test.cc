@@ -8,6 +8,7 @@
 #include "coordinator/chat_template.h"
 #include "coordinator/membership.h"
 #include "coordinator/scheduler.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/coordinator/test_util.h"
 
@@ -229,6 +230,87 @@ TEST_F(SchedulerTest, StopStringsAreHeldBackAndCut) {
   EXPECT_EQ(events.back().matched_stop, stop);
   scheduler.Stop();
   loop.join();
+}
+
+}  // namespace
+}  // namespace epx
+
+namespace epx {
+namespace {
+
+using ::testing::ElementsAre;
+
+// Epochs of a launcher-free cluster: members learn theirs, survivors of a failure are seen
+// waiting for the next, a lost process is refused and its slot taken by a new one, a drained
+// one is let go, and a formed cluster grows.
+TEST(MembershipTest, EpochsLossesJoinsAndGrowth) {
+  auto placement = Placement::RoundRobin(8, 3, 2);
+  ASSERT_TRUE(placement.ok());
+  Membership m(&*placement, {"build-1", 42, "gloo"},
+               {.heartbeat_interval = absl::Milliseconds(100),
+                .heartbeat_timeout = absl::Minutes(5)});
+  auto worker = [](const std::string& instance) {
+    return WorkerInfo{.host = "h", .device = "cpu", .pid = 1, .build_id = "build-1",
+                      .config_hash = 42, .data_plane = "gloo", .instance = instance};
+  };
+  const absl::Time now = absl::Now();
+  for (const char* id : {"a", "b", "c"}) ASSERT_TRUE(m.Register(worker(id), now).ok());
+  // No epoch yet: ask again.
+  EXPECT_EQ(m.AwaitEpoch(1, "a", 0, absl::ZeroDuration()).status().code(),
+            absl::StatusCode::kUnavailable);
+  EXPECT_EQ(m.AwaitEpoch(1, "b", 0, absl::ZeroDuration()).status().code(),
+            absl::StatusCode::kNotFound);
+  ClusterEpoch first{.number = 1, .members = {0, 1, 2, 3}, .store_prefix = "gloo/epoch-1/"};
+  m.PublishEpoch(first, now);
+  auto got = m.AwaitEpoch(2, "b", 0, absl::ZeroDuration());
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->number, 1);
+  EXPECT_EQ(got->DataPlaneRank(2), 2);
+  EXPECT_EQ(m.NotReadyReason(now), "");
+  // In epoch 1, nobody waits for the next until it asks.
+  EXPECT_TRUE(m.AwaitWaiting({1, 3}, absl::ZeroDuration()).empty());
+  EXPECT_EQ(m.AwaitEpoch(1, "a", 1, absl::ZeroDuration()).status().code(),
+            absl::StatusCode::kUnavailable);
+  EXPECT_THAT(m.AwaitWaiting({1, 3}, absl::ZeroDuration()), ElementsAre(1));
+
+  // Worker 2 lost: its process is refused, its slot free for a new one, who waits to join.
+  m.MarkLost(2, "layer 0 combine: lost rank 2", now);
+  EXPECT_EQ(m.AwaitEpoch(2, "b", 1, absl::ZeroDuration()).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  auto again = m.Register(worker("b"), now);
+  EXPECT_EQ(again.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(again.status().message().find("was removed from the cluster"), std::string::npos);
+  EXPECT_THAT(m.Joiners(), ElementsAre());
+  ASSERT_EQ(m.Register(worker("d"), now).value_or(-1), 2);
+  EXPECT_THAT(m.Joiners(), ElementsAre(2));
+  EXPECT_EQ(m.AwaitEpoch(2, "d", 0, absl::ZeroDuration()).status().code(),
+            absl::StatusCode::kUnavailable);
+  EXPECT_THAT(m.AwaitWaiting({1, 2, 3}, absl::ZeroDuration()), ElementsAre(1, 2));
+  m.PublishEpoch({.number = 2, .members = {0, 1, 2, 3}}, now);
+  EXPECT_THAT(m.Joiners(), ElementsAre());
+  EXPECT_EQ(m.AwaitEpoch(2, "d", 0, absl::ZeroDuration()).value_or(ClusterEpoch{}).number, 2);
+
+  // Worker 3 drained: it is let go (Cancelled), and the formed cluster grows past 3 slots.
+  m.Release(3, "drained", now);
+  EXPECT_EQ(m.AwaitEpoch(3, "c", 2, absl::ZeroDuration()).status().code(),
+            absl::StatusCode::kCancelled);
+  ASSERT_EQ(m.Register(worker("e"), now).value_or(-1), 3);
+  EXPECT_EQ(m.Register(worker("f"), now).status().code(), absl::StatusCode::kResourceExhausted);
+  m.AllowGrowth(4);
+  EXPECT_EQ(m.Register(worker("f"), now).value_or(-1), 4);
+  EXPECT_EQ(m.num_workers(), 4);
+  std::vector<std::string> kinds;
+  for (const ClusterEvent& e : m.events()) kinds.push_back(e.kind);
+  EXPECT_THAT(kinds, ElementsAre("lost", "joined", "re-formed", "left"));
+
+  // Targets: a worker's heartbeat reports what it loaded and learns what it should hold.
+  m.SetTargets(7, {{}, {0, 1}, {2}, {3}, {4, 5, 6, 7}}, "by hand");
+  auto target = m.Heartbeat(4, "f", {9}, now);
+  ASSERT_TRUE(target.ok());
+  EXPECT_EQ(target->version, 7);
+  EXPECT_THAT(target->experts, ElementsAre(4, 5, 6, 7));
+  EXPECT_THAT(m.Loaded(4).value_or(std::vector<int>{}), ElementsAre(9));
+  EXPECT_FALSE(m.Loaded(1).has_value());
 }
 
 }  // namespace
