@@ -24,6 +24,7 @@ workers=${WORKERS:-3}
 concurrency=${CONCURRENCY:-8}
 max_tokens=${MAX_TOKENS:-128}
 mkdir -p "$out" || exit 1
+rm -f "$out/port"  # a previous run's
 [ "$workers" -ge 3 ] || { echo "cluster_gaps: WORKERS must be >= 3" >&2; exit 1; }
 model=${MODEL:-}
 if [ -z "$model" ]; then

@@ -227,7 +227,15 @@ class GenerationService final : public v1::Generation::Service {
     mc->set_config_hash(c.Hash());
     out->set_world_size(options_.world_size);
     out->set_placement(options_.placement_name);
-    if (const Placement* p = backends_.placement; p != nullptr) {
+    if (backends_.membership->epoch().number > 0) {
+      // A launcher-free cluster: the placement in use, which may change while serving.
+      for (const WorkerState& ws : backends_.membership->Workers(absl::Now())) {
+        if (!ws.member) continue;
+        v1::WorkerExperts* w = out->add_workers();
+        w->set_rank(ws.info.rank);
+        w->mutable_experts()->Add(ws.info.experts.begin(), ws.info.experts.end());
+      }
+    } else if (const Placement* p = backends_.placement; p != nullptr) {
       for (int rank = 1; rank <= p->num_workers(); ++rank) {
         v1::WorkerExperts* w = out->add_workers();
         w->set_rank(rank);

@@ -53,7 +53,8 @@ struct ApiServerBackends {
   Scheduler* scheduler = nullptr;
   Membership* membership = nullptr;
   const Tokenizer* tokenizer = nullptr;
-  const Placement* placement = nullptr;
+  const Placement* placement = nullptr;  // as started (a launcher-free cluster's may change:
+                                         // the membership's epoch has the one in use)
   comm::KeyValueStore* store = nullptr;
   // Admin/Shutdown: called once, from a gRPC thread, after the reply is sent; it must not block.
   std::function<void()> on_shutdown;

@@ -647,15 +647,15 @@ absl::Status Runtime::PublishEpoch(const std::vector<int>& members, const Placem
 
 bool Runtime::TargetLoaded(const std::vector<int>& ranks) const {
   for (int r : ranks) {
-    if (r > placement_->num_workers()) return false;
-    const std::vector<int>& target = placement_->experts_of(r);
-    if (target.empty()) continue;  // leaves
+    if (r > target().num_workers()) return false;
+    const std::vector<int>& want = target().experts_of(r);
+    if (want.empty()) continue;  // leaves
     // A worker in no data plane yet loads its experts as it joins.
     if (active_ == nullptr || r > active_->num_workers() || active_->experts_of(r).empty())
       continue;
     const std::optional<std::vector<int>> loaded = membership_->Loaded(r);
     if (!loaded.has_value()) return false;
-    for (int e : target)
+    for (int e : want)
       if (std::find(loaded->begin(), loaded->end(), e) == loaded->end()) return false;
   }
   return true;
@@ -677,7 +677,7 @@ absl::Status Runtime::FormNextEpoch() {
                               absl::Now());
     // The target placement once every worker has loaded its part, else the current one.
     const bool to_target = TargetLoaded(waiting);
-    const Placement placement = to_target || active_ == nullptr ? *placement_ : *active_;
+    const Placement placement = to_target || active_ == nullptr ? target() : *active_;
     std::vector<int> members = {0};
     for (int r : waiting) {
       if (r <= placement.num_workers() && !placement.experts_of(r).empty()) {
@@ -715,15 +715,15 @@ absl::Status Runtime::FormNextEpoch() {
   }
 }
 
-void Runtime::SetTarget(Placement target, const std::string& why) {
-  placement_ = std::make_unique<Placement>(std::move(target));
+void Runtime::SetTarget(Placement next, const std::string& why) {
+  target_ = std::make_unique<Placement>(std::move(next));
   ++target_version_;
-  std::vector<std::vector<int>> experts_of(placement_->num_workers() + 1);
-  for (int r = 1; r <= placement_->num_workers(); ++r) experts_of[r] = placement_->experts_of(r);
-  membership_->SetTargets(target_version_, experts_of, placement_->ToString());
+  std::vector<std::vector<int>> experts_of(target().num_workers() + 1);
+  for (int r = 1; r <= target().num_workers(); ++r) experts_of[r] = target().experts_of(r);
+  membership_->SetTargets(target_version_, experts_of, target().ToString());
   membership_->Record({absl::Now(), "re-placement", 0,
                        absl::StrCat("placement ", target_version_, " (", why,
-                                    "): ", placement_->ToString())});
+                                    "): ", target().ToString())});
 }
 
 absl::Status Runtime::RequestPlacement(const std::string& placement_json, const std::string& why) {
@@ -765,24 +765,24 @@ void Runtime::UpdateTarget() {
   const std::vector<int> registered = membership_->Registered();
   const int slots = membership_->num_workers();
   for (const auto& [what, why] : requests) {
-    absl::StatusOr<Placement> target;
+    absl::StatusOr<Placement> next;
     if (absl::StartsWith(what, "drain ")) {
-      target = DrainPlacement(*placement_, std::stoi(what.substr(6)), registered);
+      next = DrainPlacement(target(), std::stoi(what.substr(6)), registered);
     } else {
-      target = Placement::FromJson(what, static_cast<int>(config_.num_local_experts), slots,
+      next = Placement::FromJson(what, static_cast<int>(config_.num_local_experts), slots,
                                    "the placement", /*allow_idle=*/true);
     }
-    if (!target.ok()) {
-      EPX_LOG(Error) << why << ": " << target.status();
+    if (!next.ok()) {
+      EPX_LOG(Error) << why << ": " << next.status();
       continue;
     }
-    SetTarget(*std::move(target), why);
+    SetTarget(*std::move(next), why);
   }
   // Scale up: a worker in a slot the target gives nothing gets copies of the experts with the
   // fewest.
   for (int r : membership_->Joiners()) {
-    if (r <= placement_->num_workers() && !placement_->experts_of(r).empty()) continue;
-    absl::StatusOr<Placement> grown = GrowPlacement(*placement_, r, slots, registered);
+    if (r <= target().num_workers() && !target().experts_of(r).empty()) continue;
+    absl::StatusOr<Placement> grown = GrowPlacement(target(), r, slots, registered);
     if (grown.ok()) SetTarget(*std::move(grown), absl::StrCat("worker ", r, " joined"));
   }
   // Rebalancing from the load of the last interval.
@@ -800,14 +800,14 @@ void Runtime::UpdateTarget() {
     rebalanced_at_step_ = es.steps;
     std::vector<int> workers;
     for (int r : registered)
-      if (r <= placement_->num_workers() && !placement_->experts_of(r).empty())
+      if (r <= target().num_workers() && !target().experts_of(r).empty())
         workers.push_back(r);
-    absl::StatusOr<Placement> rebalanced = RebalancePlacement(*placement_, recent, workers);
+    absl::StatusOr<Placement> rebalanced = RebalancePlacement(target(), recent, workers);
     // Only for a clear gain (a tenth off the busiest worker's load), so that a steady load does
     // not move experts back and forth.
     const bool gain = rebalanced.ok() && std::accumulate(recent.begin(), recent.end(), int64_t{0}) > 0 &&
-                      BusiestWorkerLoad(*rebalanced, recent) < 0.9 * BusiestWorkerLoad(*placement_, recent);
-    if (gain && rebalanced->ToString() != placement_->ToString())
+                      BusiestWorkerLoad(*rebalanced, recent) < 0.9 * BusiestWorkerLoad(target(), recent);
+    if (gain && rebalanced->ToString() != target().ToString())
       SetTarget(*std::move(rebalanced),
                 absl::StrCat("rebalanced for the load of the last ", options_.rebalance_interval,
                              " steps: ", absl::StrJoin(recent, " ")));
@@ -819,7 +819,7 @@ absl::Status Runtime::BeforeStep() {
   UpdateTarget();
   const std::vector<int> joiners = membership_->Joiners();
   // Moving to the target placement waits until every worker of the data plane loaded its part.
-  const bool move = active_ != nullptr && placement_->ToString() != active_->ToString() &&
+  const bool move = active_ != nullptr && target().ToString() != active_->ToString() &&
                     TargetLoaded(membership_->Registered());
   if (joiners.empty() && !move) return serving_;
   EPX_LOG(Info) << "re-forming the data plane between two steps: "
@@ -918,7 +918,7 @@ void Runtime::PrintStats(std::ostream& out) const {
     out << "tokens per worker (rows received, all layers):";
     const auto& wt = remote_experts_->stats().worker_tokens;
     for (size_t w = 1; w < wt.size(); ++w) out << " rank" << w << "=" << wt[w];
-    out << "\nplacement: " << placement_->ToString() << '\n';
+    out << "\nplacement: " << (active_ != nullptr ? *active_ : *placement_).ToString() << '\n';
   }
 }
 

@@ -238,8 +238,8 @@ class Runtime : public StepRecovery {
   // Coordinator: publishes the next epoch with `members` (worker ranks, ascending, after 0) and
   // `placement` (worker ranks). FailedPrecondition when some expert has no member holding it.
   absl::Status PublishEpoch(const std::vector<int>& members, const Placement& placement);
-  // Coordinator: makes `target` (worker ranks) the placement the cluster moves to.
-  void SetTarget(Placement target, const std::string& why);
+  // Coordinator: makes `next` (worker ranks) the placement the cluster moves to.
+  void SetTarget(Placement next, const std::string& why);
   // Coordinator: applies queued requests, gives joiners without experts some, and rebalances.
   void UpdateTarget();
   // Coordinator: every worker of `ranks` in the current epoch holds its target experts.
@@ -292,8 +292,10 @@ class Runtime : public StepRecovery {
   ExpertWorkerOptions worker_options_;
   std::atomic<bool> resilient_{false};  // read from gRPC threads (RequestPlacement)
   absl::Status serving_;  // coordinator: why the cluster cannot serve now (OK: it can)
-  // Coordinator: placement_ is the target (worker ranks) the cluster moves to; active_ the one
-  // its data plane was formed from.
+  // Coordinator: the placement (worker ranks) the cluster moves to (none yet: placement_, which
+  // stays as started, since the server reads it) and the one its data plane was formed from.
+  const Placement& target() const { return target_ != nullptr ? *target_ : *placement_; }
+  std::unique_ptr<Placement> target_;
   std::unique_ptr<Placement> active_;
   int64_t target_version_ = 0;
   int64_t rebalanced_at_step_ = 0;

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdio>
 #include <filesystem>
 #include <functional>
@@ -537,6 +538,15 @@ TEST(ClusterTest, RebalanceDrainAndSetPlacementChangeNoToken) {
   EXPECT_NE(set.find("expert 0 -> [1, 2]; expert 1 -> [1, 2]"), std::string::npos) << set;
   EXPECT_EQ(set.find("moving to"), std::string::npos) << set;
   check(RunConcurrently(*stub, requests), "set");
+  // ModelInfo reports the placement in use.
+  std::string info = RunOk(absl::StrCat(EpxBinary(), " model-info --server ", server.address()));
+  info.erase(std::remove_if(info.begin(), info.end(), [](unsigned char c) { return std::isspace(c) != 0; }),
+             info.end());
+  const std::string all = R"("experts":[0,1,2,3,4,5,6,7])";
+  const size_t first = info.find(all);
+  ASSERT_NE(first, std::string::npos) << info;
+  EXPECT_NE(info.find(all, first + 1), std::string::npos) << info;
+  EXPECT_EQ(info.find(R"("rank":3)"), std::string::npos) << info;
 
   server.Stop();
   EXPECT_EQ(server.Wait(30), 0) << server.log();
