@@ -98,7 +98,7 @@ int Run(int argc, char** argv) {
         ->capture_default_str();
     cmd->add_option("--replicas", rt->replicas,
                     "round-robin placement: copies of every expert, on distinct workers (2 or "
-                    "more lets a launcher-free cluster on gloo lose a worker and keep serving)")
+                    "more lets a launcher-free cluster lose a worker and keep serving)")
         ->capture_default_str()
         ->check(CLI::PositiveNumber);
     cmd->add_option("--role", rt->role, "coordinator or worker (MPMD launches; default: by rank)")
@@ -236,7 +236,7 @@ int Run(int argc, char** argv) {
   int drain_rank = 0;
   drain_cmd->add_option("--rank", drain_rank,
                         "drain one worker instead: it hands its experts to the others and leaves "
-                        "(launcher-free cluster on gloo); --wait: until it left")
+                        "(launcher-free cluster); --wait: until it left")
       ->check(CLI::PositiveNumber);
 
   epx::ClientOptions placement_client;
@@ -372,13 +372,13 @@ int Run(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   serve_cmd->add_option("--rebalance-interval", serve.runtime.rebalance_interval,
-                        "launcher-free cluster on gloo: every STEPS steps, give the experts "
+                        "launcher-free cluster: every STEPS steps, give the experts "
                         "routed the most tokens extra replicas (loaded in the background, "
                         "switched between two steps); 0: never")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   serve_cmd->add_option("--max-workers", serve.runtime.max_workers,
-                        "launcher-free cluster on gloo: workers it may grow to as more join "
+                        "launcher-free cluster: workers it may grow to as more join "
                         "after --workers")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);

@@ -140,7 +140,7 @@ absl::Status RunServe(const ServeOptions& options, std::ostream& log) {
                             .status());
   }
 
-  // A launcher-free cluster on gloo keeps serving through a lost worker and takes new ones in.
+  // A launcher-free cluster keeps serving through a lost worker and takes new ones in.
   Scheduler scheduler(&runtime->engine(), tokenizer.get(), options.scheduler,
                       runtime->expert_parallel_stats(),
                       runtime->resilient() ? runtime.get() : nullptr);

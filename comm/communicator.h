@@ -68,6 +68,13 @@ class Communicator {
   // the backend cannot tell). What a cluster that survives a lost worker drops.
   virtual std::vector<int> failed_peers() const { return {}; }
 
+  // Thread-safe, from any thread: ends the wait in progress (or the next one) with Unavailable;
+  // the communicator is unusable after it. For a backend whose waits a peer's leaving does not
+  // end (NCCL: a rank may wait on a peer that left its communicator without a word); on gloo
+  // and MPI, where a peer closing its end ends the wait, it does nothing. A worker whose
+  // coordinator re-forms the data plane after a failure calls it.
+  virtual void Interrupt() {}
+
   // Ends the whole job (all ranks) with `code`. Not collective; does not return for MPI.
   virtual void Abort(int code, const std::string& message) = 0;
 };

@@ -4,6 +4,7 @@
 #include <nccl.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -64,9 +65,12 @@ constexpr int64_t kMaxMessageBytes = int64_t{1} << 40;
 // stream of null, whether the communicator has left ncclInProgress).
 class NcclProbe final : public WatchProbe {
  public:
-  NcclProbe(ncclComm_t comm, cudaStream_t stream, bool* aborted)
-      : comm_(comm), stream_(stream), aborted_(aborted) {}
+  NcclProbe(ncclComm_t comm, cudaStream_t stream, bool* aborted,
+            const std::atomic<bool>* interrupted)
+      : comm_(comm), stream_(stream), aborted_(aborted), interrupted_(interrupted) {}
   absl::StatusOr<bool> Poll() override {
+    if (interrupted_->load(std::memory_order_acquire))
+      return absl::UnavailableError("interrupted: the cluster re-forms its data plane");
     ncclResult_t async = ncclSuccess;
     const ncclResult_t got = ncclCommGetAsyncError(comm_, &async);
     if (got != ncclSuccess)
@@ -89,6 +93,7 @@ class NcclProbe final : public WatchProbe {
   ncclComm_t comm_;
   cudaStream_t stream_;
   bool* aborted_;
+  const std::atomic<bool>* interrupted_;
 };
 
 class NcclCommunicator final : public Communicator, public DeviceCommunicator {
@@ -96,11 +101,17 @@ class NcclCommunicator final : public Communicator, public DeviceCommunicator {
   explicit NcclCommunicator(NcclOptions options) : options_(std::move(options)) {}
 
   ~NcclCommunicator() override {
+    if (comm_ != nullptr && !aborted_ && interrupted_.load()) {
+      // Left for a re-formed data plane: its peers may be gone.
+      aborted_ = true;
+      ncclCommAbort(comm_);
+    }
     if (comm_ != nullptr && !aborted_) {
       // Finalize flushes what is queued; a peer that died meanwhile would keep it waiting, so
       // the wait is bounded and falls back to an abort.
       const ncclResult_t finalize = ncclCommFinalize(comm_);
-      NcclProbe settle(comm_, nullptr, &aborted_);
+      const std::atomic<bool> not_interrupted{false};
+      NcclProbe settle(comm_, nullptr, &aborted_, &not_interrupted);
       if ((finalize == ncclSuccess || finalize == ncclInProgress) &&
           WaitWithWatchdog(settle, SystemWatchClock(), absl::Seconds(10), Others(), "finalize")
               .ok())
@@ -173,7 +184,7 @@ class NcclCommunicator final : public Communicator, public DeviceCommunicator {
   absl::Status Synchronize(CUstream_st* stream, absl::Duration timeout,
                            const std::vector<int>& peers, const std::string& what) override {
     EPX_RETURN_IF_ERROR(Usable(what));
-    NcclProbe probe(comm_, stream, &aborted_);
+    NcclProbe probe(comm_, stream, &aborted_, &interrupted_);
     return WaitWithWatchdog(probe, SystemWatchClock(), timeout, peers, what);
   }
 
@@ -253,6 +264,8 @@ class NcclCommunicator final : public Communicator, public DeviceCommunicator {
     return absl::OkStatus();
   }
 
+  void Interrupt() override { interrupted_.store(true, std::memory_order_release); }
+
   void Abort(int code, const std::string& message) override {
     if (options_.launcher != nullptr) options_.launcher->Abort(code, message);
     std::fprintf(stderr, "epx: rank %d aborting the job: %s\n", rank(), message.c_str());
@@ -291,7 +304,7 @@ class NcclCommunicator final : public Communicator, public DeviceCommunicator {
 
   // Waits until the communicator has left ncclInProgress (init, or a group being queued).
   absl::Status Settle(const std::vector<int>& peers, const std::string& what) {
-    NcclProbe probe(comm_, nullptr, &aborted_);
+    NcclProbe probe(comm_, nullptr, &aborted_, &interrupted_);
     return WaitWithWatchdog(probe, SystemWatchClock(), options_.timeout, peers, what);
   }
 
@@ -314,6 +327,7 @@ class NcclCommunicator final : public Communicator, public DeviceCommunicator {
   NcclOptions options_;
   ncclComm_t comm_ = nullptr;
   bool aborted_ = false;
+  std::atomic<bool> interrupted_{false};  // set from another thread (Interrupt)
   cudaStream_t stream_ = nullptr;
   uint8_t* device_ = nullptr;  // host calls' staging, capacity_ bytes each
   uint8_t* pinned_ = nullptr;

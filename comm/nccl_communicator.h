@@ -10,7 +10,9 @@
 // once, and every wait goes through the watchdog (comm/watchdog.h), which polls the stream and
 // ncclCommGetAsyncError and, past the deadline or on an error, calls ncclCommAbort (never
 // ncclCommDestroy with a dead peer) and reports Unavailable naming the ranks waited on. NCCL
-// errors become Status with the call and file:line.
+// errors become Status with the call and file:line. Interrupt() (from another thread) makes the
+// wait in progress fail the same way: a peer that left for a re-formed data plane does not end
+// an NCCL wait on it, so a worker's control plane, told so, does (runtime/runtime.h).
 //
 // The unique id reaches the ranks through the launcher (an MPI broadcast) or the coordinator's
 // rendezvous store (comm/data_plane.h). A build without CUDA or NCCL links nccl_unavailable.cc,

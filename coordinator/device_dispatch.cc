@@ -52,6 +52,7 @@ class NcclDispatch final : public DeviceDispatch {
   }
 
   absl::StatusOr<ExpertOutput> Run(int layer, int64_t step, const ExpertBatch& batch,
+                                   const std::vector<int>& members,
                                    ExpertParallelStats& stats) override {
     const TensorView& x = batch.x;
     cuda::StreamHandle s = batch.stream;
@@ -108,7 +109,7 @@ class NcclDispatch final : public DeviceDispatch {
                          .peer = w,
                          .data = rows_at(recv, w),
                          .bytes = plan.rows[w] * row_bytes});
-      stats.worker_tokens[w] += plan.rows[w];
+      stats.worker_tokens[members[w]] += plan.rows[w];
     }
     EPX_RETURN_IF_ERROR(comm_->Post(counts, s, what + " counts"));
     EPX_RETURN_IF_ERROR(comm_->Post(rows, s, what + " dispatch"));

@@ -31,8 +31,10 @@ class DeviceDispatch {
   virtual ~DeviceDispatch() = default;
   // One layer of step `step`: batch.x BF16 rows on the device, batch.stream the step's stream.
   // The last layer waits for its outputs (under the watchdog), so that the step's own final
-  // synchronisation never waits on a peer.
+  // synchronisation never waits on a peer. members: the worker rank of each data-plane rank
+  // (stats count rows by worker rank).
   virtual absl::StatusOr<ExpertOutput> Run(int layer, int64_t step, const ExpertBatch& batch,
+                                           const std::vector<int>& members,
                                            ExpertParallelStats& stats) = 0;
 };
 

@@ -79,8 +79,6 @@ absl::Status DistributedExpertExecutor::Reform() {
 absl::Status DistributedExpertExecutor::Rebind(comm::Communicator* comm,
                                                const Placement& placement,
                                                std::vector<int> members) {
-  if (device_ != nullptr)
-    return absl::FailedPreconditionError("the NCCL data plane cannot be re-formed yet");
   if (comm->rank() != 0 || placement.num_workers() != comm->world_size() - 1 ||
       static_cast<int>(members.size()) != comm->world_size() || members[0] != 0)
     return absl::InternalError(absl::StrCat("re-formed data plane of ", comm->world_size(),
@@ -93,6 +91,15 @@ absl::Status DistributedExpertExecutor::Rebind(comm::Communicator* comm,
     if (w >= static_cast<int>(stats_.worker_tokens.size())) stats_.worker_tokens.resize(w + 1, 0);
   layers_done_ = config_.num_hidden_layers;
   Layout();
+  // NCCL: a dispatch for the new communicator and placement (its tables live on the GPU).
+  if (device_ != nullptr) {
+    comm::DeviceCommunicator* device = comm->device();
+    if (device == nullptr)
+      return absl::InternalError("the re-formed data plane does not carry device rows");
+    device_.reset();
+    EPX_ASSIGN_OR_RETURN(device_,
+                         NewDeviceDispatch(config_, placement_, group_base_, device, timeout_));
+  }
   return absl::OkStatus();
 }
 
@@ -106,7 +113,7 @@ absl::Status DistributedExpertExecutor::UseDeviceExchange(comm::DeviceCommunicat
 
 absl::StatusOr<ExpertOutput> DistributedExpertExecutor::Run(int layer, const ExpertBatch& batch) {
   if (device_ != nullptr) {
-    EPX_ASSIGN_OR_RETURN(ExpertOutput out, device_->Run(layer, step_, batch, stats_));
+    EPX_ASSIGN_OR_RETURN(ExpertOutput out, device_->Run(layer, step_, batch, members_, stats_));
     ++layers_done_;
     return out;
   }

@@ -276,6 +276,16 @@ std::vector<int> Membership::Registered() const {
   return out;
 }
 
+void Membership::LeftEpoch(int64_t number) {
+  absl::MutexLock lock(&mu_);
+  left_epoch_ = std::max(left_epoch_, number);
+}
+
+int64_t Membership::left_epoch() const {
+  absl::MutexLock lock(&mu_);
+  return left_epoch_;
+}
+
 void Membership::SetNotServing(const std::string& reason, absl::Time now) {
   absl::MutexLock lock(&mu_);
   if (reason == not_serving_) return;

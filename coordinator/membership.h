@@ -115,6 +115,10 @@ class Membership {
   // processes are in it, and AwaitEpoch hands it to them.
   void PublishEpoch(ClusterEpoch epoch, absl::Time now);
   ClusterEpoch epoch() const;
+  // The coordinator left the data plane of epoch `number` after a failure: heartbeats tell the
+  // workers (left_epoch()), so that one still waiting on it stops (NCCL).
+  void LeftEpoch(int64_t number);
+  int64_t left_epoch() const;
   // Registered workers whose process is in no epoch yet (they wait to join the next).
   std::vector<int> Joiners() const;
   // Registered workers, ascending.
@@ -182,6 +186,7 @@ class Membership {
   std::vector<Entry> workers_ ABSL_GUARDED_BY(mu_);  // [rank], index 0 unused; grows (scale up)
   int max_workers_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t target_version_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t left_epoch_ ABSL_GUARDED_BY(mu_) = 0;
   std::string target_text_ ABSL_GUARDED_BY(mu_);
   absl::Status failure_ ABSL_GUARDED_BY(mu_);
   ClusterEpoch epoch_ ABSL_GUARDED_BY(mu_);

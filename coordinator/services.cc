@@ -506,14 +506,21 @@ class ClusterService final : public v1::Cluster::Service {
   grpc::Status Heartbeat(grpc::ServerContext* context, const v1::HeartbeatRequest* in,
                          v1::HeartbeatResponse* out) override {
     if (!Member(in->cluster_token())) return Denied(*context);
-    if (!in->reports_loaded())
-      return ToGrpc(backends_.membership->Heartbeat(in->rank(), in->instance(), absl::Now()));
-    absl::StatusOr<ExpertTarget> target = backends_.membership->Heartbeat(
-        in->rank(), in->instance(),
-        std::vector<int>(in->loaded_experts().begin(), in->loaded_experts().end()), absl::Now());
-    if (!target.ok()) return ToGrpc(target.status());
-    out->set_target_version(static_cast<uint64_t>(target->version));
-    out->mutable_target_experts()->Add(target->experts.begin(), target->experts.end());
+    Membership& membership = *backends_.membership;
+    if (!in->reports_loaded()) {
+      if (absl::Status beat = membership.Heartbeat(in->rank(), in->instance(), absl::Now());
+          !beat.ok())
+        return ToGrpc(beat);
+    } else {
+      absl::StatusOr<ExpertTarget> target = membership.Heartbeat(
+          in->rank(), in->instance(),
+          std::vector<int>(in->loaded_experts().begin(), in->loaded_experts().end()),
+          absl::Now());
+      if (!target.ok()) return ToGrpc(target.status());
+      out->set_target_version(static_cast<uint64_t>(target->version));
+      out->mutable_target_experts()->Add(target->experts.begin(), target->experts.end());
+    }
+    out->set_left_epoch(static_cast<uint64_t>(membership.left_epoch()));
     return grpc::Status::OK;
   }
 

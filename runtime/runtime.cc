@@ -160,7 +160,7 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Start(const RuntimeOptions& op
     if (comm::DeviceCommunicator* device = rt->comm_->device(); device != nullptr)
       EPX_RETURN_IF_ERROR(rt->remote_experts_->UseDeviceExchange(device));
     EPX_RETURN_IF_ERROR(rt->CreateEngine(rt->remote_experts_.get()));
-    rt->resilient_.store(rt->launcher_free() && rt->data_plane_ == "gloo");
+    rt->resilient_.store(rt->launcher_free() && rt->data_plane_ != "mpi");
   }
   return rt;
 }
@@ -264,8 +264,8 @@ absl::Status Runtime::FormAsCoordinator() {
   EPX_RETURN_IF_ERROR(
       FormDataPlane(store_.get(), store_prefix_, data_plane_host_, o.comm_timeout));
   EPX_LOG(Info) << "data plane " << data_plane_ << " formed with " << o.workers << " worker(s)";
-  // Formed: a worker beyond the W joins the running cluster (on gloo, which re-forms).
-  if (data_plane_ == "gloo") membership_->AllowGrowth(std::max(o.workers, o.max_workers));
+  // Formed: a worker beyond the W joins the running cluster, whose data plane re-forms.
+  membership_->AllowGrowth(std::max(o.workers, o.max_workers));
   return absl::OkStatus();
 }
 
@@ -303,6 +303,12 @@ absl::Status Runtime::JoinAsWorker() {
     absl::MutexLock lock(&loader_mu_);
     wanted_version_ = version;
     wanted_ = std::move(experts);
+  });
+  // NCCL: a wait on a peer that is gone does not end when the coordinator leaves; it does when
+  // the coordinator says so (gloo's ends anyway).
+  control_->OnLeftEpoch([this](int64_t left) {
+    absl::MutexLock lock(&comm_mu_);
+    if (comm_ != nullptr && comm_epoch_ <= left) comm_->Interrupt();
   });
   control_->StartHeartbeats(self, assignment.heartbeat_interval, lost_after,
                             [address = o.coordinator, lost_after] {
@@ -355,8 +361,11 @@ absl::Status Runtime::FormDataPlane(comm::KeyValueStore* store, const std::strin
              .store_prefix = prefix,
              .host = host,
              .connect_timeout = timeout};
-  EPX_ASSIGN_OR_RETURN(owned_comm_, comm::CreateDataPlane(dp));
+  EPX_ASSIGN_OR_RETURN(std::unique_ptr<comm::Communicator> formed, comm::CreateDataPlane(dp));
+  absl::MutexLock lock(&comm_mu_);
+  owned_comm_ = std::move(formed);
   comm_ = owned_comm_.get();
+  comm_epoch_ = epoch_;
   return absl::OkStatus();
 }
 
@@ -485,9 +494,9 @@ absl::Status Runtime::ServeAsWorker() {
     status = end.status();
     if (end.ok())
       status = absl::FailedPreconditionError(
-          "the coordinator re-formed the data plane, which only a launcher-free worker on gloo "
-          "can follow");
-    if (!launcher_free() || data_plane_ != "gloo") break;
+          "the coordinator re-formed the data plane, which only a launcher-free worker can "
+          "follow");
+    if (!launcher_free()) break;
     // The coordinator re-forms the data plane (a worker joined or was lost, or it told us so):
     // ask it for the next one, as many times as it takes.
     EPX_LOG(Info) << (end.ok() ? std::string("the coordinator re-forms the data plane")
@@ -610,8 +619,12 @@ absl::Status Runtime::AgreeOnEpoch(const absl::Status& configured) {
 }
 
 void Runtime::DropDataPlane() {
-  owned_comm_.reset();
-  comm_ = nullptr;
+  std::unique_ptr<comm::Communicator> dropped;
+  {
+    absl::MutexLock lock(&comm_mu_);
+    dropped = std::move(owned_comm_);
+    comm_ = nullptr;
+  }
 }
 
 bool Runtime::resilient() const { return resilient_.load(); }
@@ -704,6 +717,7 @@ absl::Status Runtime::FormNextEpoch() {
       return absl::OkStatus();
     }
     EPX_LOG(Error) << "the data plane of epoch " << epoch_ << " did not form: " << formed;
+    membership_->LeftEpoch(epoch_);
     DropDataPlane();
     if (attempt == kAttempts) {
       serving_ = absl::UnavailableError(absl::StrCat(
@@ -729,7 +743,8 @@ void Runtime::SetTarget(Placement next, const std::string& why) {
 absl::Status Runtime::RequestPlacement(const std::string& placement_json, const std::string& why) {
   if (!resilient())
     return absl::FailedPreconditionError(
-        "only a launcher-free cluster on the gloo data plane changes its placement while serving");
+        "only a launcher-free cluster (gloo or NCCL data plane) changes its placement while "
+        "serving");
   const int slots = membership_->num_workers();
   EPX_ASSIGN_OR_RETURN(Placement placement,
                        Placement::FromJson(placement_json,
@@ -744,7 +759,7 @@ absl::Status Runtime::RequestPlacement(const std::string& placement_json, const 
 absl::Status Runtime::RequestDrain(int rank) {
   if (!resilient())
     return absl::FailedPreconditionError(
-        "only a launcher-free cluster on the gloo data plane drains a worker while serving");
+        "only a launcher-free cluster (gloo or NCCL data plane) drains a worker while serving");
   const std::vector<int> registered = membership_->Registered();
   if (std::find(registered.begin(), registered.end(), rank) == registered.end())
     return absl::NotFoundError(absl::StrCat("worker ", rank, " is not in the cluster"));
@@ -849,7 +864,9 @@ absl::Status Runtime::Recover(const absl::Status& failure) {
   membership_->SetNotServing(absl::StrCat("re-forming the data plane: ", why), absl::Now());
   const absl::Time now = absl::Now();
   for (int r : lost) membership_->MarkLost(r, std::string(failure.message()), now);
-  // Closing this end ends every survivor's wait on the data plane: they ask for the next one.
+  // Closing this end ends every survivor's wait on the data plane (gloo); NCCL's, when their
+  // heartbeats hear that the coordinator left this epoch. They ask for the next one.
+  membership_->LeftEpoch(epoch_);
   DropDataPlane();
   absl::Status formed = FormNextEpoch();
   if (formed.ok()) return formed;

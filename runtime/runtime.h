@@ -4,16 +4,16 @@
 //     the workers), ranks 1..W expert workers, over the MPI data plane;
 //   - a launcher-free cluster: a coordinator started with `workers` = W listens on its control
 //     plane, and workers started on their own with `coordinator` = HOST:PORT register there, in
-//     any order; registration gives each its rank and placement, and the data plane (gloo) is
+//     any order; registration gives each its rank and placement, and the data plane (gloo or NCCL) is
 //     bootstrapped through the coordinator's store once all W have registered.
 // Then every multi-rank job runs the same start-up agreement over the data plane (build,
 // config, placement; weights loaded), loads the weights of the process's role only, and the
 // coordinator shuts the workers down at the end. docs/ARCHITECTURE.md, "Start-up".
 //
-// A launcher-free cluster on gloo survives a lost worker and takes new ones in (the coordinator
-// is a StepRecovery for its scheduler): a step that fails on the data plane is run again on a
-// data plane re-formed among the workers that are left, with the replicas they hold; a worker
-// registering into a free slot joins between two steps. docs/ARCHITECTURE.md, "Losing and
+// A launcher-free cluster (gloo or NCCL) survives a lost worker and takes new ones in (the
+// coordinator is a StepRecovery for its scheduler): a step that fails on the data plane is run
+// again on a data plane re-formed among the workers that are left, with the replicas they hold;
+// a worker registering into a free slot joins between two steps. docs/ARCHITECTURE.md, "Losing and
 // gaining workers".
 //
 // Not thread-safe; the command's thread owns it.
@@ -105,7 +105,7 @@ struct RuntimeOptions {
   int rank = 0;
   absl::Duration register_timeout = absl::Minutes(10);
 
-  // Launcher-free coordinator on gloo: every this many steps, a placement that gives the
+  // Launcher-free coordinator: every this many steps, a placement that gives the
   // experts routed the most tokens in those steps extra replicas (same number of copies in all)
   // is computed, loaded by the workers in the background, and switched to between two steps.
   // 0: never.
@@ -171,9 +171,9 @@ class Runtime : public StepRecovery {
   // Coordinator: the engine (experts local or remote).
   Engine& engine() { return *engine_; }
 
-  // Coordinator of a launcher-free cluster on gloo: its scheduler's StepRecovery (docs/
-  // ARCHITECTURE.md, "Losing and gaining workers"). Fail-stop otherwise (MPI aborts a job on a
-  // process death; NCCL cannot re-form yet).
+  // Coordinator of a launcher-free cluster (gloo or NCCL): its scheduler's StepRecovery (docs/
+  // ARCHITECTURE.md, "Losing and gaining workers"). Fail-stop under mpirun (MPI aborts a job on
+  // a process death).
   bool resilient() const;
   // Between steps: a worker waiting to join re-forms the data plane with it. Not OK while some
   // expert has no live worker (UNAVAILABLE naming it).
@@ -267,6 +267,10 @@ class Runtime : public StepRecovery {
   std::optional<absl::Status> configured_;  // set when Connect() already configured
   std::unique_ptr<comm::Communicator> owned_comm_;
   comm::Communicator* comm_ = nullptr;
+  // A launcher-free worker: the heartbeat thread interrupts comm_ when the coordinator left its
+  // epoch (comm_epoch_), so comm_ changes (FormDataPlane, DropDataPlane) under comm_mu_.
+  absl::Mutex comm_mu_;
+  int64_t comm_epoch_ = 0;
   std::unique_ptr<Placement> placement_;
   // Coordinator's control plane.
   std::unique_ptr<Membership> membership_;

@@ -260,7 +260,7 @@ void ControlClient::Loop(WorkerInfo self, absl::Duration interval, bool register
                          absl::Duration lost_after, std::function<void()> on_lost) {
   std::string last_error;
   absl::Time last_answer = absl::Now();
-  int64_t target_version = 0;
+  int64_t target_version = 0, left_epoch = 0;
   do {
     grpc::Status status;
     if (!registered) {
@@ -285,6 +285,11 @@ void ControlClient::Loop(WorkerInfo self, absl::Duration interval, bool register
         target_version = version;
         on_target_(version, std::vector<int>(reply.target_experts().begin(),
                                              reply.target_experts().end()));
+      }
+      const int64_t left = static_cast<int64_t>(reply.left_epoch());
+      if (status.ok() && on_left_ && left > left_epoch) {
+        left_epoch = left;
+        on_left_(left);
       }
     }
     if (!status.ok() && status.error_message() != last_error) {

@@ -94,6 +94,11 @@ class ControlClient {
     on_target_ = std::move(on_target);
   }
 
+  // Called from the heartbeat thread whenever the coordinator answers a newer left epoch: it left
+  // that epoch's data plane after a failure (a worker still waiting on it should stop). Set
+  // before StartHeartbeats.
+  void OnLeftEpoch(std::function<void(int64_t epoch)> on_left) { on_left_ = std::move(on_left); }
+
   // The coordinator's rendezvous store (StoreSet/StoreGet). Owned by this client.
   comm::KeyValueStore* store();
   const std::string& address() const;
@@ -107,6 +112,7 @@ class ControlClient {
 
   std::unique_ptr<Stub> stub_;
   std::function<void(int64_t, std::vector<int>)> on_target_;
+  std::function<void(int64_t)> on_left_;
   absl::Mutex loaded_mu_;
   std::optional<std::vector<int>> loaded_ ABSL_GUARDED_BY(loaded_mu_);
   absl::Notification stop_;

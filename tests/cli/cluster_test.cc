@@ -32,6 +32,7 @@
 namespace epx {
 namespace {
 
+using testing::AwaitHealth;
 using testing::ChildProcess;
 using testing::Completion;
 using testing::FreePort;
@@ -210,21 +211,6 @@ TEST(ClusterTest, ShutdownWhileFormingEndsCleanly) {
   EXPECT_EQ(server.Wait(30), 0) << server.log();
   EXPECT_NE(server.log().find("shut down before the cluster formed"), std::string::npos)
       << server.log();
-}
-
-// Waits up to `seconds` for readiness to read `serving` (SERVING or NOT_SERVING); the health
-// service follows it within its 100 ms update period.
-testing::CommandResult AwaitHealth(const ServerProcess& server, const std::string& serving,
-                                   double seconds) {
-  testing::CommandResult health;
-  for (int i = 0; i < seconds * 10; ++i) {
-    health = testing::Health(server);
-    const bool not_serving = health.output.find("NOT_SERVING") != std::string::npos;
-    if ((serving == "NOT_SERVING") == not_serving && health.output.find("SERVING") != std::string::npos)
-      break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
-  return health;
 }
 
 // Without a replica of its experts, a lost worker fails the request in flight with its rank and

@@ -8,9 +8,11 @@
 #include "coordinator/chat_template.h"
 #include "coordinator/membership.h"
 #include "coordinator/scheduler.h"
+#include "coordinator/services.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/coordinator/test_util.h"
+#include "worker/control_client.h"
 
 namespace epx {
 namespace {
@@ -311,6 +313,43 @@ TEST(MembershipTest, EpochsLossesJoinsAndGrowth) {
   EXPECT_THAT(target->experts, ElementsAre(4, 5, 6, 7));
   EXPECT_THAT(m.Loaded(4).value_or(std::vector<int>{}), ElementsAre(9));
   EXPECT_FALSE(m.Loaded(1).has_value());
+}
+
+// The coordinator leaving an epoch's data plane after a failure reaches a worker through its
+// heartbeats' answers (an NCCL worker's wait on that data plane ends by it), once per epoch.
+TEST(ControlPlaneTest, HeartbeatsTellAWorkerTheEpochTheCoordinatorLeft) {
+  auto placement = Placement::RoundRobin(8, 1, 1);
+  ASSERT_TRUE(placement.ok());
+  Membership m(&*placement, {"build-1", 42, "nccl"},
+               {.heartbeat_interval = absl::Milliseconds(10),
+                .heartbeat_timeout = absl::Minutes(5)});
+  absl::StatusOr<std::unique_ptr<ApiServer>> server =
+      ApiServer::Start({.listen = "127.0.0.1:0"}, {.membership = &m});
+  ASSERT_TRUE(server.ok()) << server.status();
+  absl::Mutex mu;  // outlives the client's heartbeat thread
+  std::vector<int64_t> told;
+  std::unique_ptr<ControlClient> client = ControlClient::Create((*server)->address(), "");
+  WorkerInfo self{.host = "h", .device = "cuda", .pid = 1, .build_id = "build-1",
+                  .config_hash = 42, .data_plane = "nccl", .instance = "a"};
+  absl::StatusOr<Assignment> assigned = client->Register(self, absl::Seconds(30));
+  ASSERT_TRUE(assigned.ok()) << assigned.status();
+  self.rank = assigned->rank;
+  client->OnLeftEpoch([&](int64_t epoch) {
+    absl::MutexLock lock(&mu);
+    told.push_back(epoch);
+  });
+  client->StartHeartbeats(self, absl::Milliseconds(10));
+  m.LeftEpoch(2);
+  m.LeftEpoch(1);  // an older one changes nothing
+  {
+    absl::MutexLock lock(&mu);
+    mu.Await(absl::Condition(+[](std::vector<int64_t>* t) { return !t->empty(); }, &told));
+  }
+  m.LeftEpoch(3);
+  absl::MutexLock lock(&mu);
+  mu.Await(absl::Condition(+[](std::vector<int64_t>* t) { return t->size() >= 2; }, &told));
+  EXPECT_THAT(told, ElementsAre(2, 3));
+  EXPECT_EQ(m.left_epoch(), 3);
 }
 
 }  // namespace
