@@ -52,19 +52,28 @@ done
 "$epx" health --server "$server" --service epx.v1.Generation --wait --timeout 120 > /dev/null ||
   { echo "cluster_gaps: the cluster did not form: see $out/server.log" >&2; exit 1; }
 
-# One run of the load; `during` (a command) runs once the streams are under way.
+# Tokens the server has generated so far (its Stats counter).
+generated() {
+  "$epx" stats --server "$server" --json 2> /dev/null |
+    python3 -c 'import json, sys; print(int(json.load(sys.stdin).get("generated_tokens", 0)))' 2> /dev/null ||
+    echo 0
+}
+# One run of the load; `during` (a command) runs once every stream is under way (the server has
+# generated a few tokens per stream more than before the run).
 load() {
   local name=$1 during=$2
+  local before
+  before=$(generated)
   "$epx" bench serve --server "$server" --concurrency "$concurrency" --requests "$concurrency" \
     --max-tokens "$max_tokens" --prompt-tokens 32 --timeout 600 > "$out/$name.txt" 2>&1 &
   local bench=$!
   if [ -n "$during" ]; then
-    # Wait for tokens to flow (the server's counter), then act.
-    for _ in $(seq 200); do
-      "$epx" stats --server "$server" --json 2> /dev/null | grep -q '"generatedTokens"' && break
+    local flowing=0
+    for _ in $(seq 600); do
+      [ "$(generated)" -ge $((before + 4 * concurrency)) ] && { flowing=1; break; }
       sleep 0.05
     done
-    sleep 0.5
+    [ "$flowing" = 1 ] || { echo "cluster_gaps: no tokens flowed in the $name run" >&2; exit 1; }
     eval "$during"
   fi
   wait $bench
@@ -94,3 +103,5 @@ done
 echo "(the normal run's ITL p50 is one decode step of this cluster: the peer of the two pauses)"
 "$epx" stats --server "$server" > "$out/stats.txt" 2>&1
 grep -E 'lost|re-formed|re-placement' "$out/stats.txt" | sed 's/^/  /'
+grep -q 'lost: worker 2' "$out/stats.txt" ||
+  { echo "cluster_gaps: worker 2's loss is not in the server's events" >&2; exit 1; }
