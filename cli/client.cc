@@ -269,7 +269,10 @@ void PrintCluster(const v1::StatsResponse& stats, std::ostream& out) {
   out << "\ncluster     epoch " << stats.epoch() << " of the data plane\n";
   out << "placement   " << stats.placement() << "\n";
   for (const v1::ClusterEvent& e : stats.events())
-    out << "  " << absl::FormatTime("%Y-%m-%d %H:%M:%E3S", absl::FromUnixMicros(static_cast<int64_t>(e.time_unix_s() * 1e6)), absl::UTCTimeZone())
+    out << "  "
+        << absl::FormatTime("%Y-%m-%d %H:%M:%E3S",
+                            absl::FromUnixMicros(static_cast<int64_t>(e.time_unix_s() * 1e6)),
+                            absl::UTCTimeZone())
         << "  " << e.kind() << ": " << e.message() << "\n";
 }
 
@@ -461,9 +464,9 @@ absl::Status RunPlacement(const ClientOptions& options, const std::string& set_f
   context.set_deadline(ClientDeadline(options.timeout_s));
   v1::PlacementResponse response;
   if (set_file.empty()) {
-    EPX_RETURN_IF_ERROR(FromGrpcStatus(
-        stub->GetPlacement(&context, v1::GetPlacementRequest(), &response), options.server,
-        "epx.v1.Admin/GetPlacement"));
+    EPX_RETURN_IF_ERROR(
+        FromGrpcStatus(stub->GetPlacement(&context, v1::GetPlacementRequest(), &response),
+                       options.server, "epx.v1.Admin/GetPlacement"));
   } else {
     EPX_ASSIGN_OR_RETURN(std::string json, ReadTextFile(set_file));
     v1::SetPlacementRequest request;

@@ -234,9 +234,10 @@ int Run(int argc, char** argv) {
   drain_cmd->add_flag("--wait", drain_wait, "return when nothing is left (or at --timeout)");
 
   int drain_rank = 0;
-  drain_cmd->add_option("--rank", drain_rank,
-                        "drain one worker instead: it hands its experts to the others and leaves "
-                        "(launcher-free cluster); --wait: until it left")
+  drain_cmd
+      ->add_option("--rank", drain_rank,
+                   "drain one worker instead: it hands its experts to the others and leaves "
+                   "(launcher-free cluster); --wait: until it left")
       ->check(CLI::PositiveNumber);
 
   epx::ClientOptions placement_client;
@@ -245,9 +246,10 @@ int Run(int argc, char** argv) {
   CLI::App* placement_cmd = app.add_subcommand(
       "placement", "A server's expert placement; --set FILE moves it to another while serving");
   add_client_options(placement_cmd, &placement_client);
-  placement_cmd->add_option("--set", placement_set,
-                            "a placement file in worker ranks ({\"experts\": {\"0\": [1, 2], "
-                            "...}}): the workers load it in the background, then it is used")
+  placement_cmd
+      ->add_option("--set", placement_set,
+                   "a placement file in worker ranks ({\"experts\": {\"0\": [1, 2], "
+                   "...}}): the workers load it in the background, then it is used")
       ->check(CLI::ExistingFile);
   placement_cmd->add_flag("--wait", placement_wait, "--set: return once it is in use");
 
@@ -371,15 +373,17 @@ int Run(int argc, char** argv) {
                         "tokens in one step: decode tokens plus prompt chunks")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
-  serve_cmd->add_option("--rebalance-interval", serve.runtime.rebalance_interval,
-                        "launcher-free cluster: every STEPS steps, give the experts "
-                        "routed the most tokens extra replicas (loaded in the background, "
-                        "switched between two steps); 0: never")
+  serve_cmd
+      ->add_option("--rebalance-interval", serve.runtime.rebalance_interval,
+                   "launcher-free cluster: every STEPS steps, give the experts "
+                   "routed the most tokens extra replicas (loaded in the background, "
+                   "switched between two steps); 0: never")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
-  serve_cmd->add_option("--max-workers", serve.runtime.max_workers,
-                        "launcher-free cluster: workers it may grow to as more join "
-                        "after --workers")
+  serve_cmd
+      ->add_option("--max-workers", serve.runtime.max_workers,
+                   "launcher-free cluster: workers it may grow to as more join "
+                   "after --workers")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   serve_cmd->add_option("--kv-block-size", serve.runtime.engine.kv_block_size,

@@ -10,8 +10,7 @@
 
 namespace epx {
 
-absl::StatusOr<Placement> Placement::RoundRobin(int num_experts, int num_workers,
-                                                int copies) {
+absl::StatusOr<Placement> Placement::RoundRobin(int num_experts, int num_workers, int copies) {
   if (num_experts < 1 || num_workers < 1)
     return absl::InvalidArgumentError(
         absl::StrCat("round-robin placement needs experts >= 1 and "
@@ -19,8 +18,10 @@ absl::StatusOr<Placement> Placement::RoundRobin(int num_experts, int num_workers
                      num_experts, " and ", num_workers));
   if (copies < 1 || copies > num_workers)
     return absl::InvalidArgumentError(
-        absl::StrCat("--replicas ", copies, ": every expert's copies sit on distinct workers, so "
-                     "it must be between 1 and the ", num_workers, " worker(s)"));
+        absl::StrCat("--replicas ", copies,
+                     ": every expert's copies sit on distinct workers, so "
+                     "it must be between 1 and the ",
+                     num_workers, " worker(s)"));
   std::vector<std::vector<int>> replicas(num_experts);
   if (num_workers < num_experts * copies) {
     for (int e = 0; e < num_experts; ++e)
@@ -41,12 +42,12 @@ absl::StatusOr<Placement> Placement::FromReplicas(std::vector<std::vector<int>> 
                                                   int num_workers, const std::string& source) {
   for (size_t e = 0; e < replicas.size(); ++e) {
     if (replicas[e].empty())
-      return absl::InvalidArgumentError(absl::StrCat(source, ": expert ", e,
-                                                     " is not placed on any worker"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(source, ": expert ", e, " is not placed on any worker"));
     for (int r : replicas[e])
       if (r < 1 || r > num_workers)
-        return absl::InvalidArgumentError(absl::StrCat(source, ": expert ", e, " on rank ", r,
-                                                       ", outside 1..", num_workers));
+        return absl::InvalidArgumentError(
+            absl::StrCat(source, ": expert ", e, " on rank ", r, ", outside 1..", num_workers));
   }
   return Build(std::move(replicas), num_workers, source, /*allow_idle=*/true);
 }
@@ -113,8 +114,7 @@ absl::StatusOr<Placement> Placement::Build(std::vector<std::vector<int>> replica
   return p;
 }
 
-absl::StatusOr<Placement> Placement::Among(const Placement& base,
-                                           const std::vector<int>& members) {
+absl::StatusOr<Placement> Placement::Among(const Placement& base, const std::vector<int>& members) {
   // The new rank of each base rank (0: not a member).
   std::vector<int> renumbered(base.num_workers() + 1, 0);
   for (size_t i = 1; i < members.size(); ++i) {

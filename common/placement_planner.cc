@@ -7,7 +7,7 @@
 namespace epx {
 
 absl::StatusOr<Placement> DrainPlacement(const Placement& base, int rank,
-                                  const std::vector<int>& workers) {
+                                         const std::vector<int>& workers) {
   std::vector<int> others;
   for (int w : workers)
     if (w != rank && w <= base.num_workers()) others.push_back(w);
@@ -31,15 +31,15 @@ absl::StatusOr<Placement> DrainPlacement(const Placement& base, int rank,
 }
 
 absl::StatusOr<Placement> GrowPlacement(const Placement& base, int rank, int num_workers,
-                                const std::vector<int>& workers) {
+                                        const std::vector<int>& workers) {
   std::vector<std::vector<int>> replicas(base.num_experts());
   int64_t copies = 0;
   for (int e = 0; e < base.num_experts(); ++e) {
     replicas[e] = base.replicas(e);
     copies += static_cast<int64_t>(replicas[e].size());
   }
-  const int64_t share = std::max<int64_t>(
-      1, copies / std::max<int64_t>(1, static_cast<int64_t>(workers.size())));
+  const int64_t share =
+      std::max<int64_t>(1, copies / std::max<int64_t>(1, static_cast<int64_t>(workers.size())));
   std::vector<int> order(base.num_experts());
   for (int e = 0; e < base.num_experts(); ++e) order[e] = e;
   std::stable_sort(order.begin(), order.end(),
@@ -49,8 +49,9 @@ absl::StatusOr<Placement> GrowPlacement(const Placement& base, int rank, int num
   return Placement::FromReplicas(std::move(replicas), num_workers, "the grown placement");
 }
 
-absl::StatusOr<Placement> RebalancePlacement(const Placement& base, const std::vector<int64_t>& load,
-                                     const std::vector<int>& workers) {
+absl::StatusOr<Placement> RebalancePlacement(const Placement& base,
+                                             const std::vector<int64_t>& load,
+                                             const std::vector<int>& workers) {
   const int E = base.num_experts();
   const int W = static_cast<int>(workers.size());
   // As many copies as now, and at least one spare per worker for the hot experts (as vLLM's
@@ -71,9 +72,8 @@ absl::StatusOr<Placement> RebalancePlacement(const Placement& base, const std::v
   }
   std::vector<int> order(E);
   for (int e = 0; e < E; ++e) order[e] = e;
-  std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
-    return load[a] * count[b] > load[b] * count[a];
-  });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int a, int b) { return load[a] * count[b] > load[b] * count[a]; });
   std::vector<double> worker_load(base.num_workers() + 1, 0);
   std::vector<int> worker_experts(base.num_workers() + 1, 0);
   std::vector<std::vector<int>> replicas(E);
@@ -86,9 +86,9 @@ absl::StatusOr<Placement> RebalancePlacement(const Placement& base, const std::v
         if (std::find(replicas[e].begin(), replicas[e].end(), w) != replicas[e].end()) continue;
         const bool held = base.LocalIndex(w, e) >= 0;
         if (to < 0 || (held && !to_held) ||
-            (held == to_held && (worker_load[w] < worker_load[to] ||
-                                 (worker_load[w] == worker_load[to] &&
-                                  worker_experts[w] < worker_experts[to])))) {
+            (held == to_held &&
+             (worker_load[w] < worker_load[to] ||
+              (worker_load[w] == worker_load[to] && worker_experts[w] < worker_experts[to])))) {
           to = w;
           to_held = held;
         }

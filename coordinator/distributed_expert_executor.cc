@@ -76,14 +76,13 @@ absl::Status DistributedExpertExecutor::Reform() {
                           "re-forming the data plane");
 }
 
-absl::Status DistributedExpertExecutor::Rebind(comm::Communicator* comm,
-                                               const Placement& placement,
+absl::Status DistributedExpertExecutor::Rebind(comm::Communicator* comm, const Placement& placement,
                                                std::vector<int> members) {
   if (comm->rank() != 0 || placement.num_workers() != comm->world_size() - 1 ||
       static_cast<int>(members.size()) != comm->world_size() || members[0] != 0)
     return absl::InternalError(absl::StrCat("re-formed data plane of ", comm->world_size(),
-                                            " ranks for a placement of ",
-                                            placement.num_workers(), " workers"));
+                                            " ranks for a placement of ", placement.num_workers(),
+                                            " workers"));
   comm_ = comm;
   placement_ = placement;
   members_ = std::move(members);

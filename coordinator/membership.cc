@@ -76,16 +76,16 @@ absl::StatusOr<int> Membership::Register(const WorkerInfo& info, absl::Time now)
   const int num_workers = static_cast<int>(workers_.size()) - 1;
   if (info.rank < 0 || info.rank > std::max(num_workers, max_workers_) ||
       (info.rank == 0 && num_workers == 0))
-    return absl::InvalidArgumentError(absl::StrCat(
-        "rank ", info.rank, " is not a worker of this job (ranks 1..",
-        std::max(num_workers, max_workers_), ")"));
+    return absl::InvalidArgumentError(absl::StrCat("rank ", info.rank,
+                                                   " is not a worker of this job (ranks 1..",
+                                                   std::max(num_workers, max_workers_), ")"));
   // A growing cluster makes room for the rank asked for.
   if (info.rank > num_workers) workers_.resize(info.rank + 1);
   for (const Removed& r : removed_)
     if (r.key == ProcessKey(info))
-      return absl::FailedPreconditionError(absl::StrCat(
-          Name(info), " was removed from the cluster (", r.why,
-          "); start a new worker to take its place"));
+      return absl::FailedPreconditionError(absl::StrCat(Name(info),
+                                                        " was removed from the cluster (", r.why,
+                                                        "); start a new worker to take its place"));
   int rank = 0;
   for (int r = 1; r < static_cast<int>(workers_.size()); ++r) {
     const Entry& e = workers_[r];
@@ -119,9 +119,9 @@ absl::StatusOr<int> Membership::Register(const WorkerInfo& info, absl::Time now)
   }
   Entry& e = workers_[rank];
   if (!info.experts.empty() && placement_ != nullptr && info.experts != e.target)
-    return absl::FailedPreconditionError(absl::StrCat(
-        "worker ", rank, " holds experts [", absl::StrJoin(info.experts, ","),
-        "] but the placement gives it [", absl::StrJoin(e.target, ","), "]"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("worker ", rank, " holds experts [", absl::StrJoin(info.experts, ","),
+                     "] but the placement gives it [", absl::StrJoin(e.target, ","), "]"));
   if (!e.registered || !SameProcess(e.info, info)) {
     e.back_after = -1;
     e.joined = 0;
@@ -223,8 +223,7 @@ void Membership::Release(int rank, const std::string& reason, absl::Time now) {
   RemoveLocked(rank, reason, true, now);
 }
 
-void Membership::RemoveLocked(int rank, const std::string& reason, bool released,
-                              absl::Time now) {
+void Membership::RemoveLocked(int rank, const std::string& reason, bool released, absl::Time now) {
   if (rank < 1 || rank >= static_cast<int>(workers_.size())) return;
   Entry& e = workers_[rank];
   if (e.registered) removed_.push_back({ProcessKey(e.info), reason, released});
@@ -244,8 +243,9 @@ void Membership::PublishEpoch(ClusterEpoch epoch, absl::Time now) {
   for (int r : workers) {
     Entry& e = workers_[r];
     if (e.joined == 0 && epoch.number > 1)
-      RecordLocked({now, "joined", r, absl::StrCat("worker ", r, " (", e.info.host, " pid ",
-                                                   e.info.pid, ") joined")});
+      RecordLocked(
+          {now, "joined", r,
+           absl::StrCat("worker ", r, " (", e.info.host, " pid ", e.info.pid, ") joined")});
     e.joined = epoch.number;
   }
   epoch_ = std::move(epoch);
@@ -405,7 +405,8 @@ std::vector<WorkerState> Membership::Workers(absl::Time now) const {
     s.alive = e.registered && s.heartbeat_age <= options_.heartbeat_timeout;
     const int dp = epoch_.DataPlaneRank(static_cast<int>(rank));
     s.member = dp > 0 && e.registered && e.joined == epoch_.number;
-    if (s.member && dp < static_cast<int>(epoch_.experts.size())) s.info.experts = epoch_.experts[dp];
+    if (s.member && dp < static_cast<int>(epoch_.experts.size()))
+      s.info.experts = epoch_.experts[dp];
     out.push_back(std::move(s));
   }
   return out;

@@ -44,9 +44,9 @@ struct WorkerState {
 
 // One formation of the data plane.
 struct ClusterEpoch {
-  int64_t number = 0;        // 1: the first formation
-  std::vector<int> members;  // [data-plane rank] -> worker rank; members[0] = 0 (coordinator)
-  std::string store_prefix;  // its keys in the rendezvous store
+  int64_t number = 0;          // 1: the first formation
+  std::vector<int> members;    // [data-plane rank] -> worker rank; members[0] = 0 (coordinator)
+  std::string store_prefix;    // its keys in the rendezvous store
   std::string placement_json;  // the placement in data-plane ranks (a placement file)
   std::string placement_text;  // the same in worker ranks, for people ("expert 0 -> [1, 2]; ...")
   std::vector<std::vector<int>> experts;  // [data-plane rank] -> its experts

@@ -131,8 +131,7 @@ class Scheduler {
   // executor's counters, or null) and `recovery` (null: a failed step ends Run) must outlive
   // the scheduler; only Run() touches the engine once the scheduler exists.
   Scheduler(Engine* engine, const Tokenizer* tokenizer, const SchedulerOptions& options,
-            const ExpertParallelStats* expert_parallel = nullptr,
-            StepRecovery* recovery = nullptr);
+            const ExpertParallelStats* expert_parallel = nullptr, StepRecovery* recovery = nullptr);
   ~Scheduler();
 
   // Queues a request. InvalidArgument with a precise message for a bad parameter (empty prompt,

@@ -514,8 +514,7 @@ class ClusterService final : public v1::Cluster::Service {
     } else {
       absl::StatusOr<ExpertTarget> target = membership.Heartbeat(
           in->rank(), in->instance(),
-          std::vector<int>(in->loaded_experts().begin(), in->loaded_experts().end()),
-          absl::Now());
+          std::vector<int>(in->loaded_experts().begin(), in->loaded_experts().end()), absl::Now());
       if (!target.ok()) return ToGrpc(target.status());
       out->set_target_version(static_cast<uint64_t>(target->version));
       out->mutable_target_experts()->Add(target->experts.begin(), target->experts.end());

@@ -261,8 +261,7 @@ absl::Status Runtime::FormAsCoordinator() {
   std::vector<int> members;
   for (int r = 0; r <= o.workers; ++r) members.push_back(r);
   EPX_RETURN_IF_ERROR(PublishEpoch(members, *placement_));
-  EPX_RETURN_IF_ERROR(
-      FormDataPlane(store_.get(), store_prefix_, data_plane_host_, o.comm_timeout));
+  EPX_RETURN_IF_ERROR(FormDataPlane(store_.get(), store_prefix_, data_plane_host_, o.comm_timeout));
   EPX_LOG(Info) << "data plane " << data_plane_ << " formed with " << o.workers << " worker(s)";
   // Formed: a worker beyond the W joins the running cluster, whose data plane re-forms.
   membership_->AllowGrowth(std::max(o.workers, o.max_workers));
@@ -320,8 +319,8 @@ absl::Status Runtime::JoinAsWorker() {
                               std::fflush(stderr);
                               std::_Exit(1);
                             });
-  data_plane_host_ = o.data_plane_host.empty() ? LocalAddressTowards(HostOf(o.coordinator))
-                                               : o.data_plane_host;
+  data_plane_host_ =
+      o.data_plane_host.empty() ? LocalAddressTowards(HostOf(o.coordinator)) : o.data_plane_host;
   EPX_RETURN_IF_ERROR(JoinEpoch());
   return absl::OkStatus();
 }
@@ -335,8 +334,8 @@ absl::Status Runtime::JoinEpoch() {
   if (epoch.epoch <= epoch_ || epoch.world_size < 2 || epoch.world_size > kMaxWorld ||
       epoch.data_plane_rank < 1 || epoch.data_plane_rank >= epoch.world_size)
     return absl::InternalError(absl::StrCat("the coordinator answered epoch ", epoch.epoch,
-                                            " with data-plane rank ", epoch.data_plane_rank,
-                                            " of ", epoch.world_size));
+                                            " with data-plane rank ", epoch.data_plane_rank, " of ",
+                                            epoch.world_size));
   epoch_ = epoch.epoch;
   rank_ = epoch.data_plane_rank;
   world_size_ = epoch.world_size;
@@ -345,8 +344,8 @@ absl::Status Runtime::JoinEpoch() {
                           world_size_ - 1, "the coordinator's placement");
   configured_ = placement.status();
   if (placement.ok()) placement_ = std::make_unique<Placement>(*std::move(placement));
-  EPX_RETURN_IF_ERROR(
-      FormDataPlane(control_->store(), epoch.store_prefix, data_plane_host_, options_.comm_timeout));
+  EPX_RETURN_IF_ERROR(FormDataPlane(control_->store(), epoch.store_prefix, data_plane_host_,
+                                    options_.comm_timeout));
   EPX_LOG(Info) << "joined the data plane (" << data_plane_ << ", epoch " << epoch_ << ") as rank "
                 << rank_ << " of " << world_size_;
   return absl::OkStatus();
@@ -499,9 +498,9 @@ absl::Status Runtime::ServeAsWorker() {
     if (!launcher_free()) break;
     // The coordinator re-forms the data plane (a worker joined or was lost, or it told us so):
     // ask it for the next one, as many times as it takes.
-    EPX_LOG(Info) << (end.ok() ? std::string("the coordinator re-forms the data plane")
-                               : absl::StrCat("the data plane ended (", end.status().message(),
-                                              ")"))
+    EPX_LOG(Info) << (end.ok()
+                          ? std::string("the coordinator re-forms the data plane")
+                          : absl::StrCat("the data plane ended (", end.status().message(), ")"))
                   << "; waiting for the next one";
     while (true) {
       DropDataPlane();
@@ -546,8 +545,8 @@ void Runtime::LoaderLoop() {
     EPX_LOG(Info) << "loading experts " << absl::StrJoin(wanted, ",") << " for placement "
                   << version << " in the background";
     const Stopwatch watch;
-    absl::StatusOr<std::unique_ptr<ModelWeights>> weights = ModelWeights::Load(
-        options_.model_dir, config_, WeightSelection::Experts(wanted));
+    absl::StatusOr<std::unique_ptr<ModelWeights>> weights =
+        ModelWeights::Load(options_.model_dir, config_, WeightSelection::Experts(wanted));
     absl::StatusOr<std::unique_ptr<ExpertWorker>> worker =
         weights.ok() ? ExpertWorker::Create(**weights, wanted, worker_options_)
                      : absl::StatusOr<std::unique_ptr<ExpertWorker>>(weights.status());
@@ -575,17 +574,16 @@ void Runtime::LoaderLoop() {
 absl::Status Runtime::HoldEpochExperts() {
   const std::vector<int>& needed = placement_->experts_of(rank_);
   auto holds = [&](const std::vector<int>& have) {
-    return std::all_of(needed.begin(), needed.end(), [&](int e) {
-      return std::binary_search(have.begin(), have.end(), e);
-    });
+    return std::all_of(needed.begin(), needed.end(),
+                       [&](int e) { return std::binary_search(have.begin(), have.end(), e); });
   };
   absl::MutexLock lock(&loader_mu_);
   const bool exact = next_worker_ != nullptr && needed == next_experts_;
   if (!exact && holds(worker_->loaded())) return absl::OkStatus();
   if (next_worker_ == nullptr || !holds(next_experts_))
     return absl::FailedPreconditionError(absl::StrCat(
-        "worker ", worker_rank_, " is given experts ", absl::StrJoin(needed, ","),
-        " but holds ", absl::StrJoin(worker_->loaded(), ","),
+        "worker ", worker_rank_, " is given experts ", absl::StrJoin(needed, ","), " but holds ",
+        absl::StrJoin(worker_->loaded(), ","),
         next_worker_ == nullptr ? std::string()
                                 : absl::StrCat(" and loaded ", absl::StrJoin(next_experts_, ","))));
   // The experts loaded in the background take over; the old ones are unmapped.
@@ -629,7 +627,8 @@ void Runtime::DropDataPlane() {
 
 bool Runtime::resilient() const { return resilient_.load(); }
 
-absl::Status Runtime::PublishEpoch(const std::vector<int>& members, const Placement& worker_placement) {
+absl::Status Runtime::PublishEpoch(const std::vector<int>& members,
+                                   const Placement& worker_placement) {
   EPX_ASSIGN_OR_RETURN(Placement placement, Placement::Among(worker_placement, members));
   ClusterEpoch epoch;
   epoch.number = epoch_ + 1;
@@ -720,9 +719,9 @@ absl::Status Runtime::FormNextEpoch() {
     membership_->LeftEpoch(epoch_);
     DropDataPlane();
     if (attempt == kAttempts) {
-      serving_ = absl::UnavailableError(absl::StrCat(
-          "not serving: the data plane did not re-form in ", kAttempts, " attempts (",
-          formed.message(), ")"));
+      serving_ =
+          absl::UnavailableError(absl::StrCat("not serving: the data plane did not re-form in ",
+                                              kAttempts, " attempts (", formed.message(), ")"));
       membership_->SetNotServing(std::string(serving_.message()), absl::Now());
       return serving_;
     }
@@ -735,9 +734,9 @@ void Runtime::SetTarget(Placement next, const std::string& why) {
   std::vector<std::vector<int>> experts_of(target().num_workers() + 1);
   for (int r = 1; r <= target().num_workers(); ++r) experts_of[r] = target().experts_of(r);
   membership_->SetTargets(target_version_, experts_of, target().ToString());
-  membership_->Record({absl::Now(), "re-placement", 0,
-                       absl::StrCat("placement ", target_version_, " (", why,
-                                    "): ", target().ToString())});
+  membership_->Record(
+      {absl::Now(), "re-placement", 0,
+       absl::StrCat("placement ", target_version_, " (", why, "): ", target().ToString())});
 }
 
 absl::Status Runtime::RequestPlacement(const std::string& placement_json, const std::string& why) {
@@ -746,10 +745,10 @@ absl::Status Runtime::RequestPlacement(const std::string& placement_json, const 
         "only a launcher-free cluster (gloo or NCCL data plane) changes its placement while "
         "serving");
   const int slots = membership_->num_workers();
-  EPX_ASSIGN_OR_RETURN(Placement placement,
-                       Placement::FromJson(placement_json,
-                                           static_cast<int>(config_.num_local_experts), slots,
-                                           "the placement", /*allow_idle=*/true));
+  EPX_ASSIGN_OR_RETURN(
+      Placement placement,
+      Placement::FromJson(placement_json, static_cast<int>(config_.num_local_experts), slots,
+                          "the placement", /*allow_idle=*/true));
   (void)placement;
   absl::MutexLock lock(&requests_mu_);
   requests_.emplace_back(placement_json, why);
@@ -785,7 +784,7 @@ void Runtime::UpdateTarget() {
       next = DrainPlacement(target(), std::stoi(what.substr(6)), registered);
     } else {
       next = Placement::FromJson(what, static_cast<int>(config_.num_local_experts), slots,
-                                   "the placement", /*allow_idle=*/true);
+                                 "the placement", /*allow_idle=*/true);
     }
     if (!next.ok()) {
       EPX_LOG(Error) << why << ": " << next.status();
@@ -815,13 +814,13 @@ void Runtime::UpdateTarget() {
     rebalanced_at_step_ = es.steps;
     std::vector<int> workers;
     for (int r : registered)
-      if (r <= target().num_workers() && !target().experts_of(r).empty())
-        workers.push_back(r);
+      if (r <= target().num_workers() && !target().experts_of(r).empty()) workers.push_back(r);
     absl::StatusOr<Placement> rebalanced = RebalancePlacement(target(), recent, workers);
     // Only for a clear gain (a tenth off the busiest worker's load), so that a steady load does
     // not move experts back and forth.
-    const bool gain = rebalanced.ok() && std::accumulate(recent.begin(), recent.end(), int64_t{0}) > 0 &&
-                      BusiestWorkerLoad(*rebalanced, recent) < 0.9 * BusiestWorkerLoad(target(), recent);
+    const bool gain =
+        rebalanced.ok() && std::accumulate(recent.begin(), recent.end(), int64_t{0}) > 0 &&
+        BusiestWorkerLoad(*rebalanced, recent) < 0.9 * BusiestWorkerLoad(target(), recent);
     if (gain && rebalanced->ToString() != target().ToString())
       SetTarget(*std::move(rebalanced),
                 absl::StrCat("rebalanced for the load of the last ", options_.rebalance_interval,

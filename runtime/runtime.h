@@ -4,8 +4,8 @@
 //     the workers), ranks 1..W expert workers, over the MPI data plane;
 //   - a launcher-free cluster: a coordinator started with `workers` = W listens on its control
 //     plane, and workers started on their own with `coordinator` = HOST:PORT register there, in
-//     any order; registration gives each its rank and placement, and the data plane (gloo or NCCL) is
-//     bootstrapped through the coordinator's store once all W have registered.
+//     any order; registration gives each its rank and placement, and the data plane (gloo or NCCL)
+//     is bootstrapped through the coordinator's store once all W have registered.
 // Then every multi-rank job runs the same start-up agreement over the data plane (build,
 // config, placement; weights loaded), loads the weights of the process's role only, and the
 // coordinator shuts the workers down at the end. docs/ARCHITECTURE.md, "Start-up".

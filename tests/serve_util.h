@@ -120,12 +120,13 @@ inline CommandResult Health(const ServerProcess& server, double wait_s = 0) {
 // Waits up to `seconds` for readiness to read `serving` (SERVING or NOT_SERVING); the health
 // service follows it within its 100 ms update period.
 inline CommandResult AwaitHealth(const ServerProcess& server, const std::string& serving,
-                                   double seconds) {
+                                 double seconds) {
   CommandResult health;
   for (int i = 0; i < seconds * 10; ++i) {
     health = Health(server);
     const bool not_serving = health.output.find("NOT_SERVING") != std::string::npos;
-    if ((serving == "NOT_SERVING") == not_serving && health.output.find("SERVING") != std::string::npos)
+    if ((serving == "NOT_SERVING") == not_serving &&
+        health.output.find("SERVING") != std::string::npos)
       break;
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }

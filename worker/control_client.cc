@@ -57,8 +57,8 @@ class ControlClient::Stub : public comm::KeyValueStore {
     in.set_rank(self.rank);
     in.set_instance(self.instance);
     in.set_after_epoch(static_cast<uint64_t>(std::max<int64_t>(after, 0)));
-    in.set_timeout_ms(static_cast<uint32_t>(
-        std::clamp<int64_t>(absl::ToInt64Milliseconds(timeout), 0, 1 << 30)));
+    in.set_timeout_ms(
+        static_cast<uint32_t>(std::clamp<int64_t>(absl::ToInt64Milliseconds(timeout), 0, 1 << 30)));
     grpc::ClientContext context;
     context.set_deadline(absl::ToChronoTime(absl::Now() + timeout + kCallTimeout));
     return stub_->AwaitEpoch(&context, in, reply);
@@ -206,8 +206,8 @@ absl::StatusOr<EpochAssignment> ControlClient::AwaitEpoch(const WorkerInfo& self
   std::string last_error;
   while (true) {
     v1::EpochResponse reply;
-    const absl::Duration wait = std::clamp(give_up - absl::Now(), absl::ZeroDuration(),
-                                           absl::Seconds(20));
+    const absl::Duration wait =
+        std::clamp(give_up - absl::Now(), absl::ZeroDuration(), absl::Seconds(20));
     const absl::Time asked = absl::Now();
     const grpc::Status s = stub_->AwaitEpoch(self, after, wait, &reply);
     if (s.ok()) {
@@ -225,21 +225,21 @@ absl::StatusOr<EpochAssignment> ControlClient::AwaitEpoch(const WorkerInfo& self
     const bool retry = s.error_code() == grpc::StatusCode::UNAVAILABLE ||
                        s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED;
     if (!retry)
-      return absl::Status(FromGrpc(s).code(), absl::StrCat("the coordinator at ", address(), ": ",
-                                                           s.error_message()));
+      return absl::Status(FromGrpc(s).code(),
+                          absl::StrCat("the coordinator at ", address(), ": ", s.error_message()));
     if (absl::Now() >= give_up)
       return absl::DeadlineExceededError(
           absl::StrCat("no data plane after epoch ", after, " formed within ",
                        absl::FormatDuration(patience), " (", s.error_message(), ")"));
     if (s.error_message() != last_error) {
-      EPX_LOG(Info) << "waiting for the coordinator to form the data plane: "
-                    << s.error_message();
+      EPX_LOG(Info) << "waiting for the coordinator to form the data plane: " << s.error_message();
       last_error = s.error_message();
     }
     // An answer that comes back at once (an unreachable coordinator) is asked again after a
     // pause; one that waited is asked again now.
-    const absl::Duration pause =
-        absl::Now() - asked < absl::Milliseconds(100) ? absl::Milliseconds(200) : absl::ZeroDuration();
+    const absl::Duration pause = absl::Now() - asked < absl::Milliseconds(100)
+                                     ? absl::Milliseconds(200)
+                                     : absl::ZeroDuration();
     if (stop_.WaitForNotificationWithTimeout(pause))
       return absl::CancelledError("stopped waiting for the data plane");
   }
@@ -283,8 +283,8 @@ void ControlClient::Loop(WorkerInfo self, absl::Duration interval, bool register
       const int64_t version = static_cast<int64_t>(reply.target_version());
       if (status.ok() && loaded.has_value() && on_target_ && version > target_version) {
         target_version = version;
-        on_target_(version, std::vector<int>(reply.target_experts().begin(),
-                                             reply.target_experts().end()));
+        on_target_(version,
+                   std::vector<int>(reply.target_experts().begin(), reply.target_experts().end()));
       }
       const int64_t left = static_cast<int64_t>(reply.left_epoch());
       if (status.ok() && on_left_ && left > left_epoch) {

@@ -50,8 +50,8 @@ class ExpertWorker::DeviceStepLoop {
     std::vector<int64_t> offsets_loaded(loaded + 1);
     for (int64_t layer = 0; layer < config_.num_hidden_layers; ++layer) {
       const std::string what = absl::StrCat("layer ", layer);
-      const Transfer in_counts{.is_send = false, .peer = 0, .data = counts_.data(),
-                               .bytes = wire.OffsetsBytes(local)};
+      const Transfer in_counts{
+          .is_send = false, .peer = 0, .data = counts_.data(), .bytes = wire.OffsetsBytes(local)};
       EPX_RETURN_IF_ERROR(comm_->Post({&in_counts, 1}, s, what + " counts"));
       EPX_RETURN_IF_ERROR(
           cuda::CopyToHost(counts_host_.data(), counts_.data(), wire.OffsetsBytes(local), s));
@@ -91,7 +91,9 @@ class ExpertWorker::DeviceStepLoop {
 ExpertWorker::ExpertWorker(const ModelWeights& weights, std::vector<int> loaded,
                            const ExpertWorkerOptions& options,
                            std::unique_ptr<ExpertCompute> compute)
-    : weights_(weights), loaded_(std::move(loaded)), options_(options),
+    : weights_(weights),
+      loaded_(std::move(loaded)),
+      options_(options),
       compute_(std::move(compute)) {}
 
 ExpertWorker::~ExpertWorker() = default;
@@ -113,9 +115,9 @@ absl::StatusOr<WorkerLoopEnd> ExpertWorker::Serve(comm::Communicator* comm,
   for (int e : experts) {
     auto it = std::lower_bound(loaded_.begin(), loaded_.end(), e);
     if (it == loaded_.end() || *it != e)
-      return absl::FailedPreconditionError(absl::StrCat(
-          "the placement gives this worker expert ", e, ", which it has not loaded (it holds ",
-          absl::StrJoin(loaded_, ","), ")"));
+      return absl::FailedPreconditionError(absl::StrCat("the placement gives this worker expert ",
+                                                        e, ", which it has not loaded (it holds ",
+                                                        absl::StrJoin(loaded_, ","), ")"));
     slot.push_back(static_cast<int>(it - loaded_.begin()));
   }
   const int64_t loaded = static_cast<int64_t>(loaded_.size());
@@ -132,8 +134,8 @@ absl::StatusOr<WorkerLoopEnd> ExpertWorker::Serve(comm::Communicator* comm,
     return absl::FailedPreconditionError(
         "the NCCL data plane delivers rows to this worker's GPU: start it with --device cuda");
   if (device_comm != nullptr)
-    device_loop_ = std::make_unique<DeviceStepLoop>(device_comm, compute_.get(), c,
-                                                    options_.timeout);
+    device_loop_ =
+        std::make_unique<DeviceStepLoop>(device_comm, compute_.get(), c, options_.timeout);
 
   while (true) {
     comm::StepHeader header;
@@ -170,12 +172,12 @@ absl::StatusOr<WorkerLoopEnd> ExpertWorker::Serve(comm::Communicator* comm,
       const TensorView rows_in = wire.Rows(rows.data(), n), rows_out = wire.Rows(out.data(), n);
       if (on_device) {
         EPX_ASSIGN_OR_RETURN(const TensorView in, device_rows.Upload(rows_in, compute_->stream()));
-        EPX_ASSIGN_OR_RETURN(const TensorView result,
-                             device_out.View(wire.activation(), {n, c.hidden_size},
-                                             compute_->stream()));
+        EPX_ASSIGN_OR_RETURN(
+            const TensorView result,
+            device_out.View(wire.activation(), {n, c.hidden_size}, compute_->stream()));
         EPX_RETURN_IF_ERROR(compute_->Run(layer, in, offsets_loaded, result));
-        EPX_RETURN_IF_ERROR(cuda::CopyToHost(rows_out.raw(), result.raw(), result.nbytes(),
-                                             compute_->stream()));
+        EPX_RETURN_IF_ERROR(
+            cuda::CopyToHost(rows_out.raw(), result.raw(), result.nbytes(), compute_->stream()));
         EPX_RETURN_IF_ERROR(cuda::SynchronizeStream(compute_->stream()));
       } else {
         EPX_RETURN_IF_ERROR(compute_->Run(layer, rows_in, offsets_loaded, rows_out));

@@ -12,8 +12,8 @@
 #include <cctype>
 #include <cstdio>
 #include <filesystem>
-#include <functional>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <sstream>
 #include <thread>
@@ -35,11 +35,11 @@ namespace {
 using testing::AwaitHealth;
 using testing::ChildProcess;
 using testing::Completion;
-using testing::FreePort;
 using testing::EpxBinary;
-using testing::TestDir;
+using testing::FreePort;
 using testing::Greedy;
 using testing::ServerProcess;
+using testing::TestDir;
 
 std::string ReadFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -183,8 +183,8 @@ TEST(ClusterTest, ServesGoldenGreedyAndRefusesWhatDoesNotBelong) {
   ASSERT_TRUE(WaitForLog(*extra, "joined the data plane (gloo, epoch 2) as rank 4 of 5", 60))
       << extra->log() << server.log();
   ASSERT_EQ(testing::Health(server, 60).exit_code, 0) << server.log();
-  testing::CommandResult placement = testing::RunCommand(
-      absl::StrCat(EpxBinary(), " placement --server ", coordinator, " 2>&1"));
+  testing::CommandResult placement =
+      testing::RunCommand(absl::StrCat(EpxBinary(), " placement --server ", coordinator, " 2>&1"));
   EXPECT_EQ(placement.exit_code, 0) << placement.output;
   EXPECT_NE(placement.output.find("epoch       2 (workers 1, 2, 3, 4)"), std::string::npos)
       << placement.output;
@@ -263,12 +263,12 @@ TEST(ClusterTest, LostWorkerWithoutReplicaStopsServingUntilANewWorkerTakesItsPla
   auto replacement = StartWorker(dir, "replacement", server.address());
   ASSERT_EQ(testing::Health(server, 60).exit_code, 0) << server.log() << replacement->log();
   EXPECT_NE(replacement->log().find("epoch 2"), std::string::npos) << replacement->log();
-  Completion again = testing::Generate(*stub, Greedy(golden.tokens,
-                                                     static_cast<int>(golden.greedy.size())));
+  Completion again =
+      testing::Generate(*stub, Greedy(golden.tokens, static_cast<int>(golden.greedy.size())));
   ASSERT_TRUE(again.status.ok()) << again.status.error_message() << server.log();
   EXPECT_EQ(again.tokens, golden.greedy);
-  testing::CommandResult stats = testing::RunCommand(
-      absl::StrCat(EpxBinary(), " stats --server ", server.address(), " 2>&1"));
+  testing::CommandResult stats =
+      testing::RunCommand(absl::StrCat(EpxBinary(), " stats --server ", server.address(), " 2>&1"));
   EXPECT_EQ(stats.exit_code, 0) << stats.output;
   EXPECT_NE(stats.output.find("epoch 2 of the data plane"), std::string::npos) << stats.output;
   EXPECT_NE(stats.output.find("lost: worker 2"), std::string::npos) << stats.output;
@@ -346,13 +346,14 @@ TEST_P(ReplicaTest, LostWorkerLosesNoStreamAndChangesNoToken) {
   workers[1]->Signal(signal);
   for (std::thread& t : streams) t.join();
   for (int i = 0; i < kStreams; ++i) {
-    ASSERT_TRUE(got[i].status.ok()) << "stream " << i << ": " << got[i].status.error_message()
-                                    << "\n" << server.log();
+    ASSERT_TRUE(got[i].status.ok())
+        << "stream " << i << ": " << got[i].status.error_message() << "\n"
+        << server.log();
     EXPECT_EQ(got[i].tokens, expected[i]) << "stream " << i;
   }
   EXPECT_EQ(testing::Health(server).exit_code, 0) << server.log();
-  testing::CommandResult stats = testing::RunCommand(
-      absl::StrCat(EpxBinary(), " stats --server ", server.address(), " 2>&1"));
+  testing::CommandResult stats =
+      testing::RunCommand(absl::StrCat(EpxBinary(), " stats --server ", server.address(), " 2>&1"));
   EXPECT_EQ(stats.exit_code, 0) << stats.output;
   EXPECT_NE(stats.output.find("lost: worker 2"), std::string::npos) << stats.output;
   EXPECT_NE(stats.output.find("epoch 2: the data plane re-formed with workers 1, 3"),
@@ -479,12 +480,14 @@ TEST(ClusterTest, RebalanceDrainAndSetPlacementChangeNoToken) {
   auto stub = server.generation();
   auto check = [&](const std::vector<Completion>& got, const std::string& round) {
     for (size_t i = 0; i < got.size(); ++i) {
-      ASSERT_TRUE(got[i].status.ok()) << round << " stream " << i << ": "
-                                      << got[i].status.error_message() << "\n" << server.log();
+      ASSERT_TRUE(got[i].status.ok())
+          << round << " stream " << i << ": " << got[i].status.error_message() << "\n"
+          << server.log();
       EXPECT_EQ(got[i].tokens, expected[i]) << round << " stream " << i;
     }
   };
-  const std::string before = RunOk(absl::StrCat(EpxBinary(), " placement --server ", server.address()));
+  const std::string before =
+      RunOk(absl::StrCat(EpxBinary(), " placement --server ", server.address()));
 
   // Round 1 under rebalancing: the hot experts gain replicas (one spare copy per worker).
   check(RunConcurrently(*stub, requests), "rebalance");
@@ -507,12 +510,13 @@ TEST(ClusterTest, RebalanceDrainAndSetPlacementChangeNoToken) {
   check(RunConcurrently(*stub, requests,
                         [&] {
                           RunOk(absl::StrCat(EpxBinary(), " drain --server ", server.address(),
-                                           " --rank 3 --wait --timeout 60"));
+                                             " --rank 3 --wait --timeout 60"));
                         }),
         "drain");
   EXPECT_EQ(workers[2]->Wait(60), 0) << workers[2]->log();
   EXPECT_NE(workers[2]->log().find("leaves"), std::string::npos) << workers[2]->log();
-  const std::string drained = RunOk(absl::StrCat(EpxBinary(), " placement --server ", server.address()));
+  const std::string drained =
+      RunOk(absl::StrCat(EpxBinary(), " placement --server ", server.address()));
   EXPECT_NE(drained.find("(workers 1, 2)"), std::string::npos) << drained;
 
   // Round 3: a placement set by hand (every expert on both workers), in use before the streams.
@@ -520,13 +524,14 @@ TEST(ClusterTest, RebalanceDrainAndSetPlacementChangeNoToken) {
   std::ofstream(file) << R"({"experts": {"0": [1, 2], "1": [1, 2], "2": [1, 2], "3": [1, 2],
                              "4": [1, 2], "5": [1, 2], "6": [1, 2], "7": [1, 2]}})";
   const std::string set = RunOk(absl::StrCat(EpxBinary(), " placement --server ", server.address(),
-                                           " --set ", file, " --wait --timeout 60"));
+                                             " --set ", file, " --wait --timeout 60"));
   EXPECT_NE(set.find("expert 0 -> [1, 2]; expert 1 -> [1, 2]"), std::string::npos) << set;
   EXPECT_EQ(set.find("moving to"), std::string::npos) << set;
   check(RunConcurrently(*stub, requests), "set");
   // ModelInfo reports the placement in use.
   std::string info = RunOk(absl::StrCat(EpxBinary(), " model-info --server ", server.address()));
-  info.erase(std::remove_if(info.begin(), info.end(), [](unsigned char c) { return std::isspace(c) != 0; }),
+  info.erase(std::remove_if(info.begin(), info.end(),
+                            [](unsigned char c) { return std::isspace(c) != 0; }),
              info.end());
   const std::string all = R"("experts":[0,1,2,3,4,5,6,7])";
   const size_t first = info.find(all);

@@ -173,10 +173,8 @@ TEST(NcclClusterTest, LostWorkerWithAReplicaChangesNoToken) {
   const testing::CommandResult health = testing::Health(server, 120);
   if (health.exit_code != 0 && (DuplicateGpu(first->log()) || DuplicateGpu(second->log())))
     GTEST_SKIP() << "NCCL refuses three ranks on one GPU:\n" << first->log();
-  ASSERT_EQ(health.exit_code, 0) << server.log() << "\nworkers:\n"
-                                 << first->log() << second->log();
-  const v1::GenerateRequest request =
-      testing::Greedy(testing::ReadGoldenPrompts()[1].tokens, 300);
+  ASSERT_EQ(health.exit_code, 0) << server.log() << "\nworkers:\n" << first->log() << second->log();
+  const v1::GenerateRequest request = testing::Greedy(testing::ReadGoldenPrompts()[1].tokens, 300);
   const std::vector<int32_t> expected = Tokens(server, request);
   ASSERT_EQ(expected.size(), 300u);
 
@@ -184,11 +182,10 @@ TEST(NcclClusterTest, LostWorkerWithAReplicaChangesNoToken) {
   ASSERT_TRUE(got.status.ok()) << got.status.error_message() << "\n" << server.log();
   EXPECT_EQ(got.tokens, expected);
   EXPECT_EQ(testing::Health(server).exit_code, 0) << server.log();
-  testing::CommandResult stats = testing::RunCommand(
-      absl::StrCat(EpxBinary(), " stats --server ", server.address(), " 2>&1"));
+  testing::CommandResult stats =
+      testing::RunCommand(absl::StrCat(EpxBinary(), " stats --server ", server.address(), " 2>&1"));
   EXPECT_NE(stats.output.find("lost: worker 2"), std::string::npos) << stats.output;
-  EXPECT_NE(stats.output.find("epoch 2: the data plane re-formed with worker 1"),
-            std::string::npos)
+  EXPECT_NE(stats.output.find("epoch 2: the data plane re-formed with worker 1"), std::string::npos)
       << stats.output;
   EXPECT_NE(first->log().find("epoch 2"), std::string::npos) << first->log();
   EXPECT_EQ(second->Wait(10), 128 + SIGKILL);

@@ -3,7 +3,6 @@
 // the engine's KV cache back to empty).
 #include <thread>
 
-#include "runtime/runtime.h"
 #include "common/tokenizer.h"
 #include "coordinator/chat_template.h"
 #include "coordinator/membership.h"
@@ -11,6 +10,7 @@
 #include "coordinator/services.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "runtime/runtime.h"
 #include "tests/coordinator/test_util.h"
 #include "worker/control_client.h"
 
@@ -248,12 +248,17 @@ using ::testing::ElementsAre;
 TEST(MembershipTest, EpochsLossesJoinsAndGrowth) {
   auto placement = Placement::RoundRobin(8, 3, 2);
   ASSERT_TRUE(placement.ok());
-  Membership m(&*placement, {"build-1", 42, "gloo"},
-               {.heartbeat_interval = absl::Milliseconds(100),
-                .heartbeat_timeout = absl::Minutes(5)});
+  Membership m(
+      &*placement, {"build-1", 42, "gloo"},
+      {.heartbeat_interval = absl::Milliseconds(100), .heartbeat_timeout = absl::Minutes(5)});
   auto worker = [](const std::string& instance) {
-    return WorkerInfo{.host = "h", .device = "cpu", .pid = 1, .build_id = "build-1",
-                      .config_hash = 42, .data_plane = "gloo", .instance = instance};
+    return WorkerInfo{.host = "h",
+                      .device = "cpu",
+                      .pid = 1,
+                      .build_id = "build-1",
+                      .config_hash = 42,
+                      .data_plane = "gloo",
+                      .instance = instance};
   };
   const absl::Time now = absl::Now();
   for (const char* id : {"a", "b", "c"}) ASSERT_TRUE(m.Register(worker(id), now).ok());
@@ -320,17 +325,22 @@ TEST(MembershipTest, EpochsLossesJoinsAndGrowth) {
 TEST(ControlPlaneTest, HeartbeatsTellAWorkerTheEpochTheCoordinatorLeft) {
   auto placement = Placement::RoundRobin(8, 1, 1);
   ASSERT_TRUE(placement.ok());
-  Membership m(&*placement, {"build-1", 42, "nccl"},
-               {.heartbeat_interval = absl::Milliseconds(10),
-                .heartbeat_timeout = absl::Minutes(5)});
+  Membership m(
+      &*placement, {"build-1", 42, "nccl"},
+      {.heartbeat_interval = absl::Milliseconds(10), .heartbeat_timeout = absl::Minutes(5)});
   absl::StatusOr<std::unique_ptr<ApiServer>> server =
       ApiServer::Start({.listen = "127.0.0.1:0"}, {.membership = &m});
   ASSERT_TRUE(server.ok()) << server.status();
   absl::Mutex mu;  // outlives the client's heartbeat thread
   std::vector<int64_t> told;
   std::unique_ptr<ControlClient> client = ControlClient::Create((*server)->address(), "");
-  WorkerInfo self{.host = "h", .device = "cuda", .pid = 1, .build_id = "build-1",
-                  .config_hash = 42, .data_plane = "nccl", .instance = "a"};
+  WorkerInfo self{.host = "h",
+                  .device = "cuda",
+                  .pid = 1,
+                  .build_id = "build-1",
+                  .config_hash = 42,
+                  .data_plane = "nccl",
+                  .instance = "a"};
   absl::StatusOr<Assignment> assigned = client->Register(self, absl::Seconds(30));
   ASSERT_TRUE(assigned.ok()) << assigned.status();
   self.rank = assigned->rank;
@@ -343,11 +353,13 @@ TEST(ControlPlaneTest, HeartbeatsTellAWorkerTheEpochTheCoordinatorLeft) {
   m.LeftEpoch(1);  // an older one changes nothing
   {
     absl::MutexLock lock(&mu);
-    mu.Await(absl::Condition(+[](std::vector<int64_t>* t) { return !t->empty(); }, &told));
+    mu.Await(absl::Condition(
+        +[](std::vector<int64_t>* t) { return !t->empty(); }, &told));
   }
   m.LeftEpoch(3);
   absl::MutexLock lock(&mu);
-  mu.Await(absl::Condition(+[](std::vector<int64_t>* t) { return t->size() >= 2; }, &told));
+  mu.Await(absl::Condition(
+      +[](std::vector<int64_t>* t) { return t->size() >= 2; }, &told));
   EXPECT_THAT(told, ElementsAre(2, 3));
   EXPECT_EQ(m.left_epoch(), 3);
 }
