@@ -33,10 +33,25 @@ bool RequestStream::Next(GenerationEvent* event, absl::Duration timeout) {
 }
 
 void RequestStream::Push(GenerationEvent event) {
-  absl::MutexLock lock(&mu_);
-  if (ended_) return;
-  ended_ = event.last();
-  events_.push_back(std::move(event));
+  std::function<void()> listener;
+  {
+    absl::MutexLock lock(&mu_);
+    if (ended_) return;
+    ended_ = event.last();
+    events_.push_back(std::move(event));
+    listener = listener_;
+  }
+  if (listener) listener();
+}
+
+void RequestStream::SetListener(std::function<void()> listener) {
+  bool waiting = false;
+  {
+    absl::MutexLock lock(&mu_);
+    listener_ = listener;
+    waiting = !events_.empty();
+  }
+  if (listener && waiting) listener();
 }
 
 absl::Status SchedulerOptions::Validate() const {

@@ -16,6 +16,7 @@
 #include <atomic>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <list>
 #include <memory>
 #include <optional>
@@ -69,6 +70,12 @@ class RequestStream {
   // Waits up to `timeout` for the next event. Returns false on timeout (or after the last event
   // was taken).
   bool Next(GenerationEvent* event, absl::Duration timeout);
+  // Calls `listener` after every Push from now on (on the producer's thread, with no lock of the
+  // stream held), and once at once when events are already waiting. It should only wake the
+  // consumer (an asynchronous writer takes the events with Next(..., ZeroDuration())). It may run
+  // once more, concurrently, after it was replaced: keep what it refers to alive through it
+  // (e.g. a weak_ptr). Null: none.
+  void SetListener(std::function<void()> listener);
   // Asks the scheduler to drop the request; its KV blocks are freed at the start of the next
   // step. The stream then ends with a Cancelled error event.
   void Cancel() { cancelled_.store(true); }
@@ -81,6 +88,7 @@ class RequestStream {
   absl::Mutex mu_;
   std::deque<GenerationEvent> events_ ABSL_GUARDED_BY(mu_);
   bool ended_ ABSL_GUARDED_BY(mu_) = false;
+  std::function<void()> listener_ ABSL_GUARDED_BY(mu_);
   std::atomic<bool> cancelled_{false};
 };
 

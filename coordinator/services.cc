@@ -8,6 +8,7 @@
 #include <atomic>
 #include <chrono>
 #include <limits>
+#include <optional>
 #include <random>
 #include <thread>
 
@@ -33,7 +34,11 @@ grpc::Status ToGrpc(const absl::Status& s) {
   return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
 }
 
-absl::Time FromGrpcDeadline(const grpc::ServerContext& context) {
+absl::Status FromGrpc(const grpc::Status& s) {
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+}
+
+absl::Time FromGrpcDeadline(const grpc::ServerContextBase& context) {
   const auto deadline = context.deadline();
   if (deadline == std::chrono::system_clock::time_point::max()) return absl::InfiniteFuture();
   return absl::FromChrono(deadline);
@@ -123,50 +128,149 @@ struct LateScheduler {
   }
 };
 
-class GenerationService final : public v1::Generation::Service {
+v1::GenerateResponse ToResponse(const std::string& id, GenerationEvent event) {
+  v1::GenerateResponse out;
+  out.set_request_id(id);
+  out.mutable_token_ids()->Add(event.token_ids.begin(), event.token_ids.end());
+  out.set_text(std::move(event.text));
+  if (event.last()) {
+    out.set_finish_reason(ToProto(event.finish));
+    out.set_matched_stop(event.matched_stop);
+    out.mutable_usage()->set_prompt_tokens(event.prompt_tokens);
+    out.mutable_usage()->set_completion_tokens(event.completion_tokens);
+  }
+  return out;
+}
+
+// One Generate call on gRPC's callback API: no thread waits for a stream. The scheduler's Push
+// wakes the reactor (RequestStream listener), which writes one event at a time; OnWriteDone takes
+// the next. A client that goes away (cancel, deadline, broken stream) cancels the request, and
+// the scheduler frees its blocks at its next step.
+//
+// Lifetime: the reactor owns itself (self_) until gRPC's OnDone; the stream's listener holds only
+// a weak_ptr, so a Push racing with OnDone finds nothing to wake.
+class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateResponse> {
+ public:
+  // Starts the call: a refusal is finished at once, else the reactor follows `stream`.
+  static GenerateReactor* Start(absl::StatusOr<std::shared_ptr<RequestStream>> stream,
+                                std::string id) {
+    auto reactor = std::shared_ptr<GenerateReactor>(new GenerateReactor());
+    reactor->self_ = reactor;
+    if (!stream.ok()) {
+      reactor->Finish(ToGrpc(stream.status()));
+      return reactor.get();
+    }
+    reactor->id_ = std::move(id);
+    reactor->stream_ = *std::move(stream);
+    std::weak_ptr<GenerateReactor> weak = reactor;
+    reactor->stream_->SetListener([weak] {
+      if (std::shared_ptr<GenerateReactor> r = weak.lock()) r->Pump();
+    });
+    return reactor.get();
+  }
+
+  void OnWriteDone(bool ok) override {
+    bool finish = false;
+    grpc::Status status;
+    {
+      absl::MutexLock lock(&mu_);
+      busy_ = false;
+      if (!ok || wrote_last_) {
+        finished_ = true;
+        finish = true;
+        status = ok ? grpc::Status::OK
+                    : grpc::Status(grpc::StatusCode::CANCELLED, "the stream broke");
+      }
+    }
+    if (!ok) stream_->Cancel();
+    if (finish) {
+      Finish(status);
+    } else {
+      Pump();
+    }
+  }
+
+  void OnCancel() override {
+    if (stream_ != nullptr) stream_->Cancel();
+    {
+      absl::MutexLock lock(&mu_);
+      cancelled_ = true;
+    }
+    Pump();
+  }
+
+  void OnDone() override {
+    if (stream_ != nullptr) stream_->SetListener(nullptr);
+    self_.reset();  // the last owner may be a listener call still running
+  }
+
+ private:
+  GenerateReactor() = default;
+
+  // Starts the next write (or the finish) unless one is under way. gRPC is called with no lock
+  // held: its callbacks may run on this thread before StartWrite returns.
+  void Pump() {
+    GenerationEvent event;
+    std::optional<grpc::Status> finish;
+    {
+      absl::MutexLock lock(&mu_);
+      if (busy_ || finished_ || stream_ == nullptr) return;
+      if (cancelled_) {
+        finished_ = true;
+        finish = grpc::Status(grpc::StatusCode::CANCELLED, "the call was cancelled");
+      } else {
+        if (!stream_->Next(&event, absl::ZeroDuration())) return;
+        if (!event.error.ok()) {
+          finished_ = true;
+          finish = ToGrpc(event.error);
+        } else {
+          busy_ = true;
+          wrote_last_ = event.last();
+          response_ = ToResponse(id_, std::move(event));
+        }
+      }
+    }
+    if (finish.has_value()) {
+      Finish(*finish);
+    } else {
+      StartWrite(&response_);
+    }
+  }
+
+  std::shared_ptr<GenerateReactor> self_;
+  std::string id_;
+  std::shared_ptr<RequestStream> stream_;
+  absl::Mutex mu_;
+  bool busy_ ABSL_GUARDED_BY(mu_) = false;        // a write is under way
+  bool wrote_last_ ABSL_GUARDED_BY(mu_) = false;  // ... and it carries the last event
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;    // Finish was called
+  bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
+  v1::GenerateResponse response_;  // the write under way
+};
+
+// Generate on the callback API (one reactor per stream, no thread per stream); the unary calls
+// stay on the synchronous API.
+class GenerationService final
+    : public v1::Generation::WithCallbackMethod_Generate<v1::Generation::Service> {
  public:
   GenerationService(const ApiServerOptions& options, const ApiServerBackends& backends,
                     const LateScheduler* late)
       : options_(options), backends_(backends), late_(late) {}
 
-  grpc::Status Generate(grpc::ServerContext* context, const v1::GenerateRequest* in,
-                        grpc::ServerWriter<v1::GenerateResponse>* writer) override {
+  grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(
+      grpc::CallbackServerContext* context, const v1::GenerateRequest* in) override {
     grpc::Status unavailable;
     Scheduler* scheduler = late_->Get(&unavailable);
-    if (scheduler == nullptr) return unavailable;
-    if (absl::Status s = CheckSize(*in, options_.max_request_bytes); !s.ok()) return ToGrpc(s);
+    if (scheduler == nullptr) return GenerateReactor::Start(FromGrpc(unavailable), "");
+    if (absl::Status s = CheckSize(*in, options_.max_request_bytes); !s.ok())
+      return GenerateReactor::Start(s, "");
     absl::StatusOr<GenerationRequest> request = ToRequest(*in, *backends_.tokenizer);
-    if (!request.ok()) return ToGrpc(request.status());
+    if (!request.ok()) return GenerateReactor::Start(request.status(), "");
     request->request_id =
         in->request_id().empty() ? absl::StrCat("req-", next_id_.fetch_add(1)) : in->request_id();
     request->deadline = FromGrpcDeadline(*context);
-    const std::string id = request->request_id;
-    absl::StatusOr<std::shared_ptr<RequestStream>> stream =
-        scheduler->Submit(std::move(*request));
-    if (!stream.ok()) return ToGrpc(stream.status());
-
-    // Until the last event: a client that goes away (cancel, deadline, broken stream) cancels
-    // the request, and the scheduler frees its blocks at its next step.
-    GenerationEvent event;
-    while (true) {
-      if (!(*stream)->Next(&event, absl::Milliseconds(20))) {
-        if (context->IsCancelled()) (*stream)->Cancel();
-        continue;
-      }
-      if (!event.error.ok()) return ToGrpc(event.error);
-      v1::GenerateResponse out;
-      out.set_request_id(id);
-      out.mutable_token_ids()->Add(event.token_ids.begin(), event.token_ids.end());
-      out.set_text(event.text);
-      if (event.last()) {
-        out.set_finish_reason(ToProto(event.finish));
-        out.set_matched_stop(event.matched_stop);
-        out.mutable_usage()->set_prompt_tokens(event.prompt_tokens);
-        out.mutable_usage()->set_completion_tokens(event.completion_tokens);
-      }
-      if (!writer->Write(out)) (*stream)->Cancel();
-      if (event.last()) return grpc::Status::OK;
-    }
+    std::string id = request->request_id;
+    return GenerateReactor::Start(scheduler->Submit(std::move(*request)), std::move(id));
   }
 
   grpc::Status Tokenize(grpc::ServerContext* context, const v1::TokenizeRequest* in,
