@@ -60,40 +60,74 @@ std::string FinishReasonName(v1::FinishReason reason) {
   return absl::AsciiStrToLower(name);
 }
 
-absl::StatusOr<v1::GenerateRequest> MakeGenerateRequest(const RemoteGenerateOptions& options) {
-  if (options.prompt.empty()) return absl::InvalidArgumentError("--prompt is empty");
-  // The field is uint32; the server checks the context limit.
-  if (options.max_tokens <= 0 || options.max_tokens > std::numeric_limits<uint32_t>::max())
-    return absl::InvalidArgumentError(
-        absl::StrCat("--max-tokens must be in [1, 2^32), got ", options.max_tokens));
-  if (options.system.has_value() && !options.chat)
-    return absl::InvalidArgumentError("--system needs --chat");
-
+v1::GenerateRequest MakeGenerateRequest(const GenerationParams& params) {
   v1::GenerateRequest request;
-  if (options.chat) {
+  if (params.chat.has_value()) {
     v1::Chat* chat = request.mutable_chat();
-    if (options.system.has_value()) {
-      v1::ChatMessage* system = chat->add_messages();
-      system->set_role("system");
-      system->set_content(*options.system);
+    for (const ChatMessage& m : *params.chat) {
+      v1::ChatMessage* message = chat->add_messages();
+      message->set_role(m.role);
+      message->set_content(m.content);
     }
-    v1::ChatMessage* user = chat->add_messages();
-    user->set_role("user");
-    user->set_content(options.prompt);
-  } else {
-    request.set_text(options.prompt);
+  } else if (params.token_ids.has_value()) {
+    request.mutable_token_ids()->mutable_ids()->Add(params.token_ids->begin(),
+                                                    params.token_ids->end());
+  } else if (params.text.has_value()) {
+    request.set_text(*params.text);
+    request.set_add_bos(params.add_bos);
   }
-  request.set_max_tokens(static_cast<uint32_t>(options.max_tokens));
-  request.set_temperature(options.temperature);
-  request.set_top_k(options.top_k);
-  request.set_top_p(options.top_p);
-  request.set_repetition_penalty(options.repetition_penalty);
-  if (options.seed.has_value()) request.set_seed(*options.seed);
-  for (const std::string& stop : options.stop) request.add_stop(stop);
-  for (int32_t id : options.stop_token_ids) request.add_stop_token_ids(id);
-  request.set_ignore_eos(options.ignore_eos);
+  if (params.max_tokens.has_value()) request.set_max_tokens(static_cast<uint32_t>(*params.max_tokens));
+  if (params.temperature.has_value()) request.set_temperature(*params.temperature);
+  if (params.top_k.has_value()) request.set_top_k(*params.top_k);
+  if (params.top_p.has_value()) request.set_top_p(*params.top_p);
+  if (params.repetition_penalty.has_value())
+    request.set_repetition_penalty(*params.repetition_penalty);
+  if (params.seed.has_value()) request.set_seed(*params.seed);
+  for (const std::string& stop : params.stop) request.add_stop(stop);
+  for (int32_t id : params.stop_token_ids) request.add_stop_token_ids(id);
+  request.set_ignore_eos(params.ignore_eos);
   return request;
 }
+
+}  // namespace
+
+absl::StatusOr<GenerationParams> ToParams(const GenerateFlags& flags) {
+  if (flags.prompt.empty()) return absl::InvalidArgumentError("--prompt is empty");
+  // The gRPC field is uint32; the server checks the context limit.
+  if (flags.max_tokens <= 0 || flags.max_tokens > std::numeric_limits<uint32_t>::max())
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max-tokens must be in [1, 2^32), got ", flags.max_tokens));
+  if (flags.system.has_value() && !flags.chat)
+    return absl::InvalidArgumentError("--system needs --chat");
+  GenerationParams p;
+  if (flags.chat) {
+    p.chat.emplace();
+    if (flags.system.has_value()) p.chat->push_back({"system", *flags.system});
+    p.chat->push_back({"user", flags.prompt});
+  } else {
+    p.text = flags.prompt;
+  }
+  p.max_tokens = flags.max_tokens;
+  p.temperature = flags.temperature;
+  p.top_k = flags.top_k;
+  p.top_p = flags.top_p;
+  p.repetition_penalty = flags.repetition_penalty;
+  p.seed = flags.seed;
+  p.stop = flags.stop;
+  p.stop_token_ids = flags.stop_token_ids;
+  p.ignore_eos = flags.ignore_eos;
+  return p;
+}
+
+std::string UsageLine(const std::string& finish_reason, int64_t prompt_tokens,
+                      int64_t completion_tokens, const std::string& matched_stop) {
+  std::string line = absl::StrCat("finish_reason=", finish_reason, " prompt_tokens=", prompt_tokens,
+                                  " completion_tokens=", completion_tokens);
+  if (!matched_stop.empty()) absl::StrAppend(&line, " matched_stop=\"", absl::CEscape(matched_stop), "\"");
+  return line;
+}
+
+namespace {
 
 // --- grpc.health.v1 by hand: Debian's libgrpc++-dev ships no header for its messages, and two
 // fields do not justify a proto of our own. HealthCheckRequest{string service = 1;},
@@ -310,7 +344,8 @@ void PrintStats(const v1::StatsResponse& stats, const std::string& server, std::
 absl::Status RunRemoteGenerate(const RemoteGenerateOptions& options, std::ostream& out,
                                std::ostream& log) {
   EPX_RETURN_IF_ERROR(ValidateClientOptions(options.client));
-  EPX_ASSIGN_OR_RETURN(v1::GenerateRequest request, MakeGenerateRequest(options));
+  EPX_ASSIGN_OR_RETURN(GenerationParams params, ToParams(options.request));
+  const v1::GenerateRequest request = MakeGenerateRequest(params);
   std::unique_ptr<v1::Generation::Stub> stub =
       v1::Generation::NewStub(MakeClientChannel(options.client));
   grpc::ClientContext context;
@@ -327,14 +362,10 @@ absl::Status RunRemoteGenerate(const RemoteGenerateOptions& options, std::ostrea
   // Also after an error, so that the message starts on a line of its own.
   out << std::endl;
   EPX_RETURN_IF_ERROR(FromGrpcStatus(status, options.client.server, "epx.v1.Generation/Generate"));
-  if (options.usage) {
-    log << "finish_reason=" << FinishReasonName(last.finish_reason())
-        << " prompt_tokens=" << last.usage().prompt_tokens()
-        << " completion_tokens=" << last.usage().completion_tokens();
-    if (!last.matched_stop().empty())
-      log << " matched_stop=\"" << absl::CEscape(last.matched_stop()) << "\"";
-    log << "\n";
-  }
+  if (options.request.usage)
+    log << UsageLine(FinishReasonName(last.finish_reason()), last.usage().prompt_tokens(),
+                     last.usage().completion_tokens(), last.matched_stop())
+        << "\n";
   // A cut-short completion must not pass for a whole one in scripts.
   if (last.finish_reason() == v1::FINISH_REASON_CANCELLED)
     return absl::UnavailableError(absl::StrCat(options.client.server,

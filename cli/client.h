@@ -16,6 +16,8 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "coordinator/generation_params.h"
 
 namespace epx {
 
@@ -24,22 +26,34 @@ struct ClientOptions {
   double timeout_s = 600;                  // deadline of every call; must be in (0, 1e8]
 };
 
-struct RemoteGenerateOptions {
-  ClientOptions client;
+// The prompt and sampling flags of `epx generate`, the same here (--model) and on a server
+// (--server). The command's defaults (greedy, 64 tokens) are its own; a server applies
+// GenerationParams' defaults only to what a client leaves unset, and these are always set.
+struct GenerateFlags {
   std::string prompt;
-  bool chat = false;                  // prompt is one user message of a chat (server's template)
+  bool chat = false;                  // prompt is one user message of a chat (the template)
   std::optional<std::string> system;  // chat only: the system message
   int64_t max_tokens = 64;
-  // Always sent, so that the remote defaults are the local command's (greedy), not the server's.
   float temperature = 0;
   int32_t top_k = 0;
   float top_p = 1;
   float repetition_penalty = 1;
-  std::optional<uint64_t> seed;  // unset: the server draws one
+  std::optional<uint64_t> seed;  // unset: one is drawn
   std::vector<std::string> stop;
   std::vector<int32_t> stop_token_ids;
   bool ignore_eos = false;
   bool usage = false;  // print finish reason and token counts to the log
+};
+// The request the flags make. InvalidArgument for an empty --prompt, --system without --chat,
+// --max-tokens outside [1, 2^32).
+absl::StatusOr<GenerationParams> ToParams(const GenerateFlags& flags);
+// "finish_reason=... prompt_tokens=N completion_tokens=M [matched_stop=...]".
+std::string UsageLine(const std::string& finish_reason, int64_t prompt_tokens,
+                      int64_t completion_tokens, const std::string& matched_stop);
+
+struct RemoteGenerateOptions {
+  ClientOptions client;
+  GenerateFlags request;
 };
 // Streams epx.v1.Generation/Generate: prints each text delta to `out` as it arrives (flushed),
 // then a newline. With `usage`, prints `finish_reason=... prompt_tokens=N completion_tokens=M` to

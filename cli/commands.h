@@ -9,6 +9,7 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "cli/client.h"
 #include "common/model_config.h"
 #include "coordinator/membership.h"
 #include "coordinator/scheduler.h"
@@ -35,15 +36,11 @@ absl::Status RunEval(const EvalOptions& options, std::ostream& log);
 
 struct GenerateOptions {
   RuntimeOptions runtime;
-  std::string prompt;
-  int64_t max_tokens = 64;
-  float temperature = 0.f;
-  int32_t top_k = 0;
-  float top_p = 1.f;
-  uint64_t seed = 0;
+  GenerateFlags request;  // prompt, sampling, stops (the same flags as with --server)
   bool stats = false;
 };
-// Prints the completion to `out` as it is produced, then a newline.
+// Prints the completion to `out` as it is produced, then a newline. The request runs through
+// the serving scheduler (one generation loop: BOS, EOS, stop strings, penalties as a server's).
 absl::Status RunGenerate(const GenerateOptions& options, std::ostream& out, std::ostream& log);
 
 struct ServeOptions {

@@ -153,6 +153,7 @@ int Run(int argc, char** argv) {
   epx::GenerateOptions gen;
   double gen_timeout_s = 30;
   epx::RemoteGenerateOptions remote_gen;
+  uint64_t gen_seed = 0;
   CLI::App* gen_cmd = app.add_subcommand(
       "generate", "Generate text from a prompt: here (--model) or on a running server (--server)");
   // --model is required unless --server is given; checked after parsing for a clearer message.
@@ -161,36 +162,35 @@ int Run(int argc, char** argv) {
   gen_cmd->add_option("--server", remote_gen.client.server,
                       "HOST:PORT of a running `epx serve`: generate there instead of loading "
                       "--model here");
-  gen_cmd->add_option("--prompt", gen.prompt, "prompt text")->required();
-  gen_cmd->add_option("--max-tokens", gen.max_tokens, "tokens to generate at most")
+  gen_cmd->add_option("--prompt", gen.request.prompt, "prompt text")->required();
+  gen_cmd->add_option("--max-tokens", gen.request.max_tokens, "tokens to generate at most")
       ->capture_default_str();
-  gen_cmd->add_option("--temperature", gen.temperature, "0 = greedy")->capture_default_str();
-  gen_cmd->add_option("--top-k", gen.top_k, "keep the k most likely tokens (0 = all)")
+  gen_cmd->add_option("--temperature", gen.request.temperature, "0 = greedy")->capture_default_str();
+  gen_cmd->add_option("--top-k", gen.request.top_k, "keep the k most likely tokens (0 = all)")
       ->capture_default_str();
-  gen_cmd->add_option("--top-p", gen.top_p, "nucleus probability mass in (0, 1]")
+  gen_cmd->add_option("--top-p", gen.request.top_p, "nucleus probability mass in (0, 1]")
       ->capture_default_str();
-  gen_cmd->add_option("--seed", gen.seed, "sampling seed (--server: drawn by the server if unset)")
+  gen_cmd->add_option("--seed", gen_seed, "sampling seed (drawn at random if unset)")
       ->capture_default_str();
-  // Only the server implements these (cli/client.h).
   gen_cmd
-      ->add_option("--repetition-penalty", remote_gen.repetition_penalty,
-                   "--server: > 0, 1 = none; divides the logits of tokens already seen")
+      ->add_option("--repetition-penalty", gen.request.repetition_penalty,
+                   "> 0, 1 = none; divides the logits of tokens already seen")
       ->capture_default_str();
   // One value per flag, so that a stop string is never taken for the next flag's value.
-  gen_cmd->add_option("--stop", remote_gen.stop, "--server: stop before this text (repeatable)")
+  gen_cmd->add_option("--stop", gen.request.stop, "stop before this text (repeatable)")
       ->allow_extra_args(false);
   gen_cmd
-      ->add_option("--stop-token-id", remote_gen.stop_token_ids,
-                   "--server: stop after this token id (repeatable)")
+      ->add_option("--stop-token-id", gen.request.stop_token_ids,
+                   "stop after this token id (repeatable)")
       ->allow_extra_args(false);
-  gen_cmd->add_flag("--chat", remote_gen.chat,
-                    "--server: the prompt is a user message in the model's chat template");
+  gen_cmd->add_flag("--chat", gen.request.chat,
+                    "the prompt is a user message in the model's chat template");
   std::string gen_system;
-  gen_cmd->add_option("--system", gen_system, "--server --chat: system message");
-  gen_cmd->add_flag("--ignore-eos", remote_gen.ignore_eos,
-                    "--server: keep generating after the end-of-sequence token");
-  gen_cmd->add_flag("--usage", remote_gen.usage,
-                    "--server: print the finish reason and token counts to stderr");
+  gen_cmd->add_option("--system", gen_system, "--chat: system message");
+  gen_cmd->add_flag("--ignore-eos", gen.request.ignore_eos,
+                    "keep generating after the end-of-sequence token");
+  gen_cmd->add_flag("--usage", gen.request.usage,
+                    "print the finish reason and token counts to stderr");
   gen_cmd
       ->add_option("--timeout", remote_gen.client.timeout_s,
                    "--server: seconds the request may take in all")
@@ -472,14 +472,12 @@ int Run(int argc, char** argv) {
   gen.runtime.comm_timeout = absl::Seconds(gen_timeout_s);
   if (eval_cmd->parsed()) return Finish(epx::RunEval(eval, std::cerr));
   if (gen_cmd->parsed()) {
+    if (gen_cmd->count("--seed") > 0) gen.request.seed = gen_seed;
+    if (gen_cmd->count("--system") > 0) gen.request.system = gen_system;
     if (gen_cmd->count("--server") == 0) {
       if (gen.runtime.model_dir.empty())
         return Finish(absl::InvalidArgumentError("generate needs --model or --server"));
-      absl::Status flags =
-          RejectFlags(*gen_cmd,
-                      {"--repetition-penalty", "--stop", "--stop-token-id", "--chat", "--system",
-                       "--ignore-eos", "--usage", "--timeout"},
-                      "needs --server (local generate does not implement it)");
+      absl::Status flags = RejectFlags(*gen_cmd, {"--timeout"}, "is for --server");
       if (!flags.ok()) return Finish(flags);
       return Finish(epx::RunGenerate(gen, std::cout, std::cerr));
     }
@@ -489,13 +487,7 @@ int Run(int argc, char** argv) {
                      "--workers", "--listen", "--data-plane"},
                     "is for generating here; not with --server (see `epx stats` for the server's)");
     if (!flags.ok()) return Finish(flags);
-    remote_gen.prompt = gen.prompt;
-    remote_gen.max_tokens = gen.max_tokens;
-    remote_gen.temperature = gen.temperature;
-    remote_gen.top_k = gen.top_k;
-    remote_gen.top_p = gen.top_p;
-    if (gen_cmd->count("--seed") > 0) remote_gen.seed = gen.seed;
-    if (gen_cmd->count("--system") > 0) remote_gen.system = gen_system;
+    remote_gen.request = gen.request;
     return Finish(epx::RunRemoteGenerate(remote_gen, std::cout, std::cerr));
   }
   if (health_cmd->parsed())

@@ -38,10 +38,19 @@ namespace epx {
 enum class FinishReason { kNone, kLength, kStop, kEos, kCancelled };
 const char* FinishReasonName(FinishReason reason);
 
+// The defaults of a parameter a client leaves unset (those of the OpenAI completions API);
+// BuildRequest (coordinator/generation_params.h) applies them.
+inline constexpr int64_t kDefaultMaxTokens = 16;
+inline constexpr float kDefaultTemperature = 1.f;
+inline constexpr float kDefaultTopP = 1.f;
+inline constexpr int32_t kDefaultTopK = 0;  // all tokens
+inline constexpr float kDefaultRepetitionPenalty = 1.f;
+
+// One request as the scheduler takes it: every field set (BuildRequest).
 struct GenerationRequest {
   std::string request_id;
   std::vector<int32_t> prompt;  // token ids
-  int64_t max_tokens = 16;
+  int64_t max_tokens = kDefaultMaxTokens;
   cpu::SamplingParams sampling;
   float repetition_penalty = 1.f;  // > 0; 1: none
   uint64_t seed = 0;

@@ -9,7 +9,6 @@
 #include <chrono>
 #include <limits>
 #include <optional>
-#include <random>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -17,6 +16,7 @@
 #include "common/logging.h"
 #include "common/status.h"
 #include "coordinator/chat_template.h"
+#include "coordinator/generation_params.h"
 #include "epx/v1/admin.grpc.pb.h"
 #include "epx/v1/cluster.grpc.pb.h"
 #include "epx/v1/generation.grpc.pb.h"
@@ -25,7 +25,6 @@ namespace epx {
 namespace {
 
 constexpr char kGenerationService[] = "epx.v1.Generation";
-constexpr int64_t kDefaultMaxTokens = 16;
 // The longest one StoreGet waits (a rendezvous is bounded by --comm-timeout anyway).
 constexpr absl::Duration kStoreGetLimit = absl::Minutes(10);
 
@@ -70,43 +69,34 @@ absl::Status CheckSize(const google::protobuf::Message& request, int64_t limit) 
   return absl::OkStatus();
 }
 
-// The scheduler's request for a Generate call; parameters left unset take their defaults.
-absl::StatusOr<GenerationRequest> ToRequest(const v1::GenerateRequest& in,
-                                            const Tokenizer& tokenizer) {
-  GenerationRequest r;
+// What a Generate call asks for; BuildRequest applies the defaults of what it leaves unset.
+GenerationParams ToParams(const v1::GenerateRequest& in) {
+  GenerationParams p;
   switch (in.prompt_case()) {
-    case v1::GenerateRequest::kText: {
-      if (in.text().empty()) return absl::InvalidArgumentError("prompt text is empty");
-      EPX_ASSIGN_OR_RETURN(r.prompt,
-                           tokenizer.Encode(in.text(), in.add_bos() || !in.has_add_bos()));
+    case v1::GenerateRequest::kText:
+      p.text = in.text();
+      p.add_bos = in.add_bos() || !in.has_add_bos();
       break;
-    }
     case v1::GenerateRequest::kTokenIds:
-      r.prompt.assign(in.token_ids().ids().begin(), in.token_ids().ids().end());
-      if (r.prompt.empty()) return absl::InvalidArgumentError("prompt token_ids is empty");
+      p.token_ids.emplace(in.token_ids().ids().begin(), in.token_ids().ids().end());
       break;
-    case v1::GenerateRequest::kChat: {
-      EPX_ASSIGN_OR_RETURN(r.prompt, ChatIds(tokenizer, in.chat()));
+    case v1::GenerateRequest::kChat:
+      p.chat.emplace();
+      for (const v1::ChatMessage& m : in.chat().messages()) p.chat->push_back({m.role(), m.content()});
       break;
-    }
     case v1::GenerateRequest::PROMPT_NOT_SET:
-      return absl::InvalidArgumentError("no prompt: set one of text, token_ids or chat");
+      break;
   }
-  r.max_tokens = in.has_max_tokens() ? in.max_tokens() : kDefaultMaxTokens;
-  r.sampling.temperature = in.has_temperature() ? in.temperature() : 1.f;
-  r.sampling.top_k = in.has_top_k() ? in.top_k() : 0;
-  r.sampling.top_p = in.has_top_p() ? in.top_p() : 1.f;
-  r.repetition_penalty = in.has_repetition_penalty() ? in.repetition_penalty() : 1.f;
-  if (in.has_seed()) {
-    r.seed = in.seed();
-  } else {
-    std::random_device device;
-    r.seed = (uint64_t{device()} << 32) | device();
-  }
-  r.stop.assign(in.stop().begin(), in.stop().end());
-  r.stop_token_ids.assign(in.stop_token_ids().begin(), in.stop_token_ids().end());
-  r.ignore_eos = in.ignore_eos();
-  return r;
+  if (in.has_max_tokens()) p.max_tokens = in.max_tokens();
+  if (in.has_temperature()) p.temperature = in.temperature();
+  if (in.has_top_k()) p.top_k = in.top_k();
+  if (in.has_top_p()) p.top_p = in.top_p();
+  if (in.has_repetition_penalty()) p.repetition_penalty = in.repetition_penalty();
+  if (in.has_seed()) p.seed = in.seed();
+  p.stop.assign(in.stop().begin(), in.stop().end());
+  p.stop_token_ids.assign(in.stop_token_ids().begin(), in.stop_token_ids().end());
+  p.ignore_eos = in.ignore_eos();
+  return p;
 }
 
 // The scheduler once the cluster has formed (null before, and in a batch job's control plane),
@@ -264,7 +254,8 @@ class GenerationService final
     if (scheduler == nullptr) return GenerateReactor::Start(FromGrpc(unavailable), "");
     if (absl::Status s = CheckSize(*in, options_.max_request_bytes); !s.ok())
       return GenerateReactor::Start(s, "");
-    absl::StatusOr<GenerationRequest> request = ToRequest(*in, *backends_.tokenizer);
+    absl::StatusOr<GenerationRequest> request =
+        BuildRequest(ToParams(*in), *backends_.tokenizer, scheduler->max_context());
     if (!request.ok()) return GenerateReactor::Start(request.status(), "");
     request->request_id =
         in->request_id().empty() ? absl::StrCat("req-", next_id_.fetch_add(1)) : in->request_id();
