@@ -50,6 +50,7 @@ struct ServeOptions {
   std::string advertise_host;           // host workers reach the control plane at (default:
                                         // the listen host, or this host's name for 0.0.0.0)
   std::string port_file;                // written with the bound port once serving
+  std::string http_port_file;           // the same for --http-listen
   bool stats = false;                   // print per-layer timings and expert load at the end
   // After a data-plane failure the server stays up, NOT_SERVING, this long (so health checks
   // and load balancers see it) before it exits non-zero for the launcher to restart the job.

@@ -396,6 +396,16 @@ int Run(int argc, char** argv) {
   serve_cmd->add_option("--kv-cache-mib", kv_cache_mib, "KV cache memory in MiB")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  serve_cmd->add_option("--http-listen", serve.server.http_listen,
+                        "HOST:PORT of the OpenAI-compatible HTTP API (/v1/completions, "
+                        "/v1/chat/completions, /v1/models), /health, /ready and /metrics "
+                        "(port 0: any); off unless given");
+  serve_cmd->add_option("--http-threads", serve.server.http_threads,
+                        "HTTP connections served at once (each open stream holds one)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  serve_cmd->add_option("--http-port-file", serve.http_port_file,
+                        "write the bound HTTP port to this file once serving");
   serve_cmd->add_option("--max-request-bytes", serve.server.max_request_bytes,
                         "larger requests are refused with INVALID_ARGUMENT")
       ->capture_default_str()

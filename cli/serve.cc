@@ -100,12 +100,15 @@ absl::Status RunServe(const ServeOptions& options, std::ostream& log) {
     };
     EPX_ASSIGN_OR_RETURN(std::unique_ptr<ApiServer> started,
                          ApiServer::Start(server_options, backends));
-    if (!options.port_file.empty()) {
-      // Written whole under another name, then renamed: a reader never sees a partial port.
-      const std::string tmp = options.port_file + ".tmp";
-      std::ofstream(tmp) << started->port() << "\n";
-      std::filesystem::rename(tmp, options.port_file);
-    }
+    // Written whole under another name, then renamed: a reader never sees a partial port.
+    auto write_port = [](const std::string& file, int port) {
+      if (file.empty()) return;
+      const std::string tmp = file + ".tmp";
+      std::ofstream(tmp) << port << "\n";
+      std::filesystem::rename(tmp, file);
+    };
+    write_port(options.http_port_file, started->http_port());
+    write_port(options.port_file, started->port());
     return started;
   };
 

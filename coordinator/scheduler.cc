@@ -88,6 +88,7 @@ struct Scheduler::Active {
   std::vector<int32_t> output;
   std::string held;  // text not yet streamed: it may be the start of a stop string
   std::optional<GenerationEvent> last;  // set by Advance when the request ends
+  absl::Time submitted, last_token;      // the scheduler's clock
 };
 
 Scheduler::Scheduler(Engine* engine, const Tokenizer* tokenizer, const SchedulerOptions& options,
@@ -185,6 +186,7 @@ absl::StatusOr<std::shared_ptr<RequestStream>> Scheduler::Submit(GenerationReque
         "the wait queue is full (", options_.max_queue, " requests); retry later"));
   }
   auto active = std::make_unique<Active>(std::move(request), tokenizer_);
+  active->submitted = Now();
   std::shared_ptr<RequestStream> stream = active->stream;
   queue_.push_back(std::move(active));
   ++stats_.accepted;
@@ -268,6 +270,7 @@ void Scheduler::Admit(int64_t budget) {
       break;  // first come, first served: nothing overtakes the head of the queue
     next.seq_id = next_seq_id_++;
     next.blocks = blocks;
+    histograms_.queue_time.Observe(absl::ToDoubleSeconds(Now() - next.submitted));
     EPX_CHECK(engine_->AddSequence(next.seq_id).ok());
     reserved_blocks_ += blocks;
     budget -= std::min<int64_t>(budget, static_cast<int64_t>(next.req.prompt.size()));
@@ -284,8 +287,10 @@ void Scheduler::Retire(std::list<std::unique_ptr<Active>>::iterator it, Generati
   reserved_blocks_ -= a.blocks;
   last.prompt_tokens = static_cast<int64_t>(a.req.prompt.size());
   last.completion_tokens = static_cast<int64_t>(a.output.size());
+  histograms_.e2e_latency.Observe(absl::ToDoubleSeconds(Now() - a.submitted));
   {
     absl::MutexLock lock(&mu_);
+    ++stats_.finished_by_reason[last.error.ok() ? static_cast<size_t>(last.finish) : 0];
     if (!last.error.ok()) {
       ++(absl::IsCancelled(last.error) || absl::IsDeadlineExceeded(last.error) ? stats_.cancelled
                                                                                 : stats_.failed);
@@ -357,6 +362,13 @@ void Scheduler::Advance(Active& a, absl::Span<const float> logits) {
       a.held.erase(0, a.held.size() - keep);
     }
   }
+  const absl::Time now = Now();
+  if (a.output.size() == 1) {
+    histograms_.time_to_first_token.Observe(absl::ToDoubleSeconds(now - a.submitted));
+  } else {
+    histograms_.inter_token_latency.Observe(absl::ToDoubleSeconds(now - a.last_token));
+  }
+  a.last_token = now;
   {
     absl::MutexLock lock(&mu_);
     ++stats_.generated_tokens;

@@ -13,6 +13,7 @@
 #ifndef EPX_COORDINATOR_SCHEDULER_H_
 #define EPX_COORDINATOR_SCHEDULER_H_
 
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <deque>
@@ -28,6 +29,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/metrics.h"
 #include "common/tokenizer.h"
 #include "coordinator/distributed_expert_executor.h"
 #include "coordinator/engine.h"
@@ -122,8 +124,19 @@ struct SchedulerOptions {
   int64_t max_batch_tokens = 512; // tokens in one step (decode tokens + prefill chunks)
   int64_t max_stop_strings = 16;
   int64_t max_stop_string_bytes = 256;
+  // The clock of the latency histograms (null: absl::Now); tests inject one.
+  std::function<absl::Time()> clock;
 
   absl::Status Validate() const;
+};
+
+// Latencies per request, in seconds, from Submit: waiting in the queue until admission, to the
+// first token, between tokens, to the last event.
+struct ServingHistograms {
+  Histogram queue_time{LatencyBuckets()};
+  Histogram time_to_first_token{LatencyBuckets()};
+  Histogram inter_token_latency{LatencyBuckets()};
+  Histogram e2e_latency{LatencyBuckets()};
 };
 
 struct SchedulerStats {
@@ -134,6 +147,8 @@ struct SchedulerStats {
   int64_t kv_block_size = 0;
   int64_t accepted = 0, finished = 0, failed = 0, rejected = 0, cancelled = 0;
   int64_t prompt_tokens = 0, generated_tokens = 0;
+  // Requests that ended with each finish reason (FinishReason as index; kNone: failed).
+  std::array<int64_t, 5> finished_by_reason{};
   bool draining = false;
   absl::Status failure;  // set once the engine failed; the scheduler then refuses everything
   int64_t recoveries = 0;    // steps run again after the expert tier re-formed
@@ -172,6 +187,7 @@ class Scheduler {
   // Cheap parts of stats(), for frequent polls (readiness).
   absl::Status failure() const;
   bool draining() const;
+  const ServingHistograms& histograms() const { return histograms_; }
   const SchedulerOptions& options() const { return options_; }
   const Engine& engine() const { return *engine_; }
   // Tokens one request may span, prompt + max_tokens.
@@ -193,6 +209,8 @@ class Scheduler {
   const SchedulerOptions options_;
   const ExpertParallelStats* const expert_parallel_;
   StepRecovery* const recovery_;
+  ServingHistograms histograms_;
+  absl::Time Now() const { return options_.clock ? options_.clock() : absl::Now(); }
   int64_t next_seq_id_ = 0;           // step thread
   int64_t reserved_blocks_ = 0;       // step thread: blocks promised to running requests
   std::list<std::unique_ptr<Active>> running_;  // step thread, in admission order

@@ -17,6 +17,8 @@
 #include "common/status.h"
 #include "coordinator/chat_template.h"
 #include "coordinator/generation_params.h"
+#include "coordinator/http_server.h"
+#include "coordinator/serving_metrics.h"
 #include "epx/v1/admin.grpc.pb.h"
 #include "epx/v1/cluster.grpc.pb.h"
 #include "epx/v1/generation.grpc.pb.h"
@@ -698,6 +700,31 @@ class ApiServer::Impl {
     if (server_ == nullptr || port_ == 0)
       return absl::UnavailableError(absl::StrCat("cannot listen on ", options_.listen,
                                                  " (address in use or not valid)"));
+    if (!options_.http_listen.empty()) {
+      HttpServerOptions http;
+      http.listen = options_.http_listen;
+      http.threads = options_.http_threads;
+      http.max_request_bytes = options_.max_request_bytes;
+      http.model_name = options_.model_name;
+      HttpBackends backends;
+      backends.scheduler = [this](std::string* why_not) {
+        Scheduler* s = late_.scheduler.load();
+        if (s == nullptr) *why_not = NotReadyReason();
+        return backends_.tokenizer == nullptr ? nullptr : s;
+      };
+      backends.not_ready_reason = [this] { return NotReadyReason(); };
+      backends.metrics_text = [this] {
+        return ServingMetricsText(late_.scheduler.load(), *backends_.membership,
+                                  options_.model_name);
+      };
+      backends.tokenizer = backends_.tokenizer;
+      absl::StatusOr<std::unique_ptr<HttpServer>> started = HttpServer::Start(http, backends);
+      if (!started.ok()) {
+        server_->Shutdown();
+        return started.status();
+      }
+      http_ = *std::move(started);
+    }
     UpdateHealth();
     monitor_ = std::thread([this] {
       while (!stop_.WaitForNotificationWithTimeout(absl::Milliseconds(100))) UpdateHealth();
@@ -738,6 +765,7 @@ class ApiServer::Impl {
     if (!stop_.HasBeenNotified()) stop_.Notify();
     if (monitor_.joinable()) monitor_.join();
     server_->GetHealthCheckService()->SetServingStatus(kGenerationService, false);
+    if (http_ != nullptr) http_->Shutdown();
     server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
     server_->Wait();
   }
@@ -749,6 +777,7 @@ class ApiServer::Impl {
   AdminService admin_;
   ClusterService cluster_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<HttpServer> http_;
   int port_ = 0;
   std::thread monitor_;
   absl::Notification stop_;
@@ -773,6 +802,8 @@ ApiServer::ApiServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 ApiServer::~ApiServer() { Shutdown(absl::Seconds(1)); }
 
 int ApiServer::port() const { return impl_->port_; }
+
+int ApiServer::http_port() const { return impl_->http_ != nullptr ? impl_->http_->port() : 0; }
 
 std::string ApiServer::address() const {
   const std::string& listen = impl_->options_.listen;

@@ -43,6 +43,10 @@ struct ApiServerOptions {
   std::string build_id;
   std::string placement_name;  // "local", "round-robin" or a file
   int world_size = 1;
+  // The OpenAI-compatible HTTP front end and /metrics (coordinator/http_server.h) on this
+  // host:port as well; empty: none.
+  std::string http_listen;
+  int http_threads = 64;
 };
 
 // What the services drive. All must outlive the server. Only the membership is required:
@@ -74,6 +78,8 @@ class ApiServer {
   ~ApiServer();
 
   int port() const;
+  // The HTTP front end's port; 0 without one.
+  int http_port() const;
   // host:port as bound.
   std::string address() const;
   // Readiness NOT_SERVING from now on; in-flight calls get `grace` to finish before they are

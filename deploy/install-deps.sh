@@ -15,6 +15,8 @@ packages=(
   libopenblas-dev                   # the BLAS peer in bench/
   libopenmpi-dev openmpi-bin        # the CPU data plane under a launcher (mpirun -np 1+W)
   libgloo-dev                       # the CPU data plane without a launcher (TCP)
+  libcpp-httplib-dev                # the OpenAI-compatible HTTP front end and /metrics
+  python3-venv                      # deploy/python-env.sh: the openai / prometheus-client test venv
   procps                            # pgrep, for the mpi tests that signal a rank
   patchelf                          # deploy/bundle.sh: RUNPATH of the bundled binaries
   libgtest-dev libgmock-dev         # unit tests
