@@ -122,7 +122,14 @@ absl::StatusOr<std::string> StreamDecoder::Pending() const {
   EPX_ASSIGN_OR_RETURN(std::string prefix, tokenizer_->Decode(window.subspan(
                                                prefix_offset_, read_offset_ - prefix_offset_)));
   EPX_ASSIGN_OR_RETURN(std::string full, tokenizer_->Decode(window.subspan(prefix_offset_)));
-  return full.size() > prefix.size() ? full.substr(prefix.size()) : std::string();
+  // Usually `full` extends `prefix`. It does not when the new ids complete a byte sequence the
+  // prefix ended with (a lone lead byte decodes to U+FFFD there, to a character here): the text
+  // then starts where the two part, backed up to a character boundary, so that it is always
+  // valid UTF-8 (SentencePiece's decode is).
+  size_t common = 0;
+  while (common < prefix.size() && common < full.size() && prefix[common] == full[common]) ++common;
+  while (common > 0 && (static_cast<unsigned char>(full[common]) & 0xC0) == 0x80) --common;
+  return full.substr(common);
 }
 
 absl::StatusOr<std::string> StreamDecoder::Push(int32_t id) {

@@ -67,6 +67,7 @@ class ServerProcess {
   ~ServerProcess() { Stop(); }
 
   bool ok() const { return port_ != 0; }
+  pid_t pid() const { return pid_; }
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
   std::unique_ptr<v1::Generation::Stub> generation() const {
     return v1::Generation::NewStub(channel_);

@@ -5,6 +5,8 @@
 #include <atomic>
 #include <cmath>
 #include <random>
+#include <fstream>
+#include <iostream>
 #include <latch>
 #include <thread>
 
@@ -378,6 +380,148 @@ TEST(ServeOverloadTest, FullQueueIsResourceExhaustedAndNoAcceptedRequestIsLost) 
   EXPECT_EQ(s.requests_accepted(), static_cast<uint64_t>(ok));
   EXPECT_EQ(s.requests_finished(), static_cast<uint64_t>(ok));
   EXPECT_EQ(s.requests_rejected(), static_cast<uint64_t>(exhausted));
+}
+
+// The server's threads (from /proc), or -1.
+int ThreadsOf(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("Threads:", 0) == 0) return std::stoi(line.substr(8));
+  return -1;
+}
+
+// One Generate stream on the client's callback API: counts what it reads; `done` counts down
+// when the call ends.
+class CountingStream final : public grpc::ClientReadReactor<v1::GenerateResponse> {
+ public:
+  CountingStream(v1::Generation::Stub& stub, const v1::GenerateRequest& request, std::latch& done)
+      : done_(done) {
+    stub.async()->Generate(&context_, &request, this);
+    StartRead(&response_);
+    StartCall();
+  }
+  void OnReadDone(bool ok) override {
+    if (!ok) return;
+    tokens_ += response_.token_ids_size();
+    if (response_.finish_reason() != v1::FINISH_REASON_UNSPECIFIED)
+      finish_ = response_.finish_reason();
+    StartRead(&response_);
+  }
+  void OnDone(const grpc::Status& status) override {
+    status_ = status;
+    done_.count_down();
+  }
+  void Cancel() { context_.TryCancel(); }
+
+  int tokens_ = 0;
+  v1::FinishReason finish_ = v1::FINISH_REASON_UNSPECIFIED;
+  grpc::Status status_;
+
+ private:
+  grpc::ClientContext context_;
+  v1::GenerateResponse response_;
+  std::latch& done_;
+};
+
+// Many streams at once over a few connections (each channel its own).
+class ManyStreams {
+ public:
+  ManyStreams(const ServerProcess& server, int channels) {
+    for (int c = 0; c < channels; ++c) {
+      grpc::ChannelArguments args;
+      args.SetInt("epx.test.channel", c);
+      stubs_.push_back(v1::Generation::NewStub(
+          grpc::CreateCustomChannel(server.address(), grpc::InsecureChannelCredentials(), args)));
+    }
+  }
+  // `count` greedy streams of `max_tokens` each; `done` must count `count`.
+  std::vector<std::unique_ptr<CountingStream>> Open(int count, int max_tokens, std::latch& done) {
+    std::vector<std::unique_ptr<CountingStream>> streams;
+    for (int i = 0; i < count; ++i) {
+      v1::GenerateRequest r;
+      r.mutable_token_ids()->add_ids(1);
+      r.mutable_token_ids()->add_ids(3 + i % 509);  // every id of the tiny vocabulary but 0..2
+      r.set_max_tokens(max_tokens);
+      r.set_temperature(0);
+      r.set_ignore_eos(true);
+      streams.push_back(
+          std::make_unique<CountingStream>(*stubs_[i % stubs_.size()], r, done));
+    }
+    return streams;
+  }
+
+ private:
+  std::vector<std::unique_ptr<v1::Generation::Stub>> stubs_;
+};
+
+// 3,000 streams at once on the callback API: every one completes with its tokens; then 3,000
+// long ones held open (64 run, the rest wait) leave the server's thread count bounded where the
+// synchronous API held a thread per open stream, and all of them end cleanly when cancelled.
+TEST(ServeManyStreamsTest, ThreeThousandStreamsCompleteAndHoldABoundedNumberOfThreads) {
+  ServerProcess server("epx_serve_many", "",
+                       "--model " + testing::TinyModelDir() + " --max-queue 4000 --max-running 64");
+  ASSERT_TRUE(server.ok()) << server.log();
+  const int threads_before = ThreadsOf(server.pid());
+  ASSERT_GT(threads_before, 0);
+  constexpr int kStreams = 3000;
+  ManyStreams many(server, 8);
+  const auto stats = [&] {
+    grpc::ClientContext context;
+    v1::StatsResponse s;
+    EXPECT_TRUE(server.admin()->Stats(&context, {}, &s).ok());
+    return s;
+  };
+
+  {
+    std::latch done(kStreams);
+    auto streams = many.Open(kStreams, 4, done);
+    done.wait();
+    int ok = 0;
+    for (const auto& s : streams) {
+      if (!s->status_.ok()) {
+        ADD_FAILURE() << s->status_.error_message();
+        continue;
+      }
+      EXPECT_EQ(s->tokens_, 4);
+      EXPECT_EQ(s->finish_, v1::FINISH_REASON_LENGTH);
+      ++ok;
+    }
+    EXPECT_EQ(ok, kStreams);
+  }
+
+  // Long enough (4,000 tokens) that they are all open while the server is counted.
+  std::latch done(kStreams);
+  auto streams = many.Open(kStreams, 4000, done);
+  v1::StatsResponse s = stats();
+  while (s.requests_accepted() < 2 * kStreams) {  // every stream has reached the scheduler
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // a poll of the condition
+    s = stats();
+  }
+  const int threads_open = ThreadsOf(server.pid());
+  std::cout << "server threads: " << threads_before << " idle, " << threads_open << " with "
+            << kStreams << " streams open\n";
+  EXPECT_LT(threads_open, threads_before + 64) << "threads before: " << threads_before;
+  for (const auto& stream : streams) stream->Cancel();
+  done.wait();
+  for (const auto& stream : streams) {
+    // Cancelled, or (on a very slow machine) finished before the cancel.
+    if (stream->status_.ok()) {
+      EXPECT_EQ(stream->finish_, v1::FINISH_REASON_LENGTH);
+    } else {
+      EXPECT_EQ(stream->status_.error_code(), grpc::StatusCode::CANCELLED)
+          << stream->status_.error_message();
+    }
+  }
+  // The server lets go of every one: nothing runs or waits.
+  s = stats();
+  while (s.running_requests() > 0 ||
+         s.requests_finished() + s.requests_cancelled() < s.requests_accepted()) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    s = stats();
+  }
+  EXPECT_EQ(s.requests_accepted(), static_cast<uint64_t>(2 * kStreams));
+  EXPECT_GE(s.requests_cancelled(), 1u);
 }
 
 TEST(ServeDrainTest, DrainFinishesRunningWorkRefusesNewAndShutdownExitsCleanly) {

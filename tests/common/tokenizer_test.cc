@@ -109,6 +109,65 @@ TEST(StreamDecoderTest, IncrementsConcatenateToTheFullText) {
   }
 }
 
+// Whether `text` is well-formed UTF-8 (shortest forms, no surrogates, at most U+10FFFF).
+bool IsValidUtf8(const std::string& text) {
+  size_t i = 0;
+  while (i < text.size()) {
+    const auto byte = [&](size_t k) { return static_cast<unsigned char>(text[k]); };
+    const unsigned char lead = byte(i);
+    size_t n = lead < 0x80 ? 1 : (lead >> 5) == 0x6 ? 2 : (lead >> 4) == 0xE ? 3 : (lead >> 3) == 0x1E ? 4 : 0;
+    if (n == 0 || i + n > text.size()) return false;
+    uint32_t cp = n == 1 ? lead : lead & (0x7F >> n);
+    for (size_t k = 1; k < n; ++k) {
+      if ((byte(i + k) & 0xC0) != 0x80) return false;
+      cp = (cp << 6) | (byte(i + k) & 0x3F);
+    }
+    static constexpr uint32_t kMin[] = {0, 0, 0x80, 0x800, 0x10000};
+    if (cp < kMin[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
+    i += n;
+  }
+  return true;
+}
+
+// The byte-fallback piece <0xNN>: this model numbers them 3 + NN.
+int32_t BytePiece(int value) { return 3 + value; }
+
+// A prompt that ends inside a character (its lead byte) completed by the first generated id:
+// the increment is the character, never the lead's continuation bytes alone (which gRPC's
+// proto3 strings and JSON would refuse).
+TEST(StreamDecoderTest, APromptEndingInsideACharacterStillGivesValidUtf8) {
+  auto tok = Load();
+  ASSERT_NE(tok, nullptr);
+  const std::vector<int32_t> context = {tok->bos_id(), BytePiece(0xC4)};
+  StreamDecoder stream(tok.get(), context);
+  auto piece = stream.Push(BytePiece(0x89));
+  ASSERT_TRUE(piece.ok());
+  EXPECT_EQ(*piece, "\xC4\x89");  // U+0109
+}
+
+// Random ids after random contexts: every increment, and the flushed tail, is valid UTF-8.
+TEST(StreamDecoderTest, EveryIncrementOfRandomIdsIsValidUtf8) {
+  auto tok = Load();
+  ASSERT_NE(tok, nullptr);
+  uint64_t state = 1;
+  const auto next_id = [&] {
+    state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+    return static_cast<int32_t>(3 + (state >> 33) % (tok->vocab_size() - 3));
+  };
+  for (int trial = 0; trial < 2000; ++trial) {
+    const std::vector<int32_t> context = {tok->bos_id(), next_id(), next_id()};
+    StreamDecoder stream(tok.get(), context);
+    for (int i = 0; i < 8; ++i) {
+      auto piece = stream.Push(next_id());
+      ASSERT_TRUE(piece.ok());
+      ASSERT_TRUE(IsValidUtf8(*piece)) << "trial " << trial << " id " << i;
+    }
+    auto tail = stream.Flush();
+    ASSERT_TRUE(tail.ok());
+    ASSERT_TRUE(IsValidUtf8(*tail)) << "trial " << trial;
+  }
+}
+
 TEST(BuiltinTokenizerTest, PaddedToTheModelVocabularyAndEncodesLikeTheFile) {
   auto proto = BuiltinTokenizerModel(32000);
   ASSERT_TRUE(proto.ok());
