@@ -60,35 +60,6 @@ std::string FinishReasonName(v1::FinishReason reason) {
   return absl::AsciiStrToLower(name);
 }
 
-v1::GenerateRequest MakeGenerateRequest(const GenerationParams& params) {
-  v1::GenerateRequest request;
-  if (params.chat.has_value()) {
-    v1::Chat* chat = request.mutable_chat();
-    for (const ChatMessage& m : *params.chat) {
-      v1::ChatMessage* message = chat->add_messages();
-      message->set_role(m.role);
-      message->set_content(m.content);
-    }
-  } else if (params.token_ids.has_value()) {
-    request.mutable_token_ids()->mutable_ids()->Add(params.token_ids->begin(),
-                                                    params.token_ids->end());
-  } else if (params.text.has_value()) {
-    request.set_text(*params.text);
-    request.set_add_bos(params.add_bos);
-  }
-  if (params.max_tokens.has_value()) request.set_max_tokens(static_cast<uint32_t>(*params.max_tokens));
-  if (params.temperature.has_value()) request.set_temperature(*params.temperature);
-  if (params.top_k.has_value()) request.set_top_k(*params.top_k);
-  if (params.top_p.has_value()) request.set_top_p(*params.top_p);
-  if (params.repetition_penalty.has_value())
-    request.set_repetition_penalty(*params.repetition_penalty);
-  if (params.seed.has_value()) request.set_seed(*params.seed);
-  for (const std::string& stop : params.stop) request.add_stop(stop);
-  for (int32_t id : params.stop_token_ids) request.add_stop_token_ids(id);
-  request.set_ignore_eos(params.ignore_eos);
-  return request;
-}
-
 }  // namespace
 
 absl::StatusOr<GenerationParams> ToParams(const GenerateFlags& flags) {
@@ -345,7 +316,7 @@ absl::Status RunRemoteGenerate(const RemoteGenerateOptions& options, std::ostrea
                                std::ostream& log) {
   EPX_RETURN_IF_ERROR(ValidateClientOptions(options.client));
   EPX_ASSIGN_OR_RETURN(GenerationParams params, ToParams(options.request));
-  const v1::GenerateRequest request = MakeGenerateRequest(params);
+  const v1::GenerateRequest request = ToGenerateRequest(params);
   std::unique_ptr<v1::Generation::Stub> stub =
       v1::Generation::NewStub(MakeClientChannel(options.client));
   grpc::ClientContext context;

@@ -1,5 +1,6 @@
 #include "cli/grpc_client.h"
 
+#include <grpcpp/client_context.h>
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/credentials.h>
 #include <grpcpp/support/channel_arguments.h>
@@ -7,6 +8,7 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "common/status.h"
 
 namespace epx {
 
@@ -46,6 +48,63 @@ absl::Status FromGrpcStatus(const grpc::Status& status, const std::string& serve
   if (status.ok()) return absl::OkStatus();
   return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
                       absl::StrCat(server, ": ", method, ": ", status.error_message()));
+}
+
+v1::GenerateRequest ToGenerateRequest(const GenerationParams& params) {
+  v1::GenerateRequest request;
+  if (params.chat.has_value()) {
+    v1::Chat* chat = request.mutable_chat();
+    for (const ChatMessage& m : *params.chat) {
+      v1::ChatMessage* message = chat->add_messages();
+      message->set_role(m.role);
+      message->set_content(m.content);
+    }
+  } else if (params.token_ids.has_value()) {
+    request.mutable_token_ids()->mutable_ids()->Add(params.token_ids->begin(),
+                                                    params.token_ids->end());
+  } else if (params.text.has_value()) {
+    request.set_text(*params.text);
+    request.set_add_bos(params.add_bos);
+  }
+  if (params.max_tokens.has_value()) request.set_max_tokens(static_cast<uint32_t>(*params.max_tokens));
+  if (params.temperature.has_value()) request.set_temperature(*params.temperature);
+  if (params.top_k.has_value()) request.set_top_k(*params.top_k);
+  if (params.top_p.has_value()) request.set_top_p(*params.top_p);
+  if (params.repetition_penalty.has_value())
+    request.set_repetition_penalty(*params.repetition_penalty);
+  if (params.seed.has_value()) request.set_seed(*params.seed);
+  for (const std::string& stop : params.stop) request.add_stop(stop);
+  for (int32_t id : params.stop_token_ids) request.add_stop_token_ids(id);
+  request.set_ignore_eos(params.ignore_eos);
+  return request;
+}
+
+
+absl::StatusOr<Completion> GenerateToCompletion(v1::Generation::Stub& stub,
+                                                const v1::GenerateRequest& request,
+                                                const ClientOptions& client) {
+  grpc::ClientContext context;
+  context.set_deadline(ClientDeadline(client.timeout_s));
+  std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader =
+      stub.Generate(&context, request);
+  Completion c;
+  v1::GenerateResponse response;
+  while (reader->Read(&response)) {
+    c.text += response.text();
+    if (response.finish_reason() == v1::FINISH_REASON_UNSPECIFIED) continue;
+    switch (response.finish_reason()) {
+      case v1::FINISH_REASON_LENGTH: c.finish = FinishReason::kLength; break;
+      case v1::FINISH_REASON_STOP: c.finish = FinishReason::kStop; break;
+      case v1::FINISH_REASON_EOS: c.finish = FinishReason::kEos; break;
+      default: c.finish = FinishReason::kCancelled; break;
+    }
+    c.matched_stop = response.matched_stop();
+    c.prompt_tokens = response.usage().prompt_tokens();
+    c.completion_tokens = response.usage().completion_tokens();
+  }
+  EPX_RETURN_IF_ERROR(
+      FromGrpcStatus(reader->Finish(), client.server, "epx.v1.Generation/Generate"));
+  return c;
 }
 
 }  // namespace epx

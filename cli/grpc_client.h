@@ -12,7 +12,10 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "cli/client.h"
+#include "coordinator/generation_params.h"
+#include "epx/v1/generation.grpc.pb.h"
 
 namespace epx {
 
@@ -37,6 +40,16 @@ std::chrono::system_clock::time_point ClientDeadline(double timeout_s);
 // "<server>: <method>: <message>".
 absl::Status FromGrpcStatus(const grpc::Status& status, const std::string& server,
                             const std::string& method);
+
+// The gRPC request of `params` (unset fields stay unset: the server applies the defaults).
+v1::GenerateRequest ToGenerateRequest(const GenerationParams& params);
+
+// Runs one Generate to its end and collects the text, finish reason and usage. The call's error
+// (FromGrpcStatus), with a deadline of client.timeout_s. A request the server cut short at shut
+// down comes back OK with finish kCancelled.
+absl::StatusOr<Completion> GenerateToCompletion(v1::Generation::Stub& stub,
+                                                const v1::GenerateRequest& request,
+                                                const ClientOptions& client);
 
 }  // namespace epx
 

@@ -4,6 +4,7 @@
 
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_cat.h"
+#include "cli/batch.h"
 #include "cli/bench_decode.h"
 #include "cli/bench_serve.h"
 #include "cli/client.h"
@@ -268,6 +269,33 @@ int Run(int argc, char** argv) {
   CLI::App* bench_cmd = app.add_subcommand(
       "bench", "Benchmarks: a running server (serve), the model on this device (decode)");
   bench_cmd->require_subcommand(1);
+  epx::BatchOptions batch;
+  double batch_timeout_s = 30;
+  CLI::App* batch_cmd = app.add_subcommand(
+      "batch",
+      "Answer a file of OpenAI batch lines (/v1/completions, /v1/chat/completions) line for line: "
+      "here (--model) or on a running server (--server)");
+  add_runtime_options(batch_cmd, &batch.runtime, &batch_timeout_s, &batch.stats, false,
+                      &token_file);
+  batch_cmd->add_option("--server", batch.client.server,
+                        "HOST:PORT of a running `epx serve`: answer there instead of loading "
+                        "--model here");
+  batch_cmd->add_option("--timeout", batch.client.timeout_s,
+                        "--server: seconds each line's request may take")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  batch_cmd->add_option("--input", batch.input, "JSONL of {custom_id, method, url, body}")
+      ->required();
+  batch_cmd->add_option("--output", batch.output, "JSONL of results, one per input line, in order")
+      ->required();
+  batch_cmd->add_option("--concurrency", batch.concurrency, "lines in flight at once")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  bool batch_progress = false;
+  CLI::Option* batch_progress_flag = batch_cmd->add_flag(
+      "--progress,!--no-progress", batch_progress,
+      "a progress bar on stderr (default: when stderr is a terminal)");
+
   epx::BenchServeOptions bench_serve;
   CLI::App* bench_serve_cmd = bench_cmd->add_subcommand(
       "serve", "Concurrent streaming requests: throughput, TTFT, ITL, failures");
@@ -475,7 +503,8 @@ int Run(int argc, char** argv) {
   // One cluster secret for whichever command runs.
   absl::StatusOr<std::string> token = epx::ClusterToken(token_file);
   if (!token.ok()) return Finish(token.status());
-  for (epx::RuntimeOptions* rt : {&eval.runtime, &gen.runtime, &serve.runtime, &worker.runtime})
+  for (epx::RuntimeOptions* rt :
+       {&eval.runtime, &gen.runtime, &serve.runtime, &worker.runtime, &batch.runtime})
     rt->cluster_token = *token;
 
   eval.runtime.comm_timeout = absl::Seconds(eval_timeout_s);
@@ -499,6 +528,25 @@ int Run(int argc, char** argv) {
     if (!flags.ok()) return Finish(flags);
     remote_gen.request = gen.request;
     return Finish(epx::RunRemoteGenerate(remote_gen, std::cout, std::cerr));
+  }
+  if (batch_cmd->parsed()) {
+    if (batch_progress_flag->count() > 0) batch.progress = batch_progress;
+    batch.remote = batch_cmd->count("--server") > 0;
+    if (!batch.remote) {
+      if (batch.runtime.model_dir.empty())
+        return Finish(absl::InvalidArgumentError("batch needs --model or --server"));
+      absl::Status flags = RejectFlags(*batch_cmd, {"--timeout"}, "is for --server");
+      if (!flags.ok()) return Finish(flags);
+      batch.runtime.comm_timeout = absl::Seconds(batch_timeout_s);
+      return Finish(epx::RunBatch(batch, std::cerr));
+    }
+    absl::Status flags =
+        RejectFlags(*batch_cmd,
+                    {"--model", "--placement", "--replicas", "--role", "--comm-timeout", "--stats",
+                     "--workers", "--data-plane"},
+                    "is for answering here; not with --server");
+    if (!flags.ok()) return Finish(flags);
+    return Finish(epx::RunBatch(batch, std::cerr));
   }
   if (health_cmd->parsed())
     return Finish(epx::RunHealth(health, health_service, health_wait, std::cout));

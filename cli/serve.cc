@@ -12,6 +12,7 @@
 #include "common/logging.h"
 #include "common/status.h"
 #include "common/tokenizer.h"
+#include "coordinator/http_server.h"
 #include "runtime/runtime.h"
 #include "worker/control_client.h"
 
@@ -73,9 +74,7 @@ absl::Status RunServe(const ServeOptions& options, std::ostream& log) {
       options.runtime.workers > 0 ? options.runtime.cluster_token : NewClusterToken();
   server_options.build_id = BuildId();
   server_options.comm_timeout = options.runtime.comm_timeout;
-  server_options.model_name = std::filesystem::absolute(dir).filename().string();
-  if (server_options.model_name.empty())
-    server_options.model_name = std::filesystem::absolute(dir).parent_path().filename().string();
+  server_options.model_name = openai::ModelName(dir);
   // The API server over the runtime's membership: started from inside Runtime::Start in a
   // launcher-free cluster (the workers register through it), after it otherwise.
   auto start_server = [&](Runtime& rt) -> absl::StatusOr<std::unique_ptr<ApiServer>> {

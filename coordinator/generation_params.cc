@@ -50,4 +50,29 @@ absl::StatusOr<GenerationRequest> BuildRequest(const GenerationParams& params,
   return r;
 }
 
+absl::StatusOr<Completion> Collect(RequestStream& stream, const std::function<bool()>& stop) {
+  Completion c;
+  bool cancelled = false;
+  GenerationEvent event;
+  while (true) {
+    if (!cancelled && stop && stop()) {
+      stream.Cancel();
+      cancelled = true;
+    }
+    if (!stream.Next(&event, absl::Milliseconds(100))) continue;
+    c.text += event.text;
+    if (event.last()) break;
+  }
+  if (cancelled && absl::IsCancelled(event.error)) {
+    c.finish = FinishReason::kCancelled;
+  } else {
+    EPX_RETURN_IF_ERROR(event.error);
+    c.finish = event.finish;
+  }
+  c.matched_stop = event.matched_stop;
+  c.prompt_tokens = event.prompt_tokens;
+  c.completion_tokens = event.completion_tokens;
+  return c;
+}
+
 }  // namespace epx

@@ -8,6 +8,7 @@
 #define EPX_COORDINATOR_GENERATION_PARAMS_H_
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -43,6 +44,20 @@ struct GenerationParams {
 // the max_tokens of max_tokens_to_context.
 absl::StatusOr<GenerationRequest> BuildRequest(const GenerationParams& params,
                                                const Tokenizer& tokenizer, int64_t max_context);
+
+// A request's whole output, read from its stream (the non-streaming APIs and `epx batch`).
+struct Completion {
+  std::string text;
+  FinishReason finish = FinishReason::kNone;
+  std::string matched_stop;
+  int64_t prompt_tokens = 0;
+  int64_t completion_tokens = 0;
+};
+
+// Reads `stream` to its last event. Once `stop` returns true (asked at every event and at least
+// every 100 ms) the request is cancelled and comes back finished as kCancelled. The stream's
+// error, if it ended with one. `stop` may be empty.
+absl::StatusOr<Completion> Collect(RequestStream& stream, const std::function<bool()>& stop);
 
 }  // namespace epx
 

@@ -3,6 +3,7 @@
 #include <httplib.h>
 
 #include <atomic>
+#include <filesystem>
 #include <thread>
 
 #include "absl/container/flat_hash_set.h"
@@ -246,6 +247,12 @@ nlohmann::json CompletionBody(bool chat, const std::string& id, const std::strin
             {"total_tokens", prompt_tokens + completion_tokens}}}};
 }
 
+std::string ModelName(const std::string& model_dir) {
+  const std::filesystem::path dir = std::filesystem::absolute(model_dir);
+  const std::string name = dir.filename().string();
+  return name.empty() ? dir.parent_path().filename().string() : name;
+}
+
 }  // namespace openai
 
 namespace {
@@ -363,22 +370,13 @@ class HttpServer::Impl {
     const int64_t created = absl::ToUnixSeconds(absl::Now());
 
     if (!parsed->stream) {
-      std::string text;
-      GenerationEvent event;
-      while (true) {
-        if (!stream->Next(&event, absl::Milliseconds(200))) {
-          if (stopping_.load()) stream->Cancel();
-          continue;
-        }
-        if (!event.error.ok()) return SendError(res, event.error);
-        text += event.text;
-        if (event.last()) break;
-      }
-      if (event.finish == FinishReason::kCancelled)
+      absl::StatusOr<Completion> done = Collect(*stream, [this] { return stopping_.load(); });
+      if (!done.ok()) return SendError(res, done.status());
+      if (done->finish == FinishReason::kCancelled)
         return SendError(res, absl::UnavailableError("the server shut down before the request finished"));
-      res.set_content(Dump(openai::CompletionBody(chat, id, options_.model_name, created, text,
-                                                  event.finish, event.prompt_tokens,
-                                                  event.completion_tokens)),
+      res.set_content(Dump(openai::CompletionBody(chat, id, options_.model_name, created, done->text,
+                                                  done->finish, done->prompt_tokens,
+                                                  done->completion_tokens)),
                       "application/json");
       return;
     }
@@ -412,8 +410,9 @@ class HttpServer::Impl {
           }
           *first = false;
           GenerationEvent event;
+          if (stopping_.load()) stream->Cancel();  // a busy stream never lets Next time out
           if (!stream->Next(&event, absl::Milliseconds(200))) {
-            if (stopping_.load() || !sink.is_writable()) stream->Cancel();
+            if (!sink.is_writable()) stream->Cancel();
             return true;
           }
           std::string out;

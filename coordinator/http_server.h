@@ -69,6 +69,9 @@ nlohmann::json CompletionBody(bool chat, const std::string& id, const std::strin
                               int64_t prompt_tokens, int64_t completion_tokens);
 const char* FinishReasonText(FinishReason finish);  // "stop" or "length"
 
+// The model id of a checkpoint directory (its name, "mixtral-8x7b" for /models/mixtral-8x7b/).
+std::string ModelName(const std::string& model_dir);
+
 }  // namespace openai
 
 class HttpServer {
