@@ -1,11 +1,16 @@
 #include "cli/bench_serve.h"
 
 #include <grpcpp/client_context.h>
+#include <httplib.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <tuple>
+#include <mutex>
+#include <functional>
+#include <condition_variable>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -16,11 +21,13 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "cli/grpc_client.h"
 #include "common/status.h"
 #include "epx/v1/generation.grpc.pb.h"
+#include "nlohmann/json.hpp"
 
 namespace epx {
 
@@ -100,41 +107,237 @@ v1::GenerateRequest MakeRequest(const BenchServeOptions& options, int64_t index,
   return request;
 }
 
-RequestResult RunOne(v1::Generation::Stub& stub, const v1::GenerateRequest& request,
-                     const ClientOptions& client) {
-  RequestResult result;
-  grpc::ClientContext context;
-  context.set_deadline(ClientDeadline(client.timeout_s));
-  const Clock::time_point start = Clock::now();
-  std::optional<Clock::time_point> first, last;
-  std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader =
-      stub.Generate(&context, request);
-  v1::GenerateResponse response;
-  bool cancelled = false;
-  while (reader->Read(&response)) {
-    if (response.token_ids_size() > 0) {
-      const Clock::time_point now = Clock::now();
-      if (!first.has_value()) {
-        first = now;
-        result.ttft_ms = Ms(now - start);
-      } else {
-        result.itl_ms.push_back(Ms(now - *last));
-      }
-      last = now;
-      result.output_tokens += response.token_ids_size();
-    }
-    if (response.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
-      result.prompt_tokens = response.usage().prompt_tokens();
-      cancelled = response.finish_reason() == v1::FINISH_REASON_CANCELLED;
-    }
+// One gRPC stream on the callback API: no client thread waits for it, so 10,000 can be open.
+// `done` runs once, from OnDone, after `result` is complete.
+class GrpcStream final : public grpc::ClientReadReactor<v1::GenerateResponse> {
+ public:
+  GrpcStream(v1::Generation::Stub& stub, v1::GenerateRequest request, const ClientOptions& client,
+             RequestResult* result, std::function<void()> done)
+      : client_(client), request_(std::move(request)), result_(result), done_(std::move(done)) {
+    context_.set_deadline(ClientDeadline(client.timeout_s));
+    start_ = Clock::now();
+    stub.async()->Generate(&context_, &request_, this);
+    StartRead(&response_);
+    StartCall();
   }
-  result.status = FromGrpcStatus(reader->Finish(), client.server, "epx.v1.Generation/Generate");
+
+  void OnReadDone(bool ok) override {
+    if (!ok) return;
+    if (response_.token_ids_size() > 0) {
+      const Clock::time_point now = Clock::now();
+      if (!first_.has_value()) {
+        first_ = now;
+        result_->ttft_ms = Ms(now - start_);
+      } else {
+        result_->itl_ms.push_back(Ms(now - last_));
+      }
+      last_ = now;
+      result_->output_tokens += response_.token_ids_size();
+    }
+    if (response_.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
+      result_->prompt_tokens = response_.usage().prompt_tokens();
+      cancelled_ = response_.finish_reason() == v1::FINISH_REASON_CANCELLED;
+    }
+    StartRead(&response_);
+  }
+
+  void OnDone(const grpc::Status& status) override {
+    result_->status = FromGrpcStatus(status, client_.server, "epx.v1.Generation/Generate");
+    result_->latency_ms = Ms(Clock::now() - start_);
+    if (result_->status.ok() && cancelled_)
+      result_->status = absl::UnavailableError("finished as cancelled: the server shut down");
+    if (result_->output_tokens > 1 && first_.has_value())
+      result_->tpot_ms = Ms(last_ - *first_) / static_cast<double>(result_->output_tokens - 1);
+    done_();
+  }
+
+ private:
+  const ClientOptions& client_;
+  grpc::ClientContext context_;
+  v1::GenerateRequest request_;
+  v1::GenerateResponse response_;
+  RequestResult* result_;
+  std::function<void()> done_;
+  Clock::time_point start_, last_;
+  std::optional<Clock::time_point> first_;
+  bool cancelled_ = false;
+};
+
+// Runs every request with `concurrency` streams open at once over `connections` channels.
+void RunGrpc(const BenchServeOptions& options, const v1::ModelConfig& config,
+             int64_t concurrency, int64_t connections, std::vector<RequestResult>& results) {
+  std::vector<std::unique_ptr<v1::Generation::Stub>> stubs;
+  for (int64_t c = 0; c < connections; ++c) {
+    ChannelOptions channel;
+    channel.connection_index = static_cast<int>(c);  // a connection of its own
+    stubs.push_back(v1::Generation::NewStub(MakeClientChannel(options.client, channel)));
+  }
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t in_flight = 0, finished = 0;  // guarded by mu
+  std::vector<std::unique_ptr<GrpcStream>> streams(results.size());
+  const auto done = [&] {
+    std::lock_guard<std::mutex> lock(mu);
+    --in_flight;
+    ++finished;
+    cv.notify_all();
+  };
+  for (size_t i = 0; i < results.size(); ++i) {
+    {
+      std::unique_lock<std::mutex> lock(mu);
+      cv.wait(lock, [&] { return in_flight < concurrency; });
+      ++in_flight;
+    }
+    streams[i] = std::make_unique<GrpcStream>(*stubs[i % stubs.size()],
+                                              MakeRequest(options, i, config), options.client,
+                                              &results[i], done);
+  }
+  std::unique_lock<std::mutex> lock(mu);
+  cv.wait(lock, [&] { return finished == static_cast<int64_t>(results.size()); });
+}
+
+// HOST:PORT split for cpp-httplib; InvalidArgument otherwise.
+absl::StatusOr<std::pair<std::string, int>> HostPort(const std::string& server) {
+  const size_t colon = server.rfind(':');
+  int port = 0;
+  if (colon == std::string::npos || !absl::SimpleAtoi(server.substr(colon + 1), &port) ||
+      port <= 0 || port > 65535)
+    return absl::InvalidArgumentError(
+        absl::StrCat("--server \"", server, "\" is not HOST:PORT (--api openai)"));
+  std::string host = server.substr(0, colon);
+  if (host.size() > 1 && host.front() == '[' && host.back() == ']')
+    host = host.substr(1, host.size() - 2);
+  return std::make_pair(host, port);
+}
+
+// The OpenAI body of request `index`: the same prompt, seed and limits as the gRPC one.
+nlohmann::json OpenAiBody(const v1::GenerateRequest& request, const std::string& model) {
+  nlohmann::json body = {{"model", model},
+                         {"max_tokens", request.max_tokens()},
+                         {"temperature", request.temperature()},
+                         {"seed", request.seed()},
+                         {"ignore_eos", request.ignore_eos()},
+                         {"stream", true},
+                         {"stream_options", {{"include_usage", true}}}};
+  if (request.has_token_ids()) {
+    body["prompt"] = nlohmann::json(std::vector<int32_t>(request.token_ids().ids().begin(),
+                                                         request.token_ids().ids().end()));
+  } else {
+    body["prompt"] = request.text();
+  }
+  return body;
+}
+
+// One streaming POST /v1/completions, read as server-sent events. Blocks its thread.
+RequestResult RunOpenAiOne(const std::string& host, int port, const nlohmann::json& body,
+                           const ClientOptions& client) {
+  RequestResult result;
+  httplib::Client http(host, port);
+  const auto timeout = std::chrono::duration<double>(client.timeout_s);
+  http.set_read_timeout(std::chrono::duration_cast<std::chrono::microseconds>(timeout));
+  http.set_write_timeout(std::chrono::duration_cast<std::chrono::microseconds>(timeout));
+  const Clock::time_point start = Clock::now();
+  std::optional<Clock::time_point> first;
+  Clock::time_point last;
+  std::string pending, error_body;
+  bool finished = false;
+  httplib::Request request;
+  request.method = "POST";
+  request.path = "/v1/completions";
+  request.body = body.dump();
+  request.set_header("Content-Type", "application/json");
+  request.content_receiver = [&](const char* data, size_t size, uint64_t, uint64_t) {
+    pending.append(data, size);
+    size_t end;
+    while ((end = pending.find("\n\n")) != std::string::npos) {
+      const std::string event = pending.substr(0, end);
+      pending.erase(0, end + 2);
+      if (event.rfind("data: ", 0) != 0) continue;
+      const std::string data_text = event.substr(6);
+      if (data_text == "[DONE]") continue;
+      const nlohmann::json chunk = nlohmann::json::parse(data_text, nullptr, false);
+      if (chunk.is_discarded() || chunk.contains("error")) {
+        error_body = data_text;
+        continue;
+      }
+      if (chunk.contains("usage") && chunk["usage"].is_object()) {
+        result.prompt_tokens = chunk["usage"].value("prompt_tokens", 0);
+        result.output_tokens = chunk["usage"].value("completion_tokens", 0);
+      }
+      if (!chunk.contains("choices") || chunk["choices"].empty()) continue;
+      const nlohmann::json& choice = chunk["choices"][0];
+      if (!choice.value("text", std::string()).empty()) {
+        const Clock::time_point now = Clock::now();
+        if (!first.has_value()) {
+          first = now;
+          result.ttft_ms = Ms(now - start);
+        } else {
+          result.itl_ms.push_back(Ms(now - last));
+        }
+        last = now;
+      }
+      if (choice.contains("finish_reason") && !choice["finish_reason"].is_null()) finished = true;
+    }
+    return true;
+  };
+  httplib::Response response;
+  httplib::Error error = httplib::Error::Success;
+  const bool sent = http.send(request, response, error);
   result.latency_ms = Ms(Clock::now() - start);
-  if (result.status.ok() && cancelled)
-    result.status = absl::UnavailableError("finished as cancelled: the server shut down");
+  if (!sent) {
+    result.status = absl::UnavailableError(
+        absl::StrCat(host, ":", port, ": POST /v1/completions: ", httplib::to_string(error)));
+  } else if (response.status != 200) {
+    result.status = absl::UnavailableError(absl::StrCat(
+        host, ":", port, ": POST /v1/completions: HTTP ", response.status, " ", response.body));
+  } else if (!error_body.empty() || !finished) {
+    result.status = absl::UnavailableError(absl::StrCat(
+        host, ":", port, ": POST /v1/completions: the stream ended without finishing ",
+        error_body));
+  }
   if (result.output_tokens > 1 && first.has_value())
-    result.tpot_ms = Ms(*last - *first) / static_cast<double>(result.output_tokens - 1);
+    result.tpot_ms = Ms(last - *first) / static_cast<double>(result.output_tokens - 1);
   return result;
+}
+
+// GET /v1/models: the model id, and the vocabulary and context epx adds to it.
+absl::StatusOr<v1::ModelInfoResponse> OpenAiModelInfo(const std::string& host, int port,
+                                                      const ClientOptions& client) {
+  httplib::Client http(host, port);
+  http.set_read_timeout(std::chrono::seconds(static_cast<int64_t>(std::ceil(client.timeout_s))));
+  httplib::Result r = http.Get("/v1/models");
+  if (!r)
+    return absl::UnavailableError(
+        absl::StrCat(host, ":", port, ": GET /v1/models: ", httplib::to_string(r.error())));
+  const nlohmann::json j = nlohmann::json::parse(r->body, nullptr, false);
+  if (r->status != 200 || j.is_discarded() || !j.contains("data") || j["data"].empty())
+    return absl::UnavailableError(
+        absl::StrCat(host, ":", port, ": GET /v1/models: HTTP ", r->status, " ", r->body));
+  const nlohmann::json& model = j["data"][0];
+  v1::ModelInfoResponse info;
+  info.set_model(model.value("id", std::string()));
+  info.set_world_size(1);
+  info.mutable_config()->set_vocab_size(model.value("vocab_size", 0));
+  info.mutable_config()->set_bos_token_id(model.value("bos_token_id", -1));
+  info.mutable_config()->set_eos_token_id(model.value("eos_token_id", -1));
+  info.mutable_limits()->set_max_context(model.value("max_model_len", 0));
+  return info;
+}
+
+void RunOpenAi(const BenchServeOptions& options, const v1::ModelInfoResponse& info,
+               const std::string& host, int port, int64_t concurrency,
+               std::vector<RequestResult>& results) {
+  std::atomic<int64_t> next{0};
+  std::vector<std::jthread> threads;
+  threads.reserve(concurrency);
+  for (int64_t t = 0; t < concurrency; ++t) {
+    threads.emplace_back([&] {
+      for (int64_t i = next++; i < static_cast<int64_t>(results.size()); i = next++)
+        results[i] = RunOpenAiOne(host, port,
+                                  OpenAiBody(MakeRequest(options, i, info.config()), info.model()),
+                                  options.client);
+    });
+  }
 }
 
 absl::Status ValidateBenchOptions(const BenchServeOptions& options) {
@@ -153,6 +356,12 @@ absl::Status ValidateBenchOptions(const BenchServeOptions& options) {
         absl::StrCat("--prompt-tokens must not be negative, got ", options.prompt_tokens));
   if (options.prompt_tokens == 0 && options.prompt.empty())
     return absl::InvalidArgumentError("--prompt is empty");
+  if (options.api != "grpc" && options.api != "openai")
+    return absl::InvalidArgumentError(
+        absl::StrCat("--api must be grpc or openai, got \"", options.api, "\""));
+  if (options.connections < 0)
+    return absl::InvalidArgumentError(
+        absl::StrCat("--connections must not be negative, got ", options.connections));
   return absl::OkStatus();
 }
 
@@ -194,11 +403,18 @@ absl::Status AppendCsv(const std::string& path, const std::string& header,
 
 absl::Status RunBenchServe(const BenchServeOptions& options, std::ostream& out) {
   EPX_RETURN_IF_ERROR(ValidateBenchOptions(options));
-  // One channel (one HTTP/2 connection) for all threads: the requests multiplex over it, as they
-  // would from one front end.
-  std::unique_ptr<v1::Generation::Stub> stub =
-      v1::Generation::NewStub(MakeClientChannel(options.client));
-  EPX_ASSIGN_OR_RETURN(v1::ModelInfoResponse info, GetModelInfo(*stub, options.client));
+  const bool openai = options.api == "openai";
+  std::string host;
+  int port = 0;
+  std::unique_ptr<v1::Generation::Stub> stub;
+  v1::ModelInfoResponse info;
+  if (openai) {
+    EPX_ASSIGN_OR_RETURN(std::tie(host, port), HostPort(options.client.server));
+    EPX_ASSIGN_OR_RETURN(info, OpenAiModelInfo(host, port, options.client));
+  } else {
+    stub = v1::Generation::NewStub(MakeClientChannel(options.client));
+    EPX_ASSIGN_OR_RETURN(info, GetModelInfo(*stub, options.client));
+  }
   if (options.prompt_tokens > 0) {
     if (info.config().vocab_size() <= kFirstOrdinaryToken + 2)
       return absl::FailedPreconditionError(
@@ -211,19 +427,18 @@ absl::Status RunBenchServe(const BenchServeOptions& options, std::ostream& out) 
           " exceed the server's context of ", max_context, " tokens"));
   }
 
-  // Each slot is written by the one thread that took its index and read after the joins.
+  // Each slot is written by the one stream or thread that took its index, read after all end.
   std::vector<RequestResult> results(options.requests);
-  std::atomic<int64_t> next{0};
   const int64_t num_threads = std::min(options.concurrency, options.requests);
+  // gRPC: a connection per 500 open streams unless --connections says (HTTP/2 multiplexes them).
+  const int64_t connections =
+      options.connections > 0 ? options.connections : std::max<int64_t>(1, num_threads / 500);
   const Clock::time_point start = Clock::now();
   try {
-    std::vector<std::jthread> threads;
-    threads.reserve(num_threads);
-    for (int64_t t = 0; t < num_threads; ++t) {
-      threads.emplace_back([&] {
-        for (int64_t i = next++; i < options.requests; i = next++)
-          results[i] = RunOne(*stub, MakeRequest(options, i, info.config()), options.client);
-      });
+    if (openai) {
+      RunOpenAi(options, info, host, port, num_threads, results);
+    } else {
+      RunGrpc(options, info.config(), num_threads, connections, results);
     }
   } catch (const std::system_error& e) {
     // The threads already started have joined (jthread); their requests are lost with the run.
@@ -266,8 +481,10 @@ absl::Status RunBenchServe(const BenchServeOptions& options, std::ostream& out) 
   const std::string prompt_kind = options.prompt_tokens > 0
                                       ? absl::StrCat(options.prompt_tokens, " random tokens")
                                       : absl::StrCat("text of ", options.prompt.size(), " bytes");
-  out << absl::StrFormat("server        %s (%s, world size %d)\n", options.client.server,
-                         info.model(), info.world_size());
+  out << absl::StrFormat("server        %s (%s, %s", options.client.server, info.model(),
+                         openai ? "OpenAI HTTP /v1/completions, a client thread per stream)\n"
+                                : absl::StrFormat("gRPC, world size %d, %d connections)\n",
+                                                  info.world_size(), connections));
   out << absl::StrFormat(
       "load          %d requests, concurrency %d, max_tokens %d, prompt %s, temperature %g%s\n",
       options.requests, num_threads, options.max_tokens, prompt_kind, options.temperature,

@@ -3,8 +3,9 @@
 // failures by status code. The numbers include the network and the client; they measure the
 // service, not the kernels (bench/ does those).
 //
-// RunBenchServe is thread-safe as long as the stream is not shared; internally it runs
-// `concurrency` client threads over one channel.
+// RunBenchServe is thread-safe as long as the stream is not shared. Over gRPC it keeps
+// `concurrency` callback streams open over a few channels; over OpenAI HTTP it runs
+// `concurrency` client threads.
 #ifndef EPX_CLI_BENCH_SERVE_H_
 #define EPX_CLI_BENCH_SERVE_H_
 
@@ -30,6 +31,11 @@ struct BenchServeOptions {
   uint64_t seed = 0;  // request i samples with seed + i
   // Every request generates max_tokens, so that runs compare by the same amount of work.
   bool ignore_eos = true;
+  // grpc: epx.v1.Generation/Generate on the callback API (no client thread per stream, so
+  // --concurrency 10000 is cheap); openai: streaming POST /v1/completions to --server as the
+  // HTTP address (--http-listen), a client thread per stream.
+  std::string api = "grpc";
+  int64_t connections = 0;  // gRPC channels (connections); 0: one per 500 streams
   std::string csv;  // non-empty: append one line of results (a header first if the file is new)
 };
 

@@ -34,6 +34,7 @@ std::shared_ptr<grpc::Channel> MakeClientChannel(const ClientOptions& options,
     args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, channel.max_reconnect_backoff_ms);
     args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, channel.max_reconnect_backoff_ms);
   }
+  if (channel.connection_index != 0) args.SetInt("epx.connection_index", channel.connection_index);
   return grpc::CreateCustomChannel(options.server, grpc::InsecureChannelCredentials(), args);
 }
 

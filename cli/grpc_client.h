@@ -27,6 +27,9 @@ struct ChannelOptions {
   // Reconnect attempts this far apart (ms; 0: gRPC's default, which backs off from one second up
   // to two minutes). Pollers that wait for a server to come up set it low to notice it promptly.
   int max_reconnect_backoff_ms = 0;
+  // Channels with different indices get connections of their own (gRPC shares one between
+  // channels of equal arguments).
+  int connection_index = 0;
 };
 // An insecure channel to options.server; it connects lazily, on the first call. Never fails: a bad
 // address shows up as UNAVAILABLE on the first call.

@@ -324,6 +324,17 @@ int Run(int argc, char** argv) {
   bench_serve_cmd->add_flag("--ignore-eos,!--no-ignore-eos", bench_serve.ignore_eos,
                             "generate --max-tokens even past the end-of-sequence token "
                             "(default on)");
+  bench_serve_cmd
+      ->add_option("--api", bench_serve.api,
+                   "grpc: epx.v1.Generation; openai: POST /v1/completions to --server as the "
+                   "--http-listen address")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"grpc", "openai"}));
+  bench_serve_cmd
+      ->add_option("--connections", bench_serve.connections,
+                   "gRPC connections the streams spread over (0: one per 500 streams)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   bench_serve_cmd->add_option("--csv", bench_serve.csv,
                               "append one line of results to this file (header if new)");
 

@@ -323,6 +323,11 @@ class HttpServer::Impl {
       std::string why_not;
       if (Scheduler* s = backends_.scheduler(&why_not); s != nullptr)
         model["max_model_len"] = s->max_context();
+      if (backends_.tokenizer != nullptr) {  // epx's own: what a load generator needs
+        model["vocab_size"] = backends_.tokenizer->vocab_size();
+        model["bos_token_id"] = backends_.tokenizer->bos_id();
+        model["eos_token_id"] = backends_.tokenizer->eos_id();
+      }
       res.set_content(Dump({{"object", "list"}, {"data", json::array({model})}}),
                       "application/json");
     });
