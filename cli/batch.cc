@@ -22,9 +22,9 @@
 #include "cli/grpc_client.h"
 #include "common/status.h"
 #include "common/tokenizer.h"
+#include "coordinator/engine.h"
 #include "coordinator/generation_params.h"
 #include "coordinator/http_server.h"
-#include "coordinator/engine.h"
 #include "coordinator/scheduler.h"
 #include "nlohmann/json.hpp"
 
@@ -76,8 +76,9 @@ Line ReadLine(const std::string& text, int64_t number, const std::string& model,
     return line;
   }
   if (!seen.insert(line.custom_id.get<std::string>()).second) {
-    line.error = LineError(number, absl::StrCat("\"custom_id\" \"", line.custom_id.get<std::string>(),
-                                                "\" is used by an earlier line"));
+    line.error =
+        LineError(number, absl::StrCat("\"custom_id\" \"", line.custom_id.get<std::string>(),
+                                       "\" is used by an earlier line"));
     return line;
   }
   if (j.contains("method") && j["method"] != "POST") {
@@ -88,8 +89,8 @@ Line ReadLine(const std::string& text, int64_t number, const std::string& model,
   if (url == "/v1/chat/completions") {
     line.chat = true;
   } else if (url != "/v1/completions") {
-    line.error = LineError(
-        number, "\"url\" must be \"/v1/completions\" or \"/v1/chat/completions\"");
+    line.error =
+        LineError(number, "\"url\" must be \"/v1/completions\" or \"/v1/chat/completions\"");
     return line;
   }
   if (!j.contains("body") || !j["body"].is_object()) {
@@ -107,9 +108,8 @@ Line ReadLine(const std::string& text, int64_t number, const std::string& model,
     return line;
   }
   if (!parsed->model.empty() && parsed->model != model) {
-    line.error = absl::NotFoundError(absl::StrCat("the model \"", parsed->model,
-                                                  "\" does not exist; this one is \"", model,
-                                                  "\""));
+    line.error = absl::NotFoundError(absl::StrCat(
+        "the model \"", parsed->model, "\" does not exist; this one is \"", model, "\""));
     return line;
   }
   line.params = std::move(parsed->params);
@@ -128,10 +128,9 @@ json ErrorLine(const Line& line, const absl::Status& status) {
               {"error", error}};
 }
 
-json ResultLine(const Line& line, const std::string& model, int64_t created,
-                const Completion& c) {
-  const std::string request_id = absl::StrCat(line.chat ? "chatcmpl-" : "cmpl-", "batch-",
-                                              line.number);
+json ResultLine(const Line& line, const std::string& model, int64_t created, const Completion& c) {
+  const std::string request_id =
+      absl::StrCat(line.chat ? "chatcmpl-" : "cmpl-", "batch-", line.number);
   return json{{"id", absl::StrCat("batch_req_", line.number)},
               {"custom_id", line.custom_id},
               {"response",
@@ -150,9 +149,8 @@ void DrawProgress(int64_t done, int64_t total, int64_t errors, double seconds) {
   constexpr int kWidth = 30;
   const int filled = total > 0 ? static_cast<int>(kWidth * done / total) : kWidth;
   const std::string bar = std::string(filled, '#') + std::string(kWidth - filled, ' ');
-  const std::string line =
-      absl::StrFormat("\r[%s] %d/%d lines, %d errors, %.1f lines/s", bar, done, total, errors,
-                      seconds > 0 ? done / seconds : 0.0);
+  const std::string line = absl::StrFormat("\r[%s] %d/%d lines, %d errors, %.1f lines/s", bar, done,
+                                           total, errors, seconds > 0 ? done / seconds : 0.0);
   (void)!write(STDERR_FILENO, line.data(), line.size());
 }
 
@@ -168,8 +166,8 @@ absl::Status AnswerLines(const std::vector<Line>& lines, const RunOne& run,
   std::mutex mu;
   std::vector<std::optional<std::string>> results(lines.size());  // guarded by mu
   int64_t written = 0, done = 0, errors = 0;                      // guarded by mu
-  bool write_failed = false;                                       // guarded by mu
-  Clock::time_point last_draw = start;                             // guarded by mu
+  bool write_failed = false;                                      // guarded by mu
+  Clock::time_point last_draw = start;                            // guarded by mu
   std::atomic<int64_t> next{0};
   std::atomic<bool> stopped{false};
 
@@ -188,8 +186,7 @@ absl::Status AnswerLines(const std::vector<Line>& lines, const RunOne& run,
     const Clock::time_point now = Clock::now();
     if (progress && (done == total || now - last_draw > std::chrono::milliseconds(100))) {
       last_draw = now;
-      DrawProgress(done, total, errors,
-                   std::chrono::duration<double>(now - start).count());
+      DrawProgress(done, total, errors, std::chrono::duration<double>(now - start).count());
     }
   };
 
@@ -202,8 +199,7 @@ absl::Status AnswerLines(const std::vector<Line>& lines, const RunOne& run,
       }
       if (Runtime::stop_requested()) stopped = true;
       if (stopped) {
-        finish_line(i, ErrorLine(line, absl::CancelledError("not run: stopped by a signal")),
-                    true);
+        finish_line(i, ErrorLine(line, absl::CancelledError("not run: stopped by a signal")), true);
         continue;
       }
       absl::StatusOr<Completion> c = run(line.params);
@@ -227,9 +223,8 @@ absl::Status AnswerLines(const std::vector<Line>& lines, const RunOne& run,
   log << absl::StrFormat("%d lines: %d answered, %d errors, in %.2f s; wrote %s\n", total,
                          total - errors, errors, seconds, options.output);
   if (stopped)
-    return absl::CancelledError(
-        absl::StrCat("stopped by a signal; the lines not run are in ", options.output,
-                     " as cancelled"));
+    return absl::CancelledError(absl::StrCat("stopped by a signal; the lines not run are in ",
+                                             options.output, " as cancelled"));
   return absl::OkStatus();
 }
 

@@ -7,18 +7,18 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
-#include <tuple>
-#include <mutex>
-#include <functional>
 #include <condition_variable>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <limits>
 #include <map>
+#include <mutex>
 #include <optional>
 #include <random>
 #include <system_error>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "absl/strings/numbers.h"
@@ -164,8 +164,8 @@ class GrpcStream final : public grpc::ClientReadReactor<v1::GenerateResponse> {
 };
 
 // Runs every request with `concurrency` streams open at once over `connections` channels.
-void RunGrpc(const BenchServeOptions& options, const v1::ModelConfig& config,
-             int64_t concurrency, int64_t connections, std::vector<RequestResult>& results) {
+void RunGrpc(const BenchServeOptions& options, const v1::ModelConfig& config, int64_t concurrency,
+             int64_t connections, std::vector<RequestResult>& results) {
   std::vector<std::unique_ptr<v1::Generation::Stub>> stubs;
   for (int64_t c = 0; c < connections; ++c) {
     ChannelOptions channel;
@@ -188,9 +188,9 @@ void RunGrpc(const BenchServeOptions& options, const v1::ModelConfig& config,
       cv.wait(lock, [&] { return in_flight < concurrency; });
       ++in_flight;
     }
-    streams[i] = std::make_unique<GrpcStream>(*stubs[i % stubs.size()],
-                                              MakeRequest(options, i, config), options.client,
-                                              &results[i], done);
+    streams[i] =
+        std::make_unique<GrpcStream>(*stubs[i % stubs.size()], MakeRequest(options, i, config),
+                                     options.client, &results[i], done);
   }
   std::unique_lock<std::mutex> lock(mu);
   cv.wait(lock, [&] { return finished == static_cast<int64_t>(results.size()); });
@@ -220,8 +220,8 @@ nlohmann::json OpenAiBody(const v1::GenerateRequest& request, const std::string&
                          {"stream", true},
                          {"stream_options", {{"include_usage", true}}}};
   if (request.has_token_ids()) {
-    body["prompt"] = nlohmann::json(std::vector<int32_t>(request.token_ids().ids().begin(),
-                                                         request.token_ids().ids().end()));
+    body["prompt"] = nlohmann::json(
+        std::vector<int32_t>(request.token_ids().ids().begin(), request.token_ids().ids().end()));
   } else {
     body["prompt"] = request.text();
   }
@@ -291,9 +291,9 @@ RequestResult RunOpenAiOne(const std::string& host, int port, const nlohmann::js
     result.status = absl::UnavailableError(absl::StrCat(
         host, ":", port, ": POST /v1/completions: HTTP ", response.status, " ", response.body));
   } else if (!error_body.empty() || !finished) {
-    result.status = absl::UnavailableError(absl::StrCat(
-        host, ":", port, ": POST /v1/completions: the stream ended without finishing ",
-        error_body));
+    result.status = absl::UnavailableError(
+        absl::StrCat(host, ":", port, ": POST /v1/completions: the stream ended without finishing ",
+                     error_body));
   }
   if (result.output_tokens > 1 && first.has_value())
     result.tpot_ms = Ms(last - *first) / static_cast<double>(result.output_tokens - 1);

@@ -94,7 +94,8 @@ std::string UsageLine(const std::string& finish_reason, int64_t prompt_tokens,
                       int64_t completion_tokens, const std::string& matched_stop) {
   std::string line = absl::StrCat("finish_reason=", finish_reason, " prompt_tokens=", prompt_tokens,
                                   " completion_tokens=", completion_tokens);
-  if (!matched_stop.empty()) absl::StrAppend(&line, " matched_stop=\"", absl::CEscape(matched_stop), "\"");
+  if (!matched_stop.empty())
+    absl::StrAppend(&line, " matched_stop=\"", absl::CEscape(matched_stop), "\"");
   return line;
 }
 

@@ -33,8 +33,7 @@ absl::Status GenerateOnEngine(const GenerateOptions& options, Engine& engine, st
                        BuildRequest(params, *tokenizer, scheduler.max_context()));
   request.request_id = "generate";
   const size_t prompt_tokens = request.prompt.size();
-  EPX_ASSIGN_OR_RETURN(std::shared_ptr<RequestStream> stream,
-                       scheduler.Submit(std::move(request)));
+  EPX_ASSIGN_OR_RETURN(std::shared_ptr<RequestStream> stream, scheduler.Submit(std::move(request)));
 
   absl::Status run;
   std::thread steps([&] { run = scheduler.Run(); });

@@ -67,7 +67,8 @@ v1::GenerateRequest ToGenerateRequest(const GenerationParams& params) {
     request.set_text(*params.text);
     request.set_add_bos(params.add_bos);
   }
-  if (params.max_tokens.has_value()) request.set_max_tokens(static_cast<uint32_t>(*params.max_tokens));
+  if (params.max_tokens.has_value())
+    request.set_max_tokens(static_cast<uint32_t>(*params.max_tokens));
   if (params.temperature.has_value()) request.set_temperature(*params.temperature);
   if (params.top_k.has_value()) request.set_top_k(*params.top_k);
   if (params.top_p.has_value()) request.set_top_p(*params.top_p);
@@ -79,7 +80,6 @@ v1::GenerateRequest ToGenerateRequest(const GenerationParams& params) {
   request.set_ignore_eos(params.ignore_eos);
   return request;
 }
-
 
 absl::StatusOr<Completion> GenerateToCompletion(v1::Generation::Stub& stub,
                                                 const v1::GenerateRequest& request,
@@ -94,10 +94,18 @@ absl::StatusOr<Completion> GenerateToCompletion(v1::Generation::Stub& stub,
     c.text += response.text();
     if (response.finish_reason() == v1::FINISH_REASON_UNSPECIFIED) continue;
     switch (response.finish_reason()) {
-      case v1::FINISH_REASON_LENGTH: c.finish = FinishReason::kLength; break;
-      case v1::FINISH_REASON_STOP: c.finish = FinishReason::kStop; break;
-      case v1::FINISH_REASON_EOS: c.finish = FinishReason::kEos; break;
-      default: c.finish = FinishReason::kCancelled; break;
+      case v1::FINISH_REASON_LENGTH:
+        c.finish = FinishReason::kLength;
+        break;
+      case v1::FINISH_REASON_STOP:
+        c.finish = FinishReason::kStop;
+        break;
+      case v1::FINISH_REASON_EOS:
+        c.finish = FinishReason::kEos;
+        break;
+      default:
+        c.finish = FinishReason::kCancelled;
+        break;
     }
     c.matched_stop = response.matched_stop();
     c.prompt_tokens = response.usage().prompt_tokens();

@@ -166,7 +166,8 @@ int Run(int argc, char** argv) {
   gen_cmd->add_option("--prompt", gen.request.prompt, "prompt text")->required();
   gen_cmd->add_option("--max-tokens", gen.request.max_tokens, "tokens to generate at most")
       ->capture_default_str();
-  gen_cmd->add_option("--temperature", gen.request.temperature, "0 = greedy")->capture_default_str();
+  gen_cmd->add_option("--temperature", gen.request.temperature, "0 = greedy")
+      ->capture_default_str();
   gen_cmd->add_option("--top-k", gen.request.top_k, "keep the k most likely tokens (0 = all)")
       ->capture_default_str();
   gen_cmd->add_option("--top-p", gen.request.top_p, "nucleus probability mass in (0, 1]")
@@ -280,8 +281,9 @@ int Run(int argc, char** argv) {
   batch_cmd->add_option("--server", batch.client.server,
                         "HOST:PORT of a running `epx serve`: answer there instead of loading "
                         "--model here");
-  batch_cmd->add_option("--timeout", batch.client.timeout_s,
-                        "--server: seconds each line's request may take")
+  batch_cmd
+      ->add_option("--timeout", batch.client.timeout_s,
+                   "--server: seconds each line's request may take")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   batch_cmd->add_option("--input", batch.input, "JSONL of {custom_id, method, url, body}")
@@ -292,9 +294,9 @@ int Run(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   bool batch_progress = false;
-  CLI::Option* batch_progress_flag = batch_cmd->add_flag(
-      "--progress,!--no-progress", batch_progress,
-      "a progress bar on stderr (default: when stderr is a terminal)");
+  CLI::Option* batch_progress_flag =
+      batch_cmd->add_flag("--progress,!--no-progress", batch_progress,
+                          "a progress bar on stderr (default: when stderr is a terminal)");
 
   epx::BenchServeOptions bench_serve;
   CLI::App* bench_serve_cmd = bench_cmd->add_subcommand(
@@ -439,8 +441,9 @@ int Run(int argc, char** argv) {
                         "HOST:PORT of the OpenAI-compatible HTTP API (/v1/completions, "
                         "/v1/chat/completions, /v1/models), /health, /ready and /metrics "
                         "(port 0: any); off unless given");
-  serve_cmd->add_option("--http-threads", serve.server.http_threads,
-                        "HTTP connections served at once (each open stream holds one)")
+  serve_cmd
+      ->add_option("--http-threads", serve.server.http_threads,
+                   "HTTP connections served at once (each open stream holds one)")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   serve_cmd->add_option("--http-port-file", serve.http_port_file,
@@ -551,11 +554,10 @@ int Run(int argc, char** argv) {
       batch.runtime.comm_timeout = absl::Seconds(batch_timeout_s);
       return Finish(epx::RunBatch(batch, std::cerr));
     }
-    absl::Status flags =
-        RejectFlags(*batch_cmd,
-                    {"--model", "--placement", "--replicas", "--role", "--comm-timeout", "--stats",
-                     "--workers", "--data-plane"},
-                    "is for answering here; not with --server");
+    absl::Status flags = RejectFlags(*batch_cmd,
+                                     {"--model", "--placement", "--replicas", "--role",
+                                      "--comm-timeout", "--stats", "--workers", "--data-plane"},
+                                     "is for answering here; not with --server");
     if (!flags.ok()) return Finish(flags);
     return Finish(epx::RunBatch(batch, std::cerr));
   }

@@ -5,11 +5,11 @@
 
 #include <cstdint>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 
 namespace epx {
@@ -48,8 +48,7 @@ class MetricsText {
   void Family(absl::string_view name, absl::string_view type, absl::string_view help);
   void Sample(absl::string_view name, const MetricLabels& labels, double value);
   void Sample(absl::string_view name, double value) { Sample(name, {}, value); }
-  void Histogram(absl::string_view name, const MetricLabels& labels,
-                 const Histogram::Snapshot& h);
+  void Histogram(absl::string_view name, const MetricLabels& labels, const Histogram::Snapshot& h);
   const std::string& text() const { return text_; }
 
  private:

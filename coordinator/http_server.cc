@@ -37,7 +37,8 @@ absl::StatusOr<int64_t> Integer(const json& v, absl::string_view field) {
     return static_cast<int64_t>(v.get<uint64_t>());
   }
   if (v.is_number_integer()) return v.get<int64_t>();
-  if (v.is_number_float() && v.get<double>() == static_cast<double>(static_cast<int64_t>(v.get<double>())))
+  if (v.is_number_float() &&
+      v.get<double>() == static_cast<double>(static_cast<int64_t>(v.get<double>())))
     return static_cast<int64_t>(v.get<double>());
   return Bad(field, "must be an integer");
 }
@@ -51,7 +52,8 @@ absl::StatusOr<std::vector<int32_t>> TokenIds(const json& v, absl::string_view f
   std::vector<int32_t> ids;
   for (const json& id : v) {
     EPX_ASSIGN_OR_RETURN(int64_t i, Integer(id, field));
-    if (i < 0 || i > INT32_MAX) return Bad(field, absl::StrCat("has token id ", i, " out of range"));
+    if (i < 0 || i > INT32_MAX)
+      return Bad(field, absl::StrCat("has token id ", i, " out of range"));
     ids.push_back(static_cast<int32_t>(i));
   }
   return ids;
@@ -114,7 +116,8 @@ absl::Status ReadMessages(const json& v, GenerationParams& p) {
 }  // namespace
 
 absl::StatusOr<ParsedRequest> ParseRequest(const json& body, bool chat) {
-  if (!body.is_object()) return absl::InvalidArgumentError("the request body must be a JSON object");
+  if (!body.is_object())
+    return absl::InvalidArgumentError("the request body must be a JSON object");
   ParsedRequest r;
   GenerationParams& p = r.params;
   p.max_tokens_to_context = chat;
@@ -205,21 +208,31 @@ nlohmann::json ErrorBody(const absl::Status& status) {
     if (end != absl::string_view::npos) param = std::string(m.substr(1, end - 1));
   }
   return {{"error",
-           {{"message", std::string(m)}, {"type", type}, {"param", param},
+           {{"message", std::string(m)},
+            {"type", type},
+            {"param", param},
             {"code", absl::StatusCodeToString(status.code())}}}};
 }
 
 int HttpStatus(const absl::Status& status) {
   switch (status.code()) {
-    case absl::StatusCode::kOk: return 200;
+    case absl::StatusCode::kOk:
+      return 200;
     case absl::StatusCode::kInvalidArgument:
-    case absl::StatusCode::kOutOfRange: return 400;
-    case absl::StatusCode::kNotFound: return 404;
-    case absl::StatusCode::kResourceExhausted: return 429;
-    case absl::StatusCode::kUnavailable: return 503;
-    case absl::StatusCode::kDeadlineExceeded: return 504;
-    case absl::StatusCode::kCancelled: return 499;
-    default: return 500;
+    case absl::StatusCode::kOutOfRange:
+      return 400;
+    case absl::StatusCode::kNotFound:
+      return 404;
+    case absl::StatusCode::kResourceExhausted:
+      return 429;
+    case absl::StatusCode::kUnavailable:
+      return 503;
+    case absl::StatusCode::kDeadlineExceeded:
+      return 504;
+    case absl::StatusCode::kCancelled:
+      return 499;
+    default:
+      return 500;
   }
 }
 
@@ -282,16 +295,18 @@ class HttpServer::Impl {
       return absl::InvalidArgumentError(
           absl::StrCat("--http-listen \"", options_.listen, "\" is not HOST:PORT"));
     std::string host = options_.listen.substr(0, colon);
-    if (host.size() > 1 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+    if (host.size() > 1 && host.front() == '[' && host.back() == ']')
+      host = host.substr(1, host.size() - 2);
     const int threads = std::max(1, options_.threads);
     server_.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
     server_.set_payload_max_length(static_cast<size_t>(options_.max_request_bytes));
     server_.set_keep_alive_max_count(1000);
     Routes();
-    port_ = port == 0 ? server_.bind_to_any_port(host) : (server_.bind_to_port(host, port) ? port : -1);
+    port_ =
+        port == 0 ? server_.bind_to_any_port(host) : (server_.bind_to_port(host, port) ? port : -1);
     if (port_ <= 0)
-      return absl::UnavailableError(
-          absl::StrCat("cannot listen on ", options_.listen, " for HTTP (address in use or not valid)"));
+      return absl::UnavailableError(absl::StrCat("cannot listen on ", options_.listen,
+                                                 " for HTTP (address in use or not valid)"));
     thread_ = std::thread([this] { server_.listen_after_bind(); });
     return absl::OkStatus();
   }
@@ -318,8 +333,11 @@ class HttpServer::Impl {
       res.set_content(backends_.metrics_text(), "text/plain; version=0.0.4; charset=utf-8");
     });
     server_.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
-      json model = {{"id", options_.model_name}, {"object", "model"}, {"created", created_},
-                    {"owned_by", "epx"}, {"root", options_.model_name}};
+      json model = {{"id", options_.model_name},
+                    {"object", "model"},
+                    {"created", created_},
+                    {"owned_by", "epx"},
+                    {"root", options_.model_name}};
       std::string why_not;
       if (Scheduler* s = backends_.scheduler(&why_not); s != nullptr)
         model["max_model_len"] = s->max_context();
@@ -334,15 +352,15 @@ class HttpServer::Impl {
     server_.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
       Generate(req, res, false);
     });
-    server_.Post("/v1/chat/completions",
-                 [this](const httplib::Request& req, httplib::Response& res) {
-                   Generate(req, res, true);
-                 });
+    server_.Post(
+        "/v1/chat/completions",
+        [this](const httplib::Request& req, httplib::Response& res) { Generate(req, res, true); });
     server_.set_error_handler([](const httplib::Request& req, httplib::Response& res) {
       if (!res.body.empty()) return;
-      absl::Status status = res.status == 404
-                                ? absl::NotFoundError(absl::StrCat("no route ", req.method, " ", req.path))
-                                : absl::InvalidArgumentError(absl::StrCat("HTTP ", res.status));
+      absl::Status status =
+          res.status == 404
+              ? absl::NotFoundError(absl::StrCat("no route ", req.method, " ", req.path))
+              : absl::InvalidArgumentError(absl::StrCat("HTTP ", res.status));
       if (res.status == 413)
         status = absl::InvalidArgumentError("the request body is larger than --max-request-bytes");
       const int code = res.status;
@@ -357,9 +375,10 @@ class HttpServer::Impl {
     absl::StatusOr<openai::ParsedRequest> parsed = openai::ParseRequest(*body, chat);
     if (!parsed.ok()) return SendError(res, parsed.status());
     if (!parsed->model.empty() && parsed->model != options_.model_name)
-      return SendError(res, absl::NotFoundError(absl::StrCat(
-                                "the model \"", parsed->model, "\" does not exist; this server serves \"",
-                                options_.model_name, "\"")));
+      return SendError(res,
+                       absl::NotFoundError(absl::StrCat("the model \"", parsed->model,
+                                                        "\" does not exist; this server serves \"",
+                                                        options_.model_name, "\"")));
     std::string why_not;
     Scheduler* scheduler = backends_.scheduler(&why_not);
     if (scheduler == nullptr)
@@ -369,7 +388,8 @@ class HttpServer::Impl {
     if (!request.ok()) return SendError(res, request.status());
     const std::string id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", next_id_.fetch_add(1));
     request->request_id = id;
-    absl::StatusOr<std::shared_ptr<RequestStream>> submitted = scheduler->Submit(*std::move(request));
+    absl::StatusOr<std::shared_ptr<RequestStream>> submitted =
+        scheduler->Submit(*std::move(request));
     if (!submitted.ok()) return SendError(res, submitted.status());
     std::shared_ptr<RequestStream> stream = *std::move(submitted);
     const int64_t created = absl::ToUnixSeconds(absl::Now());
@@ -378,11 +398,12 @@ class HttpServer::Impl {
       absl::StatusOr<Completion> done = Collect(*stream, [this] { return stopping_.load(); });
       if (!done.ok()) return SendError(res, done.status());
       if (done->finish == FinishReason::kCancelled)
-        return SendError(res, absl::UnavailableError("the server shut down before the request finished"));
-      res.set_content(Dump(openai::CompletionBody(chat, id, options_.model_name, created, done->text,
-                                                  done->finish, done->prompt_tokens,
-                                                  done->completion_tokens)),
-                      "application/json");
+        return SendError(
+            res, absl::UnavailableError("the server shut down before the request finished"));
+      res.set_content(
+          Dump(openai::CompletionBody(chat, id, options_.model_name, created, done->text,
+                                      done->finish, done->prompt_tokens, done->completion_tokens)),
+          "application/json");
       return;
     }
 
@@ -396,8 +417,11 @@ class HttpServer::Impl {
       } else {
         choice["text"] = text;
       }
-      return json{{"id", id}, {"object", chat ? "chat.completion.chunk" : "text_completion"},
-                  {"created", created}, {"model", model}, {"choices", json::array({choice})}};
+      return json{{"id", id},
+                  {"object", chat ? "chat.completion.chunk" : "text_completion"},
+                  {"created", created},
+                  {"model", model},
+                  {"choices", json::array({choice})}};
     };
     auto first = std::make_shared<bool>(true);
     res.set_header("Cache-Control", "no-cache");
@@ -430,19 +454,20 @@ class HttpServer::Impl {
             }
             const bool last = event.last();
             if (!event.text.empty() || last)
-              out += SseEvent(chunk(event.text, last ? json(openai::FinishReasonText(event.finish))
-                                                     : json(nullptr)));
+              out += SseEvent(chunk(
+                  event.text, last ? json(openai::FinishReasonText(event.finish)) : json(nullptr)));
             if (last) {
               if (include_usage) {
-                out += SseEvent({{"id", id},
-                                 {"object", chat ? "chat.completion.chunk" : "text_completion"},
-                                 {"created", created},
-                                 {"model", model},
-                                 {"choices", json::array()},
-                                 {"usage",
-                                  {{"prompt_tokens", event.prompt_tokens},
-                                   {"completion_tokens", event.completion_tokens},
-                                   {"total_tokens", event.prompt_tokens + event.completion_tokens}}}});
+                out +=
+                    SseEvent({{"id", id},
+                              {"object", chat ? "chat.completion.chunk" : "text_completion"},
+                              {"created", created},
+                              {"model", model},
+                              {"choices", json::array()},
+                              {"usage",
+                               {{"prompt_tokens", event.prompt_tokens},
+                                {"completion_tokens", event.completion_tokens},
+                                {"total_tokens", event.prompt_tokens + event.completion_tokens}}}});
               }
               done = true;
               break;
@@ -475,8 +500,9 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const HttpServerOp
                                                               const HttpBackends& backends) {
   auto impl = std::make_unique<Impl>(options, backends);
   EPX_RETURN_IF_ERROR(impl->Start());
-  EPX_LOG(Info) << "OpenAI-compatible HTTP on " << options.listen.substr(0, options.listen.rfind(':'))
-                << ":" << impl->port_ << " (model \"" << options.model_name << "\")";
+  EPX_LOG(Info) << "OpenAI-compatible HTTP on "
+                << options.listen.substr(0, options.listen.rfind(':')) << ":" << impl->port_
+                << " (model \"" << options.model_name << "\")";
   return std::unique_ptr<HttpServer>(new HttpServer(std::move(impl)));
 }
 

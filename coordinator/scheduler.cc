@@ -88,7 +88,7 @@ struct Scheduler::Active {
   std::vector<int32_t> output;
   std::string held;  // text not yet streamed: it may be the start of a stop string
   std::optional<GenerationEvent> last;  // set by Advance when the request ends
-  absl::Time submitted, last_token;      // the scheduler's clock
+  absl::Time submitted, last_token;     // the scheduler's clock
 };
 
 Scheduler::Scheduler(Engine* engine, const Tokenizer* tokenizer, const SchedulerOptions& options,

@@ -84,7 +84,8 @@ GenerationParams ToParams(const v1::GenerateRequest& in) {
       break;
     case v1::GenerateRequest::kChat:
       p.chat.emplace();
-      for (const v1::ChatMessage& m : in.chat().messages()) p.chat->push_back({m.role(), m.content()});
+      for (const v1::ChatMessage& m : in.chat().messages())
+        p.chat->push_back({m.role(), m.content()});
       break;
     case v1::GenerateRequest::PROMPT_NOT_SET:
       break;
@@ -170,8 +171,8 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
       if (!ok || wrote_last_) {
         finished_ = true;
         finish = true;
-        status = ok ? grpc::Status::OK
-                    : grpc::Status(grpc::StatusCode::CANCELLED, "the stream broke");
+        status =
+            ok ? grpc::Status::OK : grpc::Status(grpc::StatusCode::CANCELLED, "the stream broke");
       }
     }
     if (!ok) stream_->Cancel();
@@ -249,8 +250,8 @@ class GenerationService final
                     const LateScheduler* late)
       : options_(options), backends_(backends), late_(late) {}
 
-  grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(
-      grpc::CallbackServerContext* context, const v1::GenerateRequest* in) override {
+  grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(grpc::CallbackServerContext* context,
+                                                           const v1::GenerateRequest* in) override {
     grpc::Status unavailable;
     Scheduler* scheduler = late_->Get(&unavailable);
     if (scheduler == nullptr) return GenerateReactor::Start(FromGrpc(unavailable), "");

@@ -30,17 +30,20 @@ std::string ServingMetricsText(const Scheduler* scheduler, const Membership& mem
     m.Sample("epx:generation_tokens_total", model, static_cast<double>(s.generated_tokens));
     m.Family("epx:request_success", "counter",
              "Requests that completed, by finish reason (stop: a stop string or token).");
-    const std::pair<FinishReason, const char*> reasons[] = {
-        {FinishReason::kLength, "length"}, {FinishReason::kStop, "stop"}, {FinishReason::kEos, "eos"}};
+    const std::pair<FinishReason, const char*> reasons[] = {{FinishReason::kLength, "length"},
+                                                            {FinishReason::kStop, "stop"},
+                                                            {FinishReason::kEos, "eos"}};
     for (const auto& [reason, name] : reasons)
       m.Sample("epx:request_success_total", with("finished_reason", name),
                static_cast<double>(s.finished_by_reason[static_cast<size_t>(reason)]));
     m.Family("epx:requests", "counter",
              "Requests by outcome: accepted into the queue, finished, failed, rejected (queue "
              "full), cancelled (by the client, a deadline or shutdown).");
-    const std::pair<const char*, int64_t> outcomes[] = {
-        {"accepted", s.accepted}, {"finished", s.finished}, {"failed", s.failed},
-        {"rejected", s.rejected}, {"cancelled", s.cancelled}};
+    const std::pair<const char*, int64_t> outcomes[] = {{"accepted", s.accepted},
+                                                        {"finished", s.finished},
+                                                        {"failed", s.failed},
+                                                        {"rejected", s.rejected},
+                                                        {"cancelled", s.cancelled}};
     for (const auto& [name, value] : outcomes)
       m.Sample("epx:requests_total", with("outcome", name), static_cast<double>(value));
     m.Family("epx:steps", "counter", "Engine steps run.");

@@ -10,16 +10,16 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
-#include "tests/serve_util.h"
 #include "tests/coordinator/test_util.h"
+#include "tests/serve_util.h"
 
 namespace epx {
 namespace {
 
 namespace fs = std::filesystem;
 using nlohmann::json;
-using ::testing::HasSubstr;
 using testing::EpxBinary;
+using ::testing::HasSubstr;
 
 std::string Temp(const std::string& name) {
   return (fs::path(::testing::TempDir()) / ("epx_batch_" + name)).string();
@@ -63,8 +63,7 @@ std::vector<std::string> WriteInput(const std::string& path) {
     }
     if (i == 40) body["best_of"] = 2;
     if (i == 77) url = "/v1/embeddings";
-    out << json{{"custom_id", id}, {"method", "POST"}, {"url", url}, {"body", body}}.dump()
-        << "\n";
+    out << json{{"custom_id", id}, {"method", "POST"}, {"url", url}, {"body", body}}.dump() << "\n";
     if (i != 40 && i != 77) good.push_back(id);
   }
   return good;
@@ -126,10 +125,9 @@ TEST(BatchTest, HundredLinesWithThreeBadOnesGiveNinetySevenResultsAndThreeErrors
   const std::string input = Temp("input.jsonl");
   WriteInput(input);
   const std::string local = Temp("local.jsonl");
-  testing::CommandResult r =
-      testing::RunCommand(absl::StrCat(EpxBinary(), " batch --model ", test::TinyModelDir(),
-                                       " --input ", input, " --output ", local,
-                                       " --concurrency 16 --progress 2>&1"));
+  testing::CommandResult r = testing::RunCommand(
+      absl::StrCat(EpxBinary(), " batch --model ", test::TinyModelDir(), " --input ", input,
+                   " --output ", local, " --concurrency 16 --progress 2>&1"));
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_THAT(r.output, HasSubstr("100/100 lines, 3 errors"));  // the progress bar's last state
   EXPECT_THAT(r.output, HasSubstr("100 lines: 97 answered, 3 errors"));

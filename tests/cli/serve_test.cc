@@ -4,10 +4,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <random>
 #include <fstream>
 #include <iostream>
 #include <latch>
+#include <random>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -445,8 +445,7 @@ class ManyStreams {
       r.set_max_tokens(max_tokens);
       r.set_temperature(0);
       r.set_ignore_eos(true);
-      streams.push_back(
-          std::make_unique<CountingStream>(*stubs_[i % stubs_.size()], r, done));
+      streams.push_back(std::make_unique<CountingStream>(*stubs_[i % stubs_.size()], r, done));
     }
     return streams;
   }

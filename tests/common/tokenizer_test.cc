@@ -115,7 +115,11 @@ bool IsValidUtf8(const std::string& text) {
   while (i < text.size()) {
     const auto byte = [&](size_t k) { return static_cast<unsigned char>(text[k]); };
     const unsigned char lead = byte(i);
-    size_t n = lead < 0x80 ? 1 : (lead >> 5) == 0x6 ? 2 : (lead >> 4) == 0xE ? 3 : (lead >> 3) == 0x1E ? 4 : 0;
+    size_t n = lead < 0x80           ? 1
+               : (lead >> 5) == 0x6  ? 2
+               : (lead >> 4) == 0xE  ? 3
+               : (lead >> 3) == 0x1E ? 4
+                                     : 0;
     if (n == 0 || i + n > text.size()) return false;
     uint32_t cp = n == 1 ? lead : lead & (0x7F >> n);
     for (size_t k = 1; k < n; ++k) {
