@@ -2,7 +2,8 @@
 prometheus-client's text parser. Started by ctest as
     python openai_api_test.py EPX_BINARY MODEL_DIR
 It runs one `epx serve --http-listen` and checks that the HTTP answers equal the gRPC ones
-(`epx generate --server`) for the same seed, that every unsupported or bad field is a 400
+(through Python's grpcio with stubs made from proto/ by grpcio-tools, and `epx generate
+--server`) for the same seed, that every unsupported or bad field is a 400
 naming it, and that /metrics parses and agrees with `epx stats --json`."""
 
 import json
@@ -15,11 +16,26 @@ import unittest
 import urllib.error
 import urllib.request
 
+import grpc
 import openai
+from grpc_tools import protoc
 from prometheus_client.parser import text_string_to_metric_families
 
 EPX, MODEL = sys.argv[1], sys.argv[2]
 del sys.argv[1:3]
+PROTO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "proto")
+
+
+def generation_stubs(out_dir):
+    """epx.v1's Python messages and stubs, made from the .proto files as a user would."""
+    os.makedirs(out_dir, exist_ok=True)
+    code = protoc.main(["grpc_tools.protoc", "-I" + PROTO_DIR, "--python_out=" + out_dir,
+                        "--grpc_python_out=" + out_dir, "epx/v1/generation.proto"])
+    if code != 0:
+        raise RuntimeError("grpc_tools.protoc failed: %d" % code)
+    sys.path.insert(0, out_dir)
+    from epx.v1 import generation_pb2, generation_pb2_grpc  # pylint: disable=import-outside-toplevel
+    return generation_pb2, generation_pb2_grpc
 
 
 def wait_for_file(path, process, limit_s=60):
@@ -43,6 +59,7 @@ class OpenAiApiTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.dir = tempfile.mkdtemp(prefix="epx_http_")
+        cls.pb2, pb2_grpc = generation_stubs(os.path.join(cls.dir, "stubs"))  # before the server
         grpc_file, http_file = os.path.join(cls.dir, "grpc"), os.path.join(cls.dir, "http")
         cls.log = open(os.path.join(cls.dir, "server.log"), "w")
         cls.server = subprocess.Popen(
@@ -55,9 +72,12 @@ class OpenAiApiTest(unittest.TestCase):
                         "--wait"], check=True, capture_output=True)
         cls.client = openai.OpenAI(base_url=cls.http + "/v1", api_key="unused", max_retries=0)
         cls.model = cls.client.models.list().data[0].id
+        cls.channel = grpc.insecure_channel(cls.grpc)
+        cls.stub = pb2_grpc.GenerationStub(cls.channel)
 
     @classmethod
     def tearDownClass(cls):
+        cls.channel.close()
         subprocess.run([EPX, "shutdown", "--server", cls.grpc], capture_output=True)
         cls.server.wait(timeout=60)
         cls.log.close()
@@ -68,6 +88,31 @@ class OpenAiApiTest(unittest.TestCase):
         out = r.stdout.decode("utf-8", errors="replace")
         self.assertTrue(out.endswith("\n"))
         return out[:-1]
+
+    def grpcio_text(self, **fields):
+        """The text of one Generate stream through grpcio, and its last response."""
+        text, last = "", None
+        for response in self.stub.Generate(self.pb2.GenerateRequest(**fields), timeout=60):
+            text += response.text
+            last = response
+        self.assertEqual(self.pb2.FinishReason.Name(last.finish_reason), "FINISH_REASON_LENGTH")
+        return text, last
+
+    def test_grpcio_and_openai_give_the_same_text_for_the_same_seed(self):
+        text, last = self.grpcio_text(text="The router picks", max_tokens=11, temperature=0.9,
+                                      top_p=0.95, seed=21)
+        whole = self.client.completions.create(model=self.model, prompt="The router picks",
+                                               max_tokens=11, temperature=0.9, top_p=0.95,
+                                               seed=21)
+        self.assertEqual(whole.choices[0].text, text)
+        self.assertEqual(whole.usage.prompt_tokens, last.usage.prompt_tokens)
+        self.assertEqual(whole.usage.completion_tokens, last.usage.completion_tokens)
+        chat = self.pb2.Chat(messages=[self.pb2.ChatMessage(role="user", content="Hello")])
+        text, _ = self.grpcio_text(chat=chat, max_tokens=7, temperature=1, seed=5)
+        stream = self.client.chat.completions.create(
+            model=self.model, messages=[{"role": "user", "content": "Hello"}], max_tokens=7,
+            temperature=1, seed=5, stream=True)
+        self.assertEqual("".join(c.choices[0].delta.content or "" for c in stream), text)
 
     def test_models_health_ready(self):
         self.assertEqual(self.model, os.path.basename(os.path.normpath(MODEL)))
