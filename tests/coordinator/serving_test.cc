@@ -1,6 +1,7 @@
 // Serving logic without gRPC: the chat template, the membership view that drives readiness, and
 // the scheduler on the tiny model (batch invariance of streamed tokens, stop strings held back,
 // the engine's KV cache back to empty).
+#include <atomic>
 #include <thread>
 
 #include "common/tokenizer.h"
@@ -232,6 +233,45 @@ TEST_F(SchedulerTest, StopStringsAreHeldBackAndCut) {
   EXPECT_EQ(events.back().matched_stop, stop);
   scheduler.Stop();
   loop.join();
+}
+
+// The latency histograms on an injected clock that moves 10 ms at every reading. One request of
+// N tokens reads it at submission (10 ms), admission (20), each token (30 .. 20 + 10 N) and
+// retirement (30 + 10 N): queue time 10 ms, time to first token 20 ms, N - 1 inter-token gaps
+// of 10 ms, end to end 20 + 10 N ms, each in its bucket.
+TEST_F(SchedulerTest, LatencyHistogramsFollowTheInjectedClock) {
+  std::atomic<int64_t> ticks{0};
+  SchedulerOptions options;
+  options.clock = [&ticks] { return absl::UnixEpoch() + absl::Milliseconds(10 * ++ticks); };
+  Scheduler scheduler(&runtime_->engine(), tokenizer_.get(), options);
+  std::thread loop([&] { EXPECT_TRUE(scheduler.Run().ok()); });
+  constexpr int kTokens = 6;
+  GenerationRequest r;
+  r.prompt = {1, 50, 60};
+  r.max_tokens = kTokens;
+  r.ignore_eos = true;
+  auto stream = scheduler.Submit(r);
+  ASSERT_TRUE(stream.ok()) << stream.status();
+  ASSERT_EQ(Drain(**stream).back().completion_tokens, kTokens);
+  scheduler.Stop();
+  loop.join();
+
+  const ServingHistograms& h = scheduler.histograms();
+  const auto expect = [](const Histogram& histogram, uint64_t count, double sum, double each,
+                         const char* name) {
+    SCOPED_TRACE(name);
+    const Histogram::Snapshot s = histogram.snapshot();
+    EXPECT_EQ(s.count, count);
+    EXPECT_NEAR(s.sum, sum, 1e-9);
+    ASSERT_EQ(s.cumulative.size(), s.bounds.size() + 1);
+    EXPECT_EQ(s.cumulative.back(), count);
+    for (size_t b = 0; b < s.bounds.size(); ++b)
+      EXPECT_EQ(s.cumulative[b], s.bounds[b] + 1e-12 >= each ? count : 0u) << "le " << s.bounds[b];
+  };
+  expect(h.queue_time, 1, 0.010, 0.010, "queue_time");
+  expect(h.time_to_first_token, 1, 0.020, 0.020, "time_to_first_token");
+  expect(h.inter_token_latency, kTokens - 1, 0.010 * (kTokens - 1), 0.010, "inter_token_latency");
+  expect(h.e2e_latency, 1, 0.020 + 0.010 * kTokens, 0.020 + 0.010 * kTokens, "e2e_latency");
 }
 
 }  // namespace
