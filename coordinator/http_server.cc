@@ -1,6 +1,7 @@
 #include "coordinator/http_server.h"
 
 #include <httplib.h>
+#include <sys/socket.h>
 
 #include <atomic>
 #include <filesystem>
@@ -299,11 +300,19 @@ class HttpServer::Impl {
       host = host.substr(1, host.size() - 2);
     const int threads = std::max(1, options_.threads);
     server_.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
+    // The listening socket, to raise its backlog once bound (below).
+    server_.set_socket_options([this](auto sock) {
+      httplib::default_socket_options(sock);
+      listen_fd_ = sock;
+    });
     server_.set_payload_max_length(static_cast<size_t>(options_.max_request_bytes));
     server_.set_keep_alive_max_count(1000);
     Routes();
     port_ =
         port == 0 ? server_.bind_to_any_port(host) : (server_.bind_to_port(host, port) ? port : -1);
+    // Debian's libcpp-httplib listens with a backlog of 5, so a burst of clients overflows the
+    // accept queue and sees resets. Listening again on the bound socket raises it.
+    if (port_ > 0 && listen_fd_ >= 0) ::listen(listen_fd_, kListenBacklog);
     if (port_ <= 0)
       return absl::UnavailableError(absl::StrCat("cannot listen on ", options_.listen,
                                                  " for HTTP (address in use or not valid)"));
@@ -320,6 +329,8 @@ class HttpServer::Impl {
   int port_ = 0;
 
  private:
+  static constexpr int kListenBacklog = 4096;  // the kernel caps it at net.core.somaxconn
+  int listen_fd_ = -1;
   void Routes() {
     server_.Get("/health", [](const httplib::Request&, httplib::Response& res) {
       res.set_content("{\"status\": \"ok\"}", "application/json");
