@@ -107,9 +107,8 @@ Line ReadLine(const std::string& text, int64_t number, const std::string& model,
     line.error = absl::InvalidArgumentError("\"stream\" is not supported in a batch");
     return line;
   }
-  if (!parsed->model.empty() && parsed->model != model) {
-    line.error = absl::NotFoundError(absl::StrCat(
-        "the model \"", parsed->model, "\" does not exist; this one is \"", model, "\""));
+  if (absl::Status served = openai::CheckModel(parsed->model, model); !served.ok()) {
+    line.error = served;
     return line;
   }
   line.params = std::move(parsed->params);
@@ -173,15 +172,16 @@ absl::Status AnswerLines(const std::vector<Line>& lines, const RunOne& run,
 
   const auto finish_line = [&](size_t i, const json& result, bool error) {
     std::lock_guard<std::mutex> lock(mu);
-    results[i] = result.dump(-1, ' ', false, json::error_handler_t::replace);
+    results[i] = openai::Dump(result);
     ++done;
     errors += error;
+    const int64_t before = written;
     while (written < total && results[written].has_value()) {
       out << *results[written] << "\n";
       results[written].reset();
       ++written;
     }
-    out.flush();
+    if (written > before) out.flush();
     if (!out) write_failed = true;
     const Clock::time_point now = Clock::now();
     if (progress && (done == total || now - last_draw > std::chrono::milliseconds(100))) {
@@ -311,11 +311,8 @@ absl::Status RunLocal(const BatchOptions& options, Engine& engine, std::ostream&
 absl::Status RunBatch(const BatchOptions& options, std::ostream& log) {
   EPX_RETURN_IF_ERROR(Validate(options));
   if (options.remote) return RunRemote(options, log);
-  EPX_ASSIGN_OR_RETURN(auto runtime, Runtime::Start(options.runtime));
-  if (runtime->is_worker()) return runtime->ServeAsWorker();
-  absl::Status result = RunLocal(options, runtime->engine(), log);
-  if (result.ok() && options.stats) runtime->PrintStats(log);
-  return runtime->Finish(result);
+  return Runtime::RunJob(options.runtime, options.stats, log,
+                         [&](Engine& engine) { return RunLocal(options, engine, log); });
 }
 
 }  // namespace epx

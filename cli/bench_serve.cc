@@ -18,14 +18,13 @@
 #include <random>
 #include <system_error>
 #include <thread>
-#include <tuple>
 #include <vector>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "cli/grpc_client.h"
 #include "common/status.h"
+#include "coordinator/http_server.h"
 #include "epx/v1/generation.grpc.pb.h"
 #include "nlohmann/json.hpp"
 
@@ -49,6 +48,31 @@ struct RequestResult {
   std::vector<double> itl_ms;     // gaps between messages carrying tokens
   int64_t output_tokens = 0;
   int64_t prompt_tokens = 0;  // as the server counted them (usage)
+};
+
+// When a stream's tokens arrived, and the timings of its result made from them.
+struct TokenTimes {
+  Clock::time_point start = Clock::now();
+  std::optional<Clock::time_point> first;
+  Clock::time_point last;
+
+  // A message with new tokens arrived now: the time to the first, or one more gap.
+  void Arrived(RequestResult& r) {
+    const Clock::time_point now = Clock::now();
+    if (!first.has_value()) {
+      first = now;
+      r.ttft_ms = Ms(now - start);
+    } else {
+      r.itl_ms.push_back(Ms(now - last));
+    }
+    last = now;
+  }
+  // The stream ended now (r.output_tokens final): its latency and time per output token.
+  void Ended(RequestResult& r) const {
+    r.latency_ms = Ms(Clock::now() - start);
+    if (r.output_tokens > 1 && first.has_value())
+      r.tpot_ms = Ms(last - *first) / static_cast<double>(r.output_tokens - 1);
+  }
 };
 
 struct Summary {
@@ -115,7 +139,6 @@ class GrpcStream final : public grpc::ClientReadReactor<v1::GenerateResponse> {
              RequestResult* result, std::function<void()> done)
       : client_(client), request_(std::move(request)), result_(result), done_(std::move(done)) {
     context_.set_deadline(ClientDeadline(client.timeout_s));
-    start_ = Clock::now();
     stub.async()->Generate(&context_, &request_, this);
     StartRead(&response_);
     StartCall();
@@ -124,14 +147,7 @@ class GrpcStream final : public grpc::ClientReadReactor<v1::GenerateResponse> {
   void OnReadDone(bool ok) override {
     if (!ok) return;
     if (response_.token_ids_size() > 0) {
-      const Clock::time_point now = Clock::now();
-      if (!first_.has_value()) {
-        first_ = now;
-        result_->ttft_ms = Ms(now - start_);
-      } else {
-        result_->itl_ms.push_back(Ms(now - last_));
-      }
-      last_ = now;
+      times_.Arrived(*result_);
       result_->output_tokens += response_.token_ids_size();
     }
     if (response_.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
@@ -143,11 +159,9 @@ class GrpcStream final : public grpc::ClientReadReactor<v1::GenerateResponse> {
 
   void OnDone(const grpc::Status& status) override {
     result_->status = FromGrpcStatus(status, client_.server, "epx.v1.Generation/Generate");
-    result_->latency_ms = Ms(Clock::now() - start_);
+    times_.Ended(*result_);
     if (result_->status.ok() && cancelled_)
       result_->status = absl::UnavailableError("finished as cancelled: the server shut down");
-    if (result_->output_tokens > 1 && first_.has_value())
-      result_->tpot_ms = Ms(last_ - *first_) / static_cast<double>(result_->output_tokens - 1);
     done_();
   }
 
@@ -158,8 +172,7 @@ class GrpcStream final : public grpc::ClientReadReactor<v1::GenerateResponse> {
   v1::GenerateResponse response_;
   RequestResult* result_;
   std::function<void()> done_;
-  Clock::time_point start_, last_;
-  std::optional<Clock::time_point> first_;
+  TokenTimes times_;
   bool cancelled_ = false;
 };
 
@@ -196,20 +209,6 @@ void RunGrpc(const BenchServeOptions& options, const v1::ModelConfig& config, in
   cv.wait(lock, [&] { return finished == static_cast<int64_t>(results.size()); });
 }
 
-// HOST:PORT split for cpp-httplib; InvalidArgument otherwise.
-absl::StatusOr<std::pair<std::string, int>> HostPort(const std::string& server) {
-  const size_t colon = server.rfind(':');
-  int port = 0;
-  if (colon == std::string::npos || !absl::SimpleAtoi(server.substr(colon + 1), &port) ||
-      port <= 0 || port > 65535)
-    return absl::InvalidArgumentError(
-        absl::StrCat("--server \"", server, "\" is not HOST:PORT (--api openai)"));
-  std::string host = server.substr(0, colon);
-  if (host.size() > 1 && host.front() == '[' && host.back() == ']')
-    host = host.substr(1, host.size() - 2);
-  return std::make_pair(host, port);
-}
-
 // The OpenAI body of request `index`: the same prompt, seed and limits as the gRPC one.
 nlohmann::json OpenAiBody(const v1::GenerateRequest& request, const std::string& model) {
   nlohmann::json body = {{"model", model},
@@ -236,9 +235,7 @@ RequestResult RunOpenAiOne(const std::string& host, int port, const nlohmann::js
   const auto timeout = std::chrono::duration<double>(client.timeout_s);
   http.set_read_timeout(std::chrono::duration_cast<std::chrono::microseconds>(timeout));
   http.set_write_timeout(std::chrono::duration_cast<std::chrono::microseconds>(timeout));
-  const Clock::time_point start = Clock::now();
-  std::optional<Clock::time_point> first;
-  Clock::time_point last;
+  TokenTimes times;
   std::string pending, error_body;
   bool finished = false;
   httplib::Request request;
@@ -266,16 +263,7 @@ RequestResult RunOpenAiOne(const std::string& host, int port, const nlohmann::js
       }
       if (!chunk.contains("choices") || chunk["choices"].empty()) continue;
       const nlohmann::json& choice = chunk["choices"][0];
-      if (!choice.value("text", std::string()).empty()) {
-        const Clock::time_point now = Clock::now();
-        if (!first.has_value()) {
-          first = now;
-          result.ttft_ms = Ms(now - start);
-        } else {
-          result.itl_ms.push_back(Ms(now - last));
-        }
-        last = now;
-      }
+      if (!choice.value("text", std::string()).empty()) times.Arrived(result);
       if (choice.contains("finish_reason") && !choice["finish_reason"].is_null()) finished = true;
     }
     return true;
@@ -283,7 +271,7 @@ RequestResult RunOpenAiOne(const std::string& host, int port, const nlohmann::js
   httplib::Response response;
   httplib::Error error = httplib::Error::Success;
   const bool sent = http.send(request, response, error);
-  result.latency_ms = Ms(Clock::now() - start);
+  times.Ended(result);
   if (!sent) {
     result.status = absl::UnavailableError(
         absl::StrCat(host, ":", port, ": POST /v1/completions: ", httplib::to_string(error)));
@@ -295,8 +283,6 @@ RequestResult RunOpenAiOne(const std::string& host, int port, const nlohmann::js
         absl::StrCat(host, ":", port, ": POST /v1/completions: the stream ended without finishing ",
                      error_body));
   }
-  if (result.output_tokens > 1 && first.has_value())
-    result.tpot_ms = Ms(last - *first) / static_cast<double>(result.output_tokens - 1);
   return result;
 }
 
@@ -409,7 +395,12 @@ absl::Status RunBenchServe(const BenchServeOptions& options, std::ostream& out) 
   std::unique_ptr<v1::Generation::Stub> stub;
   v1::ModelInfoResponse info;
   if (openai) {
-    EPX_ASSIGN_OR_RETURN(std::tie(host, port), HostPort(options.client.server));
+    EPX_ASSIGN_OR_RETURN(HttpAddress address, ParseHttpAddress(options.client.server, "--server"));
+    if (address.port == 0)
+      return absl::InvalidArgumentError(
+          absl::StrCat("--server \"", options.client.server, "\" needs a port (--api openai)"));
+    host = address.host;
+    port = address.port;
     EPX_ASSIGN_OR_RETURN(info, OpenAiModelInfo(host, port, options.client));
   } else {
     stub = v1::Generation::NewStub(MakeClientChannel(options.client));

@@ -193,11 +193,8 @@ absl::Status EvalOnEngine(const EvalOptions& options, Engine& engine, std::ostre
 }  // namespace
 
 absl::Status RunEval(const EvalOptions& options, std::ostream& log) {
-  EPX_ASSIGN_OR_RETURN(auto runtime, Runtime::Start(options.runtime));
-  if (runtime->is_worker()) return runtime->ServeAsWorker();
-  absl::Status result = EvalOnEngine(options, runtime->engine(), log);
-  if (result.ok() && options.stats) runtime->PrintStats(log);
-  return runtime->Finish(result);
+  return Runtime::RunJob(options.runtime, options.stats, log,
+                         [&](Engine& engine) { return EvalOnEngine(options, engine, log); });
 }
 
 }  // namespace epx

@@ -39,38 +39,31 @@ absl::Status GenerateOnEngine(const GenerateOptions& options, Engine& engine, st
   std::thread steps([&] { run = scheduler.Run(); });
   const auto start = std::chrono::steady_clock::now();
   auto first_token = start;
-  GenerationEvent event;
-  bool cancelled = false;
-  while (true) {
-    // A stop signal (SIGINT, SIGTERM) ends the request; the report below still prints. Checked
-    // on every event too, since a busy decode never lets Next time out.
-    if (!cancelled && Runtime::stop_requested()) {
-      stream->Cancel();
-      cancelled = true;
-    }
-    if (!stream->Next(&event, absl::Milliseconds(100))) continue;
-    if (!event.token_ids.empty() && first_token == start)
-      first_token = std::chrono::steady_clock::now();
-    out << event.text << std::flush;
-    if (event.last()) break;
-  }
+  // A stop signal (SIGINT, SIGTERM) ends the request; the report below still prints.
+  absl::StatusOr<Completion> done = Collect(
+      *stream, [] { return Runtime::stop_requested(); },
+      [&](const GenerationEvent& event) {
+        if (!event.token_ids.empty() && first_token == start)
+          first_token = std::chrono::steady_clock::now();
+        out << event.text << std::flush;
+      });
   scheduler.Stop();
   steps.join();
   out << std::endl;
-  if (!(cancelled && absl::IsCancelled(event.error))) EPX_RETURN_IF_ERROR(event.error);
+  EPX_RETURN_IF_ERROR(done.status());
   EPX_RETURN_IF_ERROR(run);
   if (options.request.usage)
-    log << UsageLine(FinishReasonName(event.finish), event.prompt_tokens, event.completion_tokens,
-                     event.matched_stop)
+    log << UsageLine(FinishReasonName(done->finish), done->prompt_tokens, done->completion_tokens,
+                     done->matched_stop)
         << "\n";
   const auto end = std::chrono::steady_clock::now();
-  const int64_t generated = event.completion_tokens;
+  const int64_t generated = done->completion_tokens;
   const double prefill_s = std::chrono::duration<double>(first_token - start).count();
   const double decode_s = std::chrono::duration<double>(end - first_token).count();
   log << "generated " << generated << " tokens from a " << prompt_tokens << "-token prompt: "
       << "prefill " << prefill_s * 1e3 << " ms, decode "
       << (generated > 1 && decode_s > 0 ? (generated - 1) / decode_s : 0.0) << " tokens/s\n";
-  if (event.finish == FinishReason::kCancelled)
+  if (done->finish == FinishReason::kCancelled)
     log << "stopped by a signal after " << generated << " tokens; the output above is partial\n";
   return absl::OkStatus();
 }
@@ -78,11 +71,9 @@ absl::Status GenerateOnEngine(const GenerateOptions& options, Engine& engine, st
 }  // namespace
 
 absl::Status RunGenerate(const GenerateOptions& options, std::ostream& out, std::ostream& log) {
-  EPX_ASSIGN_OR_RETURN(auto runtime, Runtime::Start(options.runtime));
-  if (runtime->is_worker()) return runtime->ServeAsWorker();
-  absl::Status result = GenerateOnEngine(options, runtime->engine(), out, log);
-  if (result.ok() && options.stats) runtime->PrintStats(log);
-  return runtime->Finish(result);
+  return Runtime::RunJob(options.runtime, options.stats, log, [&](Engine& engine) {
+    return GenerateOnEngine(options, engine, out, log);
+  });
 }
 
 }  // namespace epx

@@ -4,6 +4,7 @@
 
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 #include "cli/batch.h"
 #include "cli/bench_decode.h"
 #include "cli/bench_serve.h"
@@ -19,12 +20,29 @@ int Finish(const absl::Status& status) {
 }
 
 // Flags that only one way of running a command understands are an error, not silently ignored.
+// (Flags the command does not have are skipped.)
 absl::Status RejectFlags(const CLI::App& cmd, std::initializer_list<const char*> flags,
-                         const char* why) {
+                         absl::string_view why) {
   for (const char* flag : flags)
-    if (cmd.count(flag) > 0)
+    if (cmd.get_option_no_throw(flag) != nullptr && cmd.count(flag) > 0)
       return absl::InvalidArgumentError(absl::StrCat(cmd.get_name(), ": ", flag, " ", why));
   return absl::OkStatus();
+}
+
+// `epx generate` and `epx batch` run here (--model) or on a running server (--server); a flag
+// of the other way is an error. `doing` names the work ("generating").
+absl::Status CheckHereOrServer(const CLI::App& cmd, const std::string& model_dir,
+                               absl::string_view doing) {
+  if (cmd.count("--server") == 0) {
+    if (model_dir.empty())
+      return absl::InvalidArgumentError(absl::StrCat(cmd.get_name(), " needs --model or --server"));
+    return RejectFlags(cmd, {"--timeout"}, "is for --server");
+  }
+  return RejectFlags(cmd,
+                     {"--model", "--placement", "--replicas", "--role", "--comm-timeout", "--stats",
+                      "--workers", "--listen", "--data-plane"},
+                     absl::StrCat("is for ", doing,
+                                  " here; not with --server (see `epx stats` for the server's)"));
 }
 
 }  // namespace
@@ -527,38 +545,18 @@ int Run(int argc, char** argv) {
   if (gen_cmd->parsed()) {
     if (gen_cmd->count("--seed") > 0) gen.request.seed = gen_seed;
     if (gen_cmd->count("--system") > 0) gen.request.system = gen_system;
-    if (gen_cmd->count("--server") == 0) {
-      if (gen.runtime.model_dir.empty())
-        return Finish(absl::InvalidArgumentError("generate needs --model or --server"));
-      absl::Status flags = RejectFlags(*gen_cmd, {"--timeout"}, "is for --server");
-      if (!flags.ok()) return Finish(flags);
-      return Finish(epx::RunGenerate(gen, std::cout, std::cerr));
-    }
-    absl::Status flags =
-        RejectFlags(*gen_cmd,
-                    {"--model", "--placement", "--replicas", "--role", "--comm-timeout", "--stats",
-                     "--workers", "--listen", "--data-plane"},
-                    "is for generating here; not with --server (see `epx stats` for the server's)");
+    absl::Status flags = CheckHereOrServer(*gen_cmd, gen.runtime.model_dir, "generating");
     if (!flags.ok()) return Finish(flags);
+    if (gen_cmd->count("--server") == 0) return Finish(epx::RunGenerate(gen, std::cout, std::cerr));
     remote_gen.request = gen.request;
     return Finish(epx::RunRemoteGenerate(remote_gen, std::cout, std::cerr));
   }
   if (batch_cmd->parsed()) {
     if (batch_progress_flag->count() > 0) batch.progress = batch_progress;
-    batch.remote = batch_cmd->count("--server") > 0;
-    if (!batch.remote) {
-      if (batch.runtime.model_dir.empty())
-        return Finish(absl::InvalidArgumentError("batch needs --model or --server"));
-      absl::Status flags = RejectFlags(*batch_cmd, {"--timeout"}, "is for --server");
-      if (!flags.ok()) return Finish(flags);
-      batch.runtime.comm_timeout = absl::Seconds(batch_timeout_s);
-      return Finish(epx::RunBatch(batch, std::cerr));
-    }
-    absl::Status flags = RejectFlags(*batch_cmd,
-                                     {"--model", "--placement", "--replicas", "--role",
-                                      "--comm-timeout", "--stats", "--workers", "--data-plane"},
-                                     "is for answering here; not with --server");
+    absl::Status flags = CheckHereOrServer(*batch_cmd, batch.runtime.model_dir, "answering");
     if (!flags.ok()) return Finish(flags);
+    batch.remote = batch_cmd->count("--server") > 0;
+    batch.runtime.comm_timeout = absl::Seconds(batch_timeout_s);
     return Finish(epx::RunBatch(batch, std::cerr));
   }
   if (health_cmd->parsed())

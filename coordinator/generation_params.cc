@@ -50,7 +50,8 @@ absl::StatusOr<GenerationRequest> BuildRequest(const GenerationParams& params,
   return r;
 }
 
-absl::StatusOr<Completion> Collect(RequestStream& stream, const std::function<bool()>& stop) {
+absl::StatusOr<Completion> Collect(RequestStream& stream, const std::function<bool()>& stop,
+                                   const std::function<void(const GenerationEvent&)>& on_event) {
   Completion c;
   bool cancelled = false;
   GenerationEvent event;
@@ -60,6 +61,7 @@ absl::StatusOr<Completion> Collect(RequestStream& stream, const std::function<bo
       cancelled = true;
     }
     if (!stream.Next(&event, absl::Milliseconds(100))) continue;
+    if (on_event) on_event(event);
     c.text += event.text;
     if (event.last()) break;
   }

@@ -54,10 +54,13 @@ struct Completion {
   int64_t completion_tokens = 0;
 };
 
-// Reads `stream` to its last event. Once `stop` returns true (asked at every event and at least
-// every 100 ms) the request is cancelled and comes back finished as kCancelled. The stream's
-// error, if it ended with one. `stop` may be empty.
-absl::StatusOr<Completion> Collect(RequestStream& stream, const std::function<bool()>& stop);
+// Reads `stream` to its last event, calling `on_event` (may be empty) with each one as it comes.
+// Once `stop` returns true (asked at every event and at least every 100 ms) the request is
+// cancelled and comes back finished as kCancelled. The stream's error, if it ended with one.
+// `stop` may be empty.
+absl::StatusOr<Completion> Collect(
+    RequestStream& stream, const std::function<bool()>& stop,
+    const std::function<void(const GenerationEvent&)>& on_event = nullptr);
 
 }  // namespace epx
 

@@ -261,6 +261,14 @@ nlohmann::json CompletionBody(bool chat, const std::string& id, const std::strin
             {"total_tokens", prompt_tokens + completion_tokens}}}};
 }
 
+absl::Status CheckModel(const std::string& asked, const std::string& served) {
+  if (asked.empty() || asked == served) return absl::OkStatus();
+  return absl::NotFoundError(absl::StrCat(
+      "the model \"", asked, "\" does not exist; this server serves \"", served, "\""));
+}
+
+std::string Dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
 std::string ModelName(const std::string& model_dir) {
   const std::filesystem::path dir = std::filesystem::absolute(model_dir);
   const std::string name = dir.filename().string();
@@ -269,10 +277,21 @@ std::string ModelName(const std::string& model_dir) {
 
 }  // namespace openai
 
+absl::StatusOr<HttpAddress> ParseHttpAddress(const std::string& address, absl::string_view flag) {
+  const size_t colon = address.rfind(':');
+  HttpAddress a;
+  if (colon == std::string::npos || !absl::SimpleAtoi(address.substr(colon + 1), &a.port) ||
+      a.port < 0 || a.port > 65535)
+    return absl::InvalidArgumentError(absl::StrCat(flag, " \"", address, "\" is not HOST:PORT"));
+  a.host = address.substr(0, colon);
+  if (a.host.size() > 1 && a.host.front() == '[' && a.host.back() == ']')
+    a.host = a.host.substr(1, a.host.size() - 2);
+  return a;
+}
+
 namespace {
 
-// Text that is not valid UTF-8 (a cut byte sequence) is replaced, never refused.
-std::string Dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+using openai::Dump;
 
 void SendError(httplib::Response& res, const absl::Status& status) {
   res.status = openai::HttpStatus(status);
@@ -289,15 +308,9 @@ class HttpServer::Impl {
       : options_(options), backends_(backends) {}
 
   absl::Status Start() {
-    const size_t colon = options_.listen.rfind(':');
-    int port = 0;
-    if (colon == std::string::npos || !absl::SimpleAtoi(options_.listen.substr(colon + 1), &port) ||
-        port < 0 || port > 65535)
-      return absl::InvalidArgumentError(
-          absl::StrCat("--http-listen \"", options_.listen, "\" is not HOST:PORT"));
-    std::string host = options_.listen.substr(0, colon);
-    if (host.size() > 1 && host.front() == '[' && host.back() == ']')
-      host = host.substr(1, host.size() - 2);
+    EPX_ASSIGN_OR_RETURN(HttpAddress address, ParseHttpAddress(options_.listen, "--http-listen"));
+    const std::string& host = address.host;
+    const int port = address.port;
     const int threads = std::max(1, options_.threads);
     server_.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
     // The listening socket, to raise its backlog once bound (below).
@@ -385,11 +398,8 @@ class HttpServer::Impl {
     if (!body.ok()) return SendError(res, body.status());
     absl::StatusOr<openai::ParsedRequest> parsed = openai::ParseRequest(*body, chat);
     if (!parsed.ok()) return SendError(res, parsed.status());
-    if (!parsed->model.empty() && parsed->model != options_.model_name)
-      return SendError(res,
-                       absl::NotFoundError(absl::StrCat("the model \"", parsed->model,
-                                                        "\" does not exist; this server serves \"",
-                                                        options_.model_name, "\"")));
+    if (absl::Status model = openai::CheckModel(parsed->model, options_.model_name); !model.ok())
+      return SendError(res, model);
     std::string why_not;
     Scheduler* scheduler = backends_.scheduler(&why_not);
     if (scheduler == nullptr)

@@ -22,6 +22,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "common/tokenizer.h"
 #include "coordinator/generation_params.h"
 #include "coordinator/scheduler.h"
@@ -69,10 +70,24 @@ nlohmann::json CompletionBody(bool chat, const std::string& id, const std::strin
                               int64_t prompt_tokens, int64_t completion_tokens);
 const char* FinishReasonText(FinishReason finish);  // "stop" or "length"
 
+// NotFound unless `asked` (a request's "model") is empty or `served`.
+absl::Status CheckModel(const std::string& asked, const std::string& served);
+
+// JSON text; text that is not valid UTF-8 (a cut byte sequence) is replaced, never refused.
+std::string Dump(const nlohmann::json& j);
+
 // The model id of a checkpoint directory (its name, "mixtral-8x7b" for /models/mixtral-8x7b/).
 std::string ModelName(const std::string& model_dir);
 
 }  // namespace openai
+
+// "HOST:PORT" (an IPv6 host in brackets, which are taken off); the port in [0, 65535].
+// InvalidArgument naming `flag` otherwise.
+struct HttpAddress {
+  std::string host;
+  int port = 0;
+};
+absl::StatusOr<HttpAddress> ParseHttpAddress(const std::string& address, absl::string_view flag);
 
 class HttpServer {
  public:

@@ -872,6 +872,15 @@ absl::Status Runtime::Recover(const absl::Status& failure) {
   return absl::Status(formed.code(), absl::StrCat(why, "; ", formed.message()));
 }
 
+absl::Status Runtime::RunJob(const RuntimeOptions& options, bool stats, std::ostream& log,
+                             const std::function<absl::Status(Engine&)>& job) {
+  EPX_ASSIGN_OR_RETURN(std::unique_ptr<Runtime> runtime, Start(options));
+  if (runtime->is_worker()) return runtime->ServeAsWorker();
+  absl::Status result = job(runtime->engine());
+  if (result.ok() && stats) runtime->PrintStats(log);
+  return runtime->Finish(result);
+}
+
 absl::Status Runtime::Finish(absl::Status result) {
   if (finished_ || remote_experts_ == nullptr) return result;  // alone, a worker, or half-built
   finished_ = true;

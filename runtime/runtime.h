@@ -130,6 +130,11 @@ class Runtime : public StepRecovery {
   // Errors: bad options or files (InvalidArgument/NotFound naming them), ranks that disagree or
   // workers refused (FailedPrecondition naming the rank), communication failures.
   static absl::StatusOr<std::unique_ptr<Runtime>> Start(const RuntimeOptions& options);
+  // A command's whole job on every rank (eval, generate, batch): Start(); worker ranks
+  // ServeAsWorker(); the coordinator runs `job` on its engine, prints PrintStats() to `log` after
+  // a job that succeeded when `stats`, and Finish()es with the job's result.
+  static absl::Status RunJob(const RuntimeOptions& options, bool stats, std::ostream& log,
+                             const std::function<absl::Status(Engine&)>& job);
   // A coordinator that was not finished shuts its workers down (or aborts the job if a step was
   // cut short).
   ~Runtime();
