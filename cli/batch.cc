@@ -269,7 +269,7 @@ absl::Status RunRemote(const BatchOptions& options, std::ostream& log) {
   v1::ModelInfoResponse info;
   {
     grpc::ClientContext context;
-    context.set_deadline(ClientDeadline(options.client.timeout_s));
+    PrepareContext(context, options.client);
     EPX_RETURN_IF_ERROR(FromGrpcStatus(stub->ModelInfo(&context, {}, &info), options.client.server,
                                        "epx.v1.Generation/ModelInfo"));
   }

@@ -138,7 +138,7 @@ class GrpcStream final : public grpc::ClientReadReactor<v1::GenerateResponse> {
   GrpcStream(v1::Generation::Stub& stub, v1::GenerateRequest request, const ClientOptions& client,
              RequestResult* result, std::function<void()> done)
       : client_(client), request_(std::move(request)), result_(result), done_(std::move(done)) {
-    context_.set_deadline(ClientDeadline(client.timeout_s));
+    PrepareContext(context_, client);
     stub.async()->Generate(&context_, &request_, this);
     StartRead(&response_);
     StartCall();
@@ -227,11 +227,25 @@ nlohmann::json OpenAiBody(const v1::GenerateRequest& request, const std::string&
   return body;
 }
 
+// An HTTP(S) client of host:port with the client's TLS files and bearer key.
+std::unique_ptr<httplib::Client> HttpClient(const std::string& host, int port,
+                                            const ClientOptions& client) {
+  const ClientTlsOptions& tls = client.tls;
+  auto http = tls.enabled()
+                  ? std::make_unique<httplib::Client>(absl::StrCat("https://", host, ":", port),
+                                                      tls.cert_file, tls.key_file)
+                  : std::make_unique<httplib::Client>(host, port);
+  if (!tls.ca_file.empty()) http->set_ca_cert_path(tls.ca_file.c_str());
+  if (!client.api_key.empty()) http->set_bearer_token_auth(client.api_key.c_str());
+  return http;
+}
+
 // One streaming POST /v1/completions, read as server-sent events. Blocks its thread.
 RequestResult RunOpenAiOne(const std::string& host, int port, const nlohmann::json& body,
                            const ClientOptions& client) {
   RequestResult result;
-  httplib::Client http(host, port);
+  std::unique_ptr<httplib::Client> client_ptr = HttpClient(host, port, client);
+  httplib::Client& http = *client_ptr;
   const auto timeout = std::chrono::duration<double>(client.timeout_s);
   http.set_read_timeout(std::chrono::duration_cast<std::chrono::microseconds>(timeout));
   http.set_write_timeout(std::chrono::duration_cast<std::chrono::microseconds>(timeout));
@@ -289,7 +303,8 @@ RequestResult RunOpenAiOne(const std::string& host, int port, const nlohmann::js
 // GET /v1/models: the model id, and the vocabulary and context epx adds to it.
 absl::StatusOr<v1::ModelInfoResponse> OpenAiModelInfo(const std::string& host, int port,
                                                       const ClientOptions& client) {
-  httplib::Client http(host, port);
+  std::unique_ptr<httplib::Client> client_ptr = HttpClient(host, port, client);
+  httplib::Client& http = *client_ptr;
   http.set_read_timeout(std::chrono::seconds(static_cast<int64_t>(std::ceil(client.timeout_s))));
   httplib::Result r = http.Get("/v1/models");
   if (!r)
@@ -354,7 +369,7 @@ absl::Status ValidateBenchOptions(const BenchServeOptions& options) {
 absl::StatusOr<v1::ModelInfoResponse> GetModelInfo(v1::Generation::Stub& stub,
                                                    const ClientOptions& client) {
   grpc::ClientContext context;
-  context.set_deadline(ClientDeadline(client.timeout_s));
+  PrepareContext(context, client);
   v1::ModelInfoResponse info;
   EPX_RETURN_IF_ERROR(FromGrpcStatus(stub.ModelInfo(&context, v1::ModelInfoRequest(), &info),
                                      client.server, "epx.v1.Generation/ModelInfo"));

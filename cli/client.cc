@@ -321,7 +321,7 @@ absl::Status RunRemoteGenerate(const RemoteGenerateOptions& options, std::ostrea
   std::unique_ptr<v1::Generation::Stub> stub =
       v1::Generation::NewStub(MakeClientChannel(options.client));
   grpc::ClientContext context;
-  context.set_deadline(ClientDeadline(options.client.timeout_s));
+  PrepareContext(context, options.client);
   std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader =
       stub->Generate(&context, request);
   v1::GenerateResponse response;
@@ -398,7 +398,7 @@ absl::Status RunStats(const ClientOptions& options, bool json, std::ostream& out
   EPX_RETURN_IF_ERROR(ValidateClientOptions(options));
   std::unique_ptr<v1::Admin::Stub> stub = v1::Admin::NewStub(MakeClientChannel(options));
   grpc::ClientContext context;
-  context.set_deadline(ClientDeadline(options.timeout_s));
+  PrepareContext(context, options);
   v1::StatsResponse stats;
   EPX_RETURN_IF_ERROR(FromGrpcStatus(stub->Stats(&context, v1::StatsRequest(), &stats),
                                      options.server, "epx.v1.Admin/Stats"));
@@ -411,7 +411,7 @@ absl::Status RunDrain(const ClientOptions& options, bool wait, std::ostream& out
   EPX_RETURN_IF_ERROR(ValidateClientOptions(options));
   std::unique_ptr<v1::Admin::Stub> stub = v1::Admin::NewStub(MakeClientChannel(options));
   grpc::ClientContext context;
-  context.set_deadline(ClientDeadline(options.timeout_s));
+  PrepareContext(context, options, Access::kAdmin);
   v1::DrainRequest request;
   request.set_wait(wait);
   v1::DrainResponse response;
@@ -447,7 +447,7 @@ absl::Status RunDrainWorker(const ClientOptions& options, int rank, bool wait, s
   EPX_RETURN_IF_ERROR(ValidateClientOptions(options));
   std::unique_ptr<v1::Admin::Stub> stub = v1::Admin::NewStub(MakeClientChannel(options));
   grpc::ClientContext context;
-  context.set_deadline(ClientDeadline(options.timeout_s));
+  PrepareContext(context, options, Access::kAdmin);
   v1::DrainWorkerRequest request;
   request.set_rank(rank);
   request.set_wait(wait);
@@ -464,7 +464,7 @@ absl::Status RunPlacement(const ClientOptions& options, const std::string& set_f
   EPX_RETURN_IF_ERROR(ValidateClientOptions(options));
   std::unique_ptr<v1::Admin::Stub> stub = v1::Admin::NewStub(MakeClientChannel(options));
   grpc::ClientContext context;
-  context.set_deadline(ClientDeadline(options.timeout_s));
+  PrepareContext(context, options, Access::kAdmin);
   v1::PlacementResponse response;
   if (set_file.empty()) {
     EPX_RETURN_IF_ERROR(
@@ -486,7 +486,7 @@ absl::Status RunShutdown(const ClientOptions& options, bool drain, std::ostream&
   EPX_RETURN_IF_ERROR(ValidateClientOptions(options));
   std::unique_ptr<v1::Admin::Stub> stub = v1::Admin::NewStub(MakeClientChannel(options));
   grpc::ClientContext context;
-  context.set_deadline(ClientDeadline(options.timeout_s));
+  PrepareContext(context, options, Access::kAdmin);
   v1::ShutdownRequest request;
   request.set_drain(drain);
   v1::ShutdownResponse response;
@@ -500,7 +500,7 @@ absl::Status RunModelInfo(const ClientOptions& options, std::ostream& out) {
   EPX_RETURN_IF_ERROR(ValidateClientOptions(options));
   std::unique_ptr<v1::Generation::Stub> stub = v1::Generation::NewStub(MakeClientChannel(options));
   grpc::ClientContext context;
-  context.set_deadline(ClientDeadline(options.timeout_s));
+  PrepareContext(context, options);
   v1::ModelInfoResponse info;
   EPX_RETURN_IF_ERROR(FromGrpcStatus(stub->ModelInfo(&context, v1::ModelInfoRequest(), &info),
                                      options.server, "epx.v1.Generation/ModelInfo"));

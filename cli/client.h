@@ -18,12 +18,18 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "coordinator/generation_params.h"
+#include "security/auth.h"
 
 namespace epx {
 
 struct ClientOptions {
   std::string server = "127.0.0.1:50051";  // HOST:PORT (any gRPC target string)
   double timeout_s = 600;                  // deadline of every call; must be in (0, 1e8]
+  ClientTlsOptions tls;                    // --tls-ca / --tls-cert / --tls-key; none: plain text
+  // Sent as "authorization: Bearer KEY": the API key on client calls, the admin key (when given,
+  // else the API key) on admin calls.
+  std::string api_key;
+  std::string admin_key;
 };
 
 // The prompt and sampling flags of `epx generate`, the same here (--model) and on a server

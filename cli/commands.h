@@ -51,6 +51,9 @@ struct ServeOptions {
                                         // the listen host, or this host's name for 0.0.0.0)
   std::string port_file;                // written with the bound port once serving
   std::string http_port_file;           // the same for --http-listen
+  // Under mpirun with TLS: the CA the workers check the coordinator's certificate with
+  // (--tls-ca); with --tls-client-ca they present the server's --tls-cert and --tls-key.
+  std::string tls_ca;
   bool stats = false;                   // print per-layer timings and expert load at the end
   // After a data-plane failure the server stays up, NOT_SERVING, this long (so health checks
   // and load balancers see it) before it exits non-zero for the launcher to restart the job.

@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
+#include "security/grpc_credentials.h"
 
 namespace epx {
 
@@ -24,7 +25,7 @@ absl::Status ValidateClientOptions(const ClientOptions& options) {
   if (!(options.timeout_s > 0 && options.timeout_s <= kMaxTimeoutS))
     return absl::InvalidArgumentError(absl::StrCat("--timeout must be in (0, ", kMaxTimeoutS,
                                                    "] seconds, got ", options.timeout_s));
-  return absl::OkStatus();
+  return LoadClientTls(options.tls).status();
 }
 
 std::shared_ptr<grpc::Channel> MakeClientChannel(const ClientOptions& options,
@@ -35,13 +36,25 @@ std::shared_ptr<grpc::Channel> MakeClientChannel(const ClientOptions& options,
     args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, channel.max_reconnect_backoff_ms);
   }
   if (channel.connection_index != 0) args.SetInt("epx.connection_index", channel.connection_index);
-  return grpc::CreateCustomChannel(options.server, grpc::InsecureChannelCredentials(), args);
+  absl::StatusOr<ClientTls> tls = LoadClientTls(options.tls);
+  return grpc::CreateCustomChannel(
+      options.server,
+      tls.ok() ? GrpcChannelCredentials(*tls) : grpc::SslCredentials(grpc::SslCredentialsOptions()),
+      args);
 }
 
 std::chrono::system_clock::time_point ClientDeadline(double timeout_s) {
   return std::chrono::system_clock::now() +
          std::chrono::duration_cast<std::chrono::system_clock::duration>(
              std::chrono::duration<double>(timeout_s));
+}
+
+void PrepareContext(grpc::ClientContext& context, const ClientOptions& options, Access access) {
+  context.set_deadline(ClientDeadline(options.timeout_s));
+  const std::string& key = access == Access::kAdmin && !options.admin_key.empty()
+                               ? options.admin_key
+                               : (options.api_key.empty() ? options.admin_key : options.api_key);
+  if (!key.empty()) context.AddMetadata("authorization", BearerHeader(key));
 }
 
 absl::Status FromGrpcStatus(const grpc::Status& status, const std::string& server,
@@ -85,7 +98,7 @@ absl::StatusOr<Completion> GenerateToCompletion(v1::Generation::Stub& stub,
                                                 const v1::GenerateRequest& request,
                                                 const ClientOptions& client) {
   grpc::ClientContext context;
-  context.set_deadline(ClientDeadline(client.timeout_s));
+  PrepareContext(context, client);
   std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader =
       stub.Generate(&context, request);
   Completion c;

@@ -5,6 +5,7 @@
 #define EPX_CLI_GRPC_CLIENT_H_
 
 #include <grpcpp/channel.h>
+#include <grpcpp/client_context.h>
 #include <grpcpp/support/status.h>
 
 #include <chrono>
@@ -19,8 +20,8 @@
 
 namespace epx {
 
-// InvalidArgument for an empty server or a timeout outside (0, 1e8] seconds (beyond that the
-// deadline would overflow the clock).
+// InvalidArgument for an empty server, a timeout outside (0, 1e8] seconds (beyond that the
+// deadline would overflow the clock) or TLS files that cannot be used.
 absl::Status ValidateClientOptions(const ClientOptions& options);
 
 struct ChannelOptions {
@@ -31,13 +32,19 @@ struct ChannelOptions {
   // channels of equal arguments).
   int connection_index = 0;
 };
-// An insecure channel to options.server; it connects lazily, on the first call. Never fails: a bad
-// address shows up as UNAVAILABLE on the first call.
+// A channel to options.server, over TLS with options.tls; it connects lazily, on the first call.
+// Never fails: a bad address shows up as UNAVAILABLE on the first call. REQUIRES:
+// ValidateClientOptions passed (TLS files that became unreadable since give a TLS channel that
+// trusts only the system's CAs, never a plain-text one).
 std::shared_ptr<grpc::Channel> MakeClientChannel(const ClientOptions& options,
                                                  const ChannelOptions& channel = {});
 
 // now + timeout_s, for ClientContext::set_deadline. REQUIRES: ValidateClientOptions passed.
 std::chrono::system_clock::time_point ClientDeadline(double timeout_s);
+
+// Sets the call's deadline (options.timeout_s) and its bearer key for `access`.
+void PrepareContext(grpc::ClientContext& context, const ClientOptions& options,
+                    Access access = Access::kClient);
 
 // OK stays OK; otherwise the same code (gRPC's codes are absl's) and the message
 // "<server>: <method>: <message>".

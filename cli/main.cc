@@ -36,7 +36,9 @@ absl::Status CheckHereOrServer(const CLI::App& cmd, const std::string& model_dir
   if (cmd.count("--server") == 0) {
     if (model_dir.empty())
       return absl::InvalidArgumentError(absl::StrCat(cmd.get_name(), " needs --model or --server"));
-    return RejectFlags(cmd, {"--timeout"}, "is for --server");
+    // (not the keys: they may come from the environment, and mean nothing here)
+    return RejectFlags(cmd, {"--timeout", "--tls-ca", "--tls-cert", "--tls-key"},
+                       "is for --server");
   }
   return RejectFlags(cmd,
                      {"--model", "--placement", "--replicas", "--role", "--comm-timeout", "--stats",
@@ -169,6 +171,21 @@ int Run(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
 
+  // TLS and bearer keys of a client of `epx serve` (security/auth.h).
+  auto add_client_security = [](CLI::App* cmd, epx::ClientOptions* client) {
+    cmd->add_option("--tls-ca", client->tls.ca_file,
+                    "connect over TLS, checking the server against this CA (PEM)");
+    cmd->add_option("--tls-cert", client->tls.cert_file,
+                    "TLS: this client's certificate (PEM), for a server that requires one");
+    cmd->add_option("--tls-key", client->tls.key_file, "TLS: the key of --tls-cert (PEM)");
+    cmd->add_option("--api-key", client->api_key,
+                    "send \"authorization: Bearer KEY\" (default: $EPX_API_KEY)")
+        ->envname("EPX_API_KEY");
+    cmd->add_option("--admin-key", client->admin_key,
+                    "the key admin calls send instead (default: $EPX_ADMIN_KEY)")
+        ->envname("EPX_ADMIN_KEY");
+  };
+
   epx::GenerateOptions gen;
   double gen_timeout_s = 30;
   epx::RemoteGenerateOptions remote_gen;
@@ -216,14 +233,16 @@ int Run(int argc, char** argv) {
                    "--server: seconds the request may take in all")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  add_client_security(gen_cmd, &remote_gen.client);
 
   // Commands that talk to a running `epx serve` (cli/client.h).
-  auto add_client_options = [](CLI::App* cmd, epx::ClientOptions* client) {
+  auto add_client_options = [&](CLI::App* cmd, epx::ClientOptions* client) {
     cmd->add_option("--server", client->server, "HOST:PORT of a running `epx serve`")
         ->capture_default_str();
     cmd->add_option("--timeout", client->timeout_s, "deadline of the call in seconds")
         ->capture_default_str()
         ->check(CLI::PositiveNumber);
+    add_client_security(cmd, client);
   };
 
   epx::ClientOptions health;
@@ -304,6 +323,7 @@ int Run(int argc, char** argv) {
                    "--server: seconds each line's request may take")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  add_client_security(batch_cmd, &batch.client);
   batch_cmd->add_option("--input", batch.input, "JSONL of {custom_id, method, url, body}")
       ->required();
   batch_cmd->add_option("--output", batch.output, "JSONL of results, one per input line, in order")
@@ -466,6 +486,24 @@ int Run(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   serve_cmd->add_option("--http-port-file", serve.http_port_file,
                         "write the bound HTTP port to this file once serving");
+  serve_cmd->add_option("--tls-cert", serve.server.tls.cert_file,
+                        "serve gRPC and HTTP over TLS with this certificate (chain, PEM)");
+  serve_cmd->add_option("--tls-key", serve.server.tls.key_file, "TLS: the key of --tls-cert (PEM)");
+  serve_cmd->add_option("--tls-client-ca", serve.server.tls.client_ca_file,
+                        "TLS: require client certificates signed by this CA (PEM; mutual TLS)");
+  serve_cmd->add_option("--tls-ca", serve.tls_ca,
+                        "TLS under mpirun: the CA of --tls-cert, which the workers check the "
+                        "coordinator with");
+  serve_cmd
+      ->add_option("--api-key", serve.server.keys.api_key,
+                   "client and admin calls need \"authorization: Bearer KEY\" (gRPC and HTTP "
+                   "/v1/; health, readiness and /metrics stay open; default: $EPX_API_KEY)")
+      ->envname("EPX_API_KEY");
+  serve_cmd
+      ->add_option("--admin-key", serve.server.keys.admin_key,
+                   "admin calls (drain, shutdown, placement) need this key instead "
+                   "(default: $EPX_ADMIN_KEY)")
+      ->envname("EPX_ADMIN_KEY");
   serve_cmd->add_option("--max-request-bytes", serve.server.max_request_bytes,
                         "larger requests are refused with INVALID_ARGUMENT")
       ->capture_default_str()
@@ -499,6 +537,13 @@ int Run(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   add_device_options(worker_cmd, &worker.runtime);
   add_cluster_options(worker_cmd, &worker.runtime, &token_file);
+  worker_cmd->add_option("--tls-ca", worker.runtime.coordinator_tls.ca_file,
+                         "reach a coordinator served over TLS, checking it against this CA (PEM)");
+  worker_cmd->add_option("--tls-cert", worker.runtime.coordinator_tls.cert_file,
+                         "TLS: this worker's certificate (PEM), for a coordinator that requires "
+                         "one");
+  worker_cmd->add_option("--tls-key", worker.runtime.coordinator_tls.key_file,
+                         "TLS: the key of --tls-cert (PEM)");
 
   epx::MakeModelOptions mm;
   std::string dtype = "bf16";

@@ -9,6 +9,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/notification.h"
 #include "cli/commands.h"
+#include "comm/mpi_communicator.h"
 #include "common/logging.h"
 #include "common/status.h"
 #include "common/tokenizer.h"
@@ -38,12 +39,12 @@ std::string ControlAddress(const ServeOptions& options, const std::string& bound
 }
 
 // A worker under mpirun: registers with the control plane whose address rank 0 shares over MPI.
-absl::Status ServeWorker(Runtime& runtime) {
+absl::Status ServeWorker(Runtime& runtime, const ClientTls& tls) {
   absl::StatusOr<std::string> endpoint = runtime.ShareControlEndpoint("");
   std::unique_ptr<ControlClient> control;
   if (endpoint.ok() && !endpoint->empty()) {
     absl::StatusOr<std::unique_ptr<ControlClient>> started =
-        ControlClient::Start(*endpoint, runtime.worker_info());
+        ControlClient::Start(*endpoint, runtime.worker_info(), tls);
     if (started.ok()) {
       control = std::move(*started);
     } else {
@@ -111,6 +112,29 @@ absl::Status RunServe(const ServeOptions& options, std::ostream& log) {
     return started;
   };
 
+  // Under mpirun every rank has the same flags: with TLS the workers reach rank 0's control
+  // plane over it, checked with --tls-ca, and present the server's certificate where rank 0 asks
+  // for client certificates. Checked before the job forms, on every rank alike.
+  ClientTlsOptions worker_tls_files;
+  if (options.server.tls.enabled() && options.runtime.workers == 0 && comm::LaunchedByMpi()) {
+    if (options.tls_ca.empty())
+      return absl::InvalidArgumentError(
+          "--tls-cert under mpirun needs --tls-ca, the CA that signed it: the workers check the "
+          "coordinator's control plane with it");
+    worker_tls_files.ca_file = options.tls_ca;
+    if (!options.server.tls.client_ca_file.empty()) {
+      worker_tls_files.cert_file = options.server.tls.cert_file;
+      worker_tls_files.key_file = options.server.tls.key_file;
+    }
+  }
+  EPX_ASSIGN_OR_RETURN(const ClientTls worker_tls, LoadClientTls(worker_tls_files));
+  // A secured API with an open control plane would let anyone register as a worker.
+  if (options.runtime.workers > 0 && options.runtime.cluster_token.empty() &&
+      (options.server.tls.enabled() || options.server.keys.any()))
+    return absl::InvalidArgumentError(
+        "a launcher-free cluster with TLS or API keys needs a cluster token for its workers: "
+        "--cluster-token-file FILE or EPX_CLUSTER_TOKEN, on the coordinator and every worker");
+
   RuntimeOptions runtime_options = options.runtime;
   runtime_options.listen = options.server.listen;
   runtime_options.start_control_plane = start_server;
@@ -125,7 +149,7 @@ absl::Status RunServe(const ServeOptions& options, std::ostream& log) {
     return started.status();
   }
   runtime = *std::move(started);
-  if (runtime->is_worker()) return ServeWorker(*runtime);
+  if (runtime->is_worker()) return ServeWorker(*runtime, worker_tls);
   server = runtime->control_server();
   if (server == nullptr) {
     absl::StatusOr<std::unique_ptr<ApiServer>> listening = start_server(*runtime);

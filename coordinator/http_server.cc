@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "absl/container/flat_hash_set.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
@@ -202,6 +203,7 @@ absl::StatusOr<ParsedRequest> ParseRequest(const json& body, bool chat) {
 nlohmann::json ErrorBody(const absl::Status& status) {
   std::string type = "invalid_request_error";
   if (HttpStatus(status) >= 500) type = "server_error";
+  if (absl::IsUnauthenticated(status)) type = "authentication_error";
   json param = nullptr;
   const absl::string_view m = status.message();
   if (absl::IsInvalidArgument(status) && m.size() > 1 && m[0] == '"') {
@@ -222,6 +224,10 @@ int HttpStatus(const absl::Status& status) {
     case absl::StatusCode::kInvalidArgument:
     case absl::StatusCode::kOutOfRange:
       return 400;
+    case absl::StatusCode::kUnauthenticated:
+      return 401;
+    case absl::StatusCode::kPermissionDenied:
+      return 403;
     case absl::StatusCode::kNotFound:
       return 404;
     case absl::StatusCode::kResourceExhausted:
@@ -312,30 +318,43 @@ class HttpServer::Impl {
     const std::string& host = address.host;
     const int port = address.port;
     const int threads = std::max(1, options_.threads);
-    server_.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
+    if (options_.tls.enabled()) {
+      const std::string& ca = options_.tls.client_ca_file;
+      auto ssl = std::make_unique<httplib::SSLServer>(options_.tls.cert_file.c_str(),
+                                                      options_.tls.key_file.c_str(),
+                                                      ca.empty() ? nullptr : ca.c_str());
+      if (!ssl->is_valid())
+        return absl::InvalidArgumentError(absl::StrCat(
+            "HTTPS: the certificate ", options_.tls.cert_file, " and key ", options_.tls.key_file,
+            " do not make a usable TLS context (a key that does not match the certificate?)"));
+      server_ = std::move(ssl);
+    } else {
+      server_ = std::make_unique<httplib::Server>();
+    }
+    server_->new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
     // The listening socket, to raise its backlog once bound (below).
-    server_.set_socket_options([this](auto sock) {
+    server_->set_socket_options([this](auto sock) {
       httplib::default_socket_options(sock);
       listen_fd_ = sock;
     });
-    server_.set_payload_max_length(static_cast<size_t>(options_.max_request_bytes));
-    server_.set_keep_alive_max_count(1000);
+    server_->set_payload_max_length(static_cast<size_t>(options_.max_request_bytes));
+    server_->set_keep_alive_max_count(1000);
     Routes();
     port_ =
-        port == 0 ? server_.bind_to_any_port(host) : (server_.bind_to_port(host, port) ? port : -1);
+        port == 0 ? server_->bind_to_any_port(host) : (server_->bind_to_port(host, port) ? port : -1);
     // Debian's libcpp-httplib listens with a backlog of 5, so a burst of clients overflows the
     // accept queue and sees resets. Listening again on the bound socket raises it.
     if (port_ > 0 && listen_fd_ >= 0) ::listen(listen_fd_, kListenBacklog);
     if (port_ <= 0)
       return absl::UnavailableError(absl::StrCat("cannot listen on ", options_.listen,
                                                  " for HTTP (address in use or not valid)"));
-    thread_ = std::thread([this] { server_.listen_after_bind(); });
+    thread_ = std::thread([this] { server_->listen_after_bind(); });
     return absl::OkStatus();
   }
 
   void Shutdown() {
     if (stopping_.exchange(true)) return;
-    server_.stop();
+    server_->stop();
     if (thread_.joinable()) thread_.join();
   }
 
@@ -345,18 +364,31 @@ class HttpServer::Impl {
   static constexpr int kListenBacklog = 4096;  // the kernel caps it at net.core.somaxconn
   int listen_fd_ = -1;
   void Routes() {
-    server_.Get("/health", [](const httplib::Request&, httplib::Response& res) {
+    // The API key guards the API; health, readiness, metrics and the dashboard's files are open.
+    server_->set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
+      if (!options_.keys.any() || !absl::StartsWith(req.path, "/v1/"))
+        return httplib::Server::HandlerResponse::Unhandled;
+      const absl::Status s =
+          CheckBearer(options_.keys, req.get_header_value("Authorization"), Access::kClient);
+      if (s.ok()) return httplib::Server::HandlerResponse::Unhandled;
+      EPX_LOG(Warning) << "refused " << req.method << " " << req.path << " from "
+                       << req.remote_addr << ": " << s.message();
+      SendError(res, s);
+      res.set_header("WWW-Authenticate", "Bearer");
+      return httplib::Server::HandlerResponse::Handled;
+    });
+    server_->Get("/health", [](const httplib::Request&, httplib::Response& res) {
       res.set_content("{\"status\": \"ok\"}", "application/json");
     });
-    server_.Get("/ready", [this](const httplib::Request&, httplib::Response& res) {
+    server_->Get("/ready", [this](const httplib::Request&, httplib::Response& res) {
       const std::string reason = backends_.not_ready_reason();
       res.status = reason.empty() ? 200 : 503;
       res.set_content(Dump({{"ready", reason.empty()}, {"reason", reason}}), "application/json");
     });
-    server_.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+    server_->Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
       res.set_content(backends_.metrics_text(), "text/plain; version=0.0.4; charset=utf-8");
     });
-    server_.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
+    server_->Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
       json model = {{"id", options_.model_name},
                     {"object", "model"},
                     {"created", created_},
@@ -373,13 +405,13 @@ class HttpServer::Impl {
       res.set_content(Dump({{"object", "list"}, {"data", json::array({model})}}),
                       "application/json");
     });
-    server_.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
+    server_->Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
       Generate(req, res, false);
     });
-    server_.Post(
+    server_->Post(
         "/v1/chat/completions",
         [this](const httplib::Request& req, httplib::Response& res) { Generate(req, res, true); });
-    server_.set_error_handler([](const httplib::Request& req, httplib::Response& res) {
+    server_->set_error_handler([](const httplib::Request& req, httplib::Response& res) {
       if (!res.body.empty()) return;
       absl::Status status =
           res.status == 404
@@ -510,7 +542,7 @@ class HttpServer::Impl {
 
   const HttpServerOptions options_;
   const HttpBackends backends_;
-  httplib::Server server_;
+  std::unique_ptr<httplib::Server> server_;
   std::thread thread_;
   std::atomic<bool> stopping_{false};
   std::atomic<int64_t> next_id_{0};

@@ -8,6 +8,9 @@
 // ({"error": {"message", "type", "param", "code"}}); so does a bad value. A full queue is 429,
 // not serving (yet) 503.
 //
+// With keys, every /v1/ route needs "Authorization: Bearer KEY" (401 in OpenAI's error JSON
+// otherwise, with WWW-Authenticate); /health, /ready and /metrics stay open.
+//
 // Connections are served by a fixed pool of `threads` (each streaming response holds one until
 // it ends; further connections wait for one), so threads do not grow with clients.
 //
@@ -27,6 +30,7 @@
 #include "coordinator/generation_params.h"
 #include "coordinator/scheduler.h"
 #include "nlohmann/json.hpp"
+#include "security/auth.h"
 
 namespace epx {
 
@@ -35,6 +39,8 @@ struct HttpServerOptions {
   int threads = 64;
   int64_t max_request_bytes = 1 << 20;
   std::string model_name;  // the id /v1/models lists and requests must name (or leave out)
+  ServerTlsOptions tls;    // HTTPS (and client certificates) when set; files checked by the caller
+  ApiKeys keys;            // /v1/*: "Authorization: Bearer KEY" (401 otherwise)
 };
 
 struct HttpBackends {

@@ -22,6 +22,7 @@
 #include "epx/v1/admin.grpc.pb.h"
 #include "epx/v1/cluster.grpc.pb.h"
 #include "epx/v1/generation.grpc.pb.h"
+#include "security/grpc_credentials.h"
 
 namespace epx {
 namespace {
@@ -43,6 +44,21 @@ absl::Time FromGrpcDeadline(const grpc::ServerContextBase& context) {
   const auto deadline = context.deadline();
   if (deadline == std::chrono::system_clock::time_point::max()) return absl::InfiniteFuture();
   return absl::FromChrono(deadline);
+}
+
+// OK when the call's "authorization" metadata grants `access`; UNAUTHENTICATED otherwise,
+// logged with the method and the peer (never the key).
+grpc::Status Authorize(const ApiKeys& keys, const grpc::ServerContextBase& context, Access access,
+                       absl::string_view method) {
+  if (!keys.any()) return grpc::Status::OK;
+  const auto& metadata = context.client_metadata();
+  const auto it = metadata.find("authorization");
+  const absl::string_view value =
+      it == metadata.end() ? absl::string_view() : absl::string_view(it->second.data(), it->second.size());
+  absl::Status s = CheckBearer(keys, value, access);
+  if (s.ok()) return grpc::Status::OK;
+  EPX_LOG(Warning) << "refused " << method << " from " << context.peer() << ": " << s.message();
+  return ToGrpc(s);
 }
 
 v1::FinishReason ToProto(FinishReason reason) {
@@ -252,6 +268,9 @@ class GenerationService final
 
   grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(grpc::CallbackServerContext* context,
                                                            const v1::GenerateRequest* in) override {
+    if (grpc::Status auth = Authorize(options_.keys, *context, Access::kClient, "Generate");
+        !auth.ok())
+      return GenerateReactor::Start(FromGrpc(auth), "");
     grpc::Status unavailable;
     Scheduler* scheduler = late_->Get(&unavailable);
     if (scheduler == nullptr) return GenerateReactor::Start(FromGrpc(unavailable), "");
@@ -269,6 +288,9 @@ class GenerationService final
 
   grpc::Status Tokenize(grpc::ServerContext* context, const v1::TokenizeRequest* in,
                         v1::TokenizeResponse* out) override {
+    if (grpc::Status auth = Authorize(options_.keys, *context, Access::kClient, "Tokenize");
+        !auth.ok())
+      return auth;
     if (backends_.tokenizer == nullptr)
       return grpc::Status(grpc::StatusCode::UNAVAILABLE,
                           "this coordinator runs a batch job and serves no generation API");
@@ -298,6 +320,9 @@ class GenerationService final
 
   grpc::Status ModelInfo(grpc::ServerContext* context, const v1::ModelInfoRequest* in,
                          v1::ModelInfoResponse* out) override {
+    if (grpc::Status auth = Authorize(options_.keys, *context, Access::kClient, "ModelInfo");
+        !auth.ok())
+      return auth;
     grpc::Status unavailable;
     const Scheduler* ready = late_->Get(&unavailable);
     if (ready == nullptr) return unavailable;
@@ -364,11 +389,14 @@ class GenerationService final
 
 class AdminService final : public v1::Admin::Service {
  public:
-  AdminService(const ApiServerBackends& backends, const LateScheduler* late)
-      : backends_(backends), late_(late) {}
+  AdminService(const ApiServerOptions& options, const ApiServerBackends& backends,
+               const LateScheduler* late)
+      : keys_(options.keys), backends_(backends), late_(late) {}
 
   grpc::Status Stats(grpc::ServerContext* context, const v1::StatsRequest* in,
                      v1::StatsResponse* out) override {
+    if (grpc::Status auth = Authorize(keys_, *context, Access::kClient, "Stats"); !auth.ok())
+      return auth;
     const std::string reason = late_->not_ready_reason();
     out->set_uptime_s(absl::ToDoubleSeconds(absl::Now() - start_));
     out->set_ready(reason.empty());
@@ -441,6 +469,8 @@ class AdminService final : public v1::Admin::Service {
 
   grpc::Status Drain(grpc::ServerContext* context, const v1::DrainRequest* in,
                      v1::DrainResponse* out) override {
+    if (grpc::Status auth = Authorize(keys_, *context, Access::kAdmin, "Drain"); !auth.ok())
+      return auth;
     grpc::Status unavailable;
     Scheduler* scheduler = late_->Get(&unavailable);
     if (scheduler == nullptr) return unavailable;
@@ -455,6 +485,8 @@ class AdminService final : public v1::Admin::Service {
 
   grpc::Status Shutdown(grpc::ServerContext* context, const v1::ShutdownRequest* in,
                         v1::ShutdownResponse* out) override {
+    if (grpc::Status auth = Authorize(keys_, *context, Access::kAdmin, "Shutdown"); !auth.ok())
+      return auth;
     if (Scheduler* scheduler = late_->scheduler.load(); in->drain() && scheduler != nullptr) {
       scheduler->Drain();
       WaitIdle(*scheduler, *context);
@@ -466,12 +498,16 @@ class AdminService final : public v1::Admin::Service {
 
   grpc::Status GetPlacement(grpc::ServerContext* context, const v1::GetPlacementRequest* in,
                             v1::PlacementResponse* out) override {
+    if (grpc::Status auth = Authorize(keys_, *context, Access::kAdmin, "GetPlacement"); !auth.ok())
+      return auth;
     FillPlacement(out);
     return grpc::Status::OK;
   }
 
   grpc::Status SetPlacement(grpc::ServerContext* context, const v1::SetPlacementRequest* in,
                             v1::PlacementResponse* out) override {
+    if (grpc::Status auth = Authorize(keys_, *context, Access::kAdmin, "SetPlacement"); !auth.ok())
+      return auth;
     if (!backends_.set_placement)
       return ToGrpc(absl::FailedPreconditionError("this server's placement is fixed"));
     if (absl::Status s = backends_.set_placement(in->placement_json()); !s.ok()) return ToGrpc(s);
@@ -490,6 +526,8 @@ class AdminService final : public v1::Admin::Service {
 
   grpc::Status DrainWorker(grpc::ServerContext* context, const v1::DrainWorkerRequest* in,
                            v1::PlacementResponse* out) override {
+    if (grpc::Status auth = Authorize(keys_, *context, Access::kAdmin, "DrainWorker"); !auth.ok())
+      return auth;
     if (!backends_.drain_worker)
       return ToGrpc(absl::FailedPreconditionError("this server's workers are fixed"));
     if (absl::Status s = backends_.drain_worker(in->rank()); !s.ok()) return ToGrpc(s);
@@ -527,6 +565,7 @@ class AdminService final : public v1::Admin::Service {
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
 
+  const ApiKeys keys_;
   const ApiServerBackends backends_;
   const LateScheduler* const late_;
   const absl::Time start_ = absl::Now();
@@ -679,17 +718,18 @@ class ApiServer::Impl {
       : options_(options),
         backends_(backends),
         generation_(options, backends, &late_),
-        admin_(backends, &late_),
+        admin_(options, backends, &late_),
         cluster_(options, backends) {
     late_.scheduler.store(backends.scheduler);
     late_.not_ready_reason = [this] { return NotReadyReason(); };
   }
 
   absl::Status Start() {
+    EPX_ASSIGN_OR_RETURN(const ServerTls tls, LoadServerTls(options_.tls));
     grpc::EnableDefaultHealthCheckService(true);
     grpc::reflection::InitProtoReflectionServerBuilderPlugin();
     grpc::ServerBuilder builder;
-    builder.AddListeningPort(options_.listen, grpc::InsecureServerCredentials(), &port_);
+    builder.AddListeningPort(options_.listen, GrpcServerCredentials(tls), &port_);
     // Requests up to 4x the limit reach the handlers, which answer INVALID_ARGUMENT with the
     // size; larger ones are refused by gRPC itself (RESOURCE_EXHAUSTED).
     builder.SetMaxReceiveMessageSize(
@@ -707,6 +747,8 @@ class ApiServer::Impl {
       http.threads = options_.http_threads;
       http.max_request_bytes = options_.max_request_bytes;
       http.model_name = options_.model_name;
+      http.tls = options_.tls;
+      http.keys = options_.keys;
       HttpBackends backends;
       backends.scheduler = [this](std::string* why_not) {
         Scheduler* s = late_.scheduler.load();

@@ -6,6 +6,11 @@
 // The server can start before the engine exists (a launcher-free coordinator listens for its
 // workers first): generation calls are then UNAVAILABLE until SetScheduler().
 //
+// Who may call (security/auth.h): with TLS files, gRPC and HTTP serve TLS only (mTLS with a
+// client CA); with keys, Generation and Admin calls need "authorization: Bearer KEY" and get
+// UNAUTHENTICATED otherwise (logged with the peer, never the key); health and reflection stay
+// open. Cluster calls need the job's cluster token (PERMISSION_DENIED, logged).
+//
 // Health: "" (liveness) is SERVING while the server runs; "epx.v1.Generation" (readiness) is
 // SERVING only when every worker is registered and heard from, the data plane has not failed,
 // and the server is neither draining nor shutting down. A monitor thread re-evaluates it every
@@ -28,6 +33,7 @@
 #include "common/tokenizer.h"
 #include "coordinator/membership.h"
 #include "coordinator/scheduler.h"
+#include "security/auth.h"
 
 namespace epx {
 
@@ -47,6 +53,11 @@ struct ApiServerOptions {
   // host:port as well; empty: none.
   std::string http_listen;
   int http_threads = 64;
+  // TLS for gRPC and HTTP alike (security/auth.h), read at Start; none when empty.
+  ServerTlsOptions tls;
+  // Bearer keys of client and admin calls; none: open. The control plane checks the cluster
+  // token instead.
+  ApiKeys keys;
 };
 
 // What the services drive. All must outlive the server. Only the membership is required:
@@ -70,8 +81,8 @@ struct ApiServerBackends {
 
 class ApiServer {
  public:
-  // Binds and starts serving. InvalidArgument for a malformed address, Unavailable when the
-  // address cannot be bound.
+  // Binds and starts serving. InvalidArgument for a malformed address or unusable TLS files,
+  // Unavailable when the address cannot be bound.
   static absl::StatusOr<std::unique_ptr<ApiServer>> Start(const ApiServerOptions& options,
                                                           const ApiServerBackends& backends);
   // Shutdown(), then joins the monitor.

@@ -276,7 +276,8 @@ absl::Status Runtime::JoinAsWorker() {
   SetLogRank(-1);
   // The config first: a worker that cannot read it never registers.
   EPX_RETURN_IF_ERROR(Configure(1));
-  control_ = ControlClient::Create(o.coordinator, o.cluster_token);
+  EPX_ASSIGN_OR_RETURN(const ClientTls tls, LoadClientTls(o.coordinator_tls));
+  control_ = ControlClient::Create(o.coordinator, o.cluster_token, tls);
   WorkerInfo self = worker_info();
   EPX_LOG(Info) << "registering with the coordinator at " << o.coordinator;
   EPX_ASSIGN_OR_RETURN(Assignment assignment, control_->Register(self, o.register_timeout));

@@ -84,6 +84,8 @@ struct RuntimeOptions {
   // The secret every process of a launcher-free cluster presents on the control plane (empty:
   // none; anyone who reaches the port may join).
   std::string cluster_token;
+  // A launcher-free worker's TLS towards its coordinator (--tls-ca, --tls-cert, --tls-key).
+  ClientTlsOptions coordinator_tls;
 
   // Launcher-free coordinator: wait for this many workers (--workers W), on the control plane
   // at `listen`.

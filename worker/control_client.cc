@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
+#include "security/grpc_credentials.h"
 #include "epx/v1/cluster.grpc.pb.h"
 
 namespace epx {
@@ -39,11 +40,10 @@ v1::RegisterRequest ToRequest(const WorkerInfo& self, const std::string& token) 
 // The channel, stub and token; also the store over StoreSet/StoreGet.
 class ControlClient::Stub : public comm::KeyValueStore {
  public:
-  Stub(std::string address, std::string token)
+  Stub(std::string address, std::string token, const ClientTls& tls)
       : address_(std::move(address)),
         token_(std::move(token)),
-        stub_(v1::Cluster::NewStub(
-            grpc::CreateChannel(address_, grpc::InsecureChannelCredentials()))) {}
+        stub_(v1::Cluster::NewStub(grpc::CreateChannel(address_, GrpcChannelCredentials(tls)))) {}
 
   grpc::Status Register(const WorkerInfo& self, v1::RegisterResponse* reply) {
     grpc::ClientContext context;
@@ -123,9 +123,10 @@ class ControlClient::Stub : public comm::KeyValueStore {
 ControlClient::ControlClient(std::unique_ptr<Stub> stub) : stub_(std::move(stub)) {}
 
 std::unique_ptr<ControlClient> ControlClient::Create(const std::string& address,
-                                                     const std::string& token) {
+                                                     const std::string& token,
+                                                     const ClientTls& tls) {
   return std::unique_ptr<ControlClient>(
-      new ControlClient(std::make_unique<Stub>(address, token)));
+      new ControlClient(std::make_unique<Stub>(address, token, tls)));
 }
 
 std::string ControlClient::Endpoint(const std::string& address, const std::string& token) {
@@ -133,13 +134,14 @@ std::string ControlClient::Endpoint(const std::string& address, const std::strin
 }
 
 absl::StatusOr<std::unique_ptr<ControlClient>> ControlClient::Start(const std::string& endpoint,
-                                                                    const WorkerInfo& self) {
+                                                                    const WorkerInfo& self,
+                                                                    const ClientTls& tls) {
   const size_t space = endpoint.find(' ');
   if (space == std::string::npos || space == 0 || space + 1 == endpoint.size())
     return absl::InvalidArgumentError(
         absl::StrCat("control-plane endpoint \"", endpoint, "\" is not \"HOST:PORT TOKEN\""));
   std::unique_ptr<ControlClient> client =
-      Create(endpoint.substr(0, space), endpoint.substr(space + 1));
+      Create(endpoint.substr(0, space), endpoint.substr(space + 1), tls);
   client->thread_ = std::thread(&ControlClient::Loop, client.get(), self,
                                 absl::Milliseconds(200), /*registered=*/false,
                                 absl::InfiniteDuration(), nullptr);

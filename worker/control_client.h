@@ -27,6 +27,7 @@
 #include "absl/time/time.h"
 #include "comm/key_value_store.h"
 #include "common/worker_info.h"
+#include "security/auth.h"
 
 namespace epx {
 
@@ -53,14 +54,17 @@ struct EpochAssignment {
 
 class ControlClient {
  public:
-  // A client of the control plane at `address` (HOST:PORT) presenting `token`. Connects lazily.
+  // A client of the control plane at `address` (HOST:PORT) presenting `token`, over TLS when
+  // `tls` is enabled (security/auth.h). Connects lazily.
   static std::unique_ptr<ControlClient> Create(const std::string& address,
-                                               const std::string& token);
+                                               const std::string& token,
+                                               const ClientTls& tls = {});
   // Under mpirun: `endpoint` is "HOST:PORT TOKEN" as the coordinator shares it (InvalidArgument
   // if malformed); registers `self` (its launcher rank and experts) in the background and sends
   // heartbeats.
   static absl::StatusOr<std::unique_ptr<ControlClient>> Start(const std::string& endpoint,
-                                                              const WorkerInfo& self);
+                                                              const WorkerInfo& self,
+                                                              const ClientTls& tls = {});
   // What Start() expects, from the address workers reach the control plane at and the token.
   static std::string Endpoint(const std::string& address, const std::string& token);
 
