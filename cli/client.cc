@@ -27,6 +27,7 @@
 #include "cli/grpc_client.h"
 #include "common/json.h"
 #include "common/status.h"
+#include "coordinator/services.h"
 #include "epx/v1/admin.grpc.pb.h"
 #include "epx/v1/generation.grpc.pb.h"
 
@@ -37,15 +38,7 @@ namespace {
 // The JSON the commands print: the proto's own field names (what scripts grep for), and zeros
 // spelled out, since a field that is absent reads as "not reported".
 absl::Status PrintJson(const google::protobuf::Message& message, std::ostream& out) {
-  google::protobuf::util::JsonPrintOptions options;
-  options.add_whitespace = true;
-  options.always_print_primitive_fields = true;
-  options.preserve_proto_field_names = true;
-  std::string json;
-  auto status = google::protobuf::util::MessageToJsonString(message, &json, options);
-  if (!status.ok())
-    return absl::InternalError(
-        absl::StrCat("cannot print ", message.GetTypeName(), " as JSON: ", status.ToString()));
+  EPX_ASSIGN_OR_RETURN(const std::string json, MessageJson(message));
   out << json;
   if (json.empty() || json.back() != '\n') out << "\n";
   return absl::OkStatus();

@@ -20,6 +20,7 @@ class CpuForward : public ModelForward {
 
   int64_t kv_element_bytes() const override { return sizeof(float); }
   std::string device() const override { return "cpu"; }
+  bool reports_routing() const override { return true; }
 
   absl::Status AllocateKv(int64_t num_blocks, int64_t block_size) override {
     const ModelConfig& c = weights_->config();
@@ -117,6 +118,8 @@ absl::StatusOr<Tensor> CpuForward::Forward(const ForwardBatch& batch, EngineStat
     stats.moe_us[l] += watch.Micros();
     const int32_t* routed = topk_ids.data<const int32_t>();
     for (int64_t i = 0; i < T * K; ++i) ++stats.expert_tokens[l][routed[i]];
+    if (!batch.routed.empty())
+      std::memcpy(batch.routed.data() + l * T * K, routed, T * K * sizeof(int32_t));
   }
 
   const int64_t R = static_cast<int64_t>(batch.logit_rows.size());

@@ -145,6 +145,7 @@ class CudaForward : public ModelForward {
 
   int64_t kv_element_bytes() const override { return 2; }
   std::string device() const override { return device_name_; }
+  bool reports_routing() const override { return true; }
   absl::Status AllocateKv(int64_t num_blocks, int64_t block_size) override;
   absl::StatusOr<Tensor> Forward(const ForwardBatch& batch, EngineStats& stats) override;
 
@@ -157,6 +158,7 @@ class CudaForward : public ModelForward {
     TensorView ids, kv_rows, rope, q_start, first_position, block_tables, logit_rows;
     // activations
     TensorView x, xn, qkv, q, attn, proj, router_logits, topk_ids, topk_weights, last, logits;
+    TensorView routed;  // host only: [layer, T, K] top-k ids, for ForwardBatch::routed
   };
   absl::Status Reserve(const ForwardBatch& batch, int64_t max_blocks);
   void Carve(Layout& host, Layout& device, Step& s, bool on_device) const;
@@ -268,6 +270,7 @@ void CudaForward::Carve(Layout& h, Layout& d, Step& s, bool on_device) const {
     s.logits = d.Add(DType::kF32, {R, c.vocab_size});
   } else {
     s.logits = h.Add(DType::kF32, {R, c.vocab_size});
+    s.routed = h.Add(DType::kI32, {c.num_hidden_layers, T, K});
   }
 }
 
@@ -408,6 +411,11 @@ absl::StatusOr<Tensor> CudaForward::Forward(const ForwardBatch& batch, EngineSta
     EPX_RETURN_IF_ERROR(cuda::Linear(xn, lw.gate, router_logits, false, *blas_));
     EPX_RETURN_IF_ERROR(cuda::RouterTopK(router_logits, dev_.topk_ids.Slice(0, T),
                                          dev_.topk_weights.Slice(0, T), s));
+    if (!batch.routed.empty()) {  // packed: layer l's T x K ids at l * T * K
+      const size_t bytes = static_cast<size_t>(T * c.num_experts_per_tok) * sizeof(int32_t);
+      EPX_RETURN_IF_ERROR(cuda::CopyToHost(static_cast<char*>(host_.routed.raw()) + l * bytes,
+                                           dev_.topk_ids.raw(), bytes, s));
+    }
     EPX_RETURN_IF_ERROR(Experts(l, T));
     const TensorView next_norm =
         l + 1 < c.num_hidden_layers ? weights_->layer(l + 1).input_norm : weights_->final_norm();
@@ -433,6 +441,8 @@ absl::StatusOr<Tensor> CudaForward::Forward(const ForwardBatch& batch, EngineSta
   }
   Tensor out = Tensor::Empty(DType::kF32, {R, c.vocab_size});
   std::memcpy(out.data<void>(), host_.logits.raw(), out.nbytes());
+  if (!batch.routed.empty())
+    std::memcpy(batch.routed.data(), host_.routed.raw(), batch.routed.size() * sizeof(int32_t));
   return out;
 }
 

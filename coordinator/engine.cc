@@ -1,5 +1,6 @@
 #include "coordinator/engine.h"
 
+#include <algorithm>
 #include <set>
 #include <utility>
 
@@ -14,12 +15,15 @@ int64_t EngineOptions::KvBlocks(const ModelConfig& config, int64_t element_bytes
                                         config.kv_size(), kv_block_size, element_bytes);
 }
 
-Engine::Engine(const ModelConfig& config, std::unique_ptr<ModelForward> forward, KvCache cache)
+Engine::Engine(const ModelConfig& config, std::unique_ptr<ModelForward> forward, KvCache cache,
+               int64_t window_steps)
     : config_(config), forward_(std::move(forward)), cache_(std::move(cache)) {
   stats_.attention_us.assign(config_.num_hidden_layers, 0);
   stats_.moe_us.assign(config_.num_hidden_layers, 0);
   stats_.expert_tokens.assign(config_.num_hidden_layers,
                               std::vector<int64_t>(config_.num_local_experts, 0));
+  stats_.recent_expert_tokens = stats_.expert_tokens;
+  stats_.window_steps = std::max<int64_t>(window_steps, 1);
 }
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weights,
@@ -54,11 +58,61 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelConfig& config
   kv.num_blocks = options.KvBlocks(config, forward->kv_element_bytes());
   EPX_ASSIGN_OR_RETURN(KvCache cache, KvCache::Create(kv));
   EPX_RETURN_IF_ERROR(forward->AllocateKv(kv.num_blocks, kv.block_size));
-  return std::unique_ptr<Engine>(new Engine(config, std::move(forward), std::move(cache)));
+  return std::unique_ptr<Engine>(new Engine(config, std::move(forward), std::move(cache),
+                                            options.routing_window_steps));
 }
 
-absl::Status Engine::AddSequence(int64_t seq_id) { return cache_.Add(seq_id); }
-absl::Status Engine::RemoveSequence(int64_t seq_id) { return cache_.Remove(seq_id); }
+absl::Status Engine::AddSequence(int64_t seq_id) {
+  EPX_RETURN_IF_ERROR(cache_.Add(seq_id));
+  routing_[seq_id].assign(config_.num_hidden_layers * config_.num_local_experts, 0);
+  return absl::OkStatus();
+}
+
+absl::Status Engine::RemoveSequence(int64_t seq_id) {
+  EPX_RETURN_IF_ERROR(cache_.Remove(seq_id));
+  routing_.erase(seq_id);
+  return absl::OkStatus();
+}
+
+std::vector<std::vector<int64_t>> Engine::SequenceRouting(int64_t seq_id) const {
+  const auto it = routing_.find(seq_id);
+  if (it == routing_.end()) return {};
+  const int64_t E = config_.num_local_experts;
+  std::vector<std::vector<int64_t>> out(config_.num_hidden_layers);
+  for (int64_t l = 0; l < config_.num_hidden_layers; ++l)
+    out[l].assign(it->second.begin() + l * E, it->second.begin() + (l + 1) * E);
+  return out;
+}
+
+void Engine::CountRouting(absl::Span<const SequenceInput> batch, int64_t tokens) {
+  const int64_t L = config_.num_hidden_layers, E = config_.num_local_experts;
+  const int64_t K = config_.num_experts_per_tok;
+  std::vector<int32_t> step(L * E, 0);
+  int64_t first = 0;
+  for (const SequenceInput& in : batch) {
+    std::vector<int64_t>& counts = routing_[in.seq_id];
+    const int64_t n = static_cast<int64_t>(in.tokens.size());
+    for (int64_t l = 0; l < L; ++l) {
+      const int32_t* ids = routed_.data() + (l * tokens + first) * K;
+      for (int64_t i = 0; i < n * K; ++i) {
+        if (ids[i] < 0 || ids[i] >= E) continue;  // never from a top-k over E experts
+        ++counts[l * E + ids[i]];
+        ++step[l * E + ids[i]];
+      }
+    }
+    first += n;
+  }
+  // Slide the window: the new step in, the oldest out once it holds window_steps.
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t e = 0; e < E; ++e) stats_.recent_expert_tokens[l][e] += step[l * E + e];
+  window_.push_back(std::move(step));
+  if (static_cast<int64_t>(window_.size()) > stats_.window_steps) {
+    const std::vector<int32_t>& old = window_.front();
+    for (int64_t l = 0; l < L; ++l)
+      for (int64_t e = 0; e < E; ++e) stats_.recent_expert_tokens[l][e] -= old[l * E + e];
+    window_.pop_front();
+  }
+}
 
 absl::Status Engine::Validate(absl::Span<const SequenceInput> batch) const {
   const ModelConfig& c = config();
@@ -117,6 +171,11 @@ absl::StatusOr<Tensor> Engine::Step(absl::Span<const SequenceInput> batch) {
   fb.sequences = sequences;
   fb.logit_rows = logit_rows;
   fb.block_size = cache_.block_size();
+  const bool routing = forward_->reports_routing();
+  if (routing) {
+    routed_.resize(config_.num_hidden_layers * ids.size() * config_.num_experts_per_tok);
+    fb.routed = absl::MakeSpan(routed_);
+  }
   // A step cut short (a worker lost mid-step) commits nothing: the KV rows it wrote lie past
   // the sequences' lengths and are written again, and its counters are taken back, so that a
   // step run again after the cluster re-formed counts once.
@@ -130,6 +189,7 @@ absl::StatusOr<Tensor> Engine::Step(absl::Span<const SequenceInput> batch) {
 
   stats_.tokens += static_cast<int64_t>(ids.size());
   ++stats_.steps;
+  if (routing) CountRouting(batch, static_cast<int64_t>(ids.size()));
   for (const SequenceInput& in : batch)
     cache_.SetLength(in.seq_id, cache_.Length(in.seq_id) + static_cast<int64_t>(in.tokens.size()));
   return logits;

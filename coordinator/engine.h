@@ -12,10 +12,12 @@
 #define EPX_COORDINATOR_ENGINE_H_
 
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "common/model_weights.h"
@@ -37,6 +39,8 @@ struct EngineOptions {
   int64_t kv_block_size = 16;               // tokens per KV cache block
   int64_t kv_blocks = 0;                    // blocks in the cache; 0: as many as kv_cache_bytes fit
   int64_t kv_cache_bytes = int64_t{2} << 30;  // reserved, not touched until used
+  // EngineStats::recent_expert_tokens covers this many of the last steps.
+  int64_t routing_window_steps = 64;
 
   // Blocks of the cache for elements of `element_bytes` (the backend's KV dtype).
   int64_t KvBlocks(const ModelConfig& config, int64_t element_bytes) const;
@@ -58,8 +62,11 @@ class Engine {
 
   // AlreadyExists if the id is taken.
   absl::Status AddSequence(int64_t seq_id);
-  // Frees the sequence's cache. NotFound if absent.
+  // Frees the sequence's cache (and its routing counts). NotFound if absent.
   absl::Status RemoveSequence(int64_t seq_id);
+  // [layer][expert]: the rows of the sequence's tokens routed to each expert so far (zeros with
+  // a backend that does not report routing); empty if the sequence does not exist.
+  std::vector<std::vector<int64_t>> SequenceRouting(int64_t seq_id) const;
   // Committed tokens; -1 if the sequence does not exist.
   int64_t SequenceLength(int64_t seq_id) const { return cache_.Length(seq_id); }
 
@@ -80,14 +87,22 @@ class Engine {
   std::string device() const { return forward_->device(); }
 
  private:
-  Engine(const ModelConfig& config, std::unique_ptr<ModelForward> forward, KvCache cache);
+  Engine(const ModelConfig& config, std::unique_ptr<ModelForward> forward, KvCache cache,
+         int64_t window_steps);
   absl::Status Validate(absl::Span<const SequenceInput> batch) const;
+  // Adds a committed step's routing (routed_, [layer][token][k]) to the window and to its
+  // sequences' counts.
+  void CountRouting(absl::Span<const SequenceInput> batch, int64_t tokens);
 
   ModelConfig config_;
   std::unique_ptr<ExpertExecutor> owned_experts_;  // a local executor the CPU backend uses
   std::unique_ptr<ModelForward> forward_;
   KvCache cache_;
   EngineStats stats_;
+  std::vector<int32_t> routed_;  // the step's top-k ids, [layer][token][k]
+  // The window's steps, oldest first: [layer * experts + expert] rows; their sum is in stats_.
+  std::deque<std::vector<int32_t>> window_;
+  absl::flat_hash_map<int64_t, std::vector<int64_t>> routing_;  // seq -> [layer * E + expert]
 };
 
 }  // namespace epx

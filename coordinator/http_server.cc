@@ -16,6 +16,7 @@
 #include "common/json.h"
 #include "common/logging.h"
 #include "common/status.h"
+#include "coordinator/dashboard/assets.h"
 
 namespace epx {
 
@@ -387,6 +388,21 @@ class HttpServer::Impl {
     });
     server_->Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
       res.set_content(backends_.metrics_text(), "text/plain; version=0.0.4; charset=utf-8");
+    });
+    // The dashboard: its files (open), and the stats it polls (under the API key, as /v1/ is).
+    auto asset = [this](const char* path, const uint8_t* data, size_t size, const char* type) {
+      server_->Get(path, [data, size, type](const httplib::Request&, httplib::Response& res) {
+        res.set_content(reinterpret_cast<const char*>(data), size, type);
+        res.set_header("Cache-Control", "no-cache");
+      });
+    };
+    asset("/", kDashboardHtml, kDashboardHtmlSize, "text/html; charset=utf-8");
+    asset("/dashboard.js", kDashboardJs, kDashboardJsSize, "text/javascript; charset=utf-8");
+    asset("/dashboard.css", kDashboardCss, kDashboardCssSize, "text/css; charset=utf-8");
+    server_->Get("/v1/epx/stats", [this](const httplib::Request&, httplib::Response& res) {
+      absl::StatusOr<std::string> stats = backends_.stats_json();
+      if (!stats.ok()) return SendError(res, stats.status());
+      res.set_content(*stats, "application/json");
     });
     server_->Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
       json model = {{"id", options_.model_name},

@@ -1,8 +1,10 @@
 // The OpenAI-compatible HTTP front end (cpp-httplib): POST /v1/completions and
 // /v1/chat/completions (JSON, or server-sent events with "stream": true), GET /v1/models,
 // GET /health (liveness), GET /ready (the readiness of gRPC's epx.v1.Generation) and
-// GET /metrics (Prometheus text). Requests are read into GenerationParams and go to the same
-// scheduler as gRPC's, so the same request with the same seed gives the same tokens on both.
+// GET /metrics (Prometheus text); also the dashboard (coordinator/dashboard/: GET /,
+// /dashboard.js, /dashboard.css, embedded in the binary) and the Admin/Stats JSON it reads,
+// GET /v1/epx/stats. Requests are read into GenerationParams and go to the same scheduler as
+// gRPC's, so the same request with the same seed gives the same tokens on both.
 //
 // A field the server does not implement gets a 400 naming it, in OpenAI's error JSON
 // ({"error": {"message", "type", "param", "code"}}); so does a bad value. A full queue is 429,
@@ -49,6 +51,8 @@ struct HttpBackends {
   // Empty when ready.
   std::function<std::string()> not_ready_reason;
   std::function<std::string()> metrics_text;
+  // Admin/Stats as JSON (MessageJson), for the dashboard: GET /v1/epx/stats.
+  std::function<absl::StatusOr<std::string>()> stats_json;
   const Tokenizer* tokenizer = nullptr;
 };
 

@@ -32,6 +32,9 @@ struct EngineStats {
   std::vector<double> attention_us;  // [layer] norm, q/k/v, RoPE, attention, o_proj, residual
   std::vector<double> moe_us;        // [layer] norm, router, experts (wherever they run), combine
   std::vector<std::vector<int64_t>> expert_tokens;  // [layer][expert] rows routed
+  // The same over the last `window_steps` steps (the engine keeps it; backends leave it alone).
+  std::vector<std::vector<int64_t>> recent_expert_tokens;
+  int64_t window_steps = 0;
 };
 
 // One step, flattened: token t has id ids[t] at positions[t] and its K/V go to cache row
@@ -49,6 +52,9 @@ struct ForwardBatch {
   absl::Span<const Sequence> sequences;
   absl::Span<const int64_t> logit_rows;   // tokens whose logits are returned, in order
   int64_t block_size = 0;
+  // Out, unless empty: each layer's top-k expert ids of every token, [layer][token][k]
+  // (backends whose reports_routing() is true fill it).
+  absl::Span<int32_t> routed;
 };
 
 // The model's attention shape, as both backends' attention ops take it.
@@ -77,6 +83,8 @@ class ModelForward {
   virtual absl::StatusOr<Tensor> Forward(const ForwardBatch& batch, EngineStats& stats) = 0;
   // "cpu", or the device's name.
   virtual std::string device() const = 0;
+  // Whether Forward fills ForwardBatch::routed.
+  virtual bool reports_routing() const { return false; }
 };
 
 // The CPU backend (kernels/cpu): fp32 activations, fp32 KV cache, weights read in their

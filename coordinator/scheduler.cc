@@ -283,14 +283,20 @@ void Scheduler::Admit(int64_t budget) {
 
 void Scheduler::Retire(std::list<std::unique_ptr<Active>>::iterator it, GenerationEvent last) {
   Active& a = **it;
+  RequestRouting routing;
+  if (last.error.ok()) routing.expert_tokens = engine_->SequenceRouting(a.seq_id);
   EPX_CHECK(engine_->RemoveSequence(a.seq_id).ok());
   reserved_blocks_ -= a.blocks;
   last.prompt_tokens = static_cast<int64_t>(a.req.prompt.size());
   last.completion_tokens = static_cast<int64_t>(a.output.size());
+  routing.request_id = a.req.request_id;
+  routing.prompt_tokens = last.prompt_tokens;
+  routing.completion_tokens = last.completion_tokens;
   histograms_.e2e_latency.Observe(absl::ToDoubleSeconds(Now() - a.submitted));
   {
     absl::MutexLock lock(&mu_);
     ++stats_.finished_by_reason[last.error.ok() ? static_cast<size_t>(last.finish) : 0];
+    if (last.error.ok()) stats_.last_request = std::move(routing);
     if (!last.error.ok()) {
       ++(absl::IsCancelled(last.error) || absl::IsDeadlineExceeded(last.error) ? stats_.cancelled
                                                                                 : stats_.failed);

@@ -139,6 +139,14 @@ struct ServingHistograms {
   Histogram e2e_latency{LatencyBuckets()};
 };
 
+// Where the tokens of one finished request went: [layer][expert] rows routed, over its prompt
+// and every generated token fed back (the last one never is).
+struct RequestRouting {
+  std::string request_id;
+  int64_t prompt_tokens = 0, completion_tokens = 0;
+  std::vector<std::vector<int64_t>> expert_tokens;
+};
+
 struct SchedulerStats {
   int64_t queue_length = 0;
   int64_t running = 0;
@@ -154,6 +162,7 @@ struct SchedulerStats {
   int64_t recoveries = 0;    // steps run again after the expert tier re-formed
   absl::Status not_serving;  // the StepRecovery's last answer (OK: serving)
   EngineStats engine;    // as of the last step
+  RequestRouting last_request;  // the request that finished last (without an error)
   std::optional<ExpertParallelStats> expert_parallel;  // multi-rank jobs, as of the last step
 };
 

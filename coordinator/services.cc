@@ -1,6 +1,7 @@
 #include "coordinator/services.h"
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <google/protobuf/util/json_util.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 
@@ -397,73 +398,7 @@ class AdminService final : public v1::Admin::Service {
                      v1::StatsResponse* out) override {
     if (grpc::Status auth = Authorize(keys_, *context, Access::kClient, "Stats"); !auth.ok())
       return auth;
-    const std::string reason = late_->not_ready_reason();
-    out->set_uptime_s(absl::ToDoubleSeconds(absl::Now() - start_));
-    out->set_ready(reason.empty());
-    out->set_not_ready_reason(reason);
-    const Scheduler* scheduler = late_->scheduler.load();
-    // While the cluster forms there are only the workers to report.
-    const SchedulerStats s = scheduler != nullptr ? scheduler->stats() : SchedulerStats{};
-    out->set_draining(s.draining);
-    out->set_queue_length(s.queue_length);
-    out->set_running_requests(s.running);
-    out->set_kv_blocks_used(s.kv_blocks_used);
-    out->set_kv_blocks_free(s.kv_blocks_total - s.kv_blocks_used);
-    out->set_kv_blocks_total(s.kv_blocks_total);
-    out->set_kv_block_size(s.kv_block_size);
-    out->set_steps(s.engine.steps);
-    out->set_tokens_computed(s.engine.tokens);
-    out->set_requests_accepted(s.accepted);
-    out->set_requests_finished(s.finished);
-    out->set_requests_failed(s.failed);
-    out->set_requests_rejected(s.rejected);
-    out->set_requests_cancelled(s.cancelled);
-    out->set_prompt_tokens(s.prompt_tokens);
-    out->set_generated_tokens(s.generated_tokens);
-    const size_t layers = s.engine.attention_us.size();
-    std::vector<uint64_t> expert_total;
-    for (size_t l = 0; l < layers; ++l) {
-      v1::LayerStats* ls = out->add_layers();
-      ls->set_layer(l);
-      ls->set_attention_us(s.engine.attention_us[l]);
-      ls->set_moe_us(s.engine.moe_us[l]);
-      if (s.expert_parallel.has_value()) {
-        ls->set_dispatch_us(s.expert_parallel->dispatch_us[l]);
-        ls->set_expert_us(s.expert_parallel->expert_us[l]);
-        ls->set_combine_us(s.expert_parallel->combine_us[l]);
-      }
-      const std::vector<int64_t>& tokens = s.engine.expert_tokens[l];
-      expert_total.resize(tokens.size());
-      for (size_t e = 0; e < tokens.size(); ++e) {
-        ls->add_expert_tokens(tokens[e]);
-        expert_total[e] += tokens[e];
-      }
-    }
-    out->mutable_expert_tokens()->Add(expert_total.begin(), expert_total.end());
-    for (const WorkerState& w : backends_.membership->Workers(absl::Now())) {
-      v1::WorkerStatus* ws = out->add_workers();
-      ws->set_rank(w.info.rank);
-      ws->set_host(w.info.host);
-      ws->set_device(w.info.device);
-      ws->set_registered(w.registered);
-      ws->set_alive(w.alive);
-      ws->set_last_heartbeat_age_s(w.registered ? absl::ToDoubleSeconds(w.heartbeat_age) : -1);
-      ws->mutable_experts()->Add(w.info.experts.begin(), w.info.experts.end());
-      ws->set_member(w.member);
-      if (s.expert_parallel.has_value() &&
-          w.info.rank < static_cast<int>(s.expert_parallel->worker_tokens.size()))
-        ws->set_rows_received(s.expert_parallel->worker_tokens[w.info.rank]);
-    }
-    const ClusterEpoch epoch = backends_.membership->epoch();
-    out->set_epoch(epoch.number);
-    out->set_placement(epoch.placement_text);
-    for (const ClusterEvent& e : backends_.membership->events()) {
-      v1::ClusterEvent* ce = out->add_events();
-      ce->set_time_unix_s(absl::ToUnixMicros(e.time) / 1e6);
-      ce->set_kind(e.kind);
-      ce->set_rank(e.rank);
-      ce->set_message(e.message);
-    }
+    Fill(out);
     return grpc::Status::OK;
   }
 
@@ -541,6 +476,87 @@ class AdminService final : public v1::Admin::Service {
     }
     FillPlacement(out);
     return grpc::Status::OK;
+  }
+
+  // Admin/Stats' answer, also the HTTP stats endpoint's.
+  void Fill(v1::StatsResponse* out) const {
+    const std::string reason = late_->not_ready_reason();
+    out->set_uptime_s(absl::ToDoubleSeconds(absl::Now() - start_));
+    out->set_ready(reason.empty());
+    out->set_not_ready_reason(reason);
+    const Scheduler* scheduler = late_->scheduler.load();
+    // While the cluster forms there are only the workers to report.
+    const SchedulerStats s = scheduler != nullptr ? scheduler->stats() : SchedulerStats{};
+    out->set_draining(s.draining);
+    out->set_queue_length(s.queue_length);
+    out->set_running_requests(s.running);
+    out->set_kv_blocks_used(s.kv_blocks_used);
+    out->set_kv_blocks_free(s.kv_blocks_total - s.kv_blocks_used);
+    out->set_kv_blocks_total(s.kv_blocks_total);
+    out->set_kv_block_size(s.kv_block_size);
+    out->set_steps(s.engine.steps);
+    out->set_tokens_computed(s.engine.tokens);
+    out->set_requests_accepted(s.accepted);
+    out->set_requests_finished(s.finished);
+    out->set_requests_failed(s.failed);
+    out->set_requests_rejected(s.rejected);
+    out->set_requests_cancelled(s.cancelled);
+    out->set_prompt_tokens(s.prompt_tokens);
+    out->set_generated_tokens(s.generated_tokens);
+    const size_t layers = s.engine.attention_us.size();
+    std::vector<uint64_t> expert_total;
+    for (size_t l = 0; l < layers; ++l) {
+      v1::LayerStats* ls = out->add_layers();
+      ls->set_layer(l);
+      ls->set_attention_us(s.engine.attention_us[l]);
+      ls->set_moe_us(s.engine.moe_us[l]);
+      if (s.expert_parallel.has_value()) {
+        ls->set_dispatch_us(s.expert_parallel->dispatch_us[l]);
+        ls->set_expert_us(s.expert_parallel->expert_us[l]);
+        ls->set_combine_us(s.expert_parallel->combine_us[l]);
+      }
+      const std::vector<int64_t>& tokens = s.engine.expert_tokens[l];
+      expert_total.resize(tokens.size());
+      for (size_t e = 0; e < tokens.size(); ++e) {
+        ls->add_expert_tokens(tokens[e]);
+        expert_total[e] += tokens[e];
+      }
+      if (l < s.engine.recent_expert_tokens.size())
+        ls->mutable_recent_expert_tokens()->Add(s.engine.recent_expert_tokens[l].begin(),
+                                                s.engine.recent_expert_tokens[l].end());
+    }
+    out->mutable_expert_tokens()->Add(expert_total.begin(), expert_total.end());
+    for (const WorkerState& w : backends_.membership->Workers(absl::Now())) {
+      v1::WorkerStatus* ws = out->add_workers();
+      ws->set_rank(w.info.rank);
+      ws->set_host(w.info.host);
+      ws->set_device(w.info.device);
+      ws->set_registered(w.registered);
+      ws->set_alive(w.alive);
+      ws->set_last_heartbeat_age_s(w.registered ? absl::ToDoubleSeconds(w.heartbeat_age) : -1);
+      ws->mutable_experts()->Add(w.info.experts.begin(), w.info.experts.end());
+      ws->set_member(w.member);
+      if (s.expert_parallel.has_value() &&
+          w.info.rank < static_cast<int>(s.expert_parallel->worker_tokens.size()))
+        ws->set_rows_received(s.expert_parallel->worker_tokens[w.info.rank]);
+    }
+    const ClusterEpoch epoch = backends_.membership->epoch();
+    out->set_epoch(epoch.number);
+    out->set_placement(epoch.placement_text);
+    out->set_window_steps(static_cast<uint32_t>(s.engine.window_steps));
+    v1::RequestRouting* last = out->mutable_last_request();
+    last->set_request_id(s.last_request.request_id);
+    last->set_prompt_tokens(static_cast<uint32_t>(s.last_request.prompt_tokens));
+    last->set_completion_tokens(static_cast<uint32_t>(s.last_request.completion_tokens));
+    for (const std::vector<int64_t>& layer : s.last_request.expert_tokens)
+      last->add_layers()->mutable_expert_tokens()->Add(layer.begin(), layer.end());
+    for (const ClusterEvent& e : backends_.membership->events()) {
+      v1::ClusterEvent* ce = out->add_events();
+      ce->set_time_unix_s(absl::ToUnixMicros(e.time) / 1e6);
+      ce->set_kind(e.kind);
+      ce->set_rank(e.rank);
+      ce->set_message(e.message);
+    }
   }
 
  private:
@@ -760,6 +776,11 @@ class ApiServer::Impl {
         return ServingMetricsText(late_.scheduler.load(), *backends_.membership,
                                   options_.model_name);
       };
+      backends.stats_json = [this]() -> absl::StatusOr<std::string> {
+        v1::StatsResponse stats;
+        admin_.Fill(&stats);
+        return MessageJson(stats);
+      };
       backends.tokenizer = backends_.tokenizer;
       absl::StatusOr<std::unique_ptr<HttpServer>> started = HttpServer::Start(http, backends);
       if (!started.ok()) {
@@ -828,6 +849,19 @@ class ApiServer::Impl {
   std::string last_reason_;  // monitor thread
   bool health_set_ = false;  // monitor thread
 };
+
+absl::StatusOr<std::string> MessageJson(const google::protobuf::Message& message) {
+  google::protobuf::util::JsonPrintOptions options;
+  options.add_whitespace = true;
+  options.always_print_primitive_fields = true;
+  options.preserve_proto_field_names = true;
+  std::string json;
+  auto status = google::protobuf::util::MessageToJsonString(message, &json, options);
+  if (!status.ok())
+    return absl::InternalError(
+        absl::StrCat("cannot print ", message.GetTypeName(), " as JSON: ", status.ToString()));
+  return json;
+}
 
 absl::StatusOr<std::unique_ptr<ApiServer>> ApiServer::Start(const ApiServerOptions& options,
                                                             const ApiServerBackends& backends) {

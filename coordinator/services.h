@@ -35,7 +35,15 @@
 #include "coordinator/scheduler.h"
 #include "security/auth.h"
 
+namespace google::protobuf {
+class Message;
+}
+
 namespace epx {
+
+// The JSON the API prints (epx stats --json, the HTTP stats): the proto's field names and every
+// field, zeros included (64-bit integers as strings, as proto3 JSON has them).
+absl::StatusOr<std::string> MessageJson(const google::protobuf::Message& message);
 
 struct ApiServerOptions {
   std::string listen = "127.0.0.1:50051";  // host:port; port 0 picks a free one

@@ -17,6 +17,9 @@ packages=(
   libgloo-dev                       # the CPU data plane without a launcher (TCP)
   libcpp-httplib-dev                # the OpenAI-compatible HTTP front end and /metrics
   python3-venv                      # deploy/python-env.sh: the openai / prometheus-client test venv
+  openssl                           # the TLS tests make their certificates with it
+  chromium chromium-driver          # the dashboard test: headless Chromium through WebDriver
+  fonts-dejavu-core                 # ... with a font to render the page (and its screenshot)
   procps                            # pgrep, for the mpi tests that signal a rank
   patchelf                          # deploy/bundle.sh: RUNPATH of the bundled binaries
   libgtest-dev libgmock-dev         # unit tests

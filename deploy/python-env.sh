@@ -16,4 +16,4 @@ python=/usr/bin/python3
 "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check -r tests/requirements.txt
 cp tests/requirements.txt "$stamp"
-echo "python-env: $venv ready ($("$venv/bin/python" -c 'import openai, prometheus_client, grpc; print("openai", openai.__version__, "grpcio", grpc.__version__)'))"
+echo "python-env: $venv ready ($("$venv/bin/python" -c 'import openai, prometheus_client, grpc, selenium; print("openai", openai.__version__, "grpcio", grpc.__version__, "selenium", selenium.__version__)'))"

@@ -214,6 +214,64 @@ TEST_F(EngineTest, RemovedSequenceIsGone) {
   EXPECT_EQ(engine_->RemoveSequence(3).code(), absl::StatusCode::kNotFound);
 }
 
+// Sums [layer][expert] counts over experts, per layer.
+std::vector<int64_t> RowSums(const std::vector<std::vector<int64_t>>& counts) {
+  std::vector<int64_t> sums;
+  for (const std::vector<int64_t>& layer : counts) {
+    int64_t sum = 0;
+    for (int64_t n : layer) sum += n;
+    sums.push_back(sum);
+  }
+  return sums;
+}
+
+TEST_F(EngineTest, RoutingIsCountedPerSequenceAndOverTheLastSteps) {
+  EngineOptions options;
+  options.routing_window_steps = 2;
+  auto created = Engine::Create(weights_, nullptr, options);
+  ASSERT_TRUE(created.ok()) << created.status();
+  Engine& engine = **created;
+  const ModelConfig& c = weights_->config();
+  const int64_t K = c.num_experts_per_tok;
+  const std::vector<int32_t>& a = prompts_[0].tokens;
+  const std::vector<int32_t>& b = prompts_[1].tokens;
+  ASSERT_TRUE(engine.AddSequence(1).ok());
+  ASSERT_TRUE(engine.AddSequence(2).ok());
+  // [layer][expert] totals after each step, to tell what each step routed.
+  std::vector<std::vector<std::vector<int64_t>>> totals = {engine.stats().expert_tokens};
+  auto step = [&](std::vector<SequenceInput> batch) {
+    ASSERT_TRUE(engine.Step(batch).ok());
+    totals.push_back(engine.stats().expert_tokens);
+  };
+  const int32_t next = 7;
+  step({{1, a}, {2, b}});
+  step({{1, absl::MakeConstSpan(&next, 1)}});
+  step({{1, absl::MakeConstSpan(&next, 1)}, {2, absl::MakeConstSpan(&next, 1)}});
+  step({{2, absl::MakeConstSpan(&next, 1)}});
+
+  // Each sequence: K rows per token in every layer; the two together are all the engine routed.
+  const std::vector<std::vector<int64_t>> one = engine.SequenceRouting(1);
+  const std::vector<std::vector<int64_t>> two = engine.SequenceRouting(2);
+  ASSERT_EQ(one.size(), static_cast<size_t>(c.num_hidden_layers));
+  EXPECT_EQ(RowSums(one),
+            std::vector<int64_t>(c.num_hidden_layers, (static_cast<int64_t>(a.size()) + 2) * K));
+  EXPECT_EQ(RowSums(two),
+            std::vector<int64_t>(c.num_hidden_layers, (static_cast<int64_t>(b.size()) + 2) * K));
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l)
+    for (int64_t e = 0; e < c.num_local_experts; ++e)
+      EXPECT_EQ(one[l][e] + two[l][e], engine.stats().expert_tokens[l][e]);
+  // The window holds the last two steps: the totals after step 4 less those after step 2.
+  EXPECT_EQ(engine.stats().window_steps, 2);
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l)
+    for (int64_t e = 0; e < c.num_local_experts; ++e)
+      EXPECT_EQ(engine.stats().recent_expert_tokens[l][e], totals[4][l][e] - totals[2][l][e]);
+  // A rejected step counts nothing; a removed sequence has no counts.
+  EXPECT_FALSE(engine.Step({{9, absl::MakeConstSpan(&next, 1)}}).ok());
+  EXPECT_EQ(engine.SequenceRouting(1), one);
+  ASSERT_TRUE(engine.RemoveSequence(1).ok());
+  EXPECT_TRUE(engine.SequenceRouting(1).empty());
+}
+
 TEST(EngineCreateTest, NeedsEveryExpertWithoutAnExecutor) {
   auto config = ModelConfig::FromDir(TinyModelDir());
   ASSERT_TRUE(config.ok());
