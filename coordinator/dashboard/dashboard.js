@@ -106,13 +106,14 @@ function renderHeader(s) {
   $("steps").textContent = intText(s.steps);
 }
 
-function showConnError(text) {
+// A failed poll: the reason in the header, and the badge says what is known.
+function showConnError(text, badge = "unreachable") {
   const el = $("conn-error");
   el.hidden = !text;
   el.textContent = text || "";
   if (text) {
     $("ready").dataset.state = "unknown";
-    $("ready").textContent = "unreachable";
+    $("ready").textContent = badge;
   }
 }
 
@@ -136,11 +137,13 @@ function setText(node, text) {
 
 // ---------- heatmap ----------
 
-// White to deep blue; returns the background and a readable text colour.
+// White to deep blue (t in [0, 1]); returns the background and a readable text colour.
+const BLUES = [[247, 251, 255], [198, 219, 239], [107, 174, 214], [33, 113, 181], [8, 48, 107]];
 function heatColour(t) {
-  const lo = [247, 251, 255], hi = [8, 48, 107];
-  const c = lo.map((a, i) => Math.round(a + (hi[i] - a) * t));
-  return { bg: `rgb(${c[0]}, ${c[1]}, ${c[2]})`, fg: t > 0.5 ? "#fff" : "#1a2433" };
+  const x = Math.min(1, Math.max(0, t)) * (BLUES.length - 1);
+  const i = Math.min(BLUES.length - 2, Math.floor(x)), f = x - i;
+  const c = BLUES[i].map((a, k) => Math.round(a + (BLUES[i + 1][k] - a) * f));
+  return { bg: `rgb(${c[0]}, ${c[1]}, ${c[2]})`, fg: t > 0.55 ? "#fff" : "#1a2433" };
 }
 
 // The rows the selected mode shows: {rows: [[count...]...], label, empty}.
@@ -390,6 +393,10 @@ async function poll() {
   polling = true;
   try {
     const res = await apiFetch("/v1/epx/stats", { cache: "no-store" });
+    if (res.status === 401) {
+      showConnError("stats: " + (await errorText(res)), "API key needed");
+      return;
+    }
     if (!res.ok) throw new Error("stats: " + (await errorText(res)));
     const s = await res.json();
     state.prevStats = state.stats;
@@ -404,10 +411,11 @@ async function poll() {
     document.body.dataset.statsLoaded = "true";
   } catch (err) {
     showConnError(err instanceof TypeError ? "server unreachable" : String(err.message || err));
+  } finally {
+    polling = false;
+    pollTimer = setTimeout(poll, pollAgain ? 0 : POLL_MS);
+    pollAgain = false;
   }
-  polling = false;
-  pollTimer = setTimeout(poll, pollAgain ? 0 : POLL_MS);
-  pollAgain = false;
 }
 
 function pollNow() { poll(); }
@@ -522,7 +530,7 @@ async function send() {
     const tokens = usage ? num(usage.completion_tokens) : NaN;
     if (Number.isFinite(tokens)) bubble.dataset.completionTokens = String(tokens);
     info.textContent = `${Number.isFinite(tokens) ? tokens : "?"} tokens, finish: ${finish || "?"}`;
-    if (!answer) out.textContent = "(empty answer)";
+    if (!answer) bubble.classList.add("no-text");  // CSS says so; the text stays empty
   } catch (err) {
     // Leave the failed turn out of the conversation so the roles keep alternating.
     state.conversation.pop();

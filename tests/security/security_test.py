@@ -7,6 +7,7 @@ signed, a client certificate it signed, and a client certificate of another CA."
 
 import json
 import os
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -145,6 +146,13 @@ class SecurityTest(unittest.TestCase):
                 self.pem[client_cert + ".pem"], "rb")
         credentials = grpc.ssl_channel_credentials(root, key, chain)
         return grpc.secure_channel(server.grpc, credentials)
+
+    def ssl_context(self, client_cert=None):
+        """Trusts ca.pem; presents client_cert ("client", "other-client") if given."""
+        context = ssl.create_default_context(cafile=self.pem["ca.pem"])
+        if client_cert is not None:
+            context.load_cert_chain(self.pem[client_cert + ".pem"], self.pem[client_cert + ".key"])
+        return context
 
     def greedy_text(self, stub, metadata=(), timeout=60):
         request = self.gen_pb2.GenerateRequest(text="The router", max_tokens=6, temperature=0,
@@ -310,12 +318,11 @@ class SecurityTest(unittest.TestCase):
         rc, _, err = epx("stats", "--server", s.grpc, *mine)
         self.assertEqual(rc, 0, err)
         base = "https://127.0.0.1:%d" % s.http_port
-        with httpx.Client(verify=self.pem["ca.pem"],
-                          cert=(self.pem["client.pem"], self.pem["client.key"])) as http:
+        with httpx.Client(verify=self.ssl_context("client")) as http:
             self.assertEqual(http.get(base + "/v1/models").status_code, 200)
-        for cert in (None, (self.pem["other-client.pem"], self.pem["other-client.key"])):
+        for cert in (None, "other-client"):
             with self.subTest(http_client_cert=cert), httpx.Client(
-                    verify=self.pem["ca.pem"], cert=cert) as http:
+                    verify=self.ssl_context(cert)) as http:
                 with self.assertRaises((httpx.ConnectError, httpx.ReadError,
                                         httpx.RemoteProtocolError)):
                     http.get(base + "/v1/models")
