@@ -17,8 +17,7 @@ const fmtInt = (v) => num(v).toLocaleString("en-US");
 const state = {
   modelId: "",
   stats: null,        // the last stats answer
-  prevStats: null,    // the one before, with its time, for rates
-  prevAt: 0,
+  prevStats: null,    // the one before, for rates
   conversation: [],   // [{role, content}] sent whole with each request
   streaming: false,
 };

@@ -1,6 +1,7 @@
 """The dashboard in a real browser (headless Chromium through selenium). Started by ctest as
     python dashboard_test.py EPX_BINARY MODEL_DIR ARTIFACT_DIR
-It runs one `epx serve --http-listen`, opens the page, asks a question through the chat panel
+It runs a launcher-free cluster (`epx serve --http-listen --workers 2` and two `epx worker`s on
+gloo), opens the page, asks a question through the chat panel
 (streamed from /v1/chat/completions) and checks that every heatmap cell, in each of its modes,
 equals what `epx stats --json` reports, that the last answer's routing covers each of its tokens
 experts_per_token times in every layer, and saves a screenshot to ARTIFACT_DIR/dashboard.png."""
@@ -71,15 +72,22 @@ class DashboardTest(unittest.TestCase):
         cls.log_path = os.path.join(ARTIFACTS, "dashboard_server.log")
         cls.log = open(cls.log_path, "w")
         cls.addClassCleanup(cls.log.close)
+        cls.workers = []
         cls.server = subprocess.Popen(
             [EPX, "serve", "--model", MODEL, "--listen", "127.0.0.1:0", "--port-file", grpc_file,
-             "--http-listen", "127.0.0.1:0", "--http-port-file", http_file],
+             "--http-listen", "127.0.0.1:0", "--http-port-file", http_file, "--workers", "2",
+             "--data-plane", "gloo"],
             stdout=cls.log, stderr=subprocess.STDOUT)
         cls.addClassCleanup(cls.stop_server)  # runs even when the rest of setUpClass fails
         cls.grpc = "127.0.0.1:%d" % wait_for_file(grpc_file, cls.server)
         cls.http = "http://127.0.0.1:%d" % wait_for_file(http_file, cls.server)
+        for _ in range(2):
+            cls.workers.append(subprocess.Popen(
+                [EPX, "worker", "--model", MODEL, "--coordinator", cls.grpc, "--data-plane",
+                 "gloo"], stdout=cls.log, stderr=subprocess.STDOUT))
         subprocess.run([EPX, "health", "--server", cls.grpc, "--service", "epx.v1.Generation",
-                        "--wait"], check=True, capture_output=True, timeout=60)
+                        "--wait", "--timeout", "120"], check=True, capture_output=True,
+                       timeout=150)
 
         options = Options()
         for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
@@ -92,12 +100,15 @@ class DashboardTest(unittest.TestCase):
 
     @classmethod
     def stop_server(cls):
-        cls.server.terminate()
-        try:
-            cls.server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            cls.server.kill()
-            cls.server.wait()
+        # The workers leave when their coordinator ends the job.
+        for process in [cls.server] + cls.workers:
+            if process is cls.server:
+                process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
     def epx_json(self, *args):
         r = subprocess.run([EPX, *args, "--server", self.grpc], capture_output=True, timeout=60)
@@ -211,6 +222,15 @@ class DashboardTest(unittest.TestCase):
                 self.assertIn(str(stats["window_steps"]), label)
             if mode == "request":
                 self.assertIn(request_id, label)
+        # The workers, as Stats has them: one row each, with its rank and experts.
+        rows = d.find_elements(By.CSS_SELECTOR, "#workers tbody tr")
+        self.assertEqual(len(rows), len(stats["workers"]))
+        self.assertEqual(len(rows), 2)
+        for row, worker in zip(rows, stats["workers"]):
+            cells = [c.text for c in row.find_elements(By.TAG_NAME, "td")]
+            self.assertEqual(cells[0], str(worker["rank"]), cells)
+            self.assertEqual([int(n) for n in cells[5].split(", ")], worker["experts"], cells)
+            self.assertEqual(cells[3], "member, alive", cells)
         # Each token but the last generated one went through every layer to k experts.
         fed = int(last["prompt_tokens"]) + int(last["completion_tokens"]) - 1
         for l, layer in enumerate(last["layers"]):
@@ -218,6 +238,7 @@ class DashboardTest(unittest.TestCase):
 
         # The picture the README shows: the default view, after one answer.
         select.select_by_value("window")
+        d.execute_script("document.activeElement.blur();")
         path = os.path.join(ARTIFACTS, "dashboard.png")
         self.assertTrue(d.save_screenshot(path))
         with open(path, "rb") as f:
