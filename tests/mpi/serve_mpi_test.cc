@@ -5,6 +5,8 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <filesystem>
+#include <fstream>
 #include <regex>
 #include <thread>
 
@@ -91,6 +93,66 @@ TEST(ServeMpiTest, WorkersRegisterServeAndALostWorkerTurnsReadinessOff) {
   const int code = server.Wait(60);
   kill(worker, SIGCONT);
   EXPECT_GT(code, 0) << server.log();
+}
+
+// A CA and, signed by it, a certificate for 127.0.0.1 usable by servers and clients, made with
+// openssl in `dir`: ca.pem, cert.pem, cert.key. Empty on success, else openssl's output.
+std::string MakeCertificates(const std::string& dir) {
+  const std::string quiet = " > " + dir + "/openssl.log 2>&1";
+  std::ofstream(dir + "/ext.cnf") << "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                                     "extendedKeyUsage=serverAuth,clientAuth\n";
+  const std::string commands[] = {
+      "openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj '/CN=epx test CA' -keyout " + dir +
+          "/ca.key -out " + dir + "/ca.pem",
+      "openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout " + dir + "/cert.key -out " +
+          dir + "/cert.csr",
+      "openssl x509 -req -in " + dir + "/cert.csr -CA " + dir + "/ca.pem -CAkey " + dir +
+          "/ca.key -CAcreateserial -days 2 -extfile " + dir + "/ext.cnf -out " + dir + "/cert.pem",
+  };
+  for (const std::string& c : commands) {
+    testing::CommandResult r = testing::RunCommand(c + quiet);
+    if (r.exit_code != 0) return c + ": " + testing::RunCommand("cat " + dir + "/openssl.log").output;
+  }
+  return "";
+}
+
+TEST(ServeMpiTest, UnderMutualTlsTheWorkersCheckRankZeroWithTheCaAndPresentItsCertificate) {
+  const std::string dir = ::testing::TempDir() + "/epx_mpi_tls_" + std::to_string(getpid());
+  std::filesystem::create_directories(dir);
+  ASSERT_EQ(MakeCertificates(dir), "");
+  const std::string tls = " --tls-cert " + dir + "/cert.pem --tls-key " + dir + "/cert.key";
+  const std::string client = tls + " --tls-ca " + dir + "/ca.pem --api-key k3y";
+  ServerProcess server("epx_serve_mpi_tls", Mpirun(3),
+                       "--model " + testing::TinyModelDir() + tls + " --tls-client-ca " + dir +
+                           "/ca.pem --tls-ca " + dir + "/ca.pem --api-key k3y");
+  ASSERT_TRUE(server.ok()) << server.log();
+  // Ready means both workers registered over TLS with their certificate.
+  testing::CommandResult health =
+      testing::RunCommand(testing::EpxBinary() + " health --server " + server.address() +
+                          " --service epx.v1.Generation --wait --timeout 60" + client + " 2>&1");
+  ASSERT_EQ(health.exit_code, 0) << health.output << server.log();
+  const std::string request = " --prompt 'The router' --max-tokens 8 --ignore-eos";
+  testing::CommandResult remote = testing::RunCommand(
+      testing::EpxBinary() + " generate --server " + server.address() + client + request);
+  ASSERT_EQ(remote.exit_code, 0) << remote.output;
+  testing::CommandResult here = testing::RunCommand(
+      testing::EpxBinary() + " generate --model " + testing::TinyModelDir() + request);
+  ASSERT_EQ(here.exit_code, 0) << here.output;
+  EXPECT_EQ(remote.output, here.output);
+  // Without the key: refused.
+  testing::CommandResult refused = testing::RunCommand(
+      testing::EpxBinary() + " generate --server " + server.address() + tls + " --tls-ca " + dir +
+      "/ca.pem" + request + " 2>&1");
+  EXPECT_NE(refused.exit_code, 0) << refused.output;
+  server.Stop();
+  EXPECT_EQ(server.log().find("k3y"), std::string::npos) << server.log();
+
+  // Without --tls-ca the workers could not check rank 0: every rank refuses to start.
+  ServerProcess missing("epx_serve_mpi_tls_no_ca", Mpirun(2),
+                        "--model " + testing::TinyModelDir() + tls);
+  EXPECT_FALSE(missing.ok());
+  EXPECT_NE(missing.log().find("--tls-cert under mpirun needs --tls-ca"), std::string::npos)
+      << missing.log();
 }
 
 }  // namespace
