@@ -28,6 +28,9 @@ del sys.argv[1:4]
 # Every heatmap cell of a layer, read in one script so a re-render cannot interleave.
 CELLS_JS = """return Array.from(document.querySelectorAll('#heatmap td[data-layer][data-expert]'),
     td => [td.dataset.layer, td.dataset.expert, td.textContent]);"""
+# The workers table's cells, row by row, in one script for the same reason.
+WORKERS_JS = """return Array.from(document.querySelectorAll('#workers tbody tr'),
+    tr => Array.from(tr.querySelectorAll('td'), td => td.textContent));"""
 # Sets a control's value as a user would: the value, then an input event.
 SET_VALUE_JS = """const e = document.getElementById(arguments[0]); e.value = arguments[1];
     e.dispatchEvent(new Event('input', {bubbles: true}));
@@ -63,6 +66,17 @@ def poll_until(what, limit_s, fn):
         time.sleep(0.1)
 
 
+def start_browser():
+    """Debian's headless Chromium through chromium-driver, at the README screenshot's size."""
+    options = Options()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                "--window-size=1400,1000"):
+        options.add_argument(arg)
+    options.binary_location = "/usr/bin/chromium"
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+
+
 class DashboardTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -89,13 +103,7 @@ class DashboardTest(unittest.TestCase):
                         "--wait", "--timeout", "120"], check=True, capture_output=True,
                        timeout=150)
 
-        options = Options()
-        for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                    "--window-size=1400,1000"):
-            options.add_argument(arg)
-        options.binary_location = "/usr/bin/chromium"
-        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-        cls.driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+        cls.driver = start_browser()
         cls.addClassCleanup(cls.driver.quit)
 
     @classmethod
@@ -223,11 +231,10 @@ class DashboardTest(unittest.TestCase):
             if mode == "request":
                 self.assertIn(request_id, label)
         # The workers, as Stats has them: one row each, with its rank and experts.
-        rows = d.find_elements(By.CSS_SELECTOR, "#workers tbody tr")
+        rows = d.execute_script(WORKERS_JS)  # one read: the table is rebuilt at every poll
         self.assertEqual(len(rows), len(stats["workers"]))
         self.assertEqual(len(rows), 2)
-        for row, worker in zip(rows, stats["workers"]):
-            cells = [c.text for c in row.find_elements(By.TAG_NAME, "td")]
+        for cells, worker in zip(rows, stats["workers"]):
             self.assertEqual(cells[0], str(worker["rank"]), cells)
             self.assertEqual([int(n) for n in cells[5].split(", ")], worker["experts"], cells)
             self.assertEqual(cells[3], "member, alive", cells)
@@ -244,6 +251,50 @@ class DashboardTest(unittest.TestCase):
         with open(path, "rb") as f:
             self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
         self.assertGreater(os.path.getsize(path), 10 * 1024)
+
+
+class DashboardKeyTest(unittest.TestCase):
+    """A server with --api-key: the page asks for the key, and with it shows the stats and
+    chats; the key is kept in the tab, never in the page's address."""
+
+    def test_page_asks_for_the_key_and_then_works(self):
+        d = tempfile.mkdtemp(prefix="epx_dashboard_key_")
+        grpc_file, http_file = os.path.join(d, "grpc"), os.path.join(d, "http")
+        with open(os.path.join(d, "server.log"), "w") as log:
+            server = subprocess.Popen(
+                [EPX, "serve", "--model", MODEL, "--listen", "127.0.0.1:0", "--port-file",
+                 grpc_file, "--http-listen", "127.0.0.1:0", "--http-port-file", http_file,
+                 "--api-key", "page-k3y"], stdout=log, stderr=subprocess.STDOUT)
+            driver = None
+            try:
+                wait_for_file(grpc_file, server)
+                http = "http://127.0.0.1:%d" % wait_for_file(http_file, server)
+                driver = start_browser()
+                driver.get(http + "/?poll_ms=200")
+                wait = WebDriverWait(driver, 60, poll_frequency=0.1)
+                wait.until(EC.visibility_of_element_located((By.ID, "auth")))
+                self.assertIsNone(driver.find_element(By.TAG_NAME, "body").get_attribute(
+                    "data-stats-loaded"))
+                driver.find_element(By.ID, "api-key").send_keys("page-k3y")
+                driver.find_element(By.ID, "use-key").click()
+                wait.until(EC.presence_of_element_located(
+                    (By.CSS_SELECTOR, 'body[data-stats-loaded="true"]')))
+                self.assertFalse(driver.find_element(By.ID, "auth").is_displayed())
+                driver.find_element(By.ID, "prompt").send_keys("Hello")
+                driver.execute_script(SET_VALUE_JS, "max-tokens", "4")
+                driver.execute_script(SET_VALUE_JS, "temperature", "0")  # greedy: no early EOS
+                driver.find_element(By.ID, "send").click()
+                answer = wait.until(EC.presence_of_element_located(
+                    (By.CSS_SELECTOR, '#answer[data-done="true"]')))
+                self.assertIsNone(answer.get_attribute("data-error"),
+                                  answer.find_element(By.CSS_SELECTOR, ".bubble-info").text)
+                self.assertEqual(answer.get_attribute("data-completion-tokens"), "4")
+                self.assertNotIn("page-k3y", driver.current_url)
+            finally:
+                if driver is not None:
+                    driver.quit()
+                server.terminate()
+                server.wait(timeout=60)
 
 
 if __name__ == "__main__":
