@@ -67,8 +67,10 @@ echo "   2 \`epx worker\` processes started on their own; they register over gRP
 echo "   ranks and experts, and form the gloo data plane"
 rm -f "$port_file"
 log="$build_dir/quickstart-coordinator.log"
+http_port_file="$build_dir/quickstart.http-port"
+rm -f "$http_port_file"
 "$epx" serve --model "$model_dir" --listen 127.0.0.1:0 --port-file "$port_file" --workers 2 \
-  > "$log" 2>&1 &
+  --http-listen 127.0.0.1:0 --http-port-file "$http_port_file" > "$log" 2>&1 &
 coordinator=$!
 trap 'kill $coordinator 2>/dev/null || true' EXIT
 server=$(wait_for_port $coordinator "$log")
@@ -84,6 +86,18 @@ if [ "$launcher_free" != "$under_mpirun" ]; then
   exit 1
 fi
 echo "(the same tokens as the cluster under mpirun)"
+http="127.0.0.1:$(cat "$http_port_file")"
+echo "== the OpenAI-compatible HTTP API and the dashboard (http://$http/ while it runs)"
+"$epx" bench serve --api openai --server "$http" --concurrency 2 --requests 4 --max-tokens 16
+python3 - "$http" <<'PY'
+import json, sys, urllib.request
+base = "http://" + sys.argv[1]
+page = urllib.request.urlopen(base + "/").read()
+stats = json.load(urllib.request.urlopen(base + "/v1/epx/stats"))
+print("dashboard page: %d bytes; its stats: %s steps, %d layers x %d experts, %d workers"
+      % (len(page), stats["steps"], len(stats["layers"]), len(stats["layers"][0]["expert_tokens"]),
+         len(stats["workers"])))
+PY
 "$epx" shutdown --server "$server"
 wait $coordinator
 wait
