@@ -58,8 +58,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelConfig& config
   kv.num_blocks = options.KvBlocks(config, forward->kv_element_bytes());
   EPX_ASSIGN_OR_RETURN(KvCache cache, KvCache::Create(kv));
   EPX_RETURN_IF_ERROR(forward->AllocateKv(kv.num_blocks, kv.block_size));
-  return std::unique_ptr<Engine>(new Engine(config, std::move(forward), std::move(cache),
-                                            options.routing_window_steps));
+  return std::unique_ptr<Engine>(
+      new Engine(config, std::move(forward), std::move(cache), options.routing_window_steps));
 }
 
 absl::Status Engine::AddSequence(int64_t seq_id) {

@@ -341,8 +341,8 @@ class HttpServer::Impl {
     server_->set_payload_max_length(static_cast<size_t>(options_.max_request_bytes));
     server_->set_keep_alive_max_count(1000);
     Routes();
-    port_ =
-        port == 0 ? server_->bind_to_any_port(host) : (server_->bind_to_port(host, port) ? port : -1);
+    port_ = port == 0 ? server_->bind_to_any_port(host)
+                      : (server_->bind_to_port(host, port) ? port : -1);
     // Debian's libcpp-httplib listens with a backlog of 5, so a burst of clients overflows the
     // accept queue and sees resets. Listening again on the bound socket raises it.
     if (port_ > 0 && listen_fd_ >= 0) ::listen(listen_fd_, kListenBacklog);
@@ -372,8 +372,8 @@ class HttpServer::Impl {
       const absl::Status s =
           CheckBearer(options_.keys, req.get_header_value("Authorization"), Access::kClient);
       if (s.ok()) return httplib::Server::HandlerResponse::Unhandled;
-      EPX_LOG(Warning) << "refused " << req.method << " " << req.path << " from "
-                       << req.remote_addr << ": " << s.message();
+      EPX_LOG(Warning) << "refused " << req.method << " " << req.path << " from " << req.remote_addr
+                       << ": " << s.message();
       SendError(res, s);
       res.set_header("WWW-Authenticate", "Bearer");
       return httplib::Server::HandlerResponse::Handled;

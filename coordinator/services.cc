@@ -1,7 +1,7 @@
 #include "coordinator/services.h"
 
-#include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <google/protobuf/util/json_util.h>
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 
@@ -54,8 +54,9 @@ grpc::Status Authorize(const ApiKeys& keys, const grpc::ServerContextBase& conte
   if (!keys.any()) return grpc::Status::OK;
   const auto& metadata = context.client_metadata();
   const auto it = metadata.find("authorization");
-  const absl::string_view value =
-      it == metadata.end() ? absl::string_view() : absl::string_view(it->second.data(), it->second.size());
+  const absl::string_view value = it == metadata.end()
+                                      ? absl::string_view()
+                                      : absl::string_view(it->second.data(), it->second.size());
   absl::Status s = CheckBearer(keys, value, access);
   if (s.ok()) return grpc::Status::OK;
   EPX_LOG(Warning) << "refused " << method << " from " << context.peer() << ": " << s.message();

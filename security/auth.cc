@@ -29,8 +29,9 @@ absl::StatusOr<std::string> ReadPem(const std::string& path, absl::string_view f
 absl::Status CheckPair(const std::string& cert, const std::string& key, absl::string_view who) {
   if (cert.empty() != key.empty())
     return absl::InvalidArgumentError(
-        absl::StrCat(who, ": --tls-cert and --tls-key go together (one was given without the "
-                          "other)"));
+        absl::StrCat(who,
+                     ": --tls-cert and --tls-key go together (one was given without the "
+                     "other)"));
   return absl::OkStatus();
 }
 
@@ -104,11 +105,11 @@ absl::Status CheckBearer(const ApiKeys& keys, absl::string_view authorization, A
     return absl::UnauthenticatedError(absl::StrCat(
         "this server needs ", needed, ": send the header \"authorization: Bearer <key>\""));
   if (!absl::ConsumePrefix(&value, "Bearer ") && !absl::ConsumePrefix(&value, "bearer "))
-    return absl::UnauthenticatedError(
-        absl::StrCat("the authorization header is not \"Bearer <key>\"; this server needs ", needed));
-  const bool granted = (!keys.admin_key.empty() && ConstantTimeEqual(value, keys.admin_key)) ||
-                       (api_key_grants && !keys.api_key.empty() &&
-                        ConstantTimeEqual(value, keys.api_key));
+    return absl::UnauthenticatedError(absl::StrCat(
+        "the authorization header is not \"Bearer <key>\"; this server needs ", needed));
+  const bool granted =
+      (!keys.admin_key.empty() && ConstantTimeEqual(value, keys.admin_key)) ||
+      (api_key_grants && !keys.api_key.empty() && ConstantTimeEqual(value, keys.api_key));
   if (granted) return absl::OkStatus();
   return absl::UnauthenticatedError(
       absl::StrCat("the key is not valid for this call: it needs ", needed));

@@ -8,8 +8,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
-#include "security/grpc_credentials.h"
 #include "epx/v1/cluster.grpc.pb.h"
+#include "security/grpc_credentials.h"
 
 namespace epx {
 namespace {

@@ -56,8 +56,7 @@ class ControlClient {
  public:
   // A client of the control plane at `address` (HOST:PORT) presenting `token`, over TLS when
   // `tls` is enabled (security/auth.h). Connects lazily.
-  static std::unique_ptr<ControlClient> Create(const std::string& address,
-                                               const std::string& token,
+  static std::unique_ptr<ControlClient> Create(const std::string& address, const std::string& token,
                                                const ClientTls& tls = {});
   // Under mpirun: `endpoint` is "HOST:PORT TOKEN" as the coordinator shares it (InvalidArgument
   // if malformed); registers `self` (its launcher rank and experts) in the background and sends

@@ -13,8 +13,8 @@
 #include "common/safetensors.h"
 #include "gtest/gtest.h"
 #include "tests/coordinator/test_util.h"
-#include "tests/serve_util.h"
 #include "tests/mpi/mpirun.h"
+#include "tests/serve_util.h"
 #include "tests/test_process.h"
 
 namespace epx {
@@ -111,7 +111,8 @@ std::string MakeCertificates(const std::string& dir) {
   };
   for (const std::string& c : commands) {
     testing::CommandResult r = testing::RunCommand(c + quiet);
-    if (r.exit_code != 0) return c + ": " + testing::RunCommand("cat " + dir + "/openssl.log").output;
+    if (r.exit_code != 0)
+      return c + ": " + testing::RunCommand("cat " + dir + "/openssl.log").output;
   }
   return "";
 }
@@ -132,17 +133,17 @@ TEST(ServeMpiTest, UnderMutualTlsTheWorkersCheckRankZeroWithTheCaAndPresentItsCe
                           " --service epx.v1.Generation --wait --timeout 60" + client + " 2>&1");
   ASSERT_EQ(health.exit_code, 0) << health.output << server.log();
   const std::string request = " --prompt 'The router' --max-tokens 8 --ignore-eos";
-  testing::CommandResult remote = testing::RunCommand(
-      testing::EpxBinary() + " generate --server " + server.address() + client + request);
+  testing::CommandResult remote = testing::RunCommand(testing::EpxBinary() + " generate --server " +
+                                                      server.address() + client + request);
   ASSERT_EQ(remote.exit_code, 0) << remote.output;
-  testing::CommandResult here = testing::RunCommand(
-      testing::EpxBinary() + " generate --model " + testing::TinyModelDir() + request);
+  testing::CommandResult here = testing::RunCommand(testing::EpxBinary() + " generate --model " +
+                                                    testing::TinyModelDir() + request);
   ASSERT_EQ(here.exit_code, 0) << here.output;
   EXPECT_EQ(remote.output, here.output);
   // Without the key: refused.
-  testing::CommandResult refused = testing::RunCommand(
-      testing::EpxBinary() + " generate --server " + server.address() + tls + " --tls-ca " + dir +
-      "/ca.pem" + request + " 2>&1");
+  testing::CommandResult refused =
+      testing::RunCommand(testing::EpxBinary() + " generate --server " + server.address() + tls +
+                          " --tls-ca " + dir + "/ca.pem" + request + " 2>&1");
   EXPECT_NE(refused.exit_code, 0) << refused.output;
   server.Stop();
   EXPECT_EQ(server.log().find("k3y"), std::string::npos) << server.log();
