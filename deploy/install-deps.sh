@@ -18,6 +18,7 @@ packages=(
   libcpp-httplib-dev                # the OpenAI-compatible HTTP front end and /metrics
   python3-venv                      # deploy/python-env.sh: the openai / prometheus-client test venv
   openssl                           # the TLS tests make their certificates with it
+  slurm-wlm munge                   # deploy/slurm/: the Slurm test runs a single-node Slurm
   chromium chromium-driver          # the dashboard test: headless Chromium through WebDriver
   fonts-dejavu-core                 # ... with a font to render the page (and its screenshot)
   procps                            # pgrep, for the mpi tests that signal a rank
