@@ -135,7 +135,9 @@ class Cluster:
         self.log = open(os.path.join(work, "cluster.log"), "w")
         serve = [epx, "serve", "--model", model, "--listen", "127.0.0.1:0", "--port-file",
                  port_file, *placement_flags(placement)]
-        if data_plane == "mpi":
+        if workers == 0:
+            launch = serve  # one process holding every expert (the baseline)
+        elif data_plane == "mpi":
             launch = mpirun(1 + workers) + serve
         else:
             launch = serve + ["--workers", str(workers), "--data-plane", data_plane]
@@ -149,7 +151,7 @@ class Cluster:
                     raise RuntimeError("the cluster did not start: see " + self.log.name)
                 time.sleep(0.05)
             self.address = "127.0.0.1:" + open(port_file).read().strip()
-            if data_plane != "mpi":
+            if data_plane != "mpi" and workers > 0:
                 for _ in range(workers):
                     self.procs.append(subprocess.Popen(
                         [epx, "worker", "--model", model, "--coordinator", self.address,
@@ -221,7 +223,8 @@ def stats_delta(before, after):
 
 
 def run_config(build, model, data_plane, workers, batch, placement, tokens, warmup_tokens, env):
-    """One configuration, measured: a CSV row (a dict)."""
+    """One configuration, measured: a CSV row (a dict). workers = 0 runs one process holding
+    every expert (data_plane "local"), with no exchange and no raw round trip."""
     epx = os.path.join(build, "cli/epx")
     cfg = config_of(model)
     with tempfile.TemporaryDirectory(prefix="epx_sweep_") as work:
@@ -241,6 +244,11 @@ def run_config(build, model, data_plane, workers, batch, placement, tokens, warm
     row["max_rows_per_worker"] = max(rows) if rows else 0.0
     # The bytes one worker gets (and sends back) per layer: its mean rows as fp32.
     row["bytes_per_worker"] = max(1, math.ceil(row["rows_per_worker"])) * cfg["hidden_size"] * 4
+    if workers == 0:
+        row["bytes_per_worker"] = 0
+        for key in ("raw_alltoall_us", "raw_mpi_us", "raw_gloo_us", "raw_mpi_alltoallv_us"):
+            row[key] = 0.0
+        return row
     bench = os.path.join(build, "bench/comm_alltoall_bench")
     raw = alltoall(bench, 1 + workers, [row["bytes_per_worker"]], env)[row["bytes_per_worker"]]
     row["raw_alltoall_us"] = raw[data_plane]
@@ -328,8 +336,8 @@ def plot(rows, path):
            label="raw round trip, same bytes (its data plane)")
     b.set_xticks(list(x))
     b.set_xticklabels(labels, rotation=70, fontsize=7)
-    b.set_yscale("log")
-    b.set_ylabel("microseconds per layer per step")
+    b.set_ylabel("microseconds per layer per step (dispatch overlaps expert when the\n"
+                 "ranks share cores: the red mark is the layer's wall time)")
     b.set_title("per layer: where the time goes")
     b.legend(fontsize=7)
     fig.tight_layout()
