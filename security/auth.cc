@@ -4,14 +4,16 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
 #include "common/json.h"
+#include "common/status.h"
 
 namespace epx {
 namespace {
 
-// The file's text if it holds a PEM block whose label contains `kind` ("CERTIFICATE",
-// "PRIVATE KEY").
-absl::StatusOr<std::string> ReadPem(const std::string& path, absl::string_view flag,
-                                    absl::string_view kind) {
+// *pem = the file's text if it holds a PEM block whose label contains `kind` ("CERTIFICATE",
+// "PRIVATE KEY"); nothing for an empty path (the flag was not given).
+absl::Status ReadPem(const std::string& path, absl::string_view flag, absl::string_view kind,
+                     std::string* pem) {
+  if (path.empty()) return absl::OkStatus();
   absl::StatusOr<std::string> text = ReadTextFile(path);
   if (!text.ok())
     return absl::InvalidArgumentError(
@@ -22,17 +24,20 @@ absl::StatusOr<std::string> ReadPem(const std::string& path, absl::string_view f
       !absl::StrContains(absl::string_view(*text).substr(begin, end - begin), kind))
     return absl::InvalidArgumentError(
         absl::StrCat(flag, " ", path, ": not a PEM file with a ", kind, " block"));
-  return text;
+  *pem = *std::move(text);
+  return absl::OkStatus();
 }
 
-// The key-and-certificate pair of a server or client: both or neither.
-absl::Status CheckPair(const std::string& cert, const std::string& key, absl::string_view who) {
-  if (cert.empty() != key.empty())
+// A server's or client's certificate and key: both or neither (`who` names which).
+absl::Status LoadPair(const std::string& cert_file, const std::string& key_file,
+                      absl::string_view who, std::string* cert_pem, std::string* key_pem) {
+  if (cert_file.empty() != key_file.empty())
     return absl::InvalidArgumentError(
         absl::StrCat(who,
                      ": --tls-cert and --tls-key go together (one was given without the "
                      "other)"));
-  return absl::OkStatus();
+  EPX_RETURN_IF_ERROR(ReadPem(cert_file, "--tls-cert", "CERTIFICATE", cert_pem));
+  return ReadPem(key_file, "--tls-key", "PRIVATE KEY", key_pem);
 }
 
 // Equal in time that depends only on the lengths, not on where the first difference is.
@@ -47,47 +52,24 @@ bool ConstantTimeEqual(absl::string_view a, absl::string_view b) {
 
 absl::StatusOr<ServerTls> LoadServerTls(const ServerTlsOptions& options) {
   ServerTls tls;
-  if (absl::Status s = CheckPair(options.cert_file, options.key_file, "the server"); !s.ok())
-    return s;
+  EPX_RETURN_IF_ERROR(
+      LoadPair(options.cert_file, options.key_file, "the server", &tls.cert_pem, &tls.key_pem));
   if (!options.client_ca_file.empty() && options.cert_file.empty())
     return absl::InvalidArgumentError(
         "--tls-client-ca needs --tls-cert and --tls-key: client certificates are checked only "
         "over TLS");
-  if (!options.enabled()) return tls;
-  absl::StatusOr<std::string> cert = ReadPem(options.cert_file, "--tls-cert", "CERTIFICATE");
-  if (!cert.ok()) return cert.status();
-  absl::StatusOr<std::string> key = ReadPem(options.key_file, "--tls-key", "PRIVATE KEY");
-  if (!key.ok()) return key.status();
-  tls.cert_pem = *std::move(cert);
-  tls.key_pem = *std::move(key);
-  if (!options.client_ca_file.empty()) {
-    absl::StatusOr<std::string> ca =
-        ReadPem(options.client_ca_file, "--tls-client-ca", "CERTIFICATE");
-    if (!ca.ok()) return ca.status();
-    tls.client_ca_pem = *std::move(ca);
-  }
+  EPX_RETURN_IF_ERROR(
+      ReadPem(options.client_ca_file, "--tls-client-ca", "CERTIFICATE", &tls.client_ca_pem));
   return tls;
 }
 
 absl::StatusOr<ClientTls> LoadClientTls(const ClientTlsOptions& options) {
-  if (absl::Status s = CheckPair(options.cert_file, options.key_file, "the client"); !s.ok())
-    return s;
   ClientTls tls;
   tls.enabled = options.enabled();
+  EPX_RETURN_IF_ERROR(
+      LoadPair(options.cert_file, options.key_file, "the client", &tls.cert_pem, &tls.key_pem));
   // Without --tls-ca the server is checked against the system's CAs.
-  if (!options.ca_file.empty()) {
-    absl::StatusOr<std::string> ca = ReadPem(options.ca_file, "--tls-ca", "CERTIFICATE");
-    if (!ca.ok()) return ca.status();
-    tls.ca_pem = *std::move(ca);
-  }
-  if (!options.cert_file.empty()) {
-    absl::StatusOr<std::string> cert = ReadPem(options.cert_file, "--tls-cert", "CERTIFICATE");
-    if (!cert.ok()) return cert.status();
-    absl::StatusOr<std::string> key = ReadPem(options.key_file, "--tls-key", "PRIVATE KEY");
-    if (!key.ok()) return key.status();
-    tls.cert_pem = *std::move(cert);
-    tls.key_pem = *std::move(key);
-  }
+  EPX_RETURN_IF_ERROR(ReadPem(options.ca_file, "--tls-ca", "CERTIFICATE", &tls.ca_pem));
   return tls;
 }
 

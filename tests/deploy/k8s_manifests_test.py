@@ -28,6 +28,9 @@ try:
 except ImportError:
     sys.exit("k8s_manifests_test.py needs PyYAML (tests/requirements.txt; deploy/python-env.sh)")
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import epx_test_util as util  # noqa: E402  (tests/epx_test_util.py)
+
 EPX, MODEL = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
 del sys.argv[1:3]
 K8S_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
@@ -78,22 +81,8 @@ def matches(selector, labels):
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind((LOCAL_IP, 0))
-        return s.getsockname()[1]
 
 
-def poll_until(what, limit_s, fn):
-    """fn() until it returns something true, for at most limit_s seconds."""
-    deadline = time.monotonic() + limit_s
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %d s waiting for %s" % (limit_s, what))
-        time.sleep(0.1)
 
 
 def http_status(port, path):
@@ -386,7 +375,7 @@ class ManifestProcessesTest(unittest.TestCase):
 
     def local_port(self, port):
         if port not in self.ports:
-            self.ports[port] = free_port()
+            self.ports[port] = util.free_port()
         return self.ports[port]
 
     def volume_dir(self, kind, name, volume):
@@ -569,7 +558,7 @@ class ManifestProcessesTest(unittest.TestCase):
             def alive():
                 self.alive_or_fail()
                 return http_status(http_port, health_path) == 200
-            poll_until("the coordinator's liveness probe", 60, alive)
+            util.poll_until("the coordinator's liveness probe", 60, alive)
             self.assertEqual(http_status(http_port, "/ready"), 503)
             health = subprocess.run([EPX, "health", "--service", HEALTH_SERVICE, "--server",
                                      server, "--timeout", "10"], capture_output=True, text=True,
@@ -589,7 +578,7 @@ class ManifestProcessesTest(unittest.TestCase):
                 return subprocess.run([EPX, "health", "--service", service, "--timeout", "5",
                                        "--server", server], capture_output=True,
                                       timeout=30).returncode == 0
-            poll_until("the coordinator's readiness probe", 120, ready)
+            util.poll_until("the coordinator's readiness probe", 120, ready)
             self.assertEqual(http_status(http_port, "/ready"), 200)
             self.alive_or_fail()
 

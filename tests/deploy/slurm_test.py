@@ -14,33 +14,18 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 import unittest
 
 import grpc
-from grpc_tools import protoc
 
 EPX, MODEL, SBATCH = sys.argv[1], sys.argv[2], sys.argv[3]
 del sys.argv[1:4]
-PROTO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "proto")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import epx_test_util as util  # noqa: E402  (tests/epx_test_util.py)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def poll_until(what, limit_s, fn):
-    """fn() until it returns something true, for at most limit_s seconds."""
-    deadline = time.monotonic() + limit_s
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %d s waiting for %s" % (limit_s, what))
-        time.sleep(0.2)
 
 
 def read_tensor(path, name):
@@ -56,10 +41,12 @@ def read_tensor(path, name):
     return list(struct.unpack("<%d%s" % (len(data) // struct.calcsize(fmt), fmt), data))
 
 
-def read(path):
+
+
+def read_if_there(path):
+    """The file's text; empty while the job has not created it."""
     try:
-        with open(path) as f:
-            return f.read()
+        return util.read(path)
     except FileNotFoundError:
         return ""
 
@@ -71,6 +58,8 @@ class SlurmTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.dir = tempfile.mkdtemp(prefix="epx_slurm_")
+        cls.gen_pb2, cls.gen_grpc = util.proto_stubs(os.path.join(cls.dir, "stubs"),
+                                                     "generation")["generation"]
         cls.daemons = []
         cls.addClassCleanup(cls.stop_daemons)
         d = cls.dir
@@ -91,8 +80,8 @@ class SlurmTest(unittest.TestCase):
                 "SlurmctldHost=%s" % host,
                 "SlurmUser=root",
                 "SlurmdUser=root",
-                "SlurmctldPort=%d" % free_port(),
-                "SlurmdPort=%d" % free_port(),
+                "SlurmctldPort=%d" % util.free_port(),
+                "SlurmdPort=%d" % util.free_port(),
                 "AuthType=auth/munge",
                 "AuthInfo=socket=%s" % cls.socket,
                 "CredType=cred/munge",
@@ -123,19 +112,12 @@ class SlurmTest(unittest.TestCase):
             with open(os.path.join(d, name + ".out"), "w") as log:
                 cls.daemons.append(subprocess.Popen([name, "-D", "-f", cls.conf], stdout=log,
                                                     stderr=subprocess.STDOUT, env=cls.env))
-        poll_until("the node to be idle", 60, lambda: "idle" in cls.slurm(
+        util.poll_until("the node to be idle", 60, lambda: "idle" in cls.slurm(
             "sinfo", "-h", "-o", "%T", check=False))
 
     @classmethod
     def stop_daemons(cls):
-        for p in cls.daemons:
-            p.terminate()
-        for p in cls.daemons:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        util.stop(cls.daemons, timeout_s=30)
         subprocess.run(["munged", "--stop", "--socket=" + cls.socket], capture_output=True)
 
     @classmethod
@@ -162,7 +144,7 @@ class SlurmTest(unittest.TestCase):
         return pids
 
     def run_job(self, launch):
-        port, http_port = free_port(), free_port()
+        port, http_port = util.free_port(), util.free_port()
         out = os.path.join(self.dir, "job-%s.out" % launch)
         env = dict(self.env, EPX=EPX, MODEL=MODEL, PORT=str(port), HTTP_PORT=str(http_port),
                    LAUNCH=launch, OMPI_MCA_btl_vader_single_copy_mechanism="none",
@@ -172,8 +154,8 @@ class SlurmTest(unittest.TestCase):
         job = int(self.slurm("sbatch", "--parsable", "-n", "3", "--output", out, SBATCH,
                              env=env).strip().split(";")[0])
         try:
-            line = poll_until("the job's address in %s" % out, 180, lambda: next(
-                (l for l in read(out).splitlines() if l.startswith("epx: serving on ")), None))
+            line = util.poll_until("the job's address in %s" % out, 180, lambda: next(
+                (l for l in read_if_there(out).splitlines() if l.startswith("epx: serving on ")), None))
             address = line.split()[3]
             self.assertEqual(address.rsplit(":", 1)[1], str(port), line)
             self.assertIn("2 workers", line)
@@ -196,27 +178,11 @@ class SlurmTest(unittest.TestCase):
         finally:
             self.slurm("scancel", str(job))
             # scancel ends the job and every one of its processes.
-            poll_until("job %d to leave the queue" % job, 120,
+            util.poll_until("job %d to leave the queue" % job, 120,
                        lambda: str(job) not in self.slurm("squeue", "-h", "-o", "%i"))
-            poll_until("job %d's processes to end" % job, 60, lambda: not self.job_processes(job))
-        return read(out)
-
-    @classmethod
-    def setUpStubs(cls):
-        out_dir = os.path.join(cls.dir, "stubs")
-        os.makedirs(out_dir, exist_ok=True)
-        code = protoc.main(["grpc_tools.protoc", "-I" + PROTO_DIR, "--python_out=" + out_dir,
-                            "--grpc_python_out=" + out_dir, "epx/v1/generation.proto"])
-        if code != 0:
-            raise RuntimeError("grpc_tools.protoc failed: %d" % code)
-        sys.path.insert(0, out_dir)
-        # pylint: disable=import-outside-toplevel
-        from epx.v1 import generation_pb2, generation_pb2_grpc
-        cls.gen_pb2, cls.gen_grpc = generation_pb2, generation_pb2_grpc
-
-    def setUp(self):
-        if not hasattr(type(self), "gen_pb2"):
-            type(self).setUpStubs()
+            util.poll_until("job %d's processes to end" % job, 60,
+                            lambda: not self.job_processes(job))
+        return read_if_there(out)
 
     def test_launcher_free_with_srun(self):
         out = self.run_job("srun")

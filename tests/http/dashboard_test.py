@@ -22,6 +22,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import epx_test_util as util  # noqa: E402  (tests/epx_test_util.py)
+
 EPX, MODEL, ARTIFACTS = sys.argv[1], sys.argv[2], sys.argv[3]
 del sys.argv[1:4]
 
@@ -37,33 +40,8 @@ SET_VALUE_JS = """const e = document.getElementById(arguments[0]); e.value = arg
     e.dispatchEvent(new Event('change', {bubbles: true})); return e.value;"""
 
 
-def wait_for_file(path, process, limit_s=60):
-    # Polls a port file the server writes once it listens (ctest's TIMEOUT bounds the whole test).
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("epx serve exited with %s" % process.returncode)
-        try:
-            with open(path) as f:
-                text = f.read().strip()
-            if text:
-                return int(text)
-        except FileNotFoundError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError("no port file " + path)
 
 
-def poll_until(what, limit_s, fn):
-    """fn() until it returns something true, for at most limit_s seconds; returns that value."""
-    deadline = time.monotonic() + limit_s
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %d s waiting for %s" % (limit_s, what))
-        time.sleep(0.1)
 
 
 def start_browser():
@@ -93,8 +71,8 @@ class DashboardTest(unittest.TestCase):
              "--data-plane", "gloo"],
             stdout=cls.log, stderr=subprocess.STDOUT)
         cls.addClassCleanup(cls.stop_server)  # runs even when the rest of setUpClass fails
-        cls.grpc = "127.0.0.1:%d" % wait_for_file(grpc_file, cls.server)
-        cls.http = "http://127.0.0.1:%d" % wait_for_file(http_file, cls.server)
+        cls.grpc = "127.0.0.1:%d" % util.wait_for_file(grpc_file, cls.server)
+        cls.http = "http://127.0.0.1:%d" % util.wait_for_file(http_file, cls.server)
         for _ in range(2):
             cls.workers.append(subprocess.Popen(
                 [EPX, "worker", "--model", MODEL, "--coordinator", cls.grpc, "--data-plane",
@@ -109,14 +87,8 @@ class DashboardTest(unittest.TestCase):
     @classmethod
     def stop_server(cls):
         # The workers leave when their coordinator ends the job.
-        for process in [cls.server] + cls.workers:
-            if process is cls.server:
-                process.terminate()
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        util.stop([cls.server])
+        util.stop(cls.workers, terminate=False)
 
     def epx_json(self, *args):
         r = subprocess.run([EPX, *args, "--server", self.grpc], capture_output=True, timeout=60)
@@ -168,7 +140,8 @@ class DashboardTest(unittest.TestCase):
         d = self.driver
         d.get(self.http + "/?poll_ms=200")
         self.wait("the first stats", 60,
-                  EC.presence_of_element_located((By.CSS_SELECTOR, 'body[data-stats-loaded="true"]')))
+                  EC.presence_of_element_located(
+                      (By.CSS_SELECTOR, 'body[data-stats-loaded="true"]')))
         model_id = d.find_element(By.ID, "model-id").text
         self.assertEqual(model_id, os.path.basename(os.path.normpath(MODEL)))
 
@@ -196,7 +169,7 @@ class DashboardTest(unittest.TestCase):
             s = self.epx_json("stats", "--json")
             return s if s["last_request"]["request_id"] == request_id else None
 
-        stats = poll_until("stats naming " + request_id, 30, stats_of_this_answer)
+        stats = util.poll_until("stats naming " + request_id, 30, stats_of_this_answer)
         k = int(self.epx_json("model-info")["config"]["num_experts_per_tok"])
         self.wait("#steps = %s" % stats["steps"], 30,
                   lambda drv: drv.find_element(By.ID, "steps").text == str(stats["steps"]))
@@ -267,8 +240,8 @@ class DashboardKeyTest(unittest.TestCase):
                  "--api-key", "page-k3y"], stdout=log, stderr=subprocess.STDOUT)
             driver = None
             try:
-                wait_for_file(grpc_file, server)
-                http = "http://127.0.0.1:%d" % wait_for_file(http_file, server)
+                util.wait_for_file(grpc_file, server)
+                http = "http://127.0.0.1:%d" % util.wait_for_file(http_file, server)
                 driver = start_browser()
                 driver.get(http + "/?poll_ms=200")
                 wait = WebDriverWait(driver, 60, poll_frequency=0.1)
@@ -293,8 +266,7 @@ class DashboardKeyTest(unittest.TestCase):
             finally:
                 if driver is not None:
                     driver.quit()
-                server.terminate()
-                server.wait(timeout=60)
+                util.stop([server])
 
 
 if __name__ == "__main__":

@@ -11,63 +11,39 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 import unittest
 import urllib.error
 import urllib.request
 
 import grpc
 import openai
-from grpc_tools import protoc
 from prometheus_client.parser import text_string_to_metric_families
 
 EPX, MODEL = sys.argv[1], sys.argv[2]
 del sys.argv[1:3]
-PROTO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "proto")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import epx_test_util as util  # noqa: E402  (tests/epx_test_util.py)
 
 
-def generation_stubs(out_dir):
-    """epx.v1's Python messages and stubs, made from the .proto files as a user would."""
-    os.makedirs(out_dir, exist_ok=True)
-    code = protoc.main(["grpc_tools.protoc", "-I" + PROTO_DIR, "--python_out=" + out_dir,
-                        "--grpc_python_out=" + out_dir, "epx/v1/generation.proto"])
-    if code != 0:
-        raise RuntimeError("grpc_tools.protoc failed: %d" % code)
-    sys.path.insert(0, out_dir)
-    from epx.v1 import generation_pb2, generation_pb2_grpc  # pylint: disable=import-outside-toplevel
-    return generation_pb2, generation_pb2_grpc
 
 
-def wait_for_file(path, process, limit_s=60):
-    # Polls a port file the server writes once it listens (ctest's TIMEOUT bounds the whole test).
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("epx serve exited with %s" % process.returncode)
-        try:
-            with open(path) as f:
-                text = f.read().strip()
-            if text:
-                return int(text)
-        except FileNotFoundError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError("no port file " + path)
 
 
 class OpenAiApiTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.dir = tempfile.mkdtemp(prefix="epx_http_")
-        cls.pb2, pb2_grpc = generation_stubs(os.path.join(cls.dir, "stubs"))  # before the server
+        # Before the server starts.
+        cls.pb2, pb2_grpc = util.proto_stubs(os.path.join(cls.dir, "stubs"),
+                                             "generation")["generation"]
         grpc_file, http_file = os.path.join(cls.dir, "grpc"), os.path.join(cls.dir, "http")
         cls.log = open(os.path.join(cls.dir, "server.log"), "w")
         cls.server = subprocess.Popen(
             [EPX, "serve", "--model", MODEL, "--listen", "127.0.0.1:0", "--port-file", grpc_file,
              "--http-listen", "127.0.0.1:0", "--http-port-file", http_file],
             stdout=cls.log, stderr=subprocess.STDOUT)
-        cls.grpc = "127.0.0.1:%d" % wait_for_file(grpc_file, cls.server)
-        cls.http = "http://127.0.0.1:%d" % wait_for_file(http_file, cls.server)
+        cls.grpc = "127.0.0.1:%d" % util.wait_for_file(grpc_file, cls.server)
+        cls.http = "http://127.0.0.1:%d" % util.wait_for_file(http_file, cls.server)
         subprocess.run([EPX, "health", "--server", cls.grpc, "--service", "epx.v1.Generation",
                         "--wait"], check=True, capture_output=True)
         cls.client = openai.OpenAI(base_url=cls.http + "/v1", api_key="unused", max_retries=0)

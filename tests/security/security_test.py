@@ -11,32 +11,19 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import time
 import unittest
 
 import grpc
 import httpx
 import openai
-from grpc_tools import protoc
 
 EPX, MODEL = sys.argv[1], sys.argv[2]
 del sys.argv[1:3]
-PROTO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "proto")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import epx_test_util as util  # noqa: E402  (tests/epx_test_util.py)
 API_KEY, ADMIN_KEY, CLUSTER_TOKEN = "k3y-of-the-api-4f1c", "adm1n-key-9d2e", "cluster-t0ken-77aa"
 
 
-def stubs(out_dir):
-    """epx.v1's Python messages and stubs, made from the .proto files as a user would."""
-    os.makedirs(out_dir, exist_ok=True)
-    code = protoc.main(["grpc_tools.protoc", "-I" + PROTO_DIR, "--python_out=" + out_dir,
-                        "--grpc_python_out=" + out_dir, "epx/v1/generation.proto",
-                        "epx/v1/admin.proto"])
-    if code != 0:
-        raise RuntimeError("grpc_tools.protoc failed: %d" % code)
-    sys.path.insert(0, out_dir)
-    # pylint: disable=import-outside-toplevel
-    from epx.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
-    return generation_pb2, generation_pb2_grpc, admin_pb2, admin_pb2_grpc
 
 
 def openssl(*args):
@@ -66,26 +53,8 @@ def make_certificates(d):
     return paths
 
 
-def wait_for_file(path, process, limit_s=120):
-    # Polls a port file the server writes once it listens (ctest's TIMEOUT bounds the whole test).
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("epx exited with %s" % process.returncode)
-        try:
-            with open(path) as f:
-                text = f.read().strip()
-            if text:
-                return int(text)
-        except FileNotFoundError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError("no port file " + path)
 
 
-def read(path, mode="r"):
-    with open(path, mode) as f:
-        return f.read()
 
 
 class Server:
@@ -101,17 +70,15 @@ class Server:
             [EPX, "serve", "--model", MODEL, "--listen", "127.0.0.1:0", "--port-file", grpc_file,
              "--http-listen", "127.0.0.1:0", "--http-port-file", http_file, *flags],
             stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        self.grpc = "127.0.0.1:%d" % wait_for_file(grpc_file, self.process)
-        self.http_port = wait_for_file(http_file, self.process)
+        self.grpc = "127.0.0.1:%d" % util.wait_for_file(grpc_file, self.process)
+        self.http_port = util.wait_for_file(http_file, self.process)
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-        self.process.wait(timeout=60)
+        util.stop([self.process])
         self.log.close()
 
     def text(self):
-        return read(self.log_path)
+        return util.read(self.log_path)
 
 
 def epx(*args, env=None):
@@ -123,8 +90,9 @@ class SecurityTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.dir = tempfile.mkdtemp(prefix="epx_security_")
-        cls.gen_pb2, cls.gen_grpc, cls.admin_pb2, cls.admin_grpc = stubs(
-            os.path.join(cls.dir, "stubs"))
+        stubs = util.proto_stubs(os.path.join(cls.dir, "stubs"), "generation", "admin")
+        (cls.gen_pb2, cls.gen_grpc), (cls.admin_pb2, cls.admin_grpc) = (stubs["generation"],
+                                                                        stubs["admin"])
         cls.pem = make_certificates(cls.dir)
         cls.servers = []
 
@@ -139,10 +107,10 @@ class SecurityTest(unittest.TestCase):
         return s
 
     def tls_channel(self, server, client_cert=None):
-        root = read(self.pem["ca.pem"], "rb")
+        root = util.read(self.pem["ca.pem"], "rb")
         key = chain = None
         if client_cert is not None:
-            key, chain = read(self.pem[client_cert + ".key"], "rb"), read(
+            key, chain = util.read(self.pem[client_cert + ".key"], "rb"), util.read(
                 self.pem[client_cert + ".pem"], "rb")
         credentials = grpc.ssl_channel_credentials(root, key, chain)
         return grpc.secure_channel(server.grpc, credentials)
@@ -400,7 +368,7 @@ class SecurityTest(unittest.TestCase):
         self.assertIn("control-plane call without this job's token", log)
         for secret in (API_KEY, CLUSTER_TOKEN):
             self.assertNotIn(secret, log)
-            self.assertNotIn(secret, read(os.path.join(self.dir, "worker.log")))
+            self.assertNotIn(secret, util.read(os.path.join(self.dir, "worker.log")))
             self.assertNotIn(secret, out)
 
 
